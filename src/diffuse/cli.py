@@ -1,0 +1,286 @@
+"""The ``diffuse`` command line: a thin layer that parses flags and calls the library.
+
+Every user-facing failure is one line on stderr (``error: ...``) and a non-zero exit; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import DiffuseError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _flag_type(f: dataclasses.Field):
+    typ = str(f.type)
+    if typ.startswith("tuple"):
+        return str          # "1,2,2": parsed by config._coerce
+    if typ.startswith("int"):
+        return _int
+    if typ.startswith("float"):
+        return _float
+    return str
+
+
+def _int(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field (dest 'section.field'), generated from the dataclasses."""
+    from .config import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(f"{section} settings")
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("cli", True):
+                continue
+            flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+            dest = f"{section}.{f.name}"
+            help_ = f.metadata.get("help", "")
+            if str(f.type).startswith("bool"):
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_)
+            else:
+                group.add_argument(flag, dest=dest, type=_flag_type(f), default=argparse.SUPPRESS,
+                                   metavar=f.name.upper(), help=help_)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def _positive_int(s: str) -> int:
+    v = _int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config_file, resolve
+    from .train import load_resume_config, train
+
+    overrides = config_overrides(args)
+    if args.resume:
+        if args.preset or args.config or args.init_from:
+            raise DiffuseError("--resume continues a run as it was configured; drop --preset/--config/--init-from")
+        run = Path(args.resume)
+        overrides.setdefault("train", {})["out"] = str(run)
+        cfg = load_resume_config(run, overrides)
+    else:
+        file_overrides = load_config_file(args.config) if args.config else None
+        cfg = resolve(args.preset, overrides.get("data", {}).get("name"), file_overrides, overrides)
+        if cfg.train.out is None:
+            cfg.train.out = str(Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.dry_run:
+        print(cfg.to_json())
+        return 0
+    out = train(cfg, resume=bool(args.resume), init_from=args.init_from, overwrite=args.overwrite,
+                progress=not args.no_progress)
+    print(f"done: {out}")
+    return 0
+
+
+def _device_and_amp(device_flag: str, precision: str):
+    from .train import autocast_dtype, pick_device
+    device = pick_device(device_flag)
+    return device, autocast_dtype(precision, device)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .generate import generate, load, parse_class
+    from .images import save_images
+    from .samplers import SAMPLERS
+
+    device, amp = _device_and_amp(args.device, args.precision)
+    loaded = load(args.run, device)
+    cls = parse_class(args.class_, loaded)
+    labels, nrow, row_labels, n = None, args.nrow, None, args.n
+    if cls == "all":
+        k = len(loaded.class_names)
+        per = max(1, args.n // k) if args.n_given else 8
+        labels = torch.arange(k).repeat_interleave(per)
+        n, nrow, row_labels = len(labels), per, loaded.class_names
+    elif cls is not None:
+        labels = torch.tensor(cls)[torch.arange(n) % len(cls)]
+    if args.guidance and labels is None:
+        if loaded.config.model.class_cond:
+            raise DiffuseError("--guidance needs --class (a class, a list, or all)")
+        raise DiffuseError("--guidance needs a class-conditional model (train with --class-cond)")
+    _, _, _, nfe_of = SAMPLERS.get(args.sampler, (None, None, None, lambda s: s))
+    total = nfe_of(args.steps) * -(-n // args.batch_size)
+    with tqdm(total=total, unit="nfe", desc=f"{args.sampler} {args.steps} steps", file=sys.stderr,
+              disable=args.no_progress or not sys.stderr.isatty()) as bar:
+        images, record = generate(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                                  spacing=args.spacing, eta=args.eta, batch_size=args.batch_size,
+                                  labels=labels, guidance=args.guidance, clip_x0=args.clip,
+                                  device=device, amp=amp, progress=bar.update)
+    out = Path(args.out)
+    save_images(images, out, labels=labels, nrow=nrow, row_labels=row_labels)
+    if out.suffix.lower() == ".npz":
+        import numpy as np
+        data = dict(np.load(out))
+        np.savez(out, **data, meta=json.dumps({**record, "source": str(loaded.source)}))
+    print(f"wrote {n} images to {out} ({record['sampler']}, {record['nfe']} NFE/image-batch, "
+          f"seed {record['seed']}, {record['seconds']:.1f}s, {record['images_per_sec']:.1f} img/s)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt_io
+    from .config import Config
+    from .models import UNet, count_parameters
+
+    src = ckpt_io.resolve(args.run)
+    header = ckpt_io.read_header(src)
+    cfg = Config.from_dict(header["config"])
+    params = count_parameters(UNet(cfg.model))
+    if args.json:
+        print(json.dumps({"source": str(src), "step": header.get("step"), "params": params,
+                          "class_names": header.get("class_names"), "config": cfg.to_dict(),
+                          "diffuse_version": header.get("diffuse_version")}, indent=2))
+        return 0
+    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    lines = [
+        f"checkpoint   {src}",
+        f"step         {header.get('step')} ({header.get('step', 0) * t.batch_size:,} images seen)",
+        f"data         {cfg.data.name} ({m.in_channels}x{m.image_size}x{m.image_size})",
+        f"preset       {cfg.preset}",
+        f"parameters   {params:,}",
+        f"unet         base {m.base_channels}, mult {','.join(map(str, m.channel_mult))}, "
+        f"{m.num_res_blocks} res blocks, attention at {','.join(map(str, m.attn_resolutions)) or 'none'}, "
+        f"dropout {m.dropout}, groups {m.num_groups}",
+        f"diffusion    {d.schedule} schedule, T={d.timesteps}, predicts {d.prediction}",
+        f"training     batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay}, seed {t.seed}",
+        f"classes      {', '.join(header['class_names']) if header.get('class_names') else 'unconditional'}",
+        f"written by   diffuse {header.get('diffuse_version')} (format {header.get('format_version')})",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+
+def build_parser() -> Parser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+
+    p = Parser(prog="diffuse", description="Train image diffusion models from scratch, and use them.",
+               parents=[common])
+    p.add_argument("--version", action="version", version=f"diffuse {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    from .config import PRESETS
+    tr = sub.add_parser("train", parents=[common], help="train a model (no flags: the embedded digits demo)",
+                        description="Train a UNet noise predictor. Defaults < --preset < --config < flags.")
+    tr.add_argument("--preset", choices=None, metavar="NAME", default=None,
+                    help=f"one of: {', '.join(PRESETS)} (default: chosen by --data)")
+    tr.add_argument("--config", metavar="FILE.json", help="JSON config ({section: {field: value}})")
+    tr.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint")
+    tr.add_argument("--init-from", metavar="CKPT", help="start a new run from these weights (fine-tuning)")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    tr.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    add_config_flags(tr)
+    tr.set_defaults(func=cmd_train)
+
+    sa = sub.add_parser("sample", parents=[common], help="generate images from a run or checkpoint")
+    sa.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    sa.add_argument("--sampler", default="ddim", help="ddpm or ddim (default ddim)")
+    sa.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
+    sa.add_argument("--spacing", default=None, help="timestep spacing: trailing, leading, uniform or karras")
+    sa.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")
+    sa.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
+    sa.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i)")
+    sa.add_argument("--batch-size", type=_positive_int, default=64)
+    sa.add_argument("--out", default="samples.png", help="FILE.png grid, FILE.npz arrays, or DIR of PNGs")
+    sa.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row")
+    sa.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
+                    help="class index, name, comma list, or 'all' (one row per class)")
+    sa.add_argument("--guidance", type=_float, default=0.0,
+                    help="classifier-free guidance w: eps = (1+w) eps_c - w eps_u (0 = plain conditional)")
+    sa.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                    help="clamp predicted x0 to [-1, 1] at each step (default on)")
+    sa.add_argument("--device", default="auto")
+    sa.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    sa.add_argument("--no-progress", action="store_true")
+    sa.set_defaults(func=cmd_sample)
+
+    inf = sub.add_parser("info", parents=[common], help="describe a run or checkpoint")
+    inf.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    inf.add_argument("--json", action="store_true", help="print as JSON")
+    inf.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if args.command == "sample":
+        args.n_given = any(a == "--n" or a.startswith("--n=") for a in argv)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    if not debug:
+        warnings.showwarning = one_line_warning
+    try:
+        return args.func(args)
+    except DiffuseError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - last resort: still one line, traceback on --debug
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1

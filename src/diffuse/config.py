@@ -1,0 +1,311 @@
+"""Run configuration: typed dataclasses with one comment per field, named presets, and merging.
+
+Resolution order (later wins): dataclass defaults < preset < ``--config FILE.json`` < CLI flags.
+The resolved config is written to ``OUT/config.json`` and stored in every checkpoint, so a run
+can always be rebuilt from its directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import DiffuseError
+
+CONFIG_VERSION = 1
+
+
+def opt(default, help: str, **kw):
+    """A dataclass field with its help text (used for the CLI flag and the docs)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("digits", "data set: digits, mnist, fashion-mnist, cifar10, or a folder of images", flag="data")
+    root: str | None = opt(None, "where mnist/fashion-mnist/cifar10 live (default $DIFFUSE_DATA_ROOT, else a user cache dir)", flag="data-root")
+    image_size: int | None = opt(None, "resize (shorter side) + center crop to N pixels; default: the data set's native size")
+    channels: int | None = opt(None, "1 or 3; default: inferred from the data")
+    flip: bool | None = opt(None, "random horizontal flips (default: on for cifar10 and folders, off for digits/mnist)")
+
+
+@dataclass
+class ModelConfig:
+    base_channels: int = opt(32, "channels at the first UNet level")
+    channel_mult: tuple[int, ...] = opt((1, 2, 2), "channel multiplier per level, e.g. 1,2,2,2")
+    num_res_blocks: int = opt(2, "residual blocks per level")
+    attn_resolutions: tuple[int, ...] = opt((8,), "feature-map sizes that get self-attention, e.g. 16 or 16,8")
+    dropout: float = opt(0.0, "dropout in residual blocks")
+    num_groups: int = opt(8, "GroupNorm groups")
+    head_channels: int = opt(64, "channels per attention head")
+    scale_shift: bool = opt(True, "time embedding as GroupNorm scale+shift (ADM); false = additive (DDPM)")
+    class_cond: bool = opt(False, "condition on class labels (adds a null class for guidance)")
+    # Filled in from the data at start; recorded so a checkpoint is self-describing.
+    image_size: int = opt(0, "set from the data", cli=False)
+    in_channels: int = opt(0, "set from the data", cli=False)
+    num_classes: int = opt(0, "set from the data when class_cond", cli=False)
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = opt("linear", "noise schedule: linear or cosine")
+    timesteps: int = opt(1000, "number of diffusion steps T")
+    beta_start: float = opt(1e-4, "first beta of the linear schedule")
+    beta_end: float = opt(0.02, "last beta of the linear schedule")
+    prediction: str = opt("eps", "what the network predicts (eps; v and EDM are planned)", cli=False)
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = opt(None, "optimizer steps to train (default: the preset's)")
+    epochs: float | None = opt(None, "train for this many passes over the data instead of --steps")
+    batch_size: int = opt(64, "images per optimizer step")
+    lr: float = opt(2e-4, "AdamW learning rate (constant after warm-up)")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    ema_decay: float = opt(0.9999, "EMA decay; warmed up as min(decay, (1+step)/(10+step))")
+    label_dropout: float = opt(0.1, "with --class-cond: fraction of labels replaced by the null class")
+    seed: int = opt(0, "seed for initialisation, data order, noise and timesteps")
+    device: str = opt("auto", "auto, cpu or cuda")
+    precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    channels_last: bool | None = opt(None, "use channels_last memory format (default: on where it is faster)")
+    compile: bool = opt(False, "torch.compile the model")
+    time_limit: float | None = opt(None, "stop cleanly after this many minutes of training")
+    log_every: int = opt(50, "steps between metric log lines")
+    sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run)")
+    sample_steps: int = opt(50, "DDIM steps for the grids written during training")
+    sample_n: int = opt(64, "images in the grids written during training")
+    ckpt_every: int | None = opt(None, "steps between checkpoints (default: about 5 per run)")
+    keep: int = opt(3, "keep only the newest N step checkpoints (0 = keep all)")
+    patience: int | None = opt(None, "early stopping: stop after N epochs without a loss improvement")
+    out: str | None = opt(None, "run directory (default runs/<preset>-<time>)")
+
+
+@dataclass
+class Config:
+    preset: str = "digits"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        cfg = cls()
+        apply_overrides(cfg, d, source="config")
+        return cfg
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+
+# Presets: each reproduces a configuration from the seed documents (source noted) or is sized
+# for a compute budget. Values not named here keep the dataclass defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains on 2 CPU cores in about 3 minutes and gives legible 16x16 digits.
+    "digits": {
+        "source": "diffuse's embedded default: scikit-learn digits, sized for a 3-minute CPU run",
+        "data": {"name": "digits"},
+        "model": {"base_channels": 24, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
+                  "attn_resolutions": (), "num_groups": 8, "head_channels": 48},
+        "diffusion": {"schedule": "cosine", "timesteps": 1000},
+        "train": {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999},
+    },
+    # Seed 003 (MNIST DDPM/DDIM guide): cosine schedule, 28x28, three levels. Channels cut from
+    # 128/256/512 so it trains on a CPU; raise --base-channels on a GPU.
+    "mnist": {
+        "source": "seed 003 (MNIST guide): cosine betas, T=1000, 3 levels; narrower for CPU",
+        "data": {"name": "mnist"},
+        "model": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
+                  "attn_resolutions": (7,), "num_groups": 8, "head_channels": 32},
+        "diffusion": {"schedule": "cosine", "timesteps": 1000},
+        "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "ema_decay": 0.999},
+    },
+    # Ho et al. 2020, appendix B (CIFAR-10): 35.7M params. Seed 001/002 hyper-parameters.
+    "cifar10-ddpm": {
+        "source": "DDPM paper CIFAR-10 UNet (Ho et al. 2020 app. B); seeds 001/002",
+        "data": {"name": "cifar10"},
+        "model": {"base_channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2,
+                  "attn_resolutions": (16,), "dropout": 0.1, "num_groups": 32, "head_channels": 256,
+                  "scale_shift": False},
+        "diffusion": {"schedule": "linear", "timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
+        "train": {"steps": 800_000, "batch_size": 128, "lr": 2e-4, "warmup_steps": 5000,
+                  "ema_decay": 0.9999, "grad_clip": 1.0},
+    },
+    # Seed 000 (CIFAR-10 in 15 minutes): ~17M params, attention in the middle resolutions.
+    "cifar10-small": {
+        "source": "seed 000 (CIFAR-10 in 15 minutes): ~17M-parameter UNet, linear betas",
+        "data": {"name": "cifar10"},
+        "model": {"base_channels": 96, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
+                  "attn_resolutions": (16, 8), "dropout": 0.1, "num_groups": 32, "head_channels": 64},
+        "diffusion": {"schedule": "linear", "timesteps": 1000},
+        "train": {"steps": 8000, "batch_size": 128, "lr": 2e-4, "warmup_steps": 500, "ema_decay": 0.9995},
+    },
+    # Seed 001 (glossary): 64x64 RGB, 64->128->256->512, attention at 16 and 8, cosine schedule.
+    "64px": {
+        "source": "seed 001 (DDPM glossary): 64x64 UNet 64-128-256-512, attention at 16x16 and 8x8, cosine",
+        "data": {"image_size": 64},
+        "model": {"base_channels": 64, "channel_mult": (1, 2, 4, 8), "num_res_blocks": 2,
+                  "attn_resolutions": (16, 8), "dropout": 0.1, "num_groups": 32, "head_channels": 64},
+        "diffusion": {"schedule": "cosine", "timesteps": 1000},
+        "train": {"steps": 100_000, "batch_size": 64, "lr": 2e-4, "warmup_steps": 1000, "ema_decay": 0.9999},
+    },
+}
+
+# The preset used when only --data is given.
+DATA_DEFAULT_PRESET = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "mnist",
+                       "cifar10": "cifar10-small"}
+
+
+def default_preset_for(data_name: str) -> str:
+    return DATA_DEFAULT_PRESET.get(data_name, "64px")
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Convert a JSON/CLI value to the field's declared type, with a one-line error."""
+    if value is None:
+        return None
+    typ = str(f.type)
+    name = f.name.replace("_", "-")
+    try:
+        if typ.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            return tuple(int(v) for v in value)
+        if typ.startswith("bool"):
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if typ.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ.startswith("float"):
+            return float(value)
+        if typ.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise DiffuseError(f"{where}: bad value {value!r} for {name} (expected {typ})") from None
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> None:
+    """Merge a nested dict ({section: {field: value}}) into cfg, validating names and types."""
+    for key, value in overrides.items():
+        if key in ("source", "version"):
+            continue
+        if key == "preset":
+            cfg.preset = str(value)
+            continue
+        if key not in SECTIONS:
+            raise DiffuseError(f"{source}: unknown section {key!r} (expected one of {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise DiffuseError(f"{source}: section {key!r} must be an object")
+        section = getattr(cfg, key)
+        known = {f.name: f for f in fields(section)}
+        for name, v in value.items():
+            if name not in known:
+                raise DiffuseError(f"{source}: unknown setting {key}.{name}")
+            setattr(section, name, _coerce(v, known[name], source))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise DiffuseError(f"config file not found: {p}")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DiffuseError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(d, dict):
+        raise DiffuseError(f"config file {p} must hold a JSON object")
+    return d
+
+
+def resolve(preset: str | None, data_name: str | None, file_overrides: dict | None,
+            cli_overrides: dict[str, Any]) -> Config:
+    """Build the run config: defaults < preset < config file < CLI flags."""
+    data_name = data_name or (file_overrides or {}).get("data", {}).get("name")
+    preset = preset or (file_overrides or {}).get("preset") or default_preset_for(data_name or "digits")
+    if preset not in PRESETS:
+        raise DiffuseError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config(preset=preset)
+    apply_overrides(cfg, PRESETS[preset], source=f"preset {preset}")
+    if file_overrides:
+        apply_overrides(cfg, file_overrides, source="--config")
+    apply_overrides(cfg, cli_overrides, source="command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot work, each with a one-line reason."""
+    m, d, t = cfg.model, cfg.diffusion, cfg.train
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise DiffuseError(msg)
+
+    need(m.base_channels > 0, f"--base-channels must be positive, got {m.base_channels}")
+    need(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult), "--channel-mult must be positive integers, e.g. 1,2,2")
+    need(m.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {m.num_res_blocks}")
+    need(0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}")
+    need(m.num_groups >= 1, f"--num-groups must be at least 1, got {m.num_groups}")
+    for c in {m.base_channels * k for k in m.channel_mult}:
+        need(c % m.num_groups == 0, f"--num-groups {m.num_groups} must divide every level's channels (got {c})")
+    need(d.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {d.schedule!r}")
+    need(d.timesteps >= 2, f"--timesteps must be at least 2, got {d.timesteps}")
+    need(0 < d.beta_start < d.beta_end < 1, f"need 0 < --beta-start < --beta-end < 1, got {d.beta_start}, {d.beta_end}")
+    need(t.steps is None or t.steps >= 1, f"--steps must be a positive integer, got {t.steps}")
+    need(t.epochs is None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}")
+    need(t.batch_size >= 1, f"--batch-size must be a positive integer, got {t.batch_size}")
+    need(t.lr > 0, f"--lr must be positive, got {t.lr}")
+    need(t.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {t.warmup_steps}")
+    need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
+    need(t.grad_clip >= 0, f"--grad-clip must be >= 0, got {t.grad_clip}")
+    need(0 <= t.ema_decay < 1, f"--ema-decay must be in [0, 1), got {t.ema_decay}")
+    need(0 <= t.label_dropout < 1, f"--label-dropout must be in [0, 1), got {t.label_dropout}")
+    need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"--device must be auto, cpu or cuda, got {t.device!r}")
+    need(t.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, got {t.precision!r}")
+    need(t.time_limit is None or t.time_limit > 0, f"--time-limit must be positive minutes, got {t.time_limit}")
+    need(t.log_every >= 1, f"--log-every must be at least 1, got {t.log_every}")
+    for name in ("sample_every", "ckpt_every", "patience"):
+        v = getattr(t, name)
+        need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    need(t.sample_steps >= 1, f"--sample-steps must be at least 1, got {t.sample_steps}")
+    need(t.sample_n >= 1, f"--sample-n must be at least 1, got {t.sample_n}")
+    need(t.keep >= 0, f"--keep must be >= 0, got {t.keep}")
+    need(cfg.data.image_size is None or cfg.data.image_size >= 4, f"--image-size must be at least 4, got {cfg.data.image_size}")
+    need(cfg.data.channels in (None, 1, 3), f"--channels must be 1 or 3, got {cfg.data.channels}")
+
+
+def validate_resolution(m: ModelConfig) -> None:
+    """Once image_size is known: every level must halve cleanly."""
+    levels = len(m.channel_mult)
+    factor = 2 ** (levels - 1)
+    if m.image_size % factor != 0:
+        raise DiffuseError(
+            f"image size {m.image_size} is not divisible by {factor} (needed by {levels} UNet levels); "
+            f"use --image-size or a shorter --channel-mult")
+    sizes = {m.image_size // 2 ** i for i in range(levels)}
+    bad = [r for r in m.attn_resolutions if r not in sizes]
+    if bad:
+        raise DiffuseError(f"--attn-resolutions {','.join(map(str, bad))} not among this UNet's feature sizes "
+                           f"{','.join(map(str, sorted(sizes, reverse=True)))}")

@@ -1,0 +1,398 @@
+"""Data sets, their download, and the batch stream the trainer reads.
+
+Data convention (stated once, used everywhere):
+- Stored: ``ImageSet.images`` is a uint8 tensor [N, C, H, W] in [0, 255], decoded once into memory.
+- Served: ``BatchStream.batch(step)`` gives float32 [B, C, H, W] in [-1, 1] (x / 127.5 - 1) on the
+  training device, with labels [B] long (or None).
+
+Sources: ``digits`` (scikit-learn's bundled 8x8 digits, upscaled to 16x16, no network), ``mnist``,
+``fashion-mnist`` (original idx.gz files), ``cifar10`` (the python tarball or its extracted
+batches), or a path to a folder of images (class sub-folders become labels).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+import tempfile
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import DiffuseError
+from .rng import generator
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+STANDARD = ("digits", "mnist", "fashion-mnist", "cifar10")
+
+MNIST_CLASSES = [str(i) for i in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                   "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# (file name, md5) per split; mirrors are tried in order. Same files and checksums as the usual
+# distributions, so files placed by hand (or by another tool) are found and verified.
+IDX_FILES = {
+    "mnist": {
+        "train": [("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+                  ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432")],
+        "test": [("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+                 ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")],
+    },
+    "fashion-mnist": {
+        "train": [("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+                  ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe")],
+        "test": [("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+                 ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310")],
+    },
+}
+CIFAR10_ARCHIVE = ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+MIRRORS = {
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+    "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+    "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
+}
+DIGITS_TEST = 297  # digits has no official split: the last 297 of 1,797 are held out as "test"
+
+
+@dataclass
+class ImageSet:
+    images: Tensor                   # [N, C, H, W] uint8 in [0, 255]
+    labels: Tensor | None            # [N] long in [0, num_classes), or None
+    class_names: list[str] | None
+    name: str
+    split: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.class_names else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Locations and downloads
+
+def default_data_root() -> Path:
+    env = os.environ.get("DIFFUSE_DATA_ROOT")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "diffuse" / "data"
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> None:
+    """Fetch url into dest atomically; the file appears only once its MD5 matches."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out, 1 << 20)
+        got = md5sum(Path(tmp))
+        if got != md5:
+            raise DiffuseError(f"download of {url} has md5 {got}, expected {md5}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fetch_files(name: str, folder: Path, files: list[tuple[str, str]]) -> list[Path]:
+    """Ensure each (file, md5) is in folder: verify what is there, download what is missing."""
+    paths = []
+    missing = [fn for fn, _ in files if not (folder / fn).is_file()]
+    for fn, md5 in files:
+        path = folder / fn
+        if path.is_file():
+            got = md5sum(path)
+            if got != md5:
+                raise DiffuseError(f"{path} is corrupt or not the {name} file (md5 {got}, expected {md5}); "
+                                   f"delete it to download it again")
+        else:
+            errors = []
+            for mirror in MIRRORS[name]:
+                try:
+                    download(mirror + fn, path, md5)
+                    break
+                except DiffuseError as e:
+                    errors.append(str(e))
+                except OSError as e:
+                    errors.append(f"{mirror}: {getattr(e, 'reason', e)}")
+            else:
+                raise DiffuseError(
+                    f"{name}: cannot download {', '.join(missing)} ({'; '.join(errors)}); "
+                    f"put the file(s) in {folder}/ by hand, or point --data-root at a folder holding {name}/")
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsers
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (LeCun's MNIST format), gzipped or not, into a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DiffuseError(f"cannot read {path}: {e}") from None
+    if len(data) < 4:
+        raise DiffuseError(f"{path} is not an IDX file (too short)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DiffuseError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DiffuseError(f"{path} is truncated: {body.size} bytes for shape {shape}")
+    return body.reshape(shape)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches while refusing anything but the numpy types they contain,
+    so a tampered file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "list"), ("builtins", "dict"),
+               ("_codecs", "encode")}   # protocol-2 pickles written by Python 3 encode bytes with it
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
+
+
+def read_cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled CIFAR-10 batch -> (images [n, 3, 32, 32] uint8, labels [n] int64)."""
+    import io
+    try:
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        labels = np.asarray(d[b"labels"], dtype=np.int64)
+    except Exception as e:  # noqa: BLE001 - any malformed pickle is one user-facing error
+        raise DiffuseError(f"{where} is not a CIFAR-10 python batch ({e})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DiffuseError(f"{where} has unexpected shape {data.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    extracted = folder / "cifar-10-batches-py"
+    if all((extracted / n).is_file() for n in names):
+        parts = [read_cifar_batch((extracted / n).read_bytes(), str(extracted / n)) for n in names]
+    else:
+        (archive,) = fetch_files("cifar10", folder, [CIFAR10_ARCHIVE])
+        parts = []
+        with tarfile.open(archive, "r:gz") as tar:
+            for n in names:
+                member = tar.extractfile(f"cifar-10-batches-py/{n}")
+                if member is None:
+                    raise DiffuseError(f"{archive} lacks cifar-10-batches-py/{n}")
+                parts.append(read_cifar_batch(member.read(), f"{archive}:{n}"))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def load_digits_uint8(split: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]   # [1797, 1, 8, 8]
+    labels = d.target.astype(np.int64)
+    cut = len(images) - DIGITS_TEST
+    return (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
+
+
+def _resize_uint8(images: Tensor, size: int) -> Tensor:
+    """[N, C, h, w] uint8 -> [N, C, size, size] uint8: resize the shorter side, center crop."""
+    n, c, h, w = images.shape
+    if h == w == size:
+        return images
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    out = []
+    for chunk in images.split(4096):
+        x = F.interpolate(chunk.float(), size=(nh, nw), mode="bilinear", antialias=nh < h, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        out.append(x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _to_channels(images: Tensor, channels: int) -> Tensor:
+    c = images.shape[1]
+    if c == channels:
+        return images
+    if c == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    # ITU-R 601-2 luma, as Pillow's convert("L").
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def scan_folder(root: Path) -> tuple[list[Path], list[str] | None]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    subdirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    top_level = [p for p in files if len(p.relative_to(root).parts) == 1]
+    # Class sub-folders become labels only when every image sits in one.
+    classes = subdirs if subdirs and not top_level else None
+    return files, classes
+
+
+def load_folder(root: Path, image_size: int | None, channels: int | None) -> ImageSet:
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise DiffuseError(f"data folder not found: {root}")
+    files, classes = scan_folder(root)
+    if not files:
+        raise DiffuseError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    size = image_size or 64
+    decoded, labels, modes, bad = [], [], [], 0
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                modes.append(im.mode)
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = size / min(w, h)
+                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                decoded.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            bad += 1
+            continue
+        if classes is not None:
+            labels.append(classes.index(path.relative_to(root).parts[0]))
+    if bad:
+        warnings.warn(f"skipped {bad} unreadable image file(s) under {root}", stacklevel=2)
+    if not decoded:
+        raise DiffuseError(f"none of the {len(files)} image files under {root} could be read")
+    images = torch.from_numpy(np.stack(decoded))
+    gray = all(m in ("1", "L", "LA", "I", "I;16", "F") for m in modes)
+    images = _to_channels(images, channels or (1 if gray else 3))
+    label_t = torch.tensor(labels, dtype=torch.long) if classes is not None else None
+    return ImageSet(images, label_t, classes, str(root), "train")
+
+
+def is_standard(name: str) -> bool:
+    return name in STANDARD
+
+
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
+                 image_size: int | None = None, channels: int | None = None) -> ImageSet:
+    """Load a data set into memory as uint8 NCHW. Errors are one-line ``DiffuseError``s."""
+    if split not in ("train", "test"):
+        raise DiffuseError(f"unknown split {split!r}; use train or test")
+    if name == "digits":
+        imgs, labels = load_digits_uint8(split)
+        images, class_names = torch.from_numpy(imgs), MNIST_CLASSES
+        images = _resize_uint8(images, 16)
+    elif name in IDX_FILES:
+        folder = Path(root or default_data_root()) / name
+        img_path, lbl_path = fetch_files(name, folder, IDX_FILES[name][split])
+        imgs, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
+        if imgs.ndim != 3 or len(imgs) != len(labels):
+            raise DiffuseError(f"{img_path} and {lbl_path} do not match ({imgs.shape} vs {labels.shape})")
+        images = torch.from_numpy(imgs.copy())[:, None]
+        class_names = MNIST_CLASSES if name == "mnist" else FASHION_CLASSES
+    elif name == "cifar10":
+        imgs, labels = load_cifar10(Path(root or default_data_root()) / "cifar10", split)
+        images, class_names = torch.from_numpy(imgs.copy()), CIFAR10_CLASSES
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise DiffuseError(f"unknown data set {name!r}: not one of {', '.join(STANDARD)} and no such folder")
+        if split != "train":
+            raise DiffuseError(f"image folders have no {split!r} split; point --ref at another folder")
+        return load_folder(path, image_size, channels)
+    if image_size:
+        images = _resize_uint8(images, image_size)
+    if channels:
+        images = _to_channels(images, channels)
+    return ImageSet(images.contiguous(), torch.from_numpy(np.asarray(labels)).long(), class_names, name, split)
+
+
+def default_flip(name: str) -> bool:
+    return name not in ("digits", "mnist", "fashion-mnist")
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch stream
+
+class BatchStream:
+    """Batches for step k, a pure function of (seed, k): resumable at any step with no saved state.
+
+    The data is read as an endless stream of epochs, each a fresh permutation seeded by
+    (seed, epoch); batch k is positions [k B, (k + 1) B) of that stream, so a batch may straddle
+    two epochs and no image is dropped. The uint8 images live on ``device`` (the whole set is
+    small), and conversion to float and flips happen there.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, device: torch.device, flip: bool):
+        self.n = len(data)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.flip = flip
+        self.device = device
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device) if data.labels is not None else None
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = torch.randperm(self.n, generator=generator(self.seed, "epoch", epoch)).to(self.device)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> Tensor:
+        start = step * self.batch_size
+        positions = torch.arange(start, start + self.batch_size)
+        epochs, offsets = positions // self.n, positions % self.n
+        return torch.cat([self._perm(int(e))[offsets[epochs == e].to(self.device)] for e in epochs.unique()])
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.batch_size / self.n
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
+        idx = self.indices(step)
+        x = self.images[idx].float().div_(127.5).sub_(1.0)           # [B, C, H, W] in [-1, 1]
+        if self.flip:
+            g = generator(self.seed, "flip", step)
+            flips = (torch.rand(len(idx), generator=g) < 0.5).to(self.device)
+            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        y = self.labels[idx] if self.labels is not None else None
+        return x, y

@@ -1,0 +1,82 @@
+"""The one denoiser interface samplers see: D(x, sigma) -> estimate of the clean image.
+
+Karras et al. 2022 (sec. 2, eq. 7; table 1 "VP" column) write every diffusion model as a denoiser
+D(x; sigma) on the VE view x = x_0 + sigma n. An eps-prediction network trained on the discrete
+VP schedule becomes one by preconditioning (Karras table 1, VP column, with discrete t):
+
+    c_in(sigma)  = 1 / sqrt(sigma^2 + 1)          (VE sample -> VP sample x_t)
+    c_noise      = t(sigma)                        (the discrete step whose sigma it is, interpolated)
+    D(x; sigma)  = x - sigma * eps_theta(c_in x, t(sigma))
+
+Future objectives (v-prediction, EDM) plug in as other wrappers with the same call signature.
+
+Classifier-free guidance lives here too (Ho & Salimans 2022, eq. 6, in this convention):
+    eps = (1 + w) eps(x, y) - w eps(x, null)
+so w = 0 is plain conditional sampling. The other common convention ("guidance scale" s, as in
+diffusers and Stable Diffusion) is s = 1 + w. Both passes run as one batched forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .diffusion import Schedule
+
+
+class EpsDenoiser:
+    """Wraps an eps network and its schedule as D(x, sigma).
+
+    x: [B, C, H, W] in the VE view (float32); sigma: scalar tensor or [B]; labels: [B] long or None.
+    Returns x0_hat: [B, C, H, W] float32, clamped to [-1, 1] when ``clip_x0``.
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule, *, labels: Tensor | None = None,
+                 guidance: float = 0.0, null_label: int | None = None, clip_x0: bool = False,
+                 autocast_dtype: torch.dtype | None = None):
+        self.net = net
+        self.schedule = schedule
+        self.labels = labels
+        self.guidance = float(guidance)
+        self.null_label = null_label
+        self.clip_x0 = clip_x0
+        self.autocast_dtype = autocast_dtype
+        self.nfe = 0                                     # network evaluations so far (one per call)
+        if guidance and (labels is None or null_label is None):
+            raise ValueError("guidance needs class labels and a null label")
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """eps_theta(x_t, t) with guidance applied; x_t in the VP view, t: [B] float."""
+        labels = self.labels
+        if labels is not None and self.guidance != 0.0:
+            null = torch.full_like(labels, self.null_label)
+            x_in, t_in, y_in = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])
+        else:
+            x_in, t_in, y_in = x_t, t, labels
+        with torch.autocast(x_t.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            out = self.net(x_in, t_in, y_in)
+        out = out.float()
+        if labels is not None and self.guidance != 0.0:
+            eps_c, eps_u = out.chunk(2)
+            return (1 + self.guidance) * eps_c - self.guidance * eps_u
+        return out
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        t = self.schedule.sigma_to_t(sigma).float()                     # [B] continuous timestep
+        c_in = (1 / (sigma ** 2 + 1).sqrt()).float().view(-1, 1, 1, 1)
+        eps = self.eps(x * c_in, t)
+        self.nfe += 1
+        x0 = x - sigma.float().view(-1, 1, 1, 1) * eps
+        return x0.clamp(-1, 1) if self.clip_x0 else x0

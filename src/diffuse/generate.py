@@ -1,0 +1,130 @@
+"""Generate images from a trained model: load the EMA weights, build the denoiser, run a sampler.
+
+Image i always starts from (and draws its sampler noise from) its own stream seeded by
+(seed, i), so the first k images are identical whatever --n and --batch-size are.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import checkpoint as ckpt_io
+from .config import Config
+from .denoiser import EpsDenoiser
+from .diffusion import Schedule
+from .errors import DiffuseError
+from .images import to_uint8
+from .models import UNet
+from .rng import ImageNoise
+from .samplers import SAMPLERS, run_sampler, sigmas_for
+
+
+@dataclass
+class Loaded:
+    net: UNet                       # EMA weights, eval mode, on device
+    config: Config
+    header: dict[str, Any]          # format, step, class_names, ...
+    schedule: Schedule
+    source: Path
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = self.header.get("class_names")
+        if names:
+            return list(names)
+        k = self.config.model.num_classes
+        return [str(i) for i in range(k)] if self.config.model.class_cond and k else None
+
+
+def load(path: str | Path, device: torch.device, weights: str = "ema") -> Loaded:
+    """Load a run dir / checkpoint dir / standalone .safetensors for sampling."""
+    src = ckpt_io.resolve(path)
+    header = ckpt_io.read_header(src)
+    cfg = Config.from_dict(header["config"])
+    net = UNet(cfg.model)
+    file = src / f"{weights}.safetensors" if src.is_dir() else src
+    ckpt_io.load_weights_into(net, ckpt_io.read_tensors(file), src)
+    net.to(device).eval().requires_grad_(False)
+    d = cfg.diffusion
+    return Loaded(net, cfg, header, Schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end), src)
+
+
+def parse_class(spec: str | None, loaded: Loaded) -> list[int] | str | None:
+    """--class K | NAME | all -> a class index, 'all', or None (unconditional)."""
+    if spec is None:
+        return None
+    names = loaded.class_names
+    if not loaded.config.model.class_cond or not names:
+        raise DiffuseError(f"--class given, but {loaded.source} is an unconditional model (train with --class-cond)")
+    if spec == "all":
+        return "all"
+    out = []
+    for part in spec.split(","):
+        if part in names:
+            out.append(names.index(part))
+        elif part.lstrip("-").isdigit():
+            k = int(part)
+            if not 0 <= k < len(names):
+                raise DiffuseError(f"--class {k} is out of range: this model has classes 0..{len(names) - 1}")
+            out.append(k)
+        else:
+            raise DiffuseError(f"unknown class {part!r}; this model's classes are: {', '.join(names)}")
+    return out
+
+
+@torch.no_grad()
+def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", steps: int = 50,
+             spacing: str | None = None, eta: float | None = None, batch_size: int = 64,
+             labels: Tensor | None = None, guidance: float = 0.0, clip_x0: bool = True,
+             device: torch.device | None = None, amp: torch.dtype | None = None, first_index: int = 0,
+             progress: Callable[[int], None] | None = None) -> tuple[Tensor, dict[str, Any]]:
+    """Images uint8 [n, C, H, W] (on CPU) and a record {sampler, steps, nfe, seconds, ...}."""
+    if sampler not in SAMPLERS:
+        raise DiffuseError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    fn, stochastic, default_spacing, nfe_of = SAMPLERS[sampler]
+    spacing = spacing or default_spacing
+    T = loaded.schedule.timesteps
+    if not 1 <= steps <= T:
+        raise DiffuseError(f"--steps must be between 1 and {T} for this model, got {steps}")
+    if n < 1:
+        raise DiffuseError(f"--n must be a positive integer, got {n}")
+    if batch_size < 1:
+        raise DiffuseError(f"--batch-size must be a positive integer, got {batch_size}")
+    options: dict[str, Any] = {}
+    if eta is not None:
+        if sampler != "ddim":
+            raise DiffuseError("--eta applies to --sampler ddim only")
+        options["eta"] = eta
+    try:
+        sigmas = sigmas_for(loaded.schedule, steps, spacing)
+    except ValueError as e:
+        raise DiffuseError(str(e)) from None
+    device = device or next(loaded.net.parameters()).device
+    m = loaded.config.model
+    null = m.num_classes if m.class_cond else None
+    out, nfe, t0 = [], 0, time.perf_counter()
+    for start in range(0, n, batch_size):
+        idx = range(first_index + start, first_index + min(n, start + batch_size))
+        noise = ImageNoise(seed, idx, device)
+        z = noise.randn(m.in_channels, m.image_size, m.image_size)
+        y = labels[start:start + len(idx)].to(device) if labels is not None else None
+        den = EpsDenoiser(loaded.net, loaded.schedule, labels=y, guidance=guidance if y is not None else 0.0,
+                          null_label=null, clip_x0=clip_x0, autocast_dtype=amp)
+        cb = None
+        if progress is not None:
+            cb = lambda i, x, x0, s: progress(1)  # noqa: E731
+        x = run_sampler(sampler, den, z, sigmas, noise=noise if stochastic or options.get("eta") else None,
+                        callback=cb, **options)
+        out.append(to_uint8(x))
+        nfe = den.nfe
+    seconds = time.perf_counter() - t0
+    record = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe, "seed": seed, "n": n,
+              "first_index": first_index, "guidance": guidance, "eta": options.get("eta"),
+              "clip_x0": clip_x0, "seconds": round(seconds, 3), "images_per_sec": round(n / seconds, 3)}
+    return torch.cat(out), record

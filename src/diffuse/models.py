@@ -1,0 +1,209 @@
+"""The UNet noise predictor eps_theta(x_t, t, y) in the DDPM / ADM style.
+
+Ho et al. 2020 (app. B) and Dhariwal & Nichol 2021 (ADM): a convolutional encoder-decoder with
+skip connections; sinusoidal time embedding -> MLP -> injected into every residual block (added,
+or as GroupNorm scale+shift); self-attention at chosen resolutions; optional class embedding with
+an extra "null" class (index ``num_classes``) used for classifier-free guidance.
+
+Input x_t: [B, C, H, W] float (any range; trained on noised [-1, 1] images); t: [B] float timestep
+in [0, T-1] (fractional values are fine); y: [B] long in [0, num_classes], or None.
+Output: predicted noise, [B, C, H, W], same dtype as the network's compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, sec. 3.5).
+
+    t: [B] -> [B, dim] float32: [cos(t w_i), sin(t w_i)] with w_i = max_period^(-i/half).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so each residual branch starts as the identity (ADM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, time embedding injected, GroupNorm -> SiLU -> dropout -> conv, + skip."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int, scale_shift: bool):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * c_out if scale_shift else c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]            # [B, C or 2C, 1, 1]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, via scaled_dot_product_attention."""
+
+    def __init__(self, channels: int, groups: int, head_channels: int):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x))                                  # [B, 3C, H, W]
+        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)   # [B, 3, heads, d, HW]
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)                # each [B, heads, HW, d]
+        out = F.scaled_dot_product_attention(q, k, v)                 # [B, heads, HW, d]
+        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: res blocks, each optionally followed by attention."""
+
+    def __init__(self, blocks: list[ResBlock], attns: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.image_size <= 0 or cfg.in_channels <= 0:
+            raise ValueError("ModelConfig.image_size and in_channels must be set from the data")
+        self.cfg = cfg
+        ch, groups = cfg.base_channels, cfg.num_groups
+        emb_dim = 4 * ch
+        self.num_classes = cfg.num_classes if cfg.class_cond else 0
+
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # +1 row: the "null" label (index num_classes) for classifier-free guidance.
+        self.class_emb = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes else None
+
+        def res(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, emb_dim, cfg.dropout, groups, cfg.scale_shift)
+
+        def attn(c: int, res_: int) -> nn.Module:
+            return AttnBlock(c, groups, cfg.head_channels) if res_ in cfg.attn_resolutions else nn.Identity()
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skip_channels = [ch]
+        c, resolution = ch, cfg.image_size
+        for i, mult in enumerate(cfg.channel_mult):
+            c_out = ch * mult
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(res(c, c_out))
+                attns.append(attn(c_out, resolution))
+                c = c_out
+                skip_channels.append(c)
+            self.down.append(Level(blocks, attns))
+            last = i == len(cfg.channel_mult) - 1
+            self.downsample.append(nn.Identity() if last else Downsample(c))
+            if not last:
+                skip_channels.append(c)
+                resolution //= 2
+
+        self.mid1 = res(c, c)
+        self.mid_attn = AttnBlock(c, groups, cfg.head_channels)
+        self.mid2 = res(c, c)
+
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(cfg.channel_mult))):
+            c_out = ch * mult
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(res(c + skip_channels.pop(), c_out))
+                attns.append(attn(c_out, resolution))
+                c = c_out
+            self.up.append(Level(blocks, attns))
+            self.upsample.append(Upsample(c) if i > 0 else nn.Identity())
+            if i > 0:
+                resolution *= 2
+
+        self.norm_out = nn.GroupNorm(groups, c)
+        self.conv_out = zero_init(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_emb(y)
+        elif y is not None:
+            raise ValueError("this model is unconditional but class labels were given")
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level, down in zip(self.down, self.downsample):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))
+                skips.append(h)
+            if not isinstance(down, nn.Identity):
+                h = down(h)
+                skips.append(h)
+
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+
+        for level, up in zip(self.up, self.upsample):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+            h = up(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

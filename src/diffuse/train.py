@@ -1,0 +1,482 @@
+"""The training loop: eps-prediction DDPM training with AdamW, clipping, EMA, exact resume.
+
+Step k is a pure function of (config, weights and optimizer state after step k-1, k): its batch,
+timesteps, noise, flips, label dropout and dropout masks all come from generators seeded by
+(seed, k). Grids and checkpoints never touch those generators, so a run stopped at step k and
+resumed is bit-identical (on CPU) to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from .config import Config, validate, validate_resolution
+from .data import BatchStream, ImageSet, default_flip, load_dataset
+from .denoiser import EpsDenoiser
+from .diffusion import Schedule, eps_loss, q_sample
+from .errors import DiffuseError
+from .images import save_grid, to_uint8
+from .models import UNet, count_parameters
+from .rng import ImageNoise, derive_seed, generator
+from .samplers import run_sampler, sigmas_for
+
+# Settings a resumed run may change; anything else must match the stored config.
+RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
+             "patience", "device", "compile", "out"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and precision
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffuseError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast (fp16 is unstable in GroupNorm, seed 001) or None for fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def use_channels_last(setting: bool | None, device: torch.device, amp: torch.dtype | None) -> bool:
+    """channels_last pays off for cuDNN and for oneDNN's bf16 kernels; fp32 on CPU gains little."""
+    if setting is not None:
+        return setting
+    return device.type == "cuda" or amp is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks shared with sampling and evaluation
+
+def build_model(cfg: Config) -> UNet:
+    validate_resolution(cfg.model)
+    return UNet(cfg.model)
+
+
+def fill_model_from_data(cfg: Config, data: ImageSet) -> None:
+    m = cfg.model
+    m.image_size, m.in_channels = data.image_size, data.channels
+    if m.class_cond:
+        if data.labels is None or not data.num_classes:
+            raise DiffuseError(f"--class-cond needs labels, and {data.name} has none "
+                               f"(for a folder, put each class's images in its own sub-folder)")
+        m.num_classes = data.num_classes
+    else:
+        m.num_classes = 0
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, as one fused foreach op over all tensors."""
+    e = [p for p in ema.parameters()]
+    m = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm-up so short runs are not stuck near the initial weights (as in TF's EMA num_updates)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    w = cfg.train.warmup_steps
+    return cfg.train.lr * min(1.0, (step + 1) / w) if w else cfg.train.lr
+
+
+def grid_labels(cfg: Config, n: int) -> tuple[Tensor | None, int | None, list[str] | None]:
+    """Labels for the training grids: one row per class when conditional, else none."""
+    k = cfg.model.num_classes if cfg.model.class_cond else 0
+    if not k:
+        return None, None, None
+    per_row = max(1, n // k)
+    labels = torch.arange(k).repeat_interleave(per_row)
+    return labels, per_row, None
+
+
+@torch.no_grad()
+def sample_grid(net: nn.Module, cfg: Config, schedule: Schedule, device: torch.device, n: int,
+                steps: int, seed: int, amp: torch.dtype | None, guidance: float = 0.0) -> tuple[Tensor, Tensor | None, int | None]:
+    """Fixed-noise DDIM grid from ``net`` (the EMA), uint8 [n, C, H, W]. Uses its own generators."""
+    labels, nrow, _ = grid_labels(cfg, n)
+    if labels is not None:
+        n = len(labels)
+        labels = labels.to(device)
+    was_training = net.training
+    net.eval()
+    den = EpsDenoiser(net, schedule, labels=labels, guidance=guidance if labels is not None else 0.0,
+                      null_label=cfg.model.num_classes if labels is not None else None, clip_x0=True,
+                      autocast_dtype=amp)
+    noise = ImageNoise(derive_seed(seed, "grid"), range(n), device)
+    m = cfg.model
+    z = noise.randn(m.in_channels, m.image_size, m.image_size)
+    x = run_sampler("ddim", den, z, sigmas_for(schedule, min(steps, schedule.timesteps)))
+    net.train(was_training)
+    return to_uint8(x), labels, nrow
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+class Reporter:
+    """Progress bar on a terminal, plain log lines otherwise; every line also goes to train.log."""
+
+    def __init__(self, out: Path, total: int, start: int, enabled: bool = True):
+        self.log_file = open(out / "train.log", "a")
+        self.tty = sys.stderr.isatty() and enabled
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def line(self, msg: str, echo: bool = True) -> None:
+        self.log_file.write(msg + "\n")
+        self.log_file.flush()
+        if echo:
+            if self.bar is not None:
+                self.bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+
+    def progress(self, step: int, stats: dict[str, Any], eta_s: float, total: int) -> None:
+        msg = (f"step {step}/{total} | loss {stats['loss']:.4f} | {stats['img_per_sec']:.0f} img/s | "
+               f"lr {stats['lr']:.2e} | eta {format_seconds(eta_s)}")
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(f"loss {stats['loss']:.4f} {stats['img_per_sec']:.0f} img/s", refresh=True)
+            self.log_file.write(msg + "\n")
+            self.log_file.flush()
+        else:
+            self.line(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.log_file.close()
+
+
+def format_seconds(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def plot_loss_curve(metrics_path: Path, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (MSE on eps)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title("training loss")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue   # a line cut short by a crash
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint we restart from (they will be re-made)."""
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class RunState:
+    step: int = 0
+    best_loss: float = math.inf
+    bad_epochs: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_n: int = 0
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def total_steps(cfg: Config, n_images: int) -> int:
+    t = cfg.train
+    if t.epochs is not None:
+        return max(1, math.ceil(t.epochs * n_images / t.batch_size))
+    if t.steps is None:
+        raise DiffuseError("give --steps or --epochs")
+    return t.steps
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DiffuseError(f"{out} already holds a run; continue it with --resume {out}, "
+                               f"choose another --out, or pass --overwrite to replace it")
+        if not (out / "config.json").is_file():
+            raise DiffuseError(f"refusing to --overwrite {out}: it is not a diffuse run directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def load_resume_config(run: Path, overrides: dict[str, Any]) -> Config:
+    """The stored config of ``run`` with the allowed changes applied; others are refused."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise DiffuseError(f"--resume {run}: not a run directory (no config.json)")
+    cfg = Config.from_dict(json.loads(path.read_text()))
+    for section, values in overrides.items():
+        for name, value in values.items():
+            current = getattr(getattr(cfg, section), name)
+            if name in RESUMABLE:
+                setattr(getattr(cfg, section), name, value)
+            elif value != current:
+                raise DiffuseError(f"--resume: cannot change {name.replace('_', '-')} of an existing run "
+                                   f"(it was {current!r}); start a new run with --init-from instead")
+    validate(cfg)
+    return cfg
+
+
+def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, overwrite: bool = False,
+          progress: bool = True) -> Path:
+    """Train per ``cfg``; returns the run directory. Resumes from OUT/checkpoints/last if asked."""
+    t = cfg.train
+    out = Path(t.out)
+    device = pick_device(t.device)
+    amp = autocast_dtype(t.precision, device)
+    channels_last = use_channels_last(t.channels_last, device, amp)
+
+    data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels)
+    fill_model_from_data(cfg, data)
+    if cfg.data.flip is None:
+        cfg.data.flip = default_flip(cfg.data.name)
+    steps_total = total_steps(cfg, len(data))
+    sample_every = t.sample_every or max(1, steps_total // 10)
+    ckpt_every = t.ckpt_every or max(1, steps_total // 5)
+
+    torch.manual_seed(derive_seed(t.seed, "init"))
+    model = build_model(cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else True)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        ema.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if t.compile else model
+
+    ckpt_root = out / "checkpoints"
+    st = RunState()
+    if resume:
+        ckpt_io.clean_temporaries(ckpt_root)
+        last = ckpt_root / "last"
+        if not last.exists():
+            raise DiffuseError(f"--resume {out}: no checkpoint to resume from (checkpoints/last is missing)")
+        state = ckpt_io.load_training_state(last.resolve(), model, ema, optimizer)
+        st = RunState(**{k: state[k] for k in RunState().to_dict() if k in state})
+        truncate_metrics(out / "metrics.jsonl", st.step)
+    else:
+        prepare_out_dir(out, overwrite)
+        if init_from:
+            # Start both the model and its EMA from the source's EMA weights: those are the
+            # weights its samples came from, and the optimizer starts fresh anyway.
+            src = ckpt_io.resolve(init_from)
+            weights = ckpt_io.read_tensors(src / "ema.safetensors" if src.is_dir() else src)
+            ckpt_io.load_weights_into(model, weights, src)
+            ckpt_io.load_weights_into(ema, weights, src)
+    (out / "config.json").write_text(cfg.to_json())
+    (out / "samples").mkdir(exist_ok=True)
+
+    schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.beta_start,
+                        cfg.diffusion.beta_end)
+    abar = schedule.alphas_cumprod.to(device)                    # float64 [T]
+    stream = BatchStream(data, t.batch_size, t.seed, device, bool(cfg.data.flip))
+    null_label = cfg.model.num_classes if cfg.model.class_cond else None
+
+    from torch.utils.tensorboard import SummaryWriter
+    tb = SummaryWriter(str(out / "tb"), purge_step=st.step if resume else None)
+    rep = Reporter(out, steps_total, st.step, enabled=progress)
+    n_params = count_parameters(model)
+    header = (f"diffuse train | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x{data.image_size}"
+              f"{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | preset {cfg.preset} | "
+              f"{n_params / 1e6:.2f}M params | {device.type}"
+              f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | "
+              f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}")
+    rep.line(header)
+    if resume:
+        rep.line(f"resumed from step {st.step}")
+
+    metrics = open(out / "metrics.jsonl", "a")
+    stop_reason = "finished"
+    interrupted = False
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_sigterm) if os.name == "posix" else None
+
+    def save() -> Path:
+        st.epoch_loss_sum = float(epoch_acc)
+        path = ckpt_io.save_checkpoint(
+            ckpt_root, st.step, model=model, ema=ema, optimizer=optimizer, config=cfg.to_dict(),
+            state={**st.to_dict(), "images_seen": st.step * t.batch_size},
+            extra={"class_names": data.class_names if cfg.model.class_cond else None,
+                   "params": n_params, "data": cfg.data.name})
+        ckpt_io.prune(ckpt_root, t.keep)
+        return path
+
+    def write_grid(path: Path) -> None:
+        images, labels, nrow = sample_grid(ema, cfg, schedule, device, t.sample_n, t.sample_steps, t.seed, amp)
+        save_grid(images, path, nrow=nrow)
+        tb.add_image("samples", _tb_grid(images, nrow), st.step, dataformats="HWC")
+
+    loss_acc = torch.zeros((), device=device)       # summed on device; read every log_every steps
+    epoch_acc = torch.tensor(st.epoch_loss_sum, device=device)   # this epoch's loss sum, for --patience
+    acc_n = 0
+    t_log = time.perf_counter()
+    t_start = time.perf_counter()
+    time_limit_s = t.time_limit * 60 if t.time_limit else None
+    last_grad_norm: Tensor | None = None
+    try:
+        model.train()
+        while st.step < steps_total:
+            step = st.step
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            x0, y = stream.batch(step)
+            gen = generator(t.seed, "step", step, device=device)
+            tt = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=gen, device=device)
+            noise = torch.randn(x0.shape, generator=gen, device=device)
+            if y is not None and null_label is not None and t.label_dropout > 0:
+                drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
+                y = torch.where(drop, torch.full_like(y, null_label), y)
+            elif null_label is None:
+                y = None
+            x_t = q_sample(x0, tt, noise, abar)
+            if channels_last:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
+            torch.manual_seed(derive_seed(t.seed, "dropout", step))
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                eps_pred = forward(x_t, tt.float(), y)
+            loss = eps_loss(eps_pred, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                last_grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            ema_update(ema, model, ema_decay_at(step, t.ema_decay))
+            st.step += 1
+            loss_acc += loss.detach()
+            epoch_acc += loss.detach()
+            acc_n += 1
+
+            st.epoch_loss_n += 1
+            epoch_done = int(stream.epoch_of(st.step)) > int(stream.epoch_of(step))
+            if st.step % t.log_every == 0 or st.step == steps_total:
+                now = time.perf_counter()
+                mean_loss = float(loss_acc) / acc_n
+                elapsed = now - t_log
+                rate = acc_n * t.batch_size / max(elapsed, 1e-9)
+                st.train_seconds += elapsed
+                stats = {"step": st.step, "images_seen": st.step * t.batch_size,
+                         "epoch": round(stream.epoch_of(st.step), 4), "loss": mean_loss,
+                         "lr": optimizer.param_groups[0]["lr"],
+                         "grad_norm": float(last_grad_norm) if last_grad_norm is not None else None,
+                         "img_per_sec": rate, "wall_time": round(st.train_seconds, 3)}
+                metrics.write(json.dumps(stats) + "\n")
+                metrics.flush()
+                for k in ("loss", "lr", "grad_norm", "img_per_sec"):
+                    if stats[k] is not None:
+                        tb.add_scalar(f"train/{k}", stats[k], st.step)
+                eta = (steps_total - st.step) * elapsed / acc_n
+                rep.progress(st.step, stats, eta, steps_total)
+                loss_acc.zero_()
+                acc_n = 0
+                t_log = time.perf_counter()
+
+            if epoch_done:
+                ep_loss = float(epoch_acc) / st.epoch_loss_n
+                epoch_acc.zero_()
+                st.epoch_loss_n = 0
+                tb.add_scalar("train/epoch_loss", ep_loss, st.step)
+                if t.patience and ep_loss < st.best_loss - 1e-4:
+                    st.best_loss, st.bad_epochs = ep_loss, 0
+                    ckpt_io.point(ckpt_root, "best", save().name)
+                elif t.patience:
+                    st.bad_epochs += 1
+                    if st.bad_epochs >= t.patience:
+                        stop_reason = f"early stop: no loss improvement for {t.patience} epochs"
+                        break
+            if st.step % sample_every == 0 and st.step < steps_total:
+                write_grid(out / "samples" / f"step_{st.step:07d}.png")
+            if st.step % ckpt_every == 0 and st.step < steps_total:
+                save()
+            if time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s:
+                stop_reason = f"time limit of {t.time_limit:g} min reached"
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        stop_reason = "interrupted"
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        metrics.close()
+
+    try:
+        path = save()
+        rep.line(f"{stop_reason} at step {st.step}; checkpoint {path}")
+        if not interrupted:
+            write_grid(out / "samples" / f"step_{st.step:07d}.png")
+            shutil.copyfile(out / "samples" / f"step_{st.step:07d}.png", out / "final.png")
+            plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+            rep.line(f"samples: {out / 'final.png'}  loss curve: {out / 'loss_curve.png'}")
+    finally:
+        tb.close()
+        rep.close()
+    if interrupted:
+        raise KeyboardInterrupt
+    return out
+
+
+def _tb_grid(images: Tensor, nrow: int | None):
+    from .images import make_grid
+    arr = make_grid(images, nrow)
+    return arr if arr.shape[-1] == 3 else arr.repeat(3, axis=-1)

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny configs that train in well under a second per step on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffuse.config import Config, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DIFFUSE_TEST_DATA", REPO.parent / "shared" / "data"))
+MNIST_DIR = SHARED_DATA / "mnist"
+
+needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                                 reason=f"MNIST files not found under {MNIST_DIR}")
+
+TINY_MODEL = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,),
+              "num_groups": 4, "head_channels": 8}
+TINY_FLAGS = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
+              "--attn-resolutions", "8", "--num-groups", "4", "--head-channels", "8"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield
+
+
+def tiny_config(out: Path | str, **train) -> Config:
+    t = {"steps": 4, "batch_size": 8, "log_every": 1, "sample_n": 4, "sample_steps": 2, "out": str(out),
+         "lr": 1e-3, "warmup_steps": 0, **train}
+    return resolve("digits", None, None, {"model": dict(TINY_MODEL), "train": t})

@@ -1,0 +1,69 @@
+"""Schedules and the forward process against closed forms."""
+
+import math
+
+import pytest
+import torch
+
+from diffuse.diffusion import (Schedule, cosine_betas, linear_betas, log_snr, predict_x0_from_eps, q_sample)
+
+
+def test_linear_betas_endpoints_and_spacing():
+    b = linear_betas(1000, 1e-4, 0.02)
+    assert b.dtype == torch.float64 and b.shape == (1000,)
+    assert b[0].item() == pytest.approx(1e-4, abs=1e-15)
+    assert b[-1].item() == pytest.approx(0.02, abs=1e-15)
+    assert torch.allclose(b.diff(), torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64), atol=1e-15)
+
+
+def test_alphas_cumprod_is_product_of_one_minus_beta():
+    s = Schedule("linear", 50)
+    for t in (0, 7, 49):
+        assert s.alphas_cumprod[t].item() == pytest.approx(math.prod(1 - b for b in s.betas[: t + 1].tolist()), rel=1e-12)
+
+
+def test_cosine_matches_nichol_dhariwal_closed_form():
+    T, s_ = 1000, 0.008
+    f = lambda t: math.cos((t / T + s_) / (1 + s_) * math.pi / 2) ** 2  # noqa: E731
+    betas = cosine_betas(T)
+    abar = torch.cumprod(1 - betas, 0)
+    for t in (0, 100, 500, 900):    # away from the clipped tail, abar_t = f(t+1)/f(0)
+        assert abar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-10)
+    assert betas.max().item() == pytest.approx(0.999)   # the last beta is clipped
+    assert (betas[:-1] < 0.999).all()
+
+
+def test_unknown_schedule_raises():
+    with pytest.raises(ValueError):
+        Schedule("quadratic", 10)
+
+
+def test_q_sample_moments_match_closed_form():
+    s = Schedule("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((20000, 1, 1, 1), 0.5, dtype=torch.float32)
+    t = torch.full((20000,), 300)
+    xt = q_sample(x0, t, torch.randn(x0.shape, generator=g), s.alphas_cumprod)
+    abar = s.alphas_cumprod[300].item()
+    assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.5, abs=0.02)
+    assert xt.var().item() == pytest.approx(1 - abar, rel=0.03)
+
+
+def test_predict_x0_inverts_q_sample():
+    s = Schedule("cosine", 1000)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 998])
+    xt = q_sample(x0, t, eps, s.alphas_cumprod)
+    assert torch.allclose(predict_x0_from_eps(xt, t, eps, s.alphas_cumprod), x0, atol=1e-4)
+
+
+def test_sigma_to_t_exact_on_grid_and_inverse():
+    s = Schedule("linear", 1000)
+    t = torch.tensor([0, 1, 250, 999])
+    assert torch.equal(s.sigma_to_t(s.sigmas[t]), t.double())
+    tf = torch.tensor([0.25, 10.5, 998.9], dtype=torch.float64)
+    assert torch.allclose(s.sigma_to_t(s.t_to_sigma(tf)), tf, atol=1e-9)
+    # sigma_t = sqrt((1 - abar)/abar) and log SNR = -2 log sigma
+    assert torch.allclose(log_snr(s.alphas_cumprod), -2 * s.sigmas.log(), atol=1e-10)

@@ -1,0 +1,82 @@
+"""The UNet: shapes, conditioning, and its contract at initialisation."""
+
+import pytest
+import torch
+
+from diffuse.config import ModelConfig
+from diffuse.models import UNet, count_parameters, timestep_embedding
+
+
+def cfg(**kw):
+    base = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=4,
+                head_channels=8, image_size=16, in_channels=1)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("channels,size", [(1, 16), (3, 16), (3, 32), (1, 28)])
+def test_output_shape_matches_input(channels, size):
+    attn = (size // 2,)
+    net = UNet(cfg(in_channels=channels, image_size=size, attn_resolutions=attn))
+    x = torch.randn(3, channels, size, size)
+    assert net(x, torch.tensor([0.0, 500.0, 999.0])).shape == x.shape
+
+
+def test_output_is_zero_at_init_and_learns_nonzero():
+    net = UNet(cfg())
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.count_nonzero(net(x, torch.tensor([1.0, 2.0]))) == 0   # zero-init output conv
+    torch.nn.init.normal_(net.conv_out.weight)
+    assert net(x, torch.tensor([1.0, 2.0])).abs().sum() > 0
+
+
+def randomize_zero_init(net):
+    """Give the zero-initialised layers (residual outputs, output conv) random weights, as
+    training would, so conditioning paths reach the output."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if torch.count_nonzero(p) == 0 and p.ndim > 1:
+                torch.nn.init.normal_(p, std=0.05)
+
+
+def test_odd_class_count_and_null_class():
+    net = UNet(cfg(class_cond=True, num_classes=7))
+    randomize_zero_init(net)
+    assert net.class_emb.num_embeddings == 8       # 7 classes + the null class
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([10.0, 10.0])
+    a = net(x, t, torch.tensor([0, 6]))
+    null = net(x, t, torch.tensor([7, 7]))
+    implicit = net(x, t, None)                     # no labels = the null class
+    assert a.shape == x.shape
+    assert torch.allclose(null, implicit)
+    assert not torch.allclose(a, null)
+
+
+def test_unconditional_rejects_labels():
+    net = UNet(cfg())
+    with pytest.raises(ValueError):
+        net(torch.randn(1, 1, 16, 16), torch.tensor([1.0]), torch.tensor([0]))
+
+
+def test_time_conditioning_changes_output():
+    net = UNet(cfg())
+    randomize_zero_init(net)
+    x = torch.randn(1, 1, 16, 16)
+    assert not torch.allclose(net(x, torch.tensor([1.0])), net(x, torch.tensor([900.0])))
+
+
+def test_timestep_embedding_closed_form():
+    e = timestep_embedding(torch.tensor([0.0, 3.0]), 8)
+    assert e.shape == (2, 8)
+    assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(4) / 4)
+    assert torch.allclose(e[1], torch.cat([torch.cos(3 * freqs), torch.sin(3 * freqs)]), atol=1e-6)
+
+
+def test_ddpm_cifar10_preset_has_paper_parameter_count():
+    from diffuse.config import resolve
+    c = resolve("cifar10-ddpm", None, None, {})
+    c.model.image_size, c.model.in_channels = 32, 3
+    n = count_parameters(UNet(c.model))
+    assert abs(n - 35.7e6) < 0.1e6, n      # Ho et al. 2020: 35.7M

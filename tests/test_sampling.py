@@ -1,0 +1,117 @@
+"""Sampling: per-image seeds, the step to sigma = 0, DDPM = DDIM(eta=1), and a Gaussian oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffuse.config import ModelConfig
+from diffuse.denoiser import EpsDenoiser
+from diffuse.diffusion import Schedule
+from diffuse.generate import Loaded, generate
+from diffuse.models import UNet
+from diffuse.rng import ImageNoise
+from diffuse.samplers import discrete_timesteps, karras_sigmas, prior, run_sampler, sample_ddim, sigmas_for
+
+from .conftest import resolve
+
+
+def _loaded(class_cond=False) -> Loaded:
+    cfg = resolve("digits", None, None, {"model": {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1,
+                                                   "attn_resolutions": (), "num_groups": 4,
+                                                   "class_cond": class_cond}})
+    cfg.model.image_size, cfg.model.in_channels = 8, 1
+    cfg.model.num_classes = 3 if class_cond else 0
+    torch.manual_seed(0)
+    net = UNet(cfg.model)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    return Loaded(net.eval(), cfg, {}, Schedule("cosine", 1000), "test")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_first_images_do_not_depend_on_n_or_batch_size(sampler):
+    loaded = _loaded()
+    a, _ = generate(loaded, n=5, seed=7, sampler=sampler, steps=4, batch_size=2)
+    b, _ = generate(loaded, n=3, seed=7, sampler=sampler, steps=4, batch_size=3)
+    assert torch.equal(a[:3], b)
+    c, _ = generate(loaded, n=3, seed=8, sampler=sampler, steps=4, batch_size=3)
+    assert not torch.equal(b, c)
+
+
+def test_ddpm_equals_ddim_eta_one():
+    loaded = _loaded()
+    a, ra = generate(loaded, n=3, seed=1, sampler="ddpm", steps=5)
+    b, rb = generate(loaded, n=3, seed=1, sampler="ddim", steps=5, eta=1.0)
+    assert torch.equal(a, b)
+    assert ra["nfe"] == 5
+
+
+def test_last_step_lands_exactly_on_the_denoised_image():
+    target = torch.full((2, 1, 4, 4), 0.25)
+    sigmas = torch.tensor([10.0, 1.0, 0.0], dtype=torch.float64)
+    x = sample_ddim(lambda x, s: target, torch.randn(2, 1, 4, 4), sigmas)
+    assert torch.equal(x, target)
+    noise = ImageNoise(0, range(2))
+    x = sample_ddim(lambda x, s: target, torch.randn(2, 1, 4, 4), sigmas, eta=1.0, noise=noise)
+    assert torch.equal(x, target)
+
+
+def test_ddim_eta0_is_an_euler_step_of_the_probability_flow_ode():
+    d0 = torch.full((1, 1, 2, 2), 0.3)
+    x = torch.randn(1, 1, 2, 2)
+    s, s_next = 2.0, 0.5
+    got = sample_ddim(lambda x_, sig: d0, x, torch.tensor([s, s_next], dtype=torch.float64))
+    want = x + (s_next - s) * (x - d0) / s                    # Karras alg. 1, Euler
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_spacings():
+    assert discrete_timesteps(1000, 4, "trailing").tolist() == [999, 749, 499, 249]
+    assert discrete_timesteps(1000, 4, "leading").tolist() == [750, 500, 250, 0]
+    assert discrete_timesteps(1000, 4, "uniform").tolist() == [999, 666, 333, 0]
+    assert discrete_timesteps(10, 10, "trailing").tolist() == list(range(9, -1, -1))
+    k = karras_sigmas(0.01, 80.0, 5)
+    assert k[0].item() == pytest.approx(80.0) and k[-1].item() == pytest.approx(0.01)
+    s = sigmas_for(Schedule("linear", 1000), 10)
+    assert s.shape == (11,) and s[-1] == 0 and (s[:-1].diff() < 0).all()
+
+
+def test_gaussian_data_oracle_ddim_and_ddpm():
+    """For data N(mu, s^2) the exact denoiser is D(x, sigma) = mu + s^2/(s^2 + sigma^2) (x - mu);
+    sampling with it must reproduce the data distribution."""
+    mu, s = 0.3, 0.5
+    D = lambda x, sigma: mu + s**2 / (s**2 + float(sigma) ** 2) * (x - mu)  # noqa: E731
+    sched = Schedule("linear", 1000)
+    n = 4000
+    z = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    for name, steps in [("ddim", 100), ("ddpm", 1000)]:
+        sig = sigmas_for(sched, steps)
+        x = run_sampler(name, D, z, sig, noise=ImageNoise(0, range(n)))
+        assert x.mean().item() == pytest.approx(mu, abs=0.03), name
+        assert x.std().item() == pytest.approx(s, rel=0.05), name
+
+
+def test_prior_scale():
+    sig = torch.tensor([3.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(prior(torch.ones(1), sig), torch.tensor([10 ** 0.5]))
+
+
+def test_guidance_batches_one_forward_and_w0_is_conditional():
+    loaded = _loaded(class_cond=True)
+    calls = []
+    net = loaded.net
+    orig = net.forward
+
+    def spy(x, t, y=None):
+        calls.append(x.shape[0])
+        return orig(x, t, y)
+
+    net.forward = spy
+    y = torch.tensor([0, 2])
+    x = torch.randn(2, 1, 8, 8)
+    den = EpsDenoiser(net, loaded.schedule, labels=y, guidance=2.0, null_label=3)
+    out = den(x, torch.tensor(1.0))
+    assert calls == [4]                                      # cond + uncond in one batch
+    cond = EpsDenoiser(net, loaded.schedule, labels=y)(x, torch.tensor(1.0))
+    uncond = EpsDenoiser(net, loaded.schedule, labels=torch.tensor([3, 3]))(x, torch.tensor(1.0))
+    assert torch.allclose(out, 3 * cond - 2 * uncond, atol=1e-5)   # x0 is affine in eps

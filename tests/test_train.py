@@ -1,0 +1,171 @@
+"""Training: one step learns, exact resume, crash-safe checkpoints, Ctrl-C, early stopping."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffuse import checkpoint as ckpt_io
+from diffuse.data import BatchStream, load_dataset
+from diffuse.diffusion import Schedule, eps_loss, q_sample
+from diffuse.errors import DiffuseError
+from diffuse.train import build_model, ema_decay_at, fill_model_from_data, load_resume_config, train
+
+from .conftest import tiny_config
+
+
+def _weights(run: Path, name: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / "last" / f"{name}.safetensors"))
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_one_step_lowers_loss_on_a_fixed_batch():
+    cfg = tiny_config("unused")
+    data = load_dataset("digits")
+    fill_model_from_data(cfg, data)
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.02)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    sched = Schedule("cosine", 1000)
+    x0, _ = BatchStream(data, 32, 0, torch.device("cpu"), False).batch(0)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    xt = q_sample(x0, t, noise, sched.alphas_cumprod)
+    before = eps_loss(net(xt, t.float()), noise)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = eps_loss(net(xt, t.float()), noise)
+    assert after < before * 0.98, (before.item(), after.item())
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = train(tiny_config(tmp_path / "full", steps=6, ckpt_every=100), progress=False)
+    part = train(tiny_config(tmp_path / "part", steps=3, ckpt_every=100), progress=False)
+    cfg = load_resume_config(part, {"train": {"steps": 6}})
+    train(cfg, resume=True, progress=False)
+    for name in ("model", "ema"):
+        a, b = _weights(full, name), _weights(part, name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}.{k} differs after resume"
+    assert _losses(full) == _losses(part)
+    # sample grids are written from the EMA with fixed noise: same weights, same picture
+    assert (full / "final.png").read_bytes() == (part / "final.png").read_bytes()
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
+    full = train(tiny_config(tmp_path / "full", steps=5, ckpt_every=100), progress=False)
+    real = BatchStream.batch
+
+    def interrupt_at_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(BatchStream, "batch", interrupt_at_3)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(run, steps=5, ckpt_every=100), progress=False)
+    assert (run / "checkpoints" / "last").resolve().name == "step_0000003"
+    monkeypatch.setattr(BatchStream, "batch", real)
+    train(load_resume_config(run, {}), resume=True, progress=False)
+    a, b = _weights(full), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_while_writing_keeps_last_valid(tmp_path, monkeypatch):
+    run = train(tiny_config(tmp_path / "run", steps=2, ckpt_every=100), progress=False)
+    root = run / "checkpoints"
+    good = (root / "last").resolve()
+    real_write = ckpt_io._write_json
+
+    def crash(path, obj):
+        if path.name == "state.json":
+            raise OSError("disk full (injected)")
+        real_write(path, obj)
+
+    monkeypatch.setattr(ckpt_io, "_write_json", crash)
+    cfg = load_resume_config(run, {"train": {"steps": 4}})
+    with pytest.raises(OSError, match="injected"):
+        train(cfg, resume=True, progress=False)
+    assert (root / "last").resolve() == good                     # still the old, complete one
+    assert not (root / "step_0000004").exists()
+    assert list(root.glob(".tmp-*"))                              # the half-written one is hidden
+    monkeypatch.setattr(ckpt_io, "_write_json", real_write)
+    train(load_resume_config(run, {"train": {"steps": 4}}), resume=True, progress=False)
+    assert (root / "last").resolve().name == "step_0000004"
+    assert not list(root.glob(".tmp-*"))                          # cleaned on resume
+
+
+def test_keep_prunes_old_checkpoints_but_not_last(tmp_path):
+    run = train(tiny_config(tmp_path / "run", steps=6, ckpt_every=1, keep=2), progress=False)
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert steps == ["step_0000005", "step_0000006"]
+
+
+def test_early_stopping_keeps_best(tmp_path):
+    # lr 0 never improves: patience 2 stops after the first epoch plus 2 more.
+    cfg = tiny_config(tmp_path / "run", steps=10_000, batch_size=500, lr=1e-12, patience=2, ckpt_every=10_000)
+    run = train(cfg, progress=False)
+    log = (run / "train.log").read_text()
+    assert "early stop" in log
+    best = (run / "checkpoints" / "best").resolve()
+    assert best.is_dir() and (best / "ema.safetensors").is_file()
+    last_step = json.loads(((run / "checkpoints" / "last") / "state.json").read_text())["step"]
+    assert last_step < 20
+
+
+def test_resume_refuses_model_changes(tmp_path):
+    run = train(tiny_config(tmp_path / "run", steps=1), progress=False)
+    with pytest.raises(DiffuseError, match="cannot change base-channels"):
+        load_resume_config(run, {"model": {"base_channels": 16}})
+
+
+def test_out_dir_is_never_silently_overwritten(tmp_path):
+    train(tiny_config(tmp_path / "run", steps=1), progress=False)
+    with pytest.raises(DiffuseError, match="already holds a run"):
+        train(tiny_config(tmp_path / "run", steps=1), progress=False)
+
+
+def test_init_from_loads_weights_and_rejects_other_models(tmp_path):
+    src = train(tiny_config(tmp_path / "src", steps=2), progress=False)
+    cfg = tiny_config(tmp_path / "ft", steps=1, lr=1e-12)
+    out = train(cfg, init_from=str(src), progress=False)
+    # both the model and its EMA start from the source's EMA weights (the ones it samples with);
+    # one step at lr ~0 leaves them there
+    src_ema = _weights(src, "ema")
+    for name in ("model", "ema"):
+        w = _weights(out, name)
+        assert all(torch.allclose(src_ema[k], w[k], atol=1e-6) for k in src_ema), name
+    assert not all(torch.equal(src_ema[k], _weights(src, "model")[k]) for k in src_ema)
+    other = tiny_config(tmp_path / "other", steps=1)
+    other.model.base_channels = 16
+    with pytest.raises(DiffuseError, match="different model"):
+        train(other, init_from=str(src), progress=False)
+
+
+def test_ema_warmup():
+    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert ema_decay_at(10**7, 0.9999) == 0.9999
+
+
+def test_metrics_and_artifacts(tmp_path):
+    run = train(tiny_config(tmp_path / "run", steps=4, sample_every=2), progress=False)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"step", "images_seen", "loss", "lr", "grad_norm", "img_per_sec", "wall_time"} <= rows[0].keys()
+    assert rows[-1]["images_seen"] == 32
+    for f in ("final.png", "loss_curve.png", "config.json", "train.log", "samples/step_0000002.png"):
+        assert (run / f).is_file(), f
+    assert list((run / "tb").glob("events.*"))
