@@ -135,6 +135,69 @@ def sample_grid(net: nn.Module, cfg: Config, schedule: Schedule, device: torch.d
     return to_uint8(x), labels, nrow
 
 
+def build_training(cfg: Config, device: torch.device, channels_last: bool
+                   ) -> tuple[UNet, UNet, torch.optim.Optimizer]:
+    """Model (seeded init), its EMA copy and AdamW, on ``device``. cfg.model must be filled in."""
+    torch.manual_seed(derive_seed(cfg.train.seed, "init"))
+    model = build_model(cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        ema.to(memory_format=torch.channels_last)
+    t = cfg.train
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else True)
+    return model, ema, optimizer
+
+
+class TrainStep:
+    """One optimizer step of eps-prediction training (Ho et al. 2020, alg. 1), as the trainer runs it.
+
+    ``step(x0, y, k)``: x0 [B, C, H, W] float in [-1, 1] on device, y [B] long or None, k the global
+    step. Draws t ~ U{0..T-1}, eps ~ N(0, I), label dropout and dropout masks from generators
+    seeded by (seed, k); forward under autocast, MSE on eps, backward, clip, AdamW, EMA.
+    Returns (loss, grad_norm) as device tensors (no host sync).
+    """
+
+    def __init__(self, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+                 cfg: Config, *, device: torch.device, amp: torch.dtype | None, channels_last: bool):
+        self.model, self.ema, self.optimizer = model, ema, optimizer
+        self.cfg, self.device, self.amp, self.channels_last = cfg, device, amp, channels_last
+        self.timesteps = schedule.timesteps
+        self.abar = schedule.alphas_cumprod.to(device)                    # float64 [T]
+        self.null_label = cfg.model.num_classes if cfg.model.class_cond else None
+        self.forward = torch.compile(model) if cfg.train.compile else model
+
+    def __call__(self, x0: Tensor, y: Tensor | None, step: int) -> tuple[Tensor, Tensor | None]:
+        t, device = self.cfg.train, self.device
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(step, self.cfg)
+        gen = generator(t.seed, "step", step, device=device)
+        tt = torch.randint(0, self.timesteps, (x0.shape[0],), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        if self.null_label is None:
+            y = None
+        elif y is not None and t.label_dropout > 0:
+            drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
+            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        x_t = q_sample(x0, tt, noise, self.abar)
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(derive_seed(t.seed, "dropout", step))
+        with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            eps_pred = self.forward(x_t, tt.float(), y)
+        loss = eps_loss(eps_pred, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = None
+        if t.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        ema_update(self.ema, self.model, ema_decay_at(step, t.ema_decay))
+        return loss.detach(), grad_norm
+
+
 # ----------------------------------------------------------------------------------------------
 # Reporting
 
@@ -292,16 +355,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     sample_every = t.sample_every or max(1, steps_total // 10)
     ckpt_every = t.ckpt_every or max(1, steps_total // 5)
 
-    torch.manual_seed(derive_seed(t.seed, "init"))
-    model = build_model(cfg).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else True)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        ema.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if t.compile else model
+    model, ema, optimizer = build_training(cfg, device, channels_last)
 
     ckpt_root = out / "checkpoints"
     st = RunState()
@@ -327,9 +381,9 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
 
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.beta_start,
                         cfg.diffusion.beta_end)
-    abar = schedule.alphas_cumprod.to(device)                    # float64 [T]
     stream = BatchStream(data, t.batch_size, t.seed, device, bool(cfg.data.flip))
-    null_label = cfg.model.num_classes if cfg.model.class_cond else None
+    train_step = TrainStep(model, ema, optimizer, schedule, cfg, device=device, amp=amp,
+                           channels_last=channels_last)
 
     from torch.utils.tensorboard import SummaryWriter
     tb = SummaryWriter(str(out / "tb"), purge_step=st.step if resume else None)
@@ -379,30 +433,10 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         model.train()
         while st.step < steps_total:
             step = st.step
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, cfg)
             x0, y = stream.batch(step)
-            gen = generator(t.seed, "step", step, device=device)
-            tt = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=gen, device=device)
-            noise = torch.randn(x0.shape, generator=gen, device=device)
-            if y is not None and null_label is not None and t.label_dropout > 0:
-                drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
-                y = torch.where(drop, torch.full_like(y, null_label), y)
-            elif null_label is None:
-                y = None
-            x_t = q_sample(x0, tt, noise, abar)
-            if channels_last:
-                x_t = x_t.contiguous(memory_format=torch.channels_last)
-            torch.manual_seed(derive_seed(t.seed, "dropout", step))
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                eps_pred = forward(x_t, tt.float(), y)
-            loss = eps_loss(eps_pred, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip > 0:
-                last_grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            ema_update(ema, model, ema_decay_at(step, t.ema_decay))
+            loss, grad_norm = train_step(x0, y, step)
+            if grad_norm is not None:
+                last_grad_norm = grad_norm
             st.step += 1
             loss_acc += loss.detach()
             epoch_acc += loss.detach()
