@@ -169,3 +169,41 @@ def test_metrics_and_artifacts(tmp_path):
     for f in ("final.png", "loss_curve.png", "config.json", "train.log", "samples/step_0000002.png"):
         assert (run / f).is_file(), f
     assert list((run / "tb").glob("events.*"))
+
+
+def test_label_dropout_rate_and_null_class():
+    from diffuse.train import drop_labels
+    y = torch.arange(10).repeat(2000)
+    out = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(0))
+    dropped = out == 10
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01
+    assert torch.equal(out[~dropped], y[~dropped])
+    assert torch.equal(drop_labels(y, 0.0, 10, torch.Generator()), y)
+
+
+def test_class_conditional_run_stores_class_names_and_grid_rows(tmp_path):
+    from PIL import Image
+    cfg = tiny_config(tmp_path / "run", steps=2, sample_n=20)
+    cfg.model.class_cond = True
+    run = train(cfg, progress=False)
+    header = json.loads((run / "checkpoints" / "last" / "config.json").read_text())
+    assert header["class_names"] == [str(i) for i in range(10)]
+    assert header["config"]["model"]["num_classes"] == 10
+    w = _weights(run, "ema")
+    assert w["class_emb.weight"].shape[0] == 11                  # 10 classes + null
+    grid = Image.open(run / "final.png")
+    # 10 rows (one per class) of 2 images: 16px digits upscaled 4x, plus the name margin
+    assert grid.height == (10 * (16 + 2) + 2) * 4 and grid.width > (2 * (16 + 2) + 2) * 4
+
+
+def test_class_cond_needs_labels(tmp_path):
+    from PIL import Image as I
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        I.new("L", (16, 16), i * 60).save(folder / f"{i}.png")
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    cfg.data.name = str(folder)
+    cfg.model.class_cond = True
+    with pytest.raises(DiffuseError, match="needs labels"):
+        train(cfg, progress=False)

@@ -79,6 +79,7 @@ class TrainConfig:
     sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run)")
     sample_steps: int = opt(50, "DDIM steps for the grids written during training")
     sample_n: int = opt(64, "images in the grids written during training")
+    sample_guidance: float = opt(0.0, "with --class-cond: guidance w for the training grids")
     ckpt_every: int | None = opt(None, "steps between checkpoints (default: about 5 per run)")
     keep: int = opt(3, "keep only the newest N step checkpoints (0 = keep all)")
     patience: int | None = opt(None, "early stopping: stop after N epochs without a loss improvement")

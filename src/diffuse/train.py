@@ -104,21 +104,21 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.train.lr * min(1.0, (step + 1) / w) if w else cfg.train.lr
 
 
-def grid_labels(cfg: Config, n: int) -> tuple[Tensor | None, int | None, list[str] | None]:
-    """Labels for the training grids: one row per class when conditional, else none."""
+def grid_labels(cfg: Config, n: int) -> tuple[Tensor | None, int | None]:
+    """Labels for the training grids: one row per class (n // classes each, at least 1) when
+    conditional, else none. Returns (labels [n'] or None, images per row or None)."""
     k = cfg.model.num_classes if cfg.model.class_cond else 0
     if not k:
-        return None, None, None
+        return None, None
     per_row = max(1, n // k)
-    labels = torch.arange(k).repeat_interleave(per_row)
-    return labels, per_row, None
+    return torch.arange(k).repeat_interleave(per_row), per_row
 
 
 @torch.no_grad()
 def sample_grid(net: nn.Module, cfg: Config, schedule: Schedule, device: torch.device, n: int,
                 steps: int, seed: int, amp: torch.dtype | None, guidance: float = 0.0) -> tuple[Tensor, Tensor | None, int | None]:
     """Fixed-noise DDIM grid from ``net`` (the EMA), uint8 [n, C, H, W]. Uses its own generators."""
-    labels, nrow, _ = grid_labels(cfg, n)
+    labels, nrow = grid_labels(cfg, n)
     if labels is not None:
         n = len(labels)
         labels = labels.to(device)
@@ -151,6 +151,15 @@ def build_training(cfg: Config, device: torch.device, channels_last: bool
     return model, ema, optimizer
 
 
+def drop_labels(y: Tensor, p: float, null_label: int, gen: torch.Generator) -> Tensor:
+    """Replace each label by the null class with probability p (Ho & Salimans 2022, alg. 1), so
+    one network learns both eps(x, y) and eps(x, null) for classifier-free guidance."""
+    if p <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=gen, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
 class TrainStep:
     """One optimizer step of eps-prediction training (Ho et al. 2020, alg. 1), as the trainer runs it.
 
@@ -178,9 +187,8 @@ class TrainStep:
         noise = torch.randn(x0.shape, generator=gen, device=device)
         if self.null_label is None:
             y = None
-        elif y is not None and t.label_dropout > 0:
-            drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
-            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        elif y is not None:
+            y = drop_labels(y, t.label_dropout, self.null_label, gen)
         x_t = q_sample(x0, tt, noise, self.abar)
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
@@ -417,9 +425,12 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         ckpt_io.prune(ckpt_root, t.keep)
         return path
 
+    row_names = data.class_names if cfg.model.class_cond else None
+
     def write_grid(path: Path) -> None:
-        images, labels, nrow = sample_grid(ema, cfg, schedule, device, t.sample_n, t.sample_steps, t.seed, amp)
-        save_grid(images, path, nrow=nrow)
+        images, labels, nrow = sample_grid(ema, cfg, schedule, device, t.sample_n, t.sample_steps, t.seed, amp,
+                                           guidance=t.sample_guidance)
+        save_grid(images, path, nrow=nrow, row_labels=row_names)
         tb.add_image("samples", _tb_grid(images, nrow), st.step, dataformats="HWC")
 
     loss_acc = torch.zeros((), device=device)       # summed on device; read every log_every steps
