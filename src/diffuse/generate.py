@@ -22,7 +22,7 @@ from .errors import DiffuseError
 from .images import to_uint8
 from .models import UNet
 from .rng import ImageNoise
-from .samplers import SAMPLERS, run_sampler, sigmas_for
+from .samplers import SAMPLERS, run_sampler, sampler_sigmas
 
 
 @dataclass
@@ -87,7 +87,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
     """Images uint8 [n, C, H, W] (on CPU) and a record {sampler, steps, nfe, seconds, ...}."""
     if sampler not in SAMPLERS:
         raise DiffuseError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    fn, stochastic, default_spacing, nfe_of = SAMPLERS[sampler]
+    _, stochastic, default_spacing, _ = SAMPLERS[sampler]
     spacing = spacing or default_spacing
     T = loaded.schedule.timesteps
     if not 1 <= steps <= T:
@@ -102,7 +102,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
             raise DiffuseError("--eta applies to --sampler ddim only")
         options["eta"] = eta
     try:
-        sigmas = sigmas_for(loaded.schedule, steps, spacing)
+        sigmas = sampler_sigmas(sampler, loaded.schedule, steps, spacing)
     except ValueError as e:
         raise DiffuseError(str(e)) from None
     device = device or next(loaded.net.parameters()).device
@@ -122,7 +122,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
         x = run_sampler(sampler, den, z, sigmas, noise=noise if stochastic or options.get("eta") else None,
                         callback=cb, **options)
         out.append(to_uint8(x))
-        nfe = den.nfe
+        nfe = den.nfe                               # counted, not predicted: network calls per batch
     seconds = time.perf_counter() - t0
     record = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe, "seed": seed, "n": n,
               "first_index": first_index, "guidance": guidance, "eta": options.get("eta"),
