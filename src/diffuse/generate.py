@@ -79,12 +79,16 @@ def parse_class(spec: str | None, loaded: Loaded) -> list[int] | str | None:
 
 
 @torch.no_grad()
-def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", steps: int = 50,
+def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m", steps: int = 20,
              spacing: str | None = None, eta: float | None = None, batch_size: int = 64,
              labels: Tensor | None = None, guidance: float = 0.0, clip_x0: bool = True,
              device: torch.device | None = None, amp: torch.dtype | None = None, first_index: int = 0,
              progress: Callable[[int], None] | None = None) -> tuple[Tensor, dict[str, Any]]:
-    """Images uint8 [n, C, H, W] (on CPU) and a record {sampler, steps, nfe, seconds, ...}."""
+    """Images uint8 [n, C, H, W] (on CPU) and a record {sampler, steps, nfe, seconds, ...}.
+
+    ``steps`` is the network-evaluation budget per image (see ``samplers.sampler_sigmas``); the
+    record's ``nfe`` is what the denoiser actually counted per batch, at most ``steps``.
+    """
     if sampler not in SAMPLERS:
         raise DiffuseError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     _, stochastic, default_spacing, _ = SAMPLERS[sampler]

@@ -3,13 +3,16 @@
 Every sampler is ``fn(denoiser, x, sigmas, *, noise=None, callback=None, **options) -> x_0``:
 
 - ``denoiser(x, sigma) -> x0_hat`` is the interface of ``denoiser.EpsDenoiser`` (VE view).
-- ``x``: [B, C, H, W] float32, the starting sample at ``sigmas[0]`` in the VE view; build it with
-  ``prior(z, sigmas)`` from standard-normal z.
-- ``sigmas``: float64 [N + 1], decreasing, ending exactly at 0 (the clean image).
+- ``x``: [B, C, H, W] float32 (float64 works too), the starting sample at ``sigmas[0]`` in the VE
+  view; build it with ``prior(z, sigmas)`` from standard-normal z.
+- ``sigmas``: float64 [N + 1], decreasing, ending exactly at 0 (the clean image): N intervals.
 - ``noise``: an ``rng.ImageNoise`` for stochastic samplers (per-image streams); ignored otherwise.
-- ``callback(i, x, x0_hat, sigma)`` after each denoiser call of step i, for trajectories.
+- ``callback(i, x, x0_hat, sigma)`` after each denoiser call of interval i, for trajectories.
 
-No sampler keeps state between calls. Switching solvers is changing one name.
+No sampler keeps state between calls. Switching solvers is changing one name in ``SAMPLERS``.
+The user-facing ``--steps`` is a budget of network evaluations (NFE): ``sampler_sigmas`` turns it
+into the sigma array each sampler walks (Heun spends two evaluations per interval but one on the
+last, so it gets (steps + 1) // 2 intervals; every other sampler one per interval).
 """
 
 from __future__ import annotations
@@ -77,11 +80,6 @@ def sigmas_for(schedule: Schedule, n: int, spacing: str = "trailing") -> Tensor:
     return torch.cat([sig, sig.new_zeros(1)])
 
 
-def _to_d(x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
-    """dx/dsigma of the probability-flow ODE in the VE view (Karras et al. 2022, eq. 4/alg. 1)."""
-    return (x - x0) / sigma
-
-
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 0.0,
                 noise: ImageNoise | None = None, callback: Callback = None) -> Tensor:
@@ -128,9 +126,9 @@ def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNo
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
                  callback: Callback = None) -> Tensor:
-    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma
-    (Karras et al. 2022, eq. 4 and alg. 1 with sigma(t) = t, s(t) = 1). One network evaluation per
-    step; deterministic, ``noise`` is ignored.
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al.
+    2022, sec. 2-3 with sigma(t) = t, s(t) = 1: alg. 1 without its second-order correction). One
+    network evaluation per step; deterministic, ``noise`` is ignored.
 
     x + (sigma' - sigma) (x - x0) / sigma is written as r x + (1 - r) x0 with r = sigma'/sigma: equal
     in exact arithmetic, but it does not cancel two numbers of size sigma_max (~2e4 on the cosine
@@ -149,17 +147,19 @@ def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageN
 @torch.no_grad()
 def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
                 callback: Callback = None) -> Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, alg. 2 with S_churn = 0, i.e. deterministic).
+    """Heun's 2nd-order method (Karras et al. 2022, alg. 1 with sigma(t) = t, s(t) = 1; alg. 2 with
+    S_churn = 0 is the same sampler).
 
     Per interval sigma -> sigma' (r = sigma'/sigma, slopes d = (x - D(x; sigma))/sigma):
-        x_e  = x + (sigma' - sigma) d                     Euler predictor (alg. 2, line 5)
-        x'   = x + (sigma' - sigma) (d + d'(x_e)) / 2     trapezoidal corrector (lines 7-8)
+        x_e  = x + (sigma' - sigma) d                     Euler predictor
+        x'   = x + (sigma' - sigma) (d + d'(x_e)) / 2     trapezoidal corrector
     which, substituting the slopes, is
         x_e  = r x + (1 - r) x0,      x' = r x + (1 - r) (x0 + (x0' - x0) / (2r)),   x0' = D(x_e; sigma').
     The second form is the one computed: it never subtracts numbers of size sigma from each other, so a
     large first step (sigma ~2e4 on the cosine schedule) stays accurate in float32. The slope at
-    sigma' = 0 is undefined, so the last interval is a plain Euler step (alg. 2, line 6), which lands
-    on x0: k intervals cost 2k - 1 network evaluations. Deterministic; ``noise`` is ignored.
+    sigma' = 0 is undefined, so the last interval is a plain Euler step (the algorithm corrects only
+    "if t_{i+1} != 0"), which lands on x0: k intervals cost 2k - 1 network evaluations.
+    Deterministic; ``noise`` is ignored.
     """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -186,11 +186,12 @@ def _dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: ImageNoise |
     sigma_vp = alpha sigma and lambda = log(alpha / sigma_vp) = -log sigma. A step from s = sigma_i to
     t = sigma_{i+1} has h = lambda_t - lambda_s = log(sigma_i / sigma_{i+1}), so e^{-h} = sigma_{i+1}/sigma_i.
 
-    ODE (paper eq. 8 with the alg. 2 multistep estimate), divided by alpha_t to move to the VE view:
+    ODE (the exponential-integrator step of alg. 2 with D frozen over the step), divided by alpha_t
+    to move to the VE view:
         x_t = (sigma_t/sigma_s) x_s + (1 - e^{-h}) D,        D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},
     r = h_{i-1} / h_i the ratio of the previous step's log-SNR length to this one's.
-    SDE (noise given; SDE-DPM-Solver++(2M) of the same paper, diffusers' "sde-dpmsolver++" with the
-    midpoint D): the linear part of the reverse SDE solved exactly, D frozen over the step:
+    SDE (noise given; DPM-Solver++(2M) SDE as in diffusers' "sde-dpmsolver++" with the midpoint D,
+    k-diffusion's with eta = 1): the linear part of the reverse SDE solved exactly, D frozen:
         x_t = (sigma_t/sigma_s) e^{-h} x_s + (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) n.
 
     The first step has no previous x0, so D = x0 (first order; the ODE form is then DDIM). The last
