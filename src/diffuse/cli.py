@@ -21,6 +21,11 @@ from .errors import DiffuseError
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+# Copies of samplers.SAMPLERS / samplers.SPACINGS, so that parsing flags does not import torch;
+# tests/test_samplers_registry.py checks that they agree.
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde")
+SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage dump)."""
@@ -147,7 +152,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if loaded.config.model.class_cond:
             raise DiffuseError("--guidance needs --class (a class, a list, or all)")
         raise DiffuseError("--guidance needs a class-conditional model (train with --class-cond)")
-    _, _, _, nfe_of = SAMPLERS.get(args.sampler, (None, None, None, lambda s: s))
+    nfe_of = SAMPLERS[args.sampler][3]
     total = nfe_of(args.steps) * -(-n // args.batch_size)
     with tqdm(total=total, unit="nfe", desc=f"{args.sampler} {args.steps} steps", file=sys.stderr,
               disable=args.no_progress or not sys.stderr.isatty()) as bar:
@@ -229,9 +234,13 @@ def build_parser() -> Parser:
 
     sa = sub.add_parser("sample", parents=[common], help="generate images from a run or checkpoint")
     sa.add_argument("run", metavar="RUN_OR_CHECKPOINT")
-    sa.add_argument("--sampler", default="ddim", help="ddpm or ddim (default ddim)")
-    sa.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
-    sa.add_argument("--spacing", default=None, help="timestep spacing: trailing, leading, uniform or karras")
+    sa.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLER_NAMES, metavar="NAME",
+                    help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m)")
+    sa.add_argument("--steps", type=_positive_int, default=20,
+                    help="network evaluations per image (default 20); heun uses (steps+1)//2 intervals")
+    sa.add_argument("--spacing", default=None, choices=SPACING_NAMES, metavar="NAME",
+                    help=f"noise levels: {', '.join(SPACING_NAMES)} "
+                         "(default karras for euler/heun/dpmpp-*, trailing for ddpm/ddim)")
     sa.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")
     sa.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
     sa.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i)")

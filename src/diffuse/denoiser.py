@@ -27,8 +27,8 @@ from .diffusion import Schedule
 class EpsDenoiser:
     """Wraps an eps network and its schedule as D(x, sigma).
 
-    x: [B, C, H, W] in the VE view (float32); sigma: scalar tensor or [B]; labels: [B] long or None.
-    Returns x0_hat: [B, C, H, W] float32, clamped to [-1, 1] when ``clip_x0``.
+    x: [B, C, H, W] in the VE view (float32, or float64 with a float64 net); sigma: scalar tensor or [B];
+    labels: [B] long or None. Returns x0_hat: [B, C, H, W] in x's dtype, clamped to [-1, 1] when ``clip_x0``.
     """
 
     def __init__(self, net: nn.Module, schedule: Schedule, *, labels: Tensor | None = None,
@@ -64,7 +64,7 @@ class EpsDenoiser:
         with torch.autocast(x_t.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             out = self.net(x_in, t_in, y_in)
-        out = out.float()
+        out = out.to(x_t.dtype)                          # back from the autocast dtype
         if labels is not None and self.guidance != 0.0:
             eps_c, eps_u = out.chunk(2)
             return (1 + self.guidance) * eps_c - self.guidance * eps_u
@@ -75,8 +75,8 @@ class EpsDenoiser:
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         t = self.schedule.sigma_to_t(sigma).float()                     # [B] continuous timestep
-        c_in = (1 / (sigma ** 2 + 1).sqrt()).float().view(-1, 1, 1, 1)
+        c_in = (1 / (sigma ** 2 + 1).sqrt()).to(x.dtype).view(-1, 1, 1, 1)
         eps = self.eps(x * c_in, t)
         self.nfe += 1
-        x0 = x - sigma.float().view(-1, 1, 1, 1) * eps
+        x0 = x - sigma.to(x.dtype).view(-1, 1, 1, 1) * eps
         return x0.clamp(-1, 1) if self.clip_x0 else x0

@@ -22,7 +22,7 @@ from .errors import DiffuseError
 from .images import to_uint8
 from .models import UNet
 from .rng import ImageNoise
-from .samplers import SAMPLERS, run_sampler, sigmas_for
+from .samplers import SAMPLERS, run_sampler, sampler_sigmas
 
 
 @dataclass
@@ -79,15 +79,19 @@ def parse_class(spec: str | None, loaded: Loaded) -> list[int] | str | None:
 
 
 @torch.no_grad()
-def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", steps: int = 50,
+def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m", steps: int = 20,
              spacing: str | None = None, eta: float | None = None, batch_size: int = 64,
              labels: Tensor | None = None, guidance: float = 0.0, clip_x0: bool = True,
              device: torch.device | None = None, amp: torch.dtype | None = None, first_index: int = 0,
              progress: Callable[[int], None] | None = None) -> tuple[Tensor, dict[str, Any]]:
-    """Images uint8 [n, C, H, W] (on CPU) and a record {sampler, steps, nfe, seconds, ...}."""
+    """Images uint8 [n, C, H, W] (on CPU) and a record {sampler, steps, nfe, seconds, ...}.
+
+    ``steps`` is the network-evaluation budget per image (see ``samplers.sampler_sigmas``); the
+    record's ``nfe`` is what the denoiser actually counted per batch, at most ``steps``.
+    """
     if sampler not in SAMPLERS:
         raise DiffuseError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    fn, stochastic, default_spacing, nfe_of = SAMPLERS[sampler]
+    _, stochastic, default_spacing, _ = SAMPLERS[sampler]
     spacing = spacing or default_spacing
     T = loaded.schedule.timesteps
     if not 1 <= steps <= T:
@@ -102,7 +106,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
             raise DiffuseError("--eta applies to --sampler ddim only")
         options["eta"] = eta
     try:
-        sigmas = sigmas_for(loaded.schedule, steps, spacing)
+        sigmas = sampler_sigmas(sampler, loaded.schedule, steps, spacing)
     except ValueError as e:
         raise DiffuseError(str(e)) from None
     device = device or next(loaded.net.parameters()).device
@@ -122,7 +126,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
         x = run_sampler(sampler, den, z, sigmas, noise=noise if stochastic or options.get("eta") else None,
                         callback=cb, **options)
         out.append(to_uint8(x))
-        nfe = den.nfe
+        nfe = den.nfe                               # counted, not predicted: network calls per batch
     seconds = time.perf_counter() - t0
     record = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe, "seed": seed, "n": n,
               "first_index": first_index, "guidance": guidance, "eta": options.get("eta"),

@@ -3,17 +3,21 @@
 Every sampler is ``fn(denoiser, x, sigmas, *, noise=None, callback=None, **options) -> x_0``:
 
 - ``denoiser(x, sigma) -> x0_hat`` is the interface of ``denoiser.EpsDenoiser`` (VE view).
-- ``x``: [B, C, H, W] float32, the starting sample at ``sigmas[0]`` in the VE view; build it with
-  ``prior(z, sigmas)`` from standard-normal z.
-- ``sigmas``: float64 [N + 1], decreasing, ending exactly at 0 (the clean image).
+- ``x``: [B, C, H, W] float32 (float64 works too), the starting sample at ``sigmas[0]`` in the VE
+  view; build it with ``prior(z, sigmas)`` from standard-normal z.
+- ``sigmas``: float64 [N + 1], decreasing, ending exactly at 0 (the clean image): N intervals.
 - ``noise``: an ``rng.ImageNoise`` for stochastic samplers (per-image streams); ignored otherwise.
-- ``callback(i, x, x0_hat, sigma)`` after each denoiser call of step i, for trajectories.
+- ``callback(i, x, x0_hat, sigma)`` after each denoiser call of interval i, for trajectories.
 
-No sampler keeps state between calls. Switching solvers is changing one name.
+No sampler keeps state between calls. Switching solvers is changing one name in ``SAMPLERS``.
+The user-facing ``--steps`` is a budget of network evaluations (NFE): ``sampler_sigmas`` turns it
+into the sigma array each sampler walks (Heun spends two evaluations per interval but one on the
+last, so it gets (steps + 1) // 2 intervals; every other sampler one per interval).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -37,14 +41,19 @@ def prior(z: Tensor, sigmas: Tensor) -> Tensor:
 def discrete_timesteps(timesteps: int, n: int, spacing: str = "trailing") -> Tensor:
     """n integer timesteps in [0, T-1], decreasing.
 
-    trailing: T-1 down in strides of T/n (Lin et al. 2023, table 2); always starts at T-1.
+    trailing: round(T (n - k) / n) - 1, k = 0..n-1: T-1 down in strides of T/n (Lin et al. 2023,
+              table 2); always starts at T-1. Computed as an exact ratio of integers, not as
+              arange(T, 0, -T/n): float arange returns n + 1 values ending at -1 for some n (T = 1000:
+              n = 61, 103, 121, ...), and its rounding error decides ties (T = 1000, n = 48: 937, where
+              diffusers, which uses numpy's arange, gets 936).
     leading:  DDIM's original 0, T//n, 2T//n, ... reversed (never reaches T-1 unless n = T).
-    uniform:  round(linspace(T-1, 0, n)), both ends included.
+    uniform:  round(linspace(T-1, 0, n)), both ends included (n = 1 gives T-1).
     """
     if not 1 <= n <= timesteps:
         raise ValueError(f"steps must be between 1 and {timesteps}, got {n}")
     if spacing == "trailing":
-        ts = torch.round(torch.arange(timesteps, 0, -timesteps / n, dtype=torch.float64)) - 1
+        k = torch.arange(n, dtype=torch.float64)
+        ts = torch.round(timesteps * (n - k) / n) - 1         # T (n - k) < 2^53: exact before the division
     elif spacing == "leading":
         ts = (torch.arange(n, dtype=torch.float64) * (timesteps // n)).flip(0)
     elif spacing == "uniform":
@@ -69,11 +78,6 @@ def sigmas_for(schedule: Schedule, n: int, spacing: str = "trailing") -> Tensor:
     else:
         sig = schedule.sigmas[discrete_timesteps(schedule.timesteps, n, spacing)]
     return torch.cat([sig, sig.new_zeros(1)])
-
-
-def _to_d(x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
-    """dx/dsigma of the probability-flow ODE in the VE view (Karras et al. 2022, eq. 4/alg. 1)."""
-    return (x - x0) / sigma
 
 
 @torch.no_grad()
@@ -119,11 +123,161 @@ def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNo
     return sample_ddim(denoiser, x, sigmas, eta=1.0, noise=noise, callback=callback)
 
 
-# name -> (function, stochastic, default spacing, NFE for n steps)
+@torch.no_grad()
+def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
+                 callback: Callback = None) -> Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al.
+    2022, sec. 2-3 with sigma(t) = t, s(t) = 1: alg. 1 without its second-order correction). One
+    network evaluation per step; deterministic, ``noise`` is ignored.
+
+    x + (sigma' - sigma) (x - x0) / sigma is written as r x + (1 - r) x0 with r = sigma'/sigma: equal
+    in exact arithmetic, but it does not cancel two numbers of size sigma_max (~2e4 on the cosine
+    schedule) in float32, and it returns x0 exactly at sigma' = 0.
+    """
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoiser(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, x0, sigma)
+        r = sigma_next / sigma
+        x = x0 if sigma_next == 0 else r * x + (1 - r) * x0
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
+                callback: Callback = None) -> Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, alg. 1 with sigma(t) = t, s(t) = 1; alg. 2 with
+    S_churn = 0 is the same sampler).
+
+    Per interval sigma -> sigma' (r = sigma'/sigma, slopes d = (x - D(x; sigma))/sigma):
+        x_e  = x + (sigma' - sigma) d                     Euler predictor
+        x'   = x + (sigma' - sigma) (d + d'(x_e)) / 2     trapezoidal corrector
+    which, substituting the slopes, is
+        x_e  = r x + (1 - r) x0,      x' = r x + (1 - r) (x0 + (x0' - x0) / (2r)),   x0' = D(x_e; sigma').
+    The second form is the one computed: it never subtracts numbers of size sigma from each other, so a
+    large first step (sigma ~2e4 on the cosine schedule) stays accurate in float32. The slope at
+    sigma' = 0 is undefined, so the last interval is a plain Euler step (the algorithm corrects only
+    "if t_{i+1} != 0"), which lands on x0: k intervals cost 2k - 1 network evaluations.
+    Deterministic; ``noise`` is ignored.
+    """
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoiser(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, x0, sigma)
+        if sigma_next == 0:
+            x = x0
+            continue
+        r = sigma_next / sigma
+        x_euler = r * x + (1 - r) * x0
+        x0_next = denoiser(x_euler, sigmas[i + 1])
+        if callback is not None:
+            callback(i, x_euler, x0_next, sigma_next)
+        x = r * x + (1 - r) * (x0 + (x0_next - x0) / (2 * r))
+    return x
+
+
+def _dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: ImageNoise | None,
+              callback: Callback) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", alg. 2) and its SDE variant, in the VE view.
+
+    Notation: the paper's VP quantities at noise level sigma (our VE sigma) are alpha = 1/sqrt(1 + sigma^2),
+    sigma_vp = alpha sigma and lambda = log(alpha / sigma_vp) = -log sigma. A step from s = sigma_i to
+    t = sigma_{i+1} has h = lambda_t - lambda_s = log(sigma_i / sigma_{i+1}), so e^{-h} = sigma_{i+1}/sigma_i.
+
+    ODE (the exponential-integrator step of alg. 2 with D frozen over the step), divided by alpha_t
+    to move to the VE view:
+        x_t = (sigma_t/sigma_s) x_s + (1 - e^{-h}) D,        D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},
+    r = h_{i-1} / h_i the ratio of the previous step's log-SNR length to this one's.
+    SDE (noise given; DPM-Solver++(2M) SDE as in diffusers' "sde-dpmsolver++" with the midpoint D,
+    k-diffusion's with eta = 1): the linear part of the reverse SDE solved exactly, D frozen:
+        x_t = (sigma_t/sigma_s) e^{-h} x_s + (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) n.
+
+    The first step has no previous x0, so D = x0 (first order; the ODE form is then DDIM). The last
+    step, to sigma = 0, has h = inf and is taken first order, which returns x0 exactly (diffusers'
+    ``lower_order_final`` with ``final_sigmas_type="zero"``).
+    """
+    x0_prev, h_prev = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoiser(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, x0, sigma)
+        if sigma_next == 0:
+            x = x0
+            continue
+        h = math.log(sigma / sigma_next)
+        if x0_prev is None:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        ratio = sigma_next / sigma                                       # e^{-h}
+        if noise is None:
+            x = ratio * x + (1 - ratio) * d
+        else:
+            x = ratio ** 2 * x + (1 - ratio ** 2) * d + sigma_next * math.sqrt(1 - ratio ** 2) * noise.randn_like(x)
+        x0_prev, h_prev = x0, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
+                    callback: Callback = None) -> Tensor:
+    """DPM-Solver++(2M): deterministic, one network evaluation per step, second order from step 2
+    (see ``_dpmpp_2m``). ``noise`` is ignored."""
+    return _dpmpp_2m(denoiser, x, sigmas, None, callback)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
+                        callback: Callback = None) -> Tensor:
+    """DPM-Solver++(2M) SDE: the stochastic variant of ``sample_dpmpp_2m`` (eta = 1); draws one
+    noise image per step except the last."""
+    if noise is None:
+        raise ValueError("dpmpp-2m-sde needs a noise source")
+    return _dpmpp_2m(denoiser, x, sigmas, noise, callback)
+
+
+# name -> (function, stochastic, default spacing, NFE for a --steps budget). --steps is the NFE
+# budget: every sampler but heun spends one evaluation per sigma interval.
 SAMPLERS: dict[str, tuple[Callable[..., Tensor], bool, str, Callable[[int], int]]] = {
     "ddpm": (sample_ddpm, True, "trailing", lambda n: n),
     "ddim": (sample_ddim, False, "trailing", lambda n: n),
+    "euler": (sample_euler, False, "karras", lambda n: n),
+    "heun": (sample_heun, False, "karras", lambda n: 2 * ((n + 1) // 2) - 1),
+    "dpmpp-2m": (sample_dpmpp_2m, False, "karras", lambda n: n),
+    "dpmpp-2m-sde": (sample_dpmpp_2m_sde, True, "karras", lambda n: n),
 }
+
+# Spacings a sampler refuses: DDPM is the ancestral chain over trained timesteps (its variance is the
+# discrete posterior beta~_t), so off-grid Karras sigmas would make it a different sampler under the
+# same name; ddim --eta 1 is that sampler.
+_REFUSED_SPACINGS = {"ddpm": {"karras": "ddpm walks the trained timesteps; use --spacing trailing, leading or "
+                                        "uniform, or --sampler ddim --eta 1 for ancestral steps on karras sigmas"}}
+
+
+def intervals_for(name: str, steps: int) -> int:
+    """Number of sigma intervals sampler ``name`` walks for an NFE budget of ``steps``: Heun spends
+    2k - 1 evaluations on k intervals, so it gets k = (steps + 1) // 2; the others get ``steps``."""
+    return (steps + 1) // 2 if name == "heun" else steps
+
+
+def sampler_sigmas(name: str, schedule: Schedule, steps: int, spacing: str | None = None) -> Tensor:
+    """The sigma array sampler ``name`` walks for an NFE budget of ``steps`` (float64, ends at 0).
+
+    ``spacing`` None picks the sampler's default. Raises ValueError for an unknown sampler or spacing,
+    a refused combination, or a step count the discrete spacings cannot give.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    spacing = spacing or SAMPLERS[name][2]
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing in _REFUSED_SPACINGS.get(name, {}):
+        raise ValueError(f"--spacing {spacing} does not apply to --sampler {name}: {_REFUSED_SPACINGS[name][spacing]}")
+    return sigmas_for(schedule, intervals_for(name, steps), spacing)
 
 
 def run_sampler(name: str, denoiser: Denoiser, z: Tensor, sigmas: Tensor, *,
