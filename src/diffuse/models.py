@@ -80,12 +80,15 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x))                                  # [B, 3C, H, W]
-        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)   # [B, 3, heads, d, HW]
-        q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)                # each [B, heads, HW, d]
-        out = F.scaled_dot_product_attention(q, k, v)                 # [B, heads, HW, d]
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)
-        return x + self.proj(out)
+        # Work on tokens [B, HW, C] so each head's features are unit-stride: the fused (flash)
+        # CPU/GPU kernels need that, and channels_last activations give it without a copy.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)                           # [B, HW, C]
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)          # [B, HW, 3C]
+        q, k, v = qkv.view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # [B, heads, HW, d]
+        out = F.scaled_dot_product_attention(q, k, v)                              # [B, heads, HW, d]
+        out = out.transpose(1, 2).reshape(b, h * w, c)                             # [B, HW, C]
+        out = F.linear(out, self.proj.weight.flatten(1), self.proj.bias)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):
