@@ -204,6 +204,94 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _visual_labels(args: argparse.Namespace, loaded, count: int):
+    """--class for the visualize views: None (unconditional), or labels [count] cycling the classes."""
+    import torch
+
+    from .generate import parse_class
+
+    cls = parse_class(getattr(args, "class_", None), loaded)
+    if cls is None:
+        if args.guidance:
+            raise DiffuseError("--guidance needs --class and a class-conditional model")
+        return None
+    if cls == "all":
+        cls = list(range(len(loaded.class_names)))
+    return torch.tensor(cls)[torch.arange(count) % len(cls)]
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from . import visualize as vis
+    from .generate import load
+    from .train import pick_device
+
+    view = args.view
+    if view == "noising":
+        ts = vis.parse_int_list(args.t, "--t") if args.t else vis.NOISING_T
+        strip = vis.noising(data=args.data, data_root=args.data_root, schedule=args.schedule, ts=ts, n=args.n,
+                            seed=args.seed, out=args.out)
+        print(f"wrote {args.out}: {len(strip.row_labels)} {args.data} images x t = {', '.join(map(str, strip.ts))}")
+        print("   t   abar_t   signal sqrt(abar)   noise sqrt(1-abar)")
+        for t, a in zip(strip.ts, strip.abar):
+            print(f"{t:>4}  {a:7.4f}   {a ** 0.5:17.4f}   {(1 - a) ** 0.5:18.4f}")
+        return 0
+    if view == "schedule":
+        curves = vis.plot_schedules(args.out, args.timesteps)
+        print(f"wrote {args.out}")
+        for name, c in curves.items():
+            print(f"{name:>7}: abar_T-1 = {c['alphas_cumprod'][-1]:.3g}, log SNR from {c['log_snr'][0]:.2f} "
+                  f"to {c['log_snr'][-1]:.2f}, beta from {c['betas'][0]:.3g} to {c['betas'][-1]:.3g}")
+        return 0
+
+    device = pick_device(args.device)
+    loaded = load(args.run, device)
+    if view == "interpolate":
+        out = vis.dir_path(args.out)
+        labels = _visual_labels(args, loaded, args.rows)
+        names = [loaded.class_names[int(k)] for k in labels] if labels is not None else None
+        for sampler, steps, file in (("ddim", args.ddim_steps, "interp_ddim.png"), ("ddpm", args.ddpm_steps, "interp.png")):
+            t0 = time.perf_counter()
+            images = vis.interpolate(loaded, sampler=sampler, steps=steps, rows=args.rows, frames=args.frames,
+                                     seed=args.seed, labels=labels, guidance=args.guidance)
+            vis.save_interpolation(images, out / file, f"slerp between two noises, decoded by {sampler} "
+                                   f"({steps} steps), seed {args.seed}", row_labels=names)
+            print(f"wrote {out / file} ({sampler}, {steps} steps, {time.perf_counter() - t0:.1f}s)")
+        return 0
+    if view == "timestep-mse":
+        out = vis.dir_path(args.out)
+        ts = vis.parse_int_list(args.t, "--t") if args.t else None
+        result = vis.timestep_mse(loaded, ts=ts, n=args.n, seed=args.seed, data_root=args.data_root,
+                                  batch_size=args.batch_size)
+        (out / "timestep_mse.json").write_text(json.dumps(result, indent=2))
+        vis.plot_timestep_mse(result, out / "timestep_mse.png")
+        print(f"{result['note']}; {result['n']} images per t")
+        for t, m, se in zip(result["t"], result["mse"], result["std_err"]):
+            print(f"t={t:>4}  mse {m:.4f} +- {se:.4f}")
+        print(f"wrote {out / 'timestep_mse.png'} and {out / 'timestep_mse.json'}")
+        return 0
+    if view == "trajectory":
+        out = vis.dir_path(args.out)
+        labels = _visual_labels(args, loaded, args.n)
+        tr = vis.trajectory(loaded, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
+                            first_index=args.first_index, labels=labels, guidance=args.guidance)
+        vis.save_trajectory(tr, out / "trajectory.png", out / "trajectory.gif", frames=args.frames)
+        print(f"wrote {out / 'trajectory.png'} and {out / 'trajectory.gif'} ({tr.sampler}, {tr.steps} steps, "
+              f"{len(tr.t)} denoiser calls)")
+        return 0
+    if view == "compare-samplers":
+        samplers = args.samplers.split(",") if args.samplers is not None else None
+        steps_list = vis.parse_int_list(args.steps_list, "--steps-list")
+        labels = _visual_labels(args, loaded, args.n)
+        report = vis.compare_samplers(loaded, args.out, samplers=samplers, steps_list=steps_list, n=args.n,
+                                      seed=args.seed, repeats=args.repeats, labels=labels, guidance=args.guidance,
+                                      log=lambda s: print(s, file=sys.stderr, flush=True))
+        skipped = sum("skipped" in c for c in report["cells"])
+        print(f"wrote {Path(args.out) / 'report.md'} ({len(report['cells'])} cells"
+              f"{f', {skipped} skipped' if skipped else ''}), report.json, time_vs_steps.png, overview.png")
+        return 0
+    raise DiffuseError(f"unknown view {view!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 
@@ -257,6 +345,60 @@ def build_parser() -> Parser:
     sa.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     sa.add_argument("--no-progress", action="store_true")
     sa.set_defaults(func=cmd_sample)
+
+    vi = sub.add_parser("visualize", parents=[common], help="pictures of the diffusion process and of a model",
+                        description="Analysis pictures: the forward process, the schedules, and a trained "
+                                    "model's interpolations, per-timestep error, trajectories and samplers.")
+    views = vi.add_subparsers(dest="view", metavar="VIEW", parser_class=Parser)
+    views.required = True
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i) (default 0)")
+    base.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    model.add_argument("--out", required=True, metavar="DIR", help="directory for the outputs")
+    conditional = argparse.ArgumentParser(add_help=False)
+    conditional.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
+                             help="class-conditional models: class index, name, comma list or all (cycled over rows)")
+    conditional.add_argument("--guidance", type=_float, default=0.0, help="classifier-free guidance w (with --class)")
+
+    v = views.add_parser("noising", parents=[common, base], help="forward-process strip of real images")
+    v.add_argument("--data", default="digits", help="digits, mnist, fashion-mnist, cifar10 or a folder (default digits)")
+    v.add_argument("--data-root", default=None, help="where mnist/fashion-mnist/cifar10 live")
+    v.add_argument("--schedule", default="linear", help="linear or cosine (default linear)")
+    v.add_argument("--t", default=None, metavar="T,T,...", help="timesteps (default 0,200,400,600,800,999)")
+    v.add_argument("--n", type=_positive_int, default=6, help="images, one per row (default 6)")
+    v.add_argument("--out", required=True, metavar="FILE.png")
+    v = views.add_parser("schedule", parents=[common, base], help="beta, abar and log SNR: linear vs cosine")
+    v.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
+    v.add_argument("--out", required=True, metavar="FILE.png")
+    v = views.add_parser("interpolate", parents=[common, base, model, conditional],
+                         help="slerp between noises, decoded by DDIM and DDPM")
+    v.add_argument("--rows", type=_positive_int, default=4, help="pairs of endpoints, one per row (default 4)")
+    v.add_argument("--frames", type=_positive_int, default=10, help="images per row (default 10)")
+    v.add_argument("--ddim-steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
+    v.add_argument("--ddpm-steps", type=_positive_int, default=1000, help="DDPM steps (default 1000)")
+    v = views.add_parser("timestep-mse", parents=[common, base, model],
+                         help="noise-prediction error against t on held-out images")
+    v.add_argument("--t", default=None, metavar="T,T,...", help="timesteps (default 0,50,...,950,999)")
+    v.add_argument("--n", type=_positive_int, default=256, help="images per t (default 256)")
+    v.add_argument("--batch-size", type=_positive_int, default=256)
+    v.add_argument("--data-root", default=None, help="where the model's data set lives, if not where it was")
+    v = views.add_parser("trajectory", parents=[common, base, model, conditional],
+                         help="x_t and predicted x0 along one sampling run (PNG strip + GIF)")
+    v.add_argument("--sampler", default="ddim", help="any registered sampler (default ddim)")
+    v.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
+    v.add_argument("--n", type=_positive_int, default=4, help="images (default 4)")
+    v.add_argument("--first-index", type=_int, default=0, help="first image index of the seed (default 0)")
+    v.add_argument("--frames", type=_positive_int, default=10, help="columns of the strip (default 10)")
+    v = views.add_parser("compare-samplers", parents=[common, base, model, conditional],
+                         help="grids and timings per sampler and step count")
+    v.add_argument("--samplers", default=None, metavar="A,B,...", help="default: every registered sampler")
+    v.add_argument("--steps-list", default=",".join(map(str, (10, 20, 50, 100, 1000))), metavar="N,N,...",
+                   help="step counts (default 10,20,50,100,1000)")
+    v.add_argument("--n", type=_positive_int, default=16, help="images per batch (default 16)")
+    v.add_argument("--repeats", type=_positive_int, default=1, help="timed batches per cell (default 1)")
+    vi.set_defaults(func=cmd_visualize)
 
     inf = sub.add_parser("info", parents=[common], help="describe a run or checkpoint")
     inf.add_argument("run", metavar="RUN_OR_CHECKPOINT")

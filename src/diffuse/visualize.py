@@ -1,0 +1,682 @@
+"""Pictures of the diffusion process and of a trained model (``diffuse visualize ...``).
+
+Six views; each computes arrays (returned, so tests check numbers, not pixels) and writes files:
+
+- ``noising``:        forward-process strip x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+                      (Ho et al. 2020, eq. 4) for a few real images at a few t.
+- ``schedules``:      beta_t, abar_t and log SNR(t) of the linear and cosine schedules.
+- ``interpolate``:    spherical interpolation between two noises (DDIM, Song et al. 2021, sec. 5.3),
+                      each frame decoded by a sampler.
+- ``timestep_mse``:   E ||eps - eps_theta(x_t, t)||^2 against t on held-out images.
+- ``trajectory``:     x_t and the predicted x0 at every step of one sampling run.
+- ``compare_samplers``: one grid, wall time and images/s per (sampler, steps) cell.
+
+Conventions: model-side images are NCHW float32 in [-1, 1]; anything drawn is first quantised
+to uint8 NCHW by ``images.to_uint8``. t is the discrete step index of ``diffusion.py``
+(0 = the least noisy step, T - 1 = pure noise). Sampling reuses the per-image noise streams of
+``generate.generate``: image i of seed s always starts from stream (s, i), so a picture here
+shows exactly the images ``diffuse sample`` makes for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from .data import is_standard, load_dataset
+from .denoiser import EpsDenoiser
+from .diffusion import SCHEDULES, Schedule, q_sample
+from .errors import DiffuseError
+from .generate import Loaded, generate
+from .images import display_scale, make_grid, save_grid, to_uint8
+from .rng import ImageNoise, generator
+from .samplers import SAMPLERS, run_sampler, sigmas_for
+
+NOISING_T = (0, 200, 400, 600, 800, 999)
+STEPS_LIST = (10, 20, 50, 100, 1000)
+FILE_SUFFIXES = {".png", ".gif", ".jpg", ".jpeg", ".webp", ".json", ".md", ".npz", ".txt"}
+
+ScoreFn = Callable[[Tensor], dict[str, float]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks shared by the library and the CLI (all raise one-line DiffuseErrors)
+
+def parse_int_list(spec: str, flag: str) -> list[int]:
+    """'10,20,50' -> [10, 20, 50]."""
+    parts = [p.strip() for p in str(spec).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise DiffuseError(f"{flag} must be a comma-separated list of integers, got {spec!r}") from None
+    return values
+
+
+def check_timesteps(ts: list[int] | tuple[int, ...], timesteps: int, flag: str = "--t") -> list[int]:
+    if not ts:
+        raise DiffuseError(f"{flag} is empty; give at least one timestep")
+    bad = [t for t in ts if not 0 <= t < timesteps]
+    if bad:
+        raise DiffuseError(f"{flag}: timestep {bad[0]} is outside 0..{timesteps - 1}")
+    return [int(t) for t in ts]
+
+
+def check_samplers(names: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Sampler names checked against the registry; None means every registered sampler."""
+    if names is None:
+        return list(SAMPLERS)
+    names = [s.strip() for s in names if s.strip()]
+    if not names:
+        raise DiffuseError("--samplers is empty; give at least one sampler name")
+    for s in names:
+        if s not in SAMPLERS:
+            raise DiffuseError(f"unknown sampler {s!r}; choose from {', '.join(SAMPLERS)}")
+    return list(dict.fromkeys(names))
+
+
+def png_path(out: str | Path) -> Path:
+    """--out for views that write one picture: FILE.png, not a directory."""
+    out = Path(out)
+    if out.is_dir():
+        raise DiffuseError(f"--out {out} is a directory; this view writes one picture: give FILE.png")
+    if out.suffix.lower() != ".png":
+        raise DiffuseError(f"--out {out}: this view writes one picture; give a file name ending in .png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def dir_path(out: str | Path) -> Path:
+    """--out for views that write several files: a directory (created if missing)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DiffuseError(f"--out {out} is a file; this view writes several files: give a directory")
+    if not out.exists() and out.suffix.lower() in FILE_SUFFIXES:
+        raise DiffuseError(f"--out {out} looks like a file name; this view writes several files: give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _check_steps(loaded: Loaded, sampler: str, steps: int, flag: str = "--steps") -> None:
+    if sampler not in SAMPLERS:
+        raise DiffuseError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    T = loaded.schedule.timesteps
+    if not 1 <= steps <= T:
+        raise DiffuseError(f"{flag} must be between 1 and {T} for this model, got {steps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing: labelled grids of equal-sized cells
+
+def _font(size: int = 11):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):      # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(font, text: str) -> tuple[int, int]:
+    box = font.getbbox(text)
+    return box[2] - box[0], box[3]
+
+
+def _hwc(image: Tensor) -> np.ndarray:
+    """uint8 [C, H, W] -> HWC numpy, 3 channels (labels are drawn on an RGB canvas)."""
+    arr = image.permute(1, 2, 0).numpy()
+    return arr.repeat(3, axis=-1) if arr.shape[-1] == 1 else arr
+
+
+def compose(cells: list[list[np.ndarray | str | None]], *, col_labels: list[str] | None = None,
+            row_labels: list[str] | None = None, title: str | None = None, scale: int = 1,
+            pad: int = 4) -> Image.Image:
+    """A labelled table of pictures. cells[r][c] is an HWC uint8 array (all the same size), a
+    string (drawn as text in an empty cell, e.g. why a cell was skipped) or None (left blank).
+    Arrays are nearest-upscaled by ``scale``."""
+    arrays = [c for row in cells for c in row if isinstance(c, np.ndarray)]
+    if not arrays:
+        raise ValueError("compose needs at least one picture")
+    ch, cw = arrays[0].shape[0] * scale, arrays[0].shape[1] * scale
+    font = _font()
+    line_h = _text_size(font, "Ag")[1] + 4
+    left = pad + max((_text_size(font, s)[0] for s in row_labels or []), default=-pad) + pad
+    top = (line_h if title else 0) + (line_h if col_labels else 0) + pad
+    rows, cols = len(cells), max(len(r) for r in cells)
+    width = max(left + cols * (cw + pad), _text_size(font, title or "")[0] + 2 * pad)
+    canvas = Image.new("RGB", (width, top + rows * (ch + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 2), title, fill=(0, 0, 0), font=font)
+    for c, label in enumerate(col_labels or []):
+        w = _text_size(font, label)[0]
+        draw.text((left + c * (cw + pad) + (cw - w) // 2, top - line_h), label, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(cells):
+        y = top + r * (ch + pad)
+        if row_labels:
+            draw.text((pad, y + (ch - line_h) // 2), row_labels[r], fill=(0, 0, 0), font=font)
+        for c, cell in enumerate(row):
+            x = left + c * (cw + pad)
+            if isinstance(cell, np.ndarray):
+                img = Image.fromarray(cell if cell.shape[-1] == 3 else cell.repeat(3, axis=-1))
+                if scale > 1:
+                    img = img.resize((cw, ch), Image.Resampling.NEAREST)
+                canvas.paste(img, (x, y))
+            elif isinstance(cell, str):
+                draw.rectangle((x, y, x + cw - 1, y + ch - 1), outline=(180, 180, 180))
+                for k, part in enumerate(_wrap(cell, font, cw - 4)):
+                    draw.text((x + 2, y + 2 + k * line_h), part, fill=(120, 0, 0), font=font)
+    return canvas
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and _text_size(font, trial)[0] > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines
+
+
+def image_table(images: Tensor, **labels) -> Image.Image:
+    """uint8 [R, K, C, H, W] -> a labelled R x K table (one image per cell)."""
+    cells = [[_hwc(images[r, k]) for k in range(images.shape[1])] for r in range(images.shape[0])]
+    return compose(cells, scale=display_scale(images.shape[-1]), **labels)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling with hooks, exactly as generate.generate does it
+
+def _sample(loaded: Loaded, sampler: str, steps: int, noise, *, labels: Tensor | None = None,
+            guidance: float = 0.0, callback=None) -> Tensor:
+    """One batch through ``sampler``, set up exactly as ``generate.generate`` sets up a batch
+    (same prior draw, denoiser, x0 clipping and noise hand-over), but from any noise object with
+    ``randn``/``randn_like`` and with a per-step callback. Returns float [B, C, H, W]."""
+    _, stochastic, spacing, _ = SAMPLERS[sampler]
+    sigmas = sigmas_for(loaded.schedule, steps, spacing)
+    m = loaded.config.model
+    device = next(loaded.net.parameters()).device
+    z = noise.randn(m.in_channels, m.image_size, m.image_size)
+    y = labels.to(device) if labels is not None else None
+    den = EpsDenoiser(loaded.net, loaded.schedule, labels=y, guidance=guidance if y is not None else 0.0,
+                      null_label=m.num_classes if m.class_cond else None, clip_x0=True)
+    return run_sampler(sampler, den, z, sigmas, noise=noise if stochastic else None, callback=callback)
+
+
+# ----------------------------------------------------------------------------------------------
+# noising: the forward process on real images
+
+@dataclass
+class NoisingStrip:
+    ts: list[int]
+    x0: Tensor                       # [N, C, H, W] float in [-1, 1], the data images
+    xt: Tensor                       # [len(ts), N, C, H, W] float32, q_sample output, not clamped
+    abar: list[float]                # abar_t per column
+    row_labels: list[str]
+
+
+def noising_strip(x0: Tensor, schedule: Schedule, ts: list[int], eps: Tensor) -> Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for each t, with one eps per image shared by
+    all columns (so a row is one noise sample fading in). x0, eps: [N, C, H, W].
+    Returns [len(ts), N, C, H, W] float32."""
+    n = x0.shape[0]
+    return torch.stack([q_sample(x0, torch.full((n,), t, dtype=torch.long), eps, schedule.alphas_cumprod)
+                        for t in ts])
+
+
+def noising(*, data: str = "digits", data_root: str | None = None, schedule: str = "linear",
+            timesteps: int = 1000, ts: list[int] | tuple[int, ...] = NOISING_T, n: int = 6, seed: int = 0,
+            out: str | Path | None = None) -> NoisingStrip:
+    """Forward-process strip for n training images picked by ``seed`` (rows) at each t (columns)."""
+    if schedule not in SCHEDULES:
+        raise DiffuseError(f"--schedule must be {' or '.join(SCHEDULES)}, got {schedule!r}")
+    if n < 1:
+        raise DiffuseError(f"--n must be a positive integer, got {n}")
+    path = png_path(out) if out is not None else None
+    sched = Schedule(schedule, timesteps)
+    ts = check_timesteps(list(ts), timesteps)
+    ds = load_dataset(data, data_root, "train")
+    pick = torch.randperm(len(ds), generator=generator(seed, "noising"))[:n]
+    x0 = ds.images[pick].float() / 127.5 - 1                           # [N, C, H, W] in [-1, 1]
+    eps = ImageNoise(seed, range(len(pick))).randn(*x0.shape[1:])      # [N, C, H, W]
+    xt = noising_strip(x0, sched, ts, eps)
+    labels = ([ds.class_names[int(ds.labels[i])] for i in pick] if ds.labels is not None and ds.class_names
+              else [f"#{int(i)}" for i in pick])
+    strip = NoisingStrip(ts, x0, xt, [float(sched.alphas_cumprod[t]) for t in ts], labels)
+    if path is not None:
+        table = to_uint8(xt).transpose(0, 1)                           # [N, len(ts), C, H, W]
+        image_table(table, col_labels=[f"t={t}" for t in ts], row_labels=labels,
+                    title=f"forward process q(x_t | x_0), {schedule} schedule, T={timesteps}").save(path)
+    return strip
+
+
+# ----------------------------------------------------------------------------------------------
+# schedules: beta, abar and log SNR
+
+def schedule_curves(timesteps: int = 1000) -> dict[str, dict[str, np.ndarray]]:
+    """{schedule: {'betas', 'alphas_cumprod', 'log_snr'}} as float64 numpy arrays of length T."""
+    out = {}
+    for name in SCHEDULES:
+        s = Schedule(name, timesteps)
+        abar = s.alphas_cumprod
+        out[name] = {"betas": s.betas.numpy(), "alphas_cumprod": abar.numpy(),
+                     "log_snr": (abar.log() - (-abar).log1p()).numpy()}
+    return out
+
+
+def plot_schedules(out: str | Path, timesteps: int = 1000) -> dict[str, dict[str, np.ndarray]]:
+    path = png_path(out)
+    curves = schedule_curves(timesteps)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
+    t = np.arange(timesteps)
+    for name, c in curves.items():
+        axes[0].plot(t, c["betas"], label=name, lw=1.4)
+        axes[1].plot(t, c["alphas_cumprod"], label=name, lw=1.4)
+        axes[2].plot(t, c["log_snr"], label=name, lw=1.4)
+    axes[0].set_yscale("log")
+    for ax, title in zip(axes, [r"$\beta_t$ (log scale)", r"$\bar\alpha_t$", r"log SNR $= \log \bar\alpha_t/(1-\bar\alpha_t)$"]):
+        ax.set_title(title)
+        ax.set_xlabel("t")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return curves
+
+
+# ----------------------------------------------------------------------------------------------
+# interpolate: slerp between two noises
+
+def slerp(z0: Tensor, z1: Tensor, alphas: Tensor) -> Tensor:
+    """Spherical interpolation (Shoemake 1985), as DDIM interpolates its initial noise (Song et al.
+    2021, sec. 5.3):
+
+        slerp(z0, z1; a) = sin((1 - a) theta) / sin(theta) z0 + sin(a theta) / sin(theta) z1,
+        cos(theta) = <z0, z1> / (|z0| |z1|),
+
+    one theta per row. z0, z1: [B, ...]; alphas: [K] in [0, 1]. Returns [B, K, ...] in z0's dtype.
+    a = 0 and a = 1 give z0 and z1 exactly. Nearly parallel rows fall back to linear interpolation.
+    """
+    a = alphas.double().cpu()                                            # [K]
+    f0, f1 = z0.flatten(1).double(), z1.flatten(1).double()              # [B, D]
+    cos = (f0 * f1).sum(1) / (f0.norm(dim=1) * f1.norm(dim=1))
+    theta = cos.clamp(-1, 1).acos()[:, None].cpu()                       # [B, 1]
+    sin = theta.sin()
+    parallel = sin.abs() < 1e-6
+    c0 = torch.where(parallel, 1 - a, ((1 - a) * theta).sin() / sin.where(~parallel, torch.ones_like(sin)))
+    c1 = torch.where(parallel, a.expand_as(c0), (a * theta).sin() / sin.where(~parallel, torch.ones_like(sin)))
+    shape = (*c0.shape, *([1] * (z0.ndim - 1)))                          # [B, K, 1, ...]
+    c0, c1 = c0.view(shape).to(z0.device), c1.view(shape).to(z0.device)
+    out = c0 * z0.double()[:, None] + c1 * z1.double()[:, None]
+    return out.to(z0.dtype)
+
+
+class SlerpNoise:
+    """Noise for P interpolation rows of K frames, batched as [P * K, ...] (row-major).
+
+    Row p runs between images a_p and b_p of ``seed``. Every draw (the starting noise and each
+    stochastic sampler's per-step noise) takes one draw from each endpoint's own stream (the streams
+    ``generate`` gives those images) and slerps them, so each row is a smooth path whose two ends
+    are exactly the images ``generate`` makes for a_p and b_p.
+    """
+
+    def __init__(self, seed: int, pairs: list[tuple[int, int]], alphas: Tensor, device: torch.device | str = "cpu"):
+        self.a = ImageNoise(seed, [p[0] for p in pairs], device)
+        self.b = ImageNoise(seed, [p[1] for p in pairs], device)
+        self.alphas = alphas
+        self.rows = len(pairs)
+
+    def __len__(self) -> int:
+        return self.rows * len(self.alphas)
+
+    def randn(self, *shape: int) -> Tensor:
+        return slerp(self.a.randn(*shape), self.b.randn(*shape), self.alphas).flatten(0, 1)
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        if x.shape[0] != len(self):
+            raise ValueError(f"batch of {x.shape[0]} does not match {len(self)} interpolation frames")
+        return self.randn(*x.shape[1:]).to(x.dtype)
+
+
+@torch.no_grad()
+def interpolate(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, rows: int = 4, frames: int = 10,
+                seed: int = 0, labels: Tensor | None = None, guidance: float = 0.0) -> Tensor:
+    """Row p slerps from image 2p to image 2p + 1 of ``seed`` (as ``generate`` numbers them) in
+    ``frames`` equal steps of alpha and decodes every frame with ``sampler``.
+    labels: [rows] long or None. Returns uint8 [rows, frames, C, H, W]."""
+    _check_steps(loaded, sampler, steps)
+    if rows < 1 or frames < 2:
+        raise DiffuseError(f"need at least 1 row and 2 frames, got {rows} rows and {frames} frames")
+    alphas = torch.linspace(0, 1, frames, dtype=torch.float64)
+    device = next(loaded.net.parameters()).device
+    noise = SlerpNoise(seed, [(2 * p, 2 * p + 1) for p in range(rows)], alphas, device)
+    y = labels.repeat_interleave(frames) if labels is not None else None
+    x = _sample(loaded, sampler, steps, noise, labels=y, guidance=guidance)
+    return to_uint8(x).view(rows, frames, *x.shape[1:])
+
+
+def save_interpolation(images: Tensor, path: Path, title: str, row_labels: list[str] | None = None) -> None:
+    k = images.shape[1]
+    image_table(images, col_labels=[f"{a:.2f}" for a in np.linspace(0, 1, k)], row_labels=row_labels,
+                title=title).save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# timestep-mse: how hard each noise level is
+
+def default_mse_timesteps(timesteps: int) -> list[int]:
+    """0, T/20, 2T/20, ..., and T - 1 (for T = 1000: 0, 50, ..., 950, 999)."""
+    stride = max(1, timesteps // 20)
+    return sorted(set(range(0, timesteps, stride)) | {timesteps - 1})
+
+
+def held_out_images(loaded: Loaded, n: int, seed: int, data_root: str | None = None) -> tuple[Tensor, Tensor | None, str, str]:
+    """Up to n images the model did not train on: the data set's test split when it has one,
+    else (image folders) the training images. Returns (x0 float [n, C, H, W] in [-1, 1], labels or
+    None, split, note)."""
+    d, m = loaded.config.data, loaded.config.model
+    if is_standard(d.name):
+        split, note = "test", f"{d.name} test split (held out from training)"
+    else:
+        split, note = "train", f"{d.name} is an image folder with no test split: these are its training images"
+    ds = load_dataset(d.name, data_root or d.root, split, m.image_size, m.in_channels)
+    if ds.images.shape[1:] != (m.in_channels, m.image_size, m.image_size):
+        raise DiffuseError(f"{d.name} {split} images are {tuple(ds.images.shape[1:])}, but the model takes "
+                           f"{(m.in_channels, m.image_size, m.image_size)}")
+    pick = torch.randperm(len(ds), generator=generator(seed, "timestep-mse", "pick"))[:n]
+    labels = ds.labels[pick] if ds.labels is not None and m.class_cond else None
+    return ds.images[pick].float() / 127.5 - 1, labels, split, note
+
+
+@torch.no_grad()
+def timestep_mse(loaded: Loaded, *, ts: list[int] | None = None, n: int = 256, seed: int = 0,
+                 data_root: str | None = None, batch_size: int = 256) -> dict[str, Any]:
+    """Noise-prediction error per timestep, E_{x0, eps} ||eps - eps_theta(x_t, t)||^2 / D (the
+    training loss, Ho et al. 2020 eq. 14, at fixed t), over n held-out images. Every t uses the
+    same images and the same eps per image, so differences between t are not sampling noise.
+    Class-conditional models see the images' true labels."""
+    T = loaded.schedule.timesteps
+    ts = sorted(set(check_timesteps(ts, T))) if ts is not None else default_mse_timesteps(T)
+    if n < 1:
+        raise DiffuseError(f"--n must be a positive integer, got {n}")
+    x0_all, labels_all, split, note = held_out_images(loaded, n, seed, data_root)
+    n = x0_all.shape[0]
+    eps_all = torch.randn(x0_all.shape, generator=generator(seed, "timestep-mse", "eps"))
+    device = next(loaded.net.parameters()).device
+    den = EpsDenoiser(loaded.net, loaded.schedule)
+    abar = loaded.schedule.alphas_cumprod.to(device)
+    per_t = torch.zeros(len(ts), n, dtype=torch.float64)                # [len(ts), n] per-image MSE
+    for start in range(0, n, batch_size):
+        x0 = x0_all[start:start + batch_size].to(device)
+        eps = eps_all[start:start + batch_size].to(device)
+        den.labels = labels_all[start:start + batch_size].to(device) if labels_all is not None else None
+        for j, t in enumerate(ts):
+            tt = torch.full((x0.shape[0],), t, device=device, dtype=torch.long)
+            x_t = q_sample(x0, tt, eps, abar)
+            err = (den.eps(x_t, tt.float()) - eps).square().flatten(1).mean(1)
+            per_t[j, start:start + x0.shape[0]] = err.double().cpu()
+    mse = per_t.mean(1)
+    std_err = per_t.std(1) / math.sqrt(n) if n > 1 else torch.zeros_like(mse)
+    return {"t": ts, "mse": mse.tolist(), "std_err": std_err.tolist(), "n": n, "seed": seed,
+            "data": loaded.config.data.name, "split": split, "note": note,
+            "conditional": labels_all is not None, "source": str(loaded.source)}
+
+
+def plot_timestep_mse(result: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
+    t, mse, se = np.array(result["t"]), np.array(result["mse"]), np.array(result["std_err"])
+    ax.errorbar(t, mse, yerr=se, marker="o", ms=3, lw=1.3, capsize=2, label="model")
+    ax.axhline(1.0, color="gray", ls="--", lw=1, label="predict eps = 0")
+    ax.set_yscale("log")
+    ax.set_xlabel("t")
+    ax.set_ylabel(r"MSE$(\epsilon, \hat\epsilon_\theta(x_t, t))$")
+    ax.set_title(f"noise-prediction error, {result['n']} {result['data']} {result['split']} images")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# trajectory: x_t and x0_hat along one sampling run
+
+@dataclass
+class Trajectory:
+    sampler: str
+    steps: int
+    t: list[float]                   # continuous timestep of each denoiser call
+    sigma: list[float]               # its VE noise level
+    xt: Tensor                       # uint8 [F, n, C, H, W]: the VP sample x_t = x / sqrt(1 + sigma^2), clamped
+    x0: Tensor                       # uint8 [F, n, C, H, W]: the denoiser's x0 estimate at that call
+    final: Tensor                    # uint8 [n, C, H, W]: what the sampler returned (= generate's images)
+
+
+@torch.no_grad()
+def trajectory(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, n: int = 4, seed: int = 0,
+               first_index: int = 0, labels: Tensor | None = None, guidance: float = 0.0) -> Trajectory:
+    """Record every denoiser call of one run of ``sampler`` for images first_index.. of ``seed``."""
+    _check_steps(loaded, sampler, steps)
+    if n < 1:
+        raise DiffuseError(f"--n must be a positive integer, got {n}")
+    device = next(loaded.net.parameters()).device
+    noise = ImageNoise(seed, range(first_index, first_index + n), device)
+    xs, x0s, sigmas = [], [], []
+
+    def record(i: int, x: Tensor, x0: Tensor, sigma: float) -> None:
+        xs.append(to_uint8(x / math.sqrt(1 + sigma ** 2)))
+        x0s.append(to_uint8(x0))
+        sigmas.append(float(sigma))
+
+    x = _sample(loaded, sampler, steps, noise, labels=labels, guidance=guidance, callback=record)
+    t = loaded.schedule.sigma_to_t(torch.tensor(sigmas, dtype=torch.float64)).tolist()
+    return Trajectory(sampler, steps, t, sigmas, torch.stack(xs), torch.stack(x0s), to_uint8(x))
+
+
+def _pick(count: int, k: int) -> list[int]:
+    """k indices spread evenly over range(count), first and last included."""
+    if count <= k:
+        return list(range(count))
+    return sorted(set(np.linspace(0, count - 1, k).round().astype(int).tolist()))
+
+
+def save_trajectory(tr: Trajectory, strip_path: Path, gif_path: Path, frames: int = 10,
+                    gif_frames: int = 60, frame_ms: int = 80) -> None:
+    """Strip: per image an x_t row and an x0_hat row at ``frames`` evenly spaced calls, then the
+    output. GIF: every call (thinned to ``gif_frames``), x_t above x0_hat, the output held last."""
+    n = tr.final.shape[0]
+    cols = _pick(len(tr.t), frames)
+    scale = display_scale(tr.final.shape[-1])
+    cells, row_labels = [], []
+    for i in range(n):
+        cells.append([_hwc(tr.xt[f, i]) for f in cols] + [_hwc(tr.final[i])])
+        cells.append([_hwc(tr.x0[f, i]) for f in cols] + [_hwc(tr.final[i])])
+        row_labels += [f"x_t #{i}", f"x0_hat #{i}"]
+    compose(cells, col_labels=[f"t={tr.t[f]:.0f}" for f in cols] + ["output"], row_labels=row_labels,
+            title=f"{tr.sampler}, {tr.steps} steps: x_t and predicted x0 at each step", scale=scale).save(strip_path)
+
+    def frame(xt: Tensor, x0: Tensor, caption: str) -> Image.Image:
+        return compose([[_hwc(xt[i]) for i in range(n)], [_hwc(x0[i]) for i in range(n)]],
+                       row_labels=["x_t", "x0_hat"], title=caption, scale=scale)
+
+    calls = len(tr.t)
+    gif = [frame(tr.xt[f], tr.x0[f], f"{tr.sampler} call {f + 1}/{calls}  t={tr.t[f]:.0f}  sigma={tr.sigma[f]:.3g}")
+           for f in _pick(calls, gif_frames)]
+    gif.append(frame(tr.final, tr.final, f"{tr.sampler} output ({tr.steps} steps)"))
+    durations = [frame_ms] * (len(gif) - 1) + [1500]
+    gif[0].save(gif_path, save_all=True, append_images=gif[1:], duration=durations, loop=0, optimize=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# compare-samplers: grids and timings per (sampler, steps)
+
+@dataclass
+class Cell:
+    sampler: str
+    steps: int
+    nfe: int | None = None
+    spacing: str | None = None
+    seconds: list[float] = field(default_factory=list)   # wall time of each timed batch
+    images: Tensor | None = None                          # uint8 [n, C, H, W]
+    scores: dict[str, float] = field(default_factory=dict)
+    skipped: str | None = None                            # why the sampler rejected this cell
+
+    @property
+    def mean_seconds(self) -> float:
+        return float(np.mean(self.seconds))
+
+    @property
+    def std_seconds(self) -> float | None:
+        return float(np.std(self.seconds, ddof=1)) if len(self.seconds) > 1 else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def compare_samplers(loaded: Loaded, out: str | Path, *, samplers: list[str] | None = None,
+                     steps_list: list[int] | tuple[int, ...] = STEPS_LIST, n: int = 16, seed: int = 0,
+                     repeats: int = 1, labels: Tensor | None = None, guidance: float = 0.0,
+                     score_fn: ScoreFn | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Sample the same n seeds with every (sampler, steps) cell, one batch of n per run.
+
+    Timing: one short discarded warm-up run per sampler, then ``repeats`` timed batches per cell
+    (wall clock around ``generate``, which returns images on the CPU, so GPU work is finished).
+    ``score_fn(images uint8 [n, C, H, W]) -> {name: value}`` adds one column per name (e.g. a later
+    FID). A combination ``generate`` rejects is skipped and its reason reported.
+    Writes OUT/report.md, report.json, time_vs_steps.png, overview.png and grids/*.png.
+    """
+    out = dir_path(out)
+    names = check_samplers(samplers)
+    steps_list = list(dict.fromkeys(steps_list))
+    if not steps_list or any(s < 1 for s in steps_list):
+        raise DiffuseError(f"--steps-list must be positive integers, got {steps_list}")
+    if n < 1 or repeats < 1:
+        raise DiffuseError(f"--n and --repeats must be positive integers, got {n} and {repeats}")
+    device = next(loaded.net.parameters()).device
+    log = log or (lambda s: None)
+    kw = dict(n=n, seed=seed, batch_size=n, labels=labels, guidance=guidance, device=device)
+    cells: list[Cell] = []
+    for name in names:
+        warmed = False
+        for steps in steps_list:
+            cell = Cell(name, steps)
+            cells.append(cell)
+            try:
+                if not warmed:
+                    generate(loaded, sampler=name, steps=min(2, steps), **kw)
+                    warmed = True
+                for _ in range(repeats):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    images, record = generate(loaded, sampler=name, steps=steps, **kw)
+                    _sync(device)
+                    cell.seconds.append(time.perf_counter() - t0)
+            except (DiffuseError, ValueError) as e:
+                cell.skipped = str(e)
+                log(f"{name:>10} {steps:>5} steps  skipped: {e}")
+                continue
+            cell.images, cell.nfe, cell.spacing = images, record["nfe"], record["spacing"]
+            if score_fn is not None:
+                cell.scores = {k: float(v) for k, v in score_fn(images).items()}
+            log(f"{name:>10} {steps:>5} steps  {cell.mean_seconds:8.3f} s/batch  {n / cell.mean_seconds:8.1f} img/s")
+    return write_comparison(cells, out, n=n, seed=seed, repeats=repeats, device=device, source=str(loaded.source))
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats: int, device: torch.device,
+                     source: str) -> dict[str, Any]:
+    grids = out / "grids"
+    grids.mkdir(exist_ok=True)
+    score_names = list(dict.fromkeys(k for c in cells for k in c.scores))
+    rows = []
+    for c in cells:
+        row: dict[str, Any] = {"sampler": c.sampler, "steps": c.steps}
+        if c.skipped:
+            row["skipped"] = c.skipped
+        else:
+            grid = grids / f"{c.sampler}_{c.steps:04d}.png"
+            save_grid(c.images, grid)
+            row.update({"nfe": c.nfe, "spacing": c.spacing, "seconds_per_batch": c.mean_seconds,
+                        "seconds_std": c.std_seconds, "seconds_all": c.seconds,
+                        "images_per_sec": n / c.mean_seconds, "grid": str(grid.relative_to(out)),
+                        "scores": c.scores})
+        rows.append(row)
+    report = {"source": source, "n": n, "batch_size": n, "seed": seed, "repeats": repeats, "device": str(device),
+              "torch": torch.__version__, "cells": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+
+    head = ["sampler", "steps", "NFE", "spacing", "s/batch", "images/s", *score_names, "grid"]
+    lines = [f"# Sampler comparison", "",
+             f"Model `{source}`; {n} images per batch (seeds {seed}:0..{n - 1}, the same in every cell); "
+             f"device {device}; {repeats} timed batch(es) per cell after a discarded warm-up.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c, r in zip(cells, rows):
+        if c.skipped:
+            lines.append(f"| {c.sampler} | {c.steps} | – | – | skipped: {c.skipped.replace('|', '/')} | – |"
+                         + " – |" * len(score_names) + " – |")
+            continue
+        secs = _fmt(c.mean_seconds) + (f" ± {_fmt(c.std_seconds)}" if c.std_seconds is not None else "")
+        scores = [(_fmt(c.scores[k]) if k in c.scores else "–") for k in score_names]
+        lines.append("| " + " | ".join([c.sampler, str(c.steps), str(c.nfe), c.spacing, secs,
+                                         _fmt(r["images_per_sec"]), *scores, f"[png]({r['grid']})"]) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+    done = [c for c in cells if not c.skipped]
+    if done:
+        plt = _plt()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
+        for name in dict.fromkeys(c.sampler for c in done):
+            cs = [c for c in done if c.sampler == name]
+            axes[0].plot([c.steps for c in cs], [c.mean_seconds for c in cs], marker="o", label=name)
+            axes[1].plot([c.steps for c in cs], [n / c.mean_seconds for c in cs], marker="o", label=name)
+        for ax, ylabel in zip(axes, ["seconds per batch", "images / second"]):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("sampling steps")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend()
+        axes[0].set_title(f"wall time, batch of {n} ({device.type})")
+        axes[1].set_title("throughput")
+        fig.tight_layout()
+        fig.savefig(out / "time_vs_steps.png")
+        plt.close(fig)
+
+        names = list(dict.fromkeys(c.sampler for c in cells))
+        steps = list(dict.fromkeys(c.steps for c in cells))
+        by = {(c.sampler, c.steps): c for c in cells}
+        shown = min(n, 16)
+        cols = math.ceil(math.sqrt(shown))
+        table = [[(make_grid(by[s, k].images[:shown], cols) if not by[s, k].skipped else f"skipped: {by[s, k].skipped}")
+                  if (s, k) in by else None for k in steps] for s in names]
+        table = [[c.repeat(3, axis=-1) if isinstance(c, np.ndarray) and c.shape[-1] == 1 else c for c in row]
+                 for row in table]
+        compose(table, col_labels=[f"{k} steps" for k in steps], row_labels=names,
+                title=f"same {shown} seeds in every cell", scale=display_scale(done[0].images.shape[-1])
+                ).save(out / "overview.png")
+    return report
