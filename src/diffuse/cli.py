@@ -266,7 +266,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         vis.plot_timestep_mse(result, out / "timestep_mse.png")
         print(f"{result['note']}; {result['n']} images per t")
         for t, m, se in zip(result["t"], result["mse"], result["std_err"]):
-            print(f"t={t:>4}  mse {m:.4f} +- {se:.4f}")
+            print(f"t={t:>4}  mse {m:.4g} +- {se:.2g}")
         print(f"wrote {out / 'timestep_mse.png'} and {out / 'timestep_mse.json'}")
         return 0
     if view == "trajectory":
@@ -386,7 +386,8 @@ def build_parser() -> Parser:
     v.add_argument("--data-root", default=None, help="where the model's data set lives, if not where it was")
     v = views.add_parser("trajectory", parents=[common, base, model, conditional],
                          help="x_t and predicted x0 along one sampling run (PNG strip + GIF)")
-    v.add_argument("--sampler", default="ddim", help="any registered sampler (default ddim)")
+    v.add_argument("--sampler", default="ddim", metavar="NAME",
+                   help=f"one of: {', '.join(SAMPLER_NAMES)} (default ddim)")
     v.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
     v.add_argument("--n", type=_positive_int, default=4, help="images (default 4)")
     v.add_argument("--first-index", type=_int, default=0, help="first image index of the seed (default 0)")

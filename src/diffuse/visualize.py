@@ -39,7 +39,7 @@ from .errors import DiffuseError
 from .generate import Loaded, generate
 from .images import display_scale, make_grid, save_grid, to_uint8
 from .rng import ImageNoise, generator
-from .samplers import SAMPLERS, run_sampler, sigmas_for
+from .samplers import SAMPLERS, run_sampler, sampler_sigmas
 
 NOISING_T = (0, 200, 400, 600, 800, 999)
 STEPS_LIST = (10, 20, 50, 100, 1000)
@@ -208,8 +208,11 @@ def _sample(loaded: Loaded, sampler: str, steps: int, noise, *, labels: Tensor |
     """One batch through ``sampler``, set up exactly as ``generate.generate`` sets up a batch
     (same prior draw, denoiser, x0 clipping and noise hand-over), but from any noise object with
     ``randn``/``randn_like`` and with a per-step callback. Returns float [B, C, H, W]."""
-    _, stochastic, spacing, _ = SAMPLERS[sampler]
-    sigmas = sigmas_for(loaded.schedule, steps, spacing)
+    stochastic = SAMPLERS[sampler][1]
+    try:
+        sigmas = sampler_sigmas(sampler, loaded.schedule, steps)
+    except ValueError as e:
+        raise DiffuseError(str(e)) from None
     m = loaded.config.model
     device = next(loaded.net.parameters()).device
     z = noise.randn(m.in_channels, m.image_size, m.image_size)
@@ -561,8 +564,9 @@ def compare_samplers(loaded: Loaded, out: str | Path, *, samplers: list[str] | N
                      score_fn: ScoreFn | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Sample the same n seeds with every (sampler, steps) cell, one batch of n per run.
 
-    Timing: one short discarded warm-up run per sampler, then ``repeats`` timed batches per cell
-    (wall clock around ``generate``, which returns images on the CPU, so GPU work is finished).
+    Timing: one short discarded warm-up run per sampler, then ``repeats`` timed batches per cell,
+    taken in rounds over all cells (wall clock around ``generate``, which returns images on the
+    CPU, so GPU work is finished); the report gives their mean and standard deviation.
     ``score_fn(images uint8 [n, C, H, W]) -> {name: value}`` adds one column per name (e.g. a later
     FID). A combination ``generate`` rejects is skipped and its reason reported.
     Writes OUT/report.md, report.json, time_vs_steps.png, overview.png and grids/*.png.
@@ -577,6 +581,14 @@ def compare_samplers(loaded: Loaded, out: str | Path, *, samplers: list[str] | N
     device = next(loaded.net.parameters()).device
     log = log or (lambda s: None)
     kw = dict(n=n, seed=seed, batch_size=n, labels=labels, guidance=guidance, device=device)
+    def timed(cell: Cell) -> tuple[Tensor, dict[str, Any]]:
+        _sync(device)
+        t0 = time.perf_counter()
+        images, record = generate(loaded, sampler=cell.sampler, steps=cell.steps, **kw)
+        _sync(device)
+        cell.seconds.append(time.perf_counter() - t0)
+        return images, record
+
     cells: list[Cell] = []
     for name in names:
         warmed = False
@@ -587,20 +599,22 @@ def compare_samplers(loaded: Loaded, out: str | Path, *, samplers: list[str] | N
                 if not warmed:
                     generate(loaded, sampler=name, steps=min(2, steps), **kw)
                     warmed = True
-                for _ in range(repeats):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    images, record = generate(loaded, sampler=name, steps=steps, **kw)
-                    _sync(device)
-                    cell.seconds.append(time.perf_counter() - t0)
+                images, record = timed(cell)
             except (DiffuseError, ValueError) as e:
                 cell.skipped = str(e)
-                log(f"{name:>10} {steps:>5} steps  skipped: {e}")
+                log(f"{name:>12} {steps:>5} steps  skipped: {e}")
                 continue
             cell.images, cell.nfe, cell.spacing = images, record["nfe"], record["spacing"]
             if score_fn is not None:
                 cell.scores = {k: float(v) for k, v in score_fn(images).items()}
-            log(f"{name:>10} {steps:>5} steps  {cell.mean_seconds:8.3f} s/batch  {n / cell.mean_seconds:8.1f} img/s")
+            log(f"{name:>12} {steps:>5} steps  {cell.mean_seconds:8.3f} s/batch  {n / cell.mean_seconds:8.1f} img/s")
+    # Further timed batches go round all cells in turn, so a passing slowdown of the machine is
+    # spread over the cells instead of landing on whichever one happened to be running.
+    for r in range(1, repeats):
+        for cell in cells:
+            if not cell.skipped:
+                timed(cell)
+        log(f"repeat {r + 1}/{repeats} done")
     return write_comparison(cells, out, n=n, seed=seed, repeats=repeats, device=device, source=str(loaded.source))
 
 
