@@ -414,6 +414,32 @@ def tiny_run(tmp_path_factory) -> Path:
     return out
 
 
+def test_cli_eval_run_end_to_end(tiny_run, tmp_path, monkeypatch, capsys):
+    """RUN mode's wiring (sampling, reference, seeds, JSON, --save-stats), with CountingExtractor
+    standing in for Inception so it takes seconds: the FID must equal the library's."""
+    from diffuse.cli import main
+    from diffuse.generate import generate, load
+    ex = CountingExtractor()
+    monkeypatch.setattr(inception, "load_extractor", lambda *args, **kwargs: ex)
+    monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path / "cache"))
+    rc = main(["eval", str(tiny_run), "--fid", "--n", "5", "--steps", "2", "--seed", "3", "--ref", "digits:test",
+               "--ref-n", "40", "--json", "--save-stats", str(tmp_path / "gen.npz"), "--no-progress"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert rc == 0 and out["n"] == 5 and out["n_ref"] == 40
+    assert out["seeds"]["seed"] == 3 and out["seeds"]["first_index"] == 0 and out["seeds"]["count"] == 5
+    assert (out["sampler"], out["steps"], out["class"]) == ("ddim", 2, None)
+    assert out["ref"]["data"] == "digits" and out["ref"]["split"] == "test" and out["ref"]["n"] == 40
+    assert out["ref"]["cache"].startswith(str(tmp_path / "cache")) and out["extractor"]["hash"] == "sha1:test"
+    assert "N=5 images is biased upward" in captured.err
+    images, _ = generate(load(tiny_run, torch.device("cpu")), n=5, seed=3, sampler="ddim", steps=2)
+    gen = fid.stats_from_features(ex.features(images))
+    ref = fid.reference_stats("digits", "test", 40, extractor=ex)
+    assert out["fid"] == pytest.approx(fid.frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma), rel=1e-9)
+    saved = fid.load_stats(tmp_path / "gen.npz")
+    assert np.array_equal(saved.mu, gen.mu) and saved.meta["sample"]["seeds"]["seed"] == 3
+
+
 def test_cli_errors_are_one_line(tmp_path, tiny_run):
     np.savez(tmp_path / "labels.npz", labels=np.arange(3))
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
@@ -426,6 +452,9 @@ def test_cli_errors_are_one_line(tmp_path, tiny_run):
         (["eval", "--fid-between", tmp_path / "missing.npz", tmp_path / "labels.npz"], "no such file"),
         (["eval", "--fid-between", tmp_path / "x.txt", tmp_path / "labels.npz"], "expected a folder of images"),
         (["eval"], "give a RUN"),
+        (["eval", tiny_run, "--n", 2, "--class", "3"], "unconditional model"),
+        (["eval", tiny_run, "--n", 2, "--sampler", "euler"], "unknown sampler 'euler'"),
+        (["eval", tiny_run, "--save-stats", "x.txt"], "statistics files end in .npz"),
         (["eval", tiny_run, "--n", 2, "--inception-weights", tmp_path / "missing.pt"],
          "Inception weights file not found"),
         (["eval", tiny_run, "--n", 2, "--inception-weights", tmp_path / "fake.pth"],

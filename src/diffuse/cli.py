@@ -229,6 +229,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DiffuseError("give a RUN to evaluate, or --fid-between A B (not both)")
     if args.n is not None and args.fid_between:
         raise DiffuseError("--n applies to a RUN; --fid-between uses the sets as they are")
+    if args.save_stats and Path(args.save_stats).suffix != ".npz":
+        raise DiffuseError(f"--save-stats {args.save_stats}: statistics files end in .npz")
     device, amp = _device_and_amp(args.device, args.precision)
     progress = not args.no_progress
     extractor = None
@@ -261,7 +263,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         n = args.n or 10_000
         loaded = load(args.run, device)
         cfg = loaded.config
-        ex = get_extractor()                                   # fail fast, before sampling
+        # Everything that can fail cheaply fails before the reference statistics and the sampling.
+        if args.sampler not in SAMPLERS:
+            raise DiffuseError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 1 <= args.steps <= loaded.schedule.timesteps:
+            raise DiffuseError(f"--steps must be between 1 and {loaded.schedule.timesteps} for this model, "
+                               f"got {args.steps}")
+        cls = parse_class(args.class_, loaded)
+        labels = None
+        if cls == "all":
+            labels = torch.arange(n) % len(loaded.class_names)           # balanced: image i gets class i mod K
+        elif cls is not None:
+            labels = torch.tensor(cls)[torch.arange(n) % len(cls)]
+        if args.guidance and labels is None:
+            raise DiffuseError("--guidance needs --class (a class, a list, or all)")
+        ex = get_extractor()
         if args.ref and Path(args.ref).suffix == ".npz":
             ref, ref_desc = fid.load_stats(args.ref), {"stats": args.ref}
         else:
@@ -274,15 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                       batch_size=args.batch_size, progress=progress)
             ref_desc = {"data": data, "split": split, "cache": ref.meta.get("cache")}
         ref_desc["n"] = ref.n
-        cls = parse_class(args.class_, loaded)
-        labels = None
-        if cls == "all":
-            labels = torch.arange(n) % len(loaded.class_names)           # balanced: image i gets class i mod K
-        elif cls is not None:
-            labels = torch.tensor(cls)[torch.arange(n) % len(cls)]
-        if args.guidance and labels is None:
-            raise DiffuseError("--guidance needs --class (a class, a list, or all)")
-        _, _, _, nfe_of = SAMPLERS.get(args.sampler, (None, None, None, lambda s: s))
+        _, _, _, nfe_of = SAMPLERS[args.sampler]
         with tqdm(total=nfe_of(args.steps) * -(-n // args.batch_size), unit="nfe", desc=f"{args.sampler} sampling",
                   file=sys.stderr, disable=not progress or not sys.stderr.isatty()) as bar:
             images, record = generate(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
