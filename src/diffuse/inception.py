@@ -35,9 +35,9 @@ Weights, verified by hash before use (a wrong or partial file is an error, never
 
 ``InceptionV3`` is the FID variant of Inception-v3 that these files describe, written from the
 TorchScript graph: batch norm has eps 1e-3 and no learned scale in the original (pytorch-fid's
-file stores ones), the average pools in the mixed blocks exclude padding from the count, and the
-last block pools its fourth branch with a max pool. The 1008-way classifier is not needed for
-pool3 and is dropped.
+file stores ones), the 3x3 average pools in the mixed blocks exclude padding from the count, and
+the pool branch of the last block (Mixed_7c) is a max pool. The 1008-way classifier is not needed
+for pool3 and is dropped.
 """
 
 from __future__ import annotations
