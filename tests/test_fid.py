@@ -435,7 +435,8 @@ def test_cli_eval_run_end_to_end(tiny_run, tmp_path, monkeypatch, capsys):
     ex = CountingExtractor()
     monkeypatch.setattr(inception, "load_extractor", lambda *args, **kwargs: ex)
     monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path / "cache"))
-    rc = main(["eval", str(tiny_run), "--fid", "--n", "5", "--steps", "2", "--seed", "3", "--ref", "digits:test",
+    rc = main(["eval", str(tiny_run), "--fid", "--n", "5", "--sampler", "ddim", "--steps", "2", "--seed", "3",
+               "--ref", "digits:test",
                "--ref-n", "40", "--json", "--save-stats", str(tmp_path / "gen.npz"), "--no-progress"])
     captured = capsys.readouterr()
     out = json.loads(captured.out)
@@ -466,7 +467,8 @@ def test_cli_errors_are_one_line(tmp_path, tiny_run):
         (["eval", "--fid-between", tmp_path / "x.txt", tmp_path / "labels.npz"], "expected a folder of images"),
         (["eval"], "give a RUN"),
         (["eval", tiny_run, "--n", 2, "--class", "3"], "unconditional model"),
-        (["eval", tiny_run, "--n", 2, "--sampler", "euler"], "unknown sampler 'euler'"),
+        (["eval", tiny_run, "--n", 2, "--sampler", "nope"], "invalid choice: 'nope'"),
+        (["eval", tiny_run, "--n", 2, "--steps", 5000], "--steps must be between 1 and 1000"),
         (["eval", tiny_run, "--save-stats", "x.txt"], "statistics files end in .npz"),
         (["eval", tiny_run, "--n", 2, "--inception-weights", tmp_path / "missing.pt"],
          "Inception weights file not found"),

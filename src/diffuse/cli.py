@@ -264,8 +264,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         loaded = load(args.run, device)
         cfg = loaded.config
         # Everything that can fail cheaply fails before the reference statistics and the sampling.
-        if args.sampler not in SAMPLERS:
-            raise DiffuseError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if not 1 <= args.steps <= loaded.schedule.timesteps:
             raise DiffuseError(f"--steps must be between 1 and {loaded.schedule.timesteps} for this model, "
                                f"got {args.steps}")
@@ -290,7 +288,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                       batch_size=args.batch_size, progress=progress)
             ref_desc = {"data": data, "split": split, "cache": ref.meta.get("cache")}
         ref_desc["n"] = ref.n
-        _, _, _, nfe_of = SAMPLERS[args.sampler]
+        nfe_of = SAMPLERS[args.sampler][3]
         with tqdm(total=nfe_of(args.steps) * -(-n // args.batch_size), unit="nfe", desc=f"{args.sampler} sampling",
                   file=sys.stderr, disable=not progress or not sys.stderr.isatty()) as bar:
             images, record = generate(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
@@ -397,9 +395,12 @@ def build_parser() -> Parser:
                     help="compare two sets, each a folder of images, an .npz of uint8 NHWC 'images', "
                          "or a statistics .npz (from --save-stats)")
     ev.add_argument("--n", type=_positive_int, default=None, help="images to generate (default 10000)")
-    ev.add_argument("--sampler", default="ddim", help="ddpm or ddim (default ddim)")
-    ev.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
-    ev.add_argument("--spacing", default=None, help="timestep spacing: trailing, leading, uniform or karras")
+    ev.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLER_NAMES, metavar="NAME",
+                    help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m, as for sample)")
+    ev.add_argument("--steps", type=_positive_int, default=20,
+                    help="network evaluations per image (default 20); heun uses (steps+1)//2 intervals")
+    ev.add_argument("--spacing", default=None, choices=SPACING_NAMES, metavar="NAME",
+                    help=f"noise levels: {', '.join(SPACING_NAMES)} (default: the sampler's)")
     ev.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")
     ev.add_argument("--guidance", type=_float, default=0.0, help="classifier-free guidance w (needs --class)")
     ev.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
