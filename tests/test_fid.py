@@ -3,8 +3,8 @@ graph it was written from, the reference-statistics cache, MNIST sanity, and the
 
 Inception on this CPU runs at about 2-4 images/s, so the tests that run it use few images: the
 MNIST comparison extracts N_MNIST = 24 train, 24 test and 24 noise images once (module fixture).
-Each 2048-d FID also costs a scipy sqrtm of 10-45 s here, so only two tests compute one (the CLI one
-is marked slow).
+A 2048-d FID costs about 2 s by the default eigendecomposition route (10-45 s with scipy's sqrtm,
+which is cross-checked against it at d = 256).
 """
 
 from __future__ import annotations
@@ -46,17 +46,22 @@ def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Fréchet distance: closed forms
 
-def test_frechet_diagonal_closed_form():
+METHODS = pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+
+
+@METHODS
+def test_frechet_diagonal_closed_form(method):
     rng = np.random.default_rng(0)
     d = 16
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     s1, s2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
-    got = fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    got = fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2), method=method)
     assert got == pytest.approx(expected, rel=1e-10)
 
 
-def test_frechet_commuting_non_diagonal_closed_form():
+@METHODS
+def test_frechet_commuting_non_diagonal_closed_form(method):
     # S1 = Q diag(a) Q^T and S2 = Q diag(b) Q^T commute: Tr sqrt(S1 S2) = sum sqrt(a b).
     rng = np.random.default_rng(1)
     d = 32
@@ -66,25 +71,40 @@ def test_frechet_commuting_non_diagonal_closed_form():
     assert np.abs(s1 - np.diag(np.diag(s1))).max() > 0.1            # really not diagonal
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum(a + b - 2 * np.sqrt(a * b))
-    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert fid.frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(expected, rel=1e-8)
     # Rank-deficient (some eigenvalues 0), as with fewer images than feature dimensions.
     a[: d // 2] = 0
     s1 = q @ np.diag(a) @ q.T
     expected = np.sum((mu1 - mu2) ** 2) + np.sum(a + b - 2 * np.sqrt(a * b))
-    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    assert fid.frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(expected, rel=1e-6)
 
 
-def test_frechet_of_identical_statistics_is_zero_even_when_singular():
+@METHODS
+def test_frechet_of_identical_statistics_is_zero_even_when_singular(method):
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(20, 64)) @ rng.normal(size=(64, 64))   # 20 samples in 64-d: rank 19
     st = fid.stats_from_features(feats)
     assert np.linalg.matrix_rank(st.sigma) == 19
-    value = fid.frechet_distance(st.mu, st.sigma, st.mu, st.sigma)
+    value = fid.frechet_distance(st.mu, st.sigma, st.mu, st.sigma, method=method)
     assert abs(value) < 1e-6 * np.trace(st.sigma)
+
+
+def test_frechet_eigh_route_equals_scipy_sqrtm_on_non_commuting_covariances():
+    rng = np.random.default_rng(5)
+    d = 256
+    a, b = rng.normal(size=(400, d)), rng.normal(size=(400, d)) @ rng.normal(size=(d, d)) * 0.1
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    assert np.abs(s1 @ s2 - s2 @ s1).max() > 1e-2                     # really not commuting
+    mu1, mu2 = a.mean(0), b.mean(0) + 0.3
+    fast = fid.frechet_distance(mu1, s1, mu2, s2, method="eigh")
+    ref = fid.frechet_distance(mu1, s1, mu2, s2, method="sqrtm")
+    assert fast == pytest.approx(ref, rel=1e-9)
 
 
 def test_frechet_rejects_invalid_covariances():
     with pytest.raises(DiffuseError, match="imaginary part"):
+        fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2), method="sqrtm")
+    with pytest.raises(DiffuseError, match="negative eigenvalue"):
         fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(DiffuseError, match="different shapes"):
         fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
