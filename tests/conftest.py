@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,12 @@ import torch
 from diffuse.config import Config, resolve
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One cache for the whole session (judge classifiers, FID reference statistics): tests never touch
+# the user's cache, and the judge is trained once even when several files need it. Set before any
+# test module builds its subprocess environment.
+if "DIFFUSE_TEST_CACHE" not in os.environ:
+    os.environ["DIFFUSE_TEST_CACHE"] = os.environ["DIFFUSE_CACHE"] = tempfile.mkdtemp(prefix="diffuse-test-cache-")
 SHARED_DATA = Path(os.environ.get("DIFFUSE_TEST_DATA", REPO.parent / "shared" / "data"))
 MNIST_DIR = SHARED_DATA / "mnist"
 

@@ -6,11 +6,10 @@ from diffuse import classifier as C
 from diffuse.data import load_dataset
 
 
-def test_judge_learns_digits_and_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path))
-    judge = C.load_or_train("digits", None, 16, 1, seed=0)
+def test_judge_learns_digits_and_is_cached():
+    judge = C.load_or_train("digits", None, 16, 1, seed=0)      # trained here or by another test file
     assert judge.test_accuracy > 0.9, judge.test_accuracy
-    files = sorted(p.name for p in (tmp_path / "classifiers").iterdir())
+    files = sorted(p.name for p in (C.cache_dir() / "classifiers").iterdir())
     assert files == ["digits-16px-1ch-a1-s0.json", "digits-16px-1ch-a1-s0.safetensors"]
     again = C.load_or_train("digits", None, 16, 1, seed=0)      # from the cache: same predictions
     test = load_dataset("digits", split="test")

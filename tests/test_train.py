@@ -49,9 +49,13 @@ def test_one_step_lowers_loss_on_a_fixed_batch():
     assert after < before * 0.98, (before.item(), after.item())
 
 
-def test_resume_is_bit_identical(tmp_path):
-    full = train(tiny_config(tmp_path / "full", steps=6, ckpt_every=100), progress=False)
-    part = train(tiny_config(tmp_path / "part", steps=3, ckpt_every=100), progress=False)
+@pytest.mark.parametrize("precision, channels_last", [("fp32", False), ("bf16", True)])
+def test_resume_is_bit_identical(tmp_path, precision, channels_last):
+    # channels_last matters: the optimizer moments come back from disk contiguous, and fused AdamW
+    # pairs param and moment elements by memory position (checkpoint.match_param_layout)
+    kw = dict(ckpt_every=100, precision=precision, channels_last=channels_last)
+    full = train(tiny_config(tmp_path / "full", steps=6, **kw), progress=False)
+    part = train(tiny_config(tmp_path / "part", steps=3, **kw), progress=False)
     cfg = load_resume_config(part, {"train": {"steps": 6}})
     train(cfg, resume=True, progress=False)
     for name in ("model", "ema"):

@@ -252,6 +252,18 @@ def load_weights_into(model: nn.Module, weights: dict[str, torch.Tensor], source
     target.load_state_dict(weights, strict=True)
 
 
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every moment tensor its parameter's strides. Safetensors stores them contiguous (NCHW),
+    while channels_last parameters are NHWC in memory, and fused AdamW walks param, grad and moments
+    as flat arrays: a layout mismatch would silently pair each weight with another weight's moments."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for key, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def load_training_state(ckpt: Path, model: nn.Module, ema: nn.Module,
                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, EMA, optimizer and RNG state from a checkpoint directory; returns state.json."""
@@ -266,6 +278,7 @@ def load_training_state(ckpt: Path, model: nn.Module, ema: nn.Module,
         optimizer.load_state_dict(_optimizer_state_from(tensors, state["optimizer"]))
     except (KeyError, ValueError) as e:
         raise DiffuseError(f"{ckpt} optimizer state does not fit this model ({e})") from None
+    match_param_layout(optimizer)
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     return state

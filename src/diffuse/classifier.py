@@ -152,8 +152,10 @@ def accuracy_by_class(judge: Judge, images: Tensor, labels: Tensor) -> dict[str,
     return {"accuracy": round(hit.mean().item(), 4), "per_class": per_class, "n": len(labels)}
 
 
-def guidance_sweep(loaded, judge: Judge, guidances: list[float], *, n_per_class: int = 50, sampler: str = "ddim",
-                   steps: int = 50, seed: int = 0, batch_size: int = 256, device: torch.device | None = None,
+def guidance_sweep(loaded, judge: Judge, guidances: list[float], *, n_per_class: int = 100,
+                   sampler: str = "dpmpp-2m", steps: int = 20, spacing: str | None = None, seed: int = 0,
+                   batch_size: int = 250, device: torch.device | None = None, amp: torch.dtype | None = None,
+                   progress: Callable[[int], None] | None = None,
                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """For each guidance w: n_per_class images of every class, judged. ``loaded`` is a
     generate.Loaded class-conditional model. Image i of the sweep uses noise stream (seed, i) for
@@ -162,16 +164,19 @@ def guidance_sweep(loaded, judge: Judge, guidances: list[float], *, n_per_class:
 
     names = loaded.class_names
     if not loaded.config.model.class_cond or not names:
-        raise DiffuseError(f"{loaded.source} is an unconditional model: class accuracy needs --class-cond")
-    if names != judge.class_names:
-        raise DiffuseError(f"the model's classes ({', '.join(names)}) differ from the data set's ({', '.join(judge.class_names)})")
+        raise DiffuseError(f"{loaded.source} is an unconditional model: class accuracy needs one trained "
+                           "with --class-cond")
+    if list(names) != list(judge.class_names):
+        raise DiffuseError(f"the model's classes ({', '.join(names)}) differ from the data set's "
+                           f"({', '.join(judge.class_names)})")
     labels = torch.arange(len(names)).repeat_interleave(n_per_class)
     results = []
     for w in guidances:
-        images, record = generate(loaded, n=len(labels), seed=seed, sampler=sampler, steps=steps,
-                                  batch_size=batch_size, labels=labels, guidance=w, device=device)
+        images, record = generate(loaded, n=len(labels), seed=seed, sampler=sampler, steps=steps, spacing=spacing,
+                                  batch_size=batch_size, labels=labels, guidance=w, device=device, amp=amp,
+                                  progress=progress)
         res = {"guidance": w, **accuracy_by_class(judge, images, labels), "sampler": sampler, "steps": steps,
-               "seed": seed, "seconds": record["seconds"]}
+               "nfe": record["nfe"], "seed": seed, "seconds": record["seconds"]}
         if log:
             log(f"guidance {w:g}: {res['accuracy'] * 100:.1f}% of {res['n']} images judged as the class asked for")
         results.append(res)

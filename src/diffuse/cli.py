@@ -148,10 +148,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         n, nrow, row_labels = len(labels), per, loaded.class_names
     elif cls is not None:
         labels = torch.tensor(cls)[torch.arange(n) % len(cls)]
-    if args.guidance and labels is None:
-        if loaded.config.model.class_cond:
-            raise DiffuseError("--guidance needs --class (a class, a list, or all)")
-        raise DiffuseError("--guidance needs a class-conditional model (train with --class-cond)")
+    args.guidance = _guidance(args.guidance, loaded, labels)
     nfe_of = SAMPLERS[args.sampler][3]
     total = nfe_of(args.steps) * -(-n // args.batch_size)
     with tqdm(total=total, unit="nfe", desc=f"{args.sampler} {args.steps} steps", file=sys.stderr,
@@ -212,12 +209,24 @@ def _visual_labels(args: argparse.Namespace, loaded, count: int):
 
     cls = parse_class(getattr(args, "class_", None), loaded)
     if cls is None:
-        if args.guidance:
-            raise DiffuseError("--guidance needs --class and a class-conditional model")
+        args.guidance = _guidance(args.guidance, loaded, None)
         return None
     if cls == "all":
         cls = list(range(len(loaded.class_names)))
-    return torch.tensor(cls)[torch.arange(count) % len(cls)]
+    labels = torch.tensor(cls)[torch.arange(count) % len(cls)]
+    args.guidance = _guidance(args.guidance, loaded, labels)
+    return labels
+
+
+def _guidance(flag: float | None, loaded, labels) -> float:
+    """--guidance, defaulting to the run's own (train --sample-guidance) when a class is asked for."""
+    if labels is None:
+        if flag:
+            if loaded.config.model.class_cond:
+                raise DiffuseError("--guidance needs --class (a class, a list, or all)")
+            raise DiffuseError("--guidance needs a class-conditional model (train with --class-cond)")
+        return 0.0
+    return loaded.config.train.sample_guidance if flag is None else flag
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -314,6 +323,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if bool(args.run) == bool(args.fid_between):
         raise DiffuseError("give a RUN to evaluate, or --fid-between A B (not both)")
+    judged = None
+    if args.classifier_accuracy:
+        if args.fid_between:
+            raise DiffuseError("--classifier-accuracy judges a RUN's samples; it does not apply to --fid-between")
+        judged = _eval_classifier(args)
+        if not args.fid:
+            if args.json:
+                print(json.dumps(judged))
+            return 0
     if args.n is not None and args.fid_between:
         raise DiffuseError("--n applies to a RUN; --fid-between uses the sets as they are")
     if args.save_stats and Path(args.save_stats).suffix != ".npz":
@@ -360,8 +378,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             labels = torch.arange(n) % len(loaded.class_names)           # balanced: image i gets class i mod K
         elif cls is not None:
             labels = torch.tensor(cls)[torch.arange(n) % len(cls)]
-        if args.guidance and labels is None:
-            raise DiffuseError("--guidance needs --class (a class, a list, or all)")
+        args.guidance = _guidance(args.guidance, loaded, labels)
         ex = get_extractor()
         if args.ref and Path(args.ref).suffix == ".npz":
             ref, ref_desc = fid.load_stats(args.ref), {"stats": args.ref}
@@ -397,6 +414,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if note:
         print(f"warning: {note}", file=sys.stderr)              # not a Python warning: never filtered
     result["extractor"] = result["extractor"] or {}
+    if judged is not None:
+        result["classifier_accuracy"] = judged
     if args.json:
         print(json.dumps(result, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
         return 0
@@ -416,6 +435,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lines.append(f"statistics saved to {args.save_stats}")
     print("\n".join(lines))
     return 0
+
+
+def _eval_classifier(args: argparse.Namespace) -> dict:
+    """Class accuracy of a class-conditional run's samples over a guidance sweep, judged by a small
+    classifier trained once on the real training split (cached). Prints a table unless --json."""
+    from tqdm import tqdm
+
+    from . import classifier
+    from .generate import load
+    from .samplers import SAMPLERS
+
+    try:
+        guidances = [float(v) for v in args.guidance_sweep.split(",") if v.strip()]
+    except ValueError:
+        raise DiffuseError(f"--guidance-sweep wants numbers like 0,1,2, got {args.guidance_sweep!r}") from None
+    if not guidances or any(w < 0 for w in guidances):
+        raise DiffuseError(f"--guidance-sweep wants guidance values >= 0, got {args.guidance_sweep!r}")
+    device, amp = _device_and_amp(args.device, args.precision)
+    loaded = load(args.run, device)
+    cfg = loaded.config
+    if not cfg.model.class_cond:
+        raise DiffuseError(f"{loaded.source} is an unconditional model; --classifier-accuracy needs one "
+                           "trained with --class-cond")
+    if not 1 <= args.steps <= loaded.schedule.timesteps:
+        raise DiffuseError(f"--steps must be between 1 and {loaded.schedule.timesteps} for this model, "
+                           f"got {args.steps}")
+    say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    judge = classifier.load_or_train(cfg.data.name, args.data_root or cfg.data.root, cfg.model.image_size,
+                                     cfg.model.in_channels, device=device, log=say)
+    k = len(loaded.class_names)
+    nfe_of = SAMPLERS[args.sampler][3]
+    batches = -(-args.n_per_class * k // args.batch_size)
+    with tqdm(total=nfe_of(args.steps) * batches * len(guidances), unit="nfe", desc="guidance sweep",
+              file=sys.stderr, disable=args.no_progress or not sys.stderr.isatty()) as bar:
+        sweep = classifier.guidance_sweep(loaded, judge, guidances, n_per_class=args.n_per_class,
+                                          sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                          seed=args.seed, batch_size=args.batch_size, device=device, amp=amp,
+                                          progress=bar.update)
+    default_w = cfg.train.sample_guidance
+    out = {"judge": {"data": cfg.data.name, "test_accuracy": round(judge.test_accuracy, 4)},
+           "checkpoint": str(loaded.source), "step": loaded.header.get("step"),
+           "default_guidance": default_w, "sweep": sweep}
+    if not args.json:
+        print(f"class accuracy of {loaded.source} (step {out['step']}): {args.n_per_class} images per class, "
+              f"{args.sampler} {args.steps} steps, seeds ({args.seed}, i)")
+        print(f"judge: a small CNN trained on {cfg.data.name} train, {judge.test_accuracy * 100:.2f}% on the "
+              "real test split")
+        print(f"{'guidance w':>10}  {'accuracy':>8}  {'worst class':<16} seconds")
+        for r in sweep:
+            worst = min(r["per_class"], key=r["per_class"].get)
+            mark = "  <- the run's default" if r["guidance"] == default_w else ""
+            print(f"{r['guidance']:>10g}  {r['accuracy'] * 100:>7.1f}%  {worst + ' ' + format(r['per_class'][worst] * 100, '.0f') + '%':<16} "
+                  f"{r['seconds']:.0f}{mark}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,8 +536,9 @@ def build_parser() -> Parser:
     sa.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row")
     sa.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
                     help="class index, name, comma list, or 'all' (one row per class)")
-    sa.add_argument("--guidance", type=_float, default=0.0,
-                    help="classifier-free guidance w: eps = (1+w) eps_c - w eps_u (0 = plain conditional)")
+    sa.add_argument("--guidance", type=_float, default=None,
+                    help="classifier-free guidance w: eps = (1+w) eps_c - w eps_u (0 = plain conditional; "
+                         "default: the run's --sample-guidance)")
     sa.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                     help="clamp predicted x0 to [-1, 1] at each step (default on)")
     sa.add_argument("--device", default="auto")
@@ -486,7 +560,8 @@ def build_parser() -> Parser:
     conditional = argparse.ArgumentParser(add_help=False)
     conditional.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
                              help="class-conditional models: class index, name, comma list or all (cycled over rows)")
-    conditional.add_argument("--guidance", type=_float, default=0.0, help="classifier-free guidance w (with --class)")
+    conditional.add_argument("--guidance", type=_float, default=None,
+                             help="classifier-free guidance w (with --class; default: the run's)")
 
     v = views.add_parser("noising", parents=[common, base], help="forward-process strip of real images")
     v.add_argument("--data", default="digits", help="digits, mnist, fashion-mnist, cifar10 or a folder (default digits)")
@@ -532,7 +607,15 @@ def build_parser() -> Parser:
                                     "Samples N images from RUN and compares them with the reference data's "
                                     "statistics (cached), or compares two sets with --fid-between.")
     ev.add_argument("run", nargs="?", metavar="RUN_OR_CHECKPOINT")
-    ev.add_argument("--fid", action="store_true", help="compute FID and KID (the default; the only metric so far)")
+    ev.add_argument("--fid", action="store_true",
+                    help="compute FID and KID (the default unless --classifier-accuracy is given)")
+    ev.add_argument("--classifier-accuracy", action="store_true",
+                    help="class-conditional runs: the fraction of samples a classifier trained on the real "
+                         "data labels as the class asked for, per guidance value of --guidance-sweep")
+    ev.add_argument("--guidance-sweep", default="0,0.5,1,2,4", metavar="W,W,...",
+                    help="guidance values for --classifier-accuracy (default 0,0.5,1,2,4)")
+    ev.add_argument("--n-per-class", type=_positive_int, default=100,
+                    help="images per class and guidance value for --classifier-accuracy (default 100)")
     ev.add_argument("--fid-between", nargs=2, metavar=("A", "B"),
                     help="compare two sets, each a folder of images, an .npz of uint8 NHWC 'images', "
                          "or a statistics .npz (from --save-stats)")
@@ -544,7 +627,8 @@ def build_parser() -> Parser:
     ev.add_argument("--spacing", default=None, choices=SPACING_NAMES, metavar="NAME",
                     help=f"noise levels: {', '.join(SPACING_NAMES)} (default: the sampler's)")
     ev.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")
-    ev.add_argument("--guidance", type=_float, default=0.0, help="classifier-free guidance w (needs --class)")
+    ev.add_argument("--guidance", type=_float, default=None,
+                    help="classifier-free guidance w (needs --class; default: the run's)")
     ev.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
                     help="class index, name, comma list (cycled), or 'all' (image i gets class i mod K); "
                          "default: unconditional (the null class for class-conditional models)")

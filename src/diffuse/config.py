@@ -71,7 +71,7 @@ class TrainConfig:
     label_dropout: float = opt(0.1, "with --class-cond: fraction of labels replaced by the null class")
     seed: int = opt(0, "seed for initialisation, data order, noise and timesteps")
     device: str = opt("auto", "auto, cpu or cuda")
-    precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    precision: str = opt("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16")
     channels_last: bool | None = opt(None, "use channels_last memory format (default: on where it is faster)")
     compile: bool = opt(False, "torch.compile the model")
     time_limit: float | None = opt(None, "stop cleanly after this many minutes of training")
