@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--sample-runs", type=int, default=1, help="sampling runs per timed window")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-checkpointing", action="store_true", help="ours only: recompute block activations")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark = True (diffuse's trainer leaves it off)")
     return p.parse_args(argv)
@@ -234,7 +235,9 @@ def build_lucidrains(w: dict, sampling_steps: int, match_params: int | None = No
 
 
 def make_optimizer(torch, params, device, lr=2e-4):
-    """AdamW exactly as diffuse.train.build_training makes it, for every implementation."""
+    """The peers' AdamW: fused on CUDA; foreach on the CPU, which is faster than torch's CPU default
+    (the per-tensor loop) that the peers' own trainers get. diffuse uses build_training's optimizer
+    (fused on both), one of its optimisations."""
     fused = device.type == "cuda"
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                              fused=fused or None, foreach=None if fused else True)
@@ -273,6 +276,7 @@ class Bench:
         from diffuse.diffusion import Schedule
         torch = self.torch
         cfg = ours_config(self.w)
+        cfg.train.grad_checkpointing = bool(getattr(self.args, "grad_checkpointing", False))
         if self.impl == "ours-bare":
             cfg.train.grad_clip = 0.0
             tr.ema_update = lambda ema, model, decay: None      # like-for-like: no EMA update
@@ -529,6 +533,10 @@ def main(argv=None) -> None:
             result.update(run_flops(torch, args, device, bench))
     if device.type == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        import resource
+        # the whole process's peak resident memory (Linux reports KiB): model, optimizer, activations
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print("RESULT " + json.dumps(result), flush=True)
 
 

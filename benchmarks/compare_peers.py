@@ -18,8 +18,9 @@ Implementations (see _worker.py for exactly what each step does):
   lucidrains     Unet + GaussianDiffusion(objective=pred_noise) at the workload's widths;
                  sampling: GaussianDiffusion.ddim_sample with sampling_timesteps = steps
   lucidrains-pm  the same with its base width chosen to match ours' parameter count
-Every implementation uses the same AdamW (foreach on CPU, fused on CUDA), the same batch and the
-same autocast/channels_last setting; peers get random [-1, 1] images already on the device.
+Peers use AdamW with foreach=True on CPU (faster than torch's CPU default, which their own trainers
+get) and fused on CUDA; ours uses the trainer's fused AdamW. All get the same batch and the same
+autocast/channels_last setting, and random [-1, 1] images already on the device.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="interpreter for the workers (default: this one)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="CUDA: cudnn.benchmark on (the trainer leaves it off)")
     p.add_argument("--no-flops", action="store_true", help="skip counting FLOPs per image")
+    p.add_argument("--grad-checkpointing", action="store_true", help="time the step with --grad-checkpointing")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/train-<device>-<precision>.json)")
     return p.parse_args(argv)
 
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
             args.append("--channels-last")
         if a.cudnn_benchmark:
             args.append("--cudnn-benchmark")
+        if a.grad_checkpointing:
+            args.append("--grad-checkpointing")
         r = run_worker(python, args, threads, 3600)
         c, s = PRESET_SHAPES[p]
         row = {"preset": p, "image": f"{c}x{s}x{s}", "batch": batch, "preset_batch": PRESETS[p]["train"]["batch_size"]}
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
         rates = r["img_per_s_windows"]
         row.update(params=r["params"], steps_per_window=r["steps_per_window"], img_per_s=statistics.median(rates),
                    img_per_s_min=min(rates), img_per_s_max=max(rates), img_per_s_all=rates,
-                   max_memory_gib=r.get("max_memory_gib"))
+                   max_memory_gib=r.get("max_memory_gib"), peak_rss_gib=r.get("peak_rss_gib"))
         if not a.no_flops:
             f = run_worker(python, ["--impl", "ours", "--workload", f"preset:{p}", "--mode", "flops"], threads, 600)
             if "error" not in f:
@@ -122,14 +125,14 @@ def main(argv=None) -> int:
 
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": device,
               "device_name": env.get("device_name"), "precision": a.precision, "channels_last": channels_last,
-              "threads": threads, "repeats": a.repeats, "warmup": a.warmup, "min_seconds": a.min_seconds,
+              "threads": threads, "grad_checkpointing": a.grad_checkpointing, "repeats": a.repeats, "warmup": a.warmup, "min_seconds": a.min_seconds,
               "loadavg_start": load_start, "loadavg_end": loadavg(), "env": env, "git": git_state(),
               "step": "diffuse.train.TrainStep (noise, forward, MSE, backward, clip, AdamW, EMA)", "rows": rows}
     out = Path(a.out) if a.out else HERE / "results" / f"train-{device.split(':')[0]}-{a.precision}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\n{'preset':14} {'image':8} {'params':>8} {'batch':>5} {'img/s':>8} {'min':>8} {'max':>8} {'GFLOP/img':>9} {'TFLOP/s':>8}")
+    print(f"\n{'preset':14} {'image':8} {'params':>8} {'batch':>5} {'img/s':>8} {'min':>8} {'max':>8} {'GFLOP/img':>9} {'TFLOP/s':>8} {'peak GiB':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['preset']:14} {r['image']:8} failed: {r['error']}")
@@ -137,7 +140,8 @@ def main(argv=None) -> int:
         gf = f"{3 * r['flops_fwd_per_img'] / 1e9:9.2f}" if "flops_fwd_per_img" in r else f"{'-':>9}"
         tf = f"{r['tflops_per_s']:8.3f}" if "tflops_per_s" in r else f"{'-':>8}"
         print(f"{r['preset']:14} {r['image']:8} {r['params'] / 1e6:7.2f}M {r['batch']:5d} {r['img_per_s']:8.3g} "
-              f"{r['img_per_s_min']:8.3g} {r['img_per_s_max']:8.3g} {gf} {tf}")
+              f"{r['img_per_s_min']:8.3g} {r['img_per_s_max']:8.3g} {gf} {tf} "
+              f"{(r.get('max_memory_gib') or r.get('peak_rss_gib') or float('nan')):8.2f}")
     print(f"(GFLOP/img = 3 x forward, a training step's model FLOPs; {device}, {a.precision}"
           f"{', channels_last' if channels_last else ''}, {threads} threads; batch < preset's own on CPU for "
           f"{', '.join(r['preset'] for r in rows if r['batch'] != r['preset_batch']) or 'none'})")

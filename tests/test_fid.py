@@ -502,3 +502,73 @@ def test_cli_errors_are_one_line(tmp_path, tiny_run):
         err = p.stderr.strip()
         assert p.returncode != 0, args
         assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# FID during training and in the sampler comparison (CountingExtractor stands in for Inception)
+
+def test_fid_during_training_logs_and_keeps_best(tmp_path, monkeypatch):
+    from diffuse import train as T
+    from diffuse.generate import Loaded, generate, load
+    from diffuse.rng import derive_seed
+
+    from .conftest import tiny_config
+    ex = CountingExtractor()
+    monkeypatch.setattr(inception, "load_extractor", lambda *args, **kwargs: ex)
+    monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_config(tmp_path / "run", steps=6, fid_every=2, fid_n=6, fid_ref_n=30, fid_sampler="ddim",
+                      fid_steps=2, ckpt_every=100, keep=1)
+    out = T.train(cfg, progress=False)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    fids = [r for r in rows if "fid" in r]
+    assert [r["step"] for r in fids] == [2, 4, 6]
+    assert all(r["fid_n"] == 6 and r["fid_ref_n"] == 30 and r["fid"] > 0 for r in fids)
+    best = min(fids, key=lambda r: r["fid"])
+    best_dir = (out / "checkpoints" / "best").resolve()
+    assert best_dir.name == f"step_{best['step']:07d}" and best_dir.is_dir()      # kept despite --keep 1
+    # The logged FID is the FID of the best checkpoint's EMA samples from the run's FID seeds.
+    loaded = load(best_dir, torch.device("cpu"))
+    images, _ = generate(loaded, n=6, seed=derive_seed(0, "fid"), sampler="ddim", steps=2, batch_size=6)
+    ref = fid.reference_stats("digits", "train", 30, extractor=ex)
+    gen = fid.stats_from_features(ex.features(images))
+    assert best["fid"] == pytest.approx(fid.frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma), rel=1e-6)
+    log = (out / "train.log").read_text()
+    assert "biased upward at small N" in log and "N=6" in log
+    # training itself is untouched by the FID measurements: same losses as a run without them
+    plain = T.train(tiny_config(tmp_path / "plain", steps=6, ckpt_every=100), progress=False)
+    losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses(out) == losses(plain)
+
+
+def test_fid_during_training_bad_sampler_fails_before_training(tmp_path, monkeypatch):
+    from diffuse import train as T
+
+    from .conftest import tiny_config
+    monkeypatch.setattr(inception, "load_extractor", lambda *args, **kwargs: CountingExtractor())
+    with pytest.raises(DiffuseError, match="--fid-sampler 'nope'"):
+        T.train(tiny_config(tmp_path / "r", fid_every=2, fid_sampler="nope"), progress=False)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_compare_samplers_fid_column(tiny_run, tmp_path, monkeypatch, capsys):
+    from diffuse.cli import main
+    from diffuse.generate import generate, load
+    ex = CountingExtractor()
+    monkeypatch.setattr(inception, "load_extractor", lambda *args, **kwargs: ex)
+    monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cmp"
+    rc = main(["visualize", "compare-samplers", str(tiny_run), "--out", str(out), "--samplers", "ddim,euler",
+               "--steps-list", "2,3", "--n", "3", "--fid-n", "7", "--ref", "digits:test", "--ref-n", "40"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert "N=7 generated images per cell" in rep["score_note"] and "N_ref=40" in rep["score_note"]
+    ref = fid.reference_stats("digits", "test", 40, extractor=ex)
+    loaded = load(tiny_run, torch.device("cpu"))
+    for cell in rep["cells"]:
+        images, _ = generate(loaded, n=7, seed=0, sampler=cell["sampler"], steps=cell["steps"])
+        gen = fid.stats_from_features(ex.features(images))
+        want = fid.frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+        assert cell["scores"]["fid"] == pytest.approx(want, rel=1e-6), cell
+    assert (out / "fid_vs_nfe.png").is_file()
+    header = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| sampler"))
+    assert "| fid | kid |" in header

@@ -80,3 +80,32 @@ def test_ddpm_cifar10_preset_has_paper_parameter_count():
     c.model.image_size, c.model.in_channels = 32, 3
     n = count_parameters(UNet(c.model))
     assert abs(n - 35.7e6) < 0.1e6, n      # Ho et al. 2020: 35.7M
+
+
+def test_grad_checkpointing_gives_the_same_gradients_with_dropout():
+    torch.manual_seed(0)
+    net = UNet(cfg(dropout=0.3, class_cond=True, num_classes=3))
+    randomize_zero_init(net)
+    net.train()
+    x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([3.0, 200.0, 600.0, 999.0]), torch.tensor([0, 1, 2, 3])
+
+    def grads(checkpointing: bool):
+        net.grad_checkpointing = checkpointing
+        net.zero_grad()
+        torch.manual_seed(7)                       # the same dropout masks in both runs
+        out = net(x, t, y)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    out_a, ga = grads(False)
+    out_b, gb = grads(True)
+    assert torch.equal(out_a, out_b)
+    assert ga.keys() == gb.keys() and len(ga) == len(list(net.parameters()))
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7, msg=n)
+    # a different dropout seed changes the gradients: the comparison above can fail
+    net.grad_checkpointing = False
+    net.zero_grad()
+    torch.manual_seed(8)
+    net(x, t, y).square().mean().backward()
+    assert not torch.allclose(net.conv_in.weight.grad, ga["conv_in.weight"])

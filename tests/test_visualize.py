@@ -257,9 +257,9 @@ def test_ddim_trajectory_last_estimate_is_the_output(loaded):
 def test_compare_samplers_report(loaded, tmp_path):
     seen: dict[tuple, torch.Tensor] = {}
 
-    def score(images):
+    def score(images, sampler, steps):
         seen[len(seen)] = images
-        return {"mean_pixel": images.float().mean().item(), "n_scored": len(images)}
+        return {"mean_pixel": images.float().mean().item(), "n_scored": len(images), "fid": 100.0 / steps}
 
     rep = vis.compare_samplers(loaded, tmp_path / "cmp", steps_list=[1, 3, 2000], n=4, seed=1, score_fn=score)
     out = tmp_path / "cmp"
@@ -280,6 +280,8 @@ def test_compare_samplers_report(loaded, tmp_path):
     assert any(torch.equal(v, ref) for v in seen.values())
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(rep))
     assert (out / "overview.png").is_file() and (out / "time_vs_steps.png").is_file()
+    assert (out / "fid_vs_nfe.png").is_file()                  # a score named fid gets its plot
+    assert cells["ddim", 3]["scores"]["fid"] == pytest.approx(100 / 3)   # score_fn is told the cell
 
     # The markdown table: one row per cell, timings that parse as positive numbers, score columns.
     lines = (out / "report.md").read_text().splitlines()
@@ -305,6 +307,7 @@ def test_compare_samplers_without_score_fn_has_no_score_columns(loaded, tmp_path
     assert header == "| sampler | steps | NFE | spacing | s/batch | images/s | grid |"
     cell = json.loads((tmp_path / "report.json").read_text())["cells"][0]
     assert len(cell["seconds_all"]) == 2 and cell["seconds_std"] is not None and cell["scores"] == {}
+    assert not (tmp_path / "fid_vs_nfe.png").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,19 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .data import ImageSet, load_dataset
+from .data import ImageSet, cache_dir, load_dataset
 from .errors import DiffuseError
 from .rng import generator
 
 ARCH_VERSION = 1
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("DIFFUSE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "diffuse"
 
 
 class JudgeNet(nn.Module):

@@ -229,6 +229,35 @@ def _guidance(flag: float | None, loaded, labels) -> float:
     return loaded.config.train.sample_guidance if flag is None else flag
 
 
+def _fid_score_fn(args: argparse.Namespace, loaded, device, labels):
+    """compare-samplers --fid-n N: per cell, N images from the same seeds (the cell's batch is their
+    first --n), scored by FID and KID against the reference statistics."""
+    import torch
+
+    from . import fid
+    from .generate import generate
+    from .inception import load_extractor
+
+    extractor = load_extractor(args.inception_weights, device, "tf-bilinear")
+    ref, desc = _reference(args, loaded.config, extractor, progress=False)
+    fid_labels = None
+    if labels is not None:                    # the same class cycle as the grids, over N images
+        k = len(labels)
+        fid_labels = labels[torch.arange(args.fid_n) % k]
+
+    def score(images, sampler: str, steps: int) -> dict[str, float]:
+        gen, _ = generate(loaded, n=args.fid_n, seed=args.seed, sampler=sampler, steps=steps,
+                          batch_size=args.batch_size, labels=fid_labels, guidance=args.guidance, device=device)
+        r = fid.compare(fid.stats_of_images(gen, extractor, batch_size=args.batch_size), ref)
+        return {"fid": r["fid"], "kid": r["kid"]}
+
+    what = f"{desc['data']} {desc['split']}" if "data" in desc else desc["stats"]
+    note = (f"FID and KID from N={args.fid_n:,} generated images per cell (seeds {args.seed}:0..{args.fid_n - 1}) "
+            f"against {what} (N_ref={desc['n']:,}); at this N FID is biased upward, so compare cells only "
+            "with each other.")
+    return score, note
+
+
 def cmd_visualize(args: argparse.Namespace) -> int:
     from . import visualize as vis
     from .generate import load
@@ -291,8 +320,12 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         samplers = args.samplers.split(",") if args.samplers is not None else None
         steps_list = vis.parse_int_list(args.steps_list, "--steps-list")
         labels = _visual_labels(args, loaded, args.n)
+        if args.fid_n < 0:
+            raise DiffuseError(f"--fid-n must be >= 0, got {args.fid_n}")
+        score_fn, note = (_fid_score_fn(args, loaded, device, labels) if args.fid_n else (None, None))
         report = vis.compare_samplers(loaded, args.out, samplers=samplers, steps_list=steps_list, n=args.n,
                                       seed=args.seed, repeats=args.repeats, labels=labels, guidance=args.guidance,
+                                      score_fn=score_fn, score_note=note,
                                       log=lambda s: print(s, file=sys.stderr, flush=True))
         skipped = sum("skipped" in c for c in report["cells"])
         print(f"wrote {Path(args.out) / 'report.md'} ({len(report['cells'])} cells"
@@ -312,6 +345,26 @@ def ref_line(ref: dict[str, Any]) -> str:
     where = ref.get("stats") or f"{ref['data']}:{ref['split']}"
     cache = f" (cached in {ref['cache']})" if ref.get("cache") else ""
     return f"{where}, N={ref['n']:,}{cache}"
+
+
+def _reference(args: argparse.Namespace, cfg, extractor, progress: bool):
+    """FID reference statistics for a run: --ref (a data set[:split] or a statistics .npz), by
+    default the run's training data, train split, loaded as training loaded it (no augmentation)."""
+    from . import fid
+
+    if args.ref and Path(args.ref).suffix == ".npz":
+        ref, desc = fid.load_stats(args.ref), {"stats": args.ref}
+    else:
+        data, split = _parse_ref(args.ref or cfg.data.name)
+        same = data == cfg.data.name
+        ref = fid.reference_stats(data, split, args.ref_n, extractor=extractor,
+                                  data_root=args.data_root or (cfg.data.root if same else None),
+                                  image_size=cfg.data.image_size if same else None,
+                                  channels=cfg.data.channels if same else None,
+                                  batch_size=args.batch_size, progress=progress)
+        desc = {"data": data, "split": split, "cache": ref.meta.get("cache")}
+    desc["n"] = ref.n
+    return ref, desc
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -380,18 +433,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             labels = torch.tensor(cls)[torch.arange(n) % len(cls)]
         args.guidance = _guidance(args.guidance, loaded, labels)
         ex = get_extractor()
-        if args.ref and Path(args.ref).suffix == ".npz":
-            ref, ref_desc = fid.load_stats(args.ref), {"stats": args.ref}
-        else:
-            data, split = _parse_ref(args.ref or cfg.data.name)
-            same = data == cfg.data.name                      # the training data, loaded as training did
-            ref = fid.reference_stats(data, split, args.ref_n, extractor=ex,
-                                      data_root=args.data_root or (cfg.data.root if same else None),
-                                      image_size=cfg.data.image_size if same else None,
-                                      channels=cfg.data.channels if same else None,
-                                      batch_size=args.batch_size, progress=progress)
-            ref_desc = {"data": data, "split": split, "cache": ref.meta.get("cache")}
-        ref_desc["n"] = ref.n
+        ref, ref_desc = _reference(args, cfg, ex, progress)
         nfe_of = SAMPLERS[args.sampler][3]
         with tqdm(total=nfe_of(args.steps) * -(-n // args.batch_size), unit="nfe", desc=f"{args.sampler} sampling",
                   file=sys.stderr, disable=not progress or not sys.stderr.isatty()) as bar:
@@ -600,6 +642,14 @@ def build_parser() -> Parser:
                    help="step counts (default 10,20,50,100,1000)")
     v.add_argument("--n", type=_positive_int, default=16, help="images per batch (default 16)")
     v.add_argument("--repeats", type=_positive_int, default=1, help="timed batches per cell (default 1)")
+    v.add_argument("--fid-n", type=_int, default=0, metavar="N",
+                   help="add FID and KID columns from N images per cell and fid_vs_nfe.png (default 0: off)")
+    v.add_argument("--ref", default=None, metavar="DATA[:split]|STATS.npz",
+                   help="FID reference (as for eval; default: the run's training data, train split)")
+    v.add_argument("--ref-n", type=_positive_int, default=None, help="reference images (default: the whole split)")
+    v.add_argument("--data-root", default=None, help="where the reference data set lives (as for train)")
+    v.add_argument("--batch-size", type=_positive_int, default=250, help="batch size for the FID images")
+    v.add_argument("--inception-weights", default=None, metavar="FILE", help="as for eval")
     vi.set_defaults(func=cmd_visualize)
 
     ev = sub.add_parser("eval", parents=[common], help="FID and KID of a model's samples, or between two image sets",

@@ -74,15 +74,24 @@ class TrainConfig:
     precision: str = opt("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16")
     channels_last: bool | None = opt(None, "use channels_last memory format (default: on where it is faster)")
     compile: bool = opt(False, "torch.compile the model")
+    grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass: less memory, "
+                                          "about a third more compute")
     time_limit: float | None = opt(None, "stop cleanly after this many minutes of training")
     log_every: int = opt(50, "steps between metric log lines")
     sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run)")
     sample_steps: int = opt(50, "DDIM steps for the grids written during training")
     sample_n: int = opt(64, "images in the grids written during training")
-    sample_guidance: float = opt(0.0, "with --class-cond: guidance w for the training grids")
+    sample_guidance: float = opt(1.0, "with --class-cond: guidance w for the training grids, and the run's default for sample/eval")
     ckpt_every: int | None = opt(None, "steps between checkpoints (default: about 5 per run)")
     keep: int = opt(3, "keep only the newest N step checkpoints (0 = keep all)")
     patience: int | None = opt(None, "early stopping: stop after N epochs without a loss improvement")
+    fid_every: int | None = opt(None, "every N steps: FID of --fid-n EMA samples against the training data; "
+                                      "keeps the best-FID checkpoint as checkpoints/best")
+    fid_n: int = opt(1000, "generated images per FID during training (small N biases FID upward)")
+    fid_ref_n: int | None = opt(10_000, "real training images for the FID reference statistics (cached; "
+                                        "0 = the whole training split)")
+    fid_sampler: str = opt("dpmpp-2m", "sampler for the FID images during training")
+    fid_steps: int = opt(20, "sampling steps for the FID images during training")
     out: str | None = opt(None, "run directory (default runs/<preset>-<time>)")
 
 
@@ -293,6 +302,10 @@ def validate(cfg: Config) -> None:
     need(t.sample_steps >= 1, f"--sample-steps must be at least 1, got {t.sample_steps}")
     need(t.sample_n >= 1, f"--sample-n must be at least 1, got {t.sample_n}")
     need(t.keep >= 0, f"--keep must be >= 0, got {t.keep}")
+    need(t.fid_every is None or t.fid_every >= 1, f"--fid-every must be at least 1, got {t.fid_every}")
+    need(t.fid_n >= 2, f"--fid-n must be at least 2 (a covariance needs two images), got {t.fid_n}")
+    need(t.fid_ref_n is None or t.fid_ref_n >= 0, f"--fid-ref-n must be >= 0, got {t.fid_ref_n}")
+    need(t.fid_steps >= 1, f"--fid-steps must be at least 1, got {t.fid_steps}")
     need(cfg.data.image_size is None or cfg.data.image_size >= 4, f"--image-size must be at least 4, got {cfg.data.image_size}")
     need(cfg.data.channels in (None, 1, 3), f"--channels must be 1 or 3, got {cfg.data.channels}")
 

@@ -94,12 +94,21 @@ class ImageSet:
 # ----------------------------------------------------------------------------------------------
 # Locations and downloads
 
+def cache_dir() -> Path:
+    """diffuse's cache (downloads, FID statistics, judge classifiers): $DIFFUSE_CACHE, else
+    $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse."""
+    env = os.environ.get("DIFFUSE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diffuse"
+
+
 def default_data_root() -> Path:
     env = os.environ.get("DIFFUSE_DATA_ROOT")
     if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "diffuse" / "data"
+        return Path(env).expanduser()
+    return cache_dir() / "data"
 
 
 def md5sum(path: Path) -> str:

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data import cache_dir
 from .errors import DiffuseError
 from .inception import FEATURE_DIM, InceptionExtractor
 
@@ -352,14 +353,6 @@ def small_n_note(n: int) -> str | None:
 
 # ----------------------------------------------------------------------------------------------
 # Reference statistics, cached
-
-def cache_dir() -> Path:
-    """$DIFFUSE_CACHE, else $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse."""
-    env = os.environ.get("DIFFUSE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "diffuse"
 
 
 def folder_fingerprint(root: Path) -> str:

@@ -178,6 +178,16 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(groups, c)
         self.conv_out = zero_init(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
+        # Gradient checkpointing (a run-time switch, not part of the weights): residual and
+        # attention blocks keep only their inputs and recompute activations in the backward pass.
+        self.grad_checkpointing = False
+
+    def _block(self, block: nn.Module, attn: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            # preserve_rng_state (the default) replays the same dropout masks in the recomputation
+            return checkpoint(lambda a, b: attn(block(a, b)), h, emb, use_reentrant=False)
+        return attn(block(h, emb))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
@@ -192,17 +202,18 @@ class UNet(nn.Module):
         skips = [h]
         for level, down in zip(self.down, self.downsample):
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(h, emb))
+                h = self._block(block, attn, h, emb)
                 skips.append(h)
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 skips.append(h)
 
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        h = self._block(self.mid1, self.mid_attn, h, emb)
+        h = self._block(self.mid2, nn.Identity(), h, emb)
 
         for level, up in zip(self.up, self.upsample):
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+                h = self._block(block, attn, torch.cat([h, skips.pop()], dim=1), emb)
             h = up(h)
 
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -45,7 +45,8 @@ NOISING_T = (0, 200, 400, 600, 800, 999)
 STEPS_LIST = (10, 20, 50, 100, 1000)
 FILE_SUFFIXES = {".png", ".gif", ".jpg", ".jpeg", ".webp", ".json", ".md", ".npz", ".txt"}
 
-ScoreFn = Callable[[Tensor], dict[str, float]]
+# score_fn(cell images uint8 [n, C, H, W], sampler, steps) -> {column name: value}
+ScoreFn = Callable[[Tensor, str, int], dict[str, float]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,14 +562,17 @@ def _sync(device: torch.device) -> None:
 def compare_samplers(loaded: Loaded, out: str | Path, *, samplers: list[str] | None = None,
                      steps_list: list[int] | tuple[int, ...] = STEPS_LIST, n: int = 16, seed: int = 0,
                      repeats: int = 1, labels: Tensor | None = None, guidance: float = 0.0,
-                     score_fn: ScoreFn | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     score_fn: ScoreFn | None = None, score_note: str | None = None,
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Sample the same n seeds with every (sampler, steps) cell, one batch of n per run.
 
     Timing: one short discarded warm-up run per sampler, then ``repeats`` timed batches per cell,
     taken in rounds over all cells (wall clock around ``generate``, which returns images on the
     CPU, so GPU work is finished); the report gives their mean and standard deviation.
-    ``score_fn(images uint8 [n, C, H, W]) -> {name: value}`` adds one column per name (e.g. a later
-    FID). A combination ``generate`` rejects is skipped and its reason reported.
+    ``score_fn(images uint8 [n, C, H, W], sampler, steps) -> {name: value}`` adds one column per
+    name; it may score the cell's images or draw more with the same sampler (FID needs thousands),
+    and ``score_note`` says how in the report. A score named ``fid`` also gets an FID-vs-NFE plot.
+    A combination ``generate`` rejects is skipped and its reason reported.
     Writes OUT/report.md, report.json, time_vs_steps.png, overview.png and grids/*.png.
     """
     out = dir_path(out)
@@ -606,8 +610,10 @@ def compare_samplers(loaded: Loaded, out: str | Path, *, samplers: list[str] | N
                 continue
             cell.images, cell.nfe, cell.spacing = images, record["nfe"], record["spacing"]
             if score_fn is not None:
-                cell.scores = {k: float(v) for k, v in score_fn(images).items()}
-            log(f"{name:>12} {steps:>5} steps  {cell.mean_seconds:8.3f} s/batch  {n / cell.mean_seconds:8.1f} img/s")
+                cell.scores = {k: float(v) for k, v in score_fn(images, name, steps).items()}
+            scored = "".join(f"  {k} {_fmt(v)}" for k, v in cell.scores.items())
+            log(f"{name:>12} {steps:>5} steps  {cell.mean_seconds:8.3f} s/batch  {n / cell.mean_seconds:8.1f} img/s"
+                f"{scored}")
     # Further timed batches go round all cells in turn, so a passing slowdown of the machine is
     # spread over the cells instead of landing on whichever one happened to be running.
     for r in range(1, repeats):
@@ -615,7 +621,8 @@ def compare_samplers(loaded: Loaded, out: str | Path, *, samplers: list[str] | N
             if not cell.skipped:
                 timed(cell)
         log(f"repeat {r + 1}/{repeats} done")
-    return write_comparison(cells, out, n=n, seed=seed, repeats=repeats, device=device, source=str(loaded.source))
+    return write_comparison(cells, out, n=n, seed=seed, repeats=repeats, device=device, source=str(loaded.source),
+                            score_note=score_note)
 
 
 def _fmt(v: float) -> str:
@@ -623,7 +630,7 @@ def _fmt(v: float) -> str:
 
 
 def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats: int, device: torch.device,
-                     source: str) -> dict[str, Any]:
+                     source: str, score_note: str | None = None) -> dict[str, Any]:
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
     score_names = list(dict.fromkeys(k for c in cells for k in c.scores))
@@ -641,13 +648,14 @@ def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats
                         "scores": c.scores})
         rows.append(row)
     report = {"source": source, "n": n, "batch_size": n, "seed": seed, "repeats": repeats, "device": str(device),
-              "torch": torch.__version__, "cells": rows}
+              "torch": torch.__version__, "score_note": score_note, "cells": rows}
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
     head = ["sampler", "steps", "NFE", "spacing", "s/batch", "images/s", *score_names, "grid"]
     lines = [f"# Sampler comparison", "",
              f"Model `{source}`; {n} images per batch (seeds {seed}:0..{n - 1}, the same in every cell); "
-             f"device {device}; {repeats} timed batch(es) per cell after a discarded warm-up.", "",
+             f"device {device}; {repeats} timed batch(es) per cell after a discarded warm-up."
+             + (f" {score_note}" if score_note else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c, r in zip(cells, rows):
         if c.skipped:
@@ -680,6 +688,23 @@ def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats
         fig.tight_layout()
         fig.savefig(out / "time_vs_steps.png")
         plt.close(fig)
+
+        scored = [c for c in done if "fid" in c.scores]
+        if scored:
+            fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+            for name in dict.fromkeys(c.sampler for c in scored):
+                cs = [c for c in scored if c.sampler == name]
+                ax.plot([c.nfe for c in cs], [c.scores["fid"] for c in cs], marker="o", label=name)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("network evaluations per image (NFE)")
+            ax.set_ylabel("FID (lower is better)")
+            ax.set_title("FID against sampling cost" + (f"\n{score_note}" if score_note else ""), fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out / "fid_vs_nfe.png")
+            plt.close(fig)
 
         names = list(dict.fromkeys(c.sampler for c in cells))
         steps = list(dict.fromkeys(c.steps for c in cells))
