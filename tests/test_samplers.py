@@ -95,6 +95,7 @@ def test_sampler_sigmas_per_spacing():
             else:
                 assert torch.equal(s[:-1], sched.sigmas[discrete_timesteps(1000, len(s) - 1, spacing)])
     assert torch.equal(sampler_sigmas("dpmpp-2m", sched, 9), sampler_sigmas("dpmpp-2m", sched, 9, "karras"))
+    assert torch.equal(sampler_sigmas("heun", sched, 9), sampler_sigmas("heun", sched, 9, "karras"))
     assert torch.equal(sampler_sigmas("ddim", sched, 9), sampler_sigmas("ddim", sched, 9, "trailing"))
 
 
