@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -691,7 +692,7 @@ def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats
 
         scored = [c for c in done if "fid" in c.scores]
         if scored:
-            fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+            fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
             for name in dict.fromkeys(c.sampler for c in scored):
                 cs = [c for c in scored if c.sampler == name]
                 ax.plot([c.nfe for c in cs], [c.scores["fid"] for c in cs], marker="o", label=name)
@@ -699,7 +700,8 @@ def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats
             ax.set_yscale("log")
             ax.set_xlabel("network evaluations per image (NFE)")
             ax.set_ylabel("FID (lower is better)")
-            ax.set_title("FID against sampling cost" + (f"\n{score_note}" if score_note else ""), fontsize=9)
+            note = "\n" + textwrap.fill(score_note, 90) if score_note else ""      # long: wrap, never clip
+            ax.set_title("FID against sampling cost" + note, fontsize=7 if note else 9)
             ax.grid(alpha=0.3, which="both")
             ax.legend()
             fig.tight_layout()
