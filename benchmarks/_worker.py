@@ -274,7 +274,6 @@ class Bench:
     def _build_ours(self):
         from diffuse import train as tr
         from diffuse.diffusion import Schedule
-        torch = self.torch
         cfg = ours_config(self.w)
         cfg.train.grad_checkpointing = bool(getattr(self.args, "grad_checkpointing", False))
         if self.impl == "ours-bare":

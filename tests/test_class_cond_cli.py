@@ -69,3 +69,22 @@ def test_classifier_accuracy_needs_a_conditional_model(tmp_path):
     diffuse("train", "--steps", 1, "--batch-size", 4, "--sample-n", 1, "--sample-steps", 1, "--out", out, *TINY_FLAGS)
     p = diffuse("eval", out, "--classifier-accuracy", check=False)
     assert p.returncode != 0 and "--classifier-accuracy needs one trained with --class-cond" in p.stderr
+
+
+def test_class_labels_cycle_over_any_count(cond_run):
+    """eval, visualize and compare-samplers' FID images share one rule: image i gets the i-th class
+    of the cycle, whatever the count (a 16-image grid and 25 FID images cycle alike)."""
+    import argparse
+
+    import torch
+
+    from diffuse.cli import _class_labels
+    from diffuse.generate import load
+    loaded = load(cond_run, torch.device("cpu"))
+    args = argparse.Namespace(class_="all", guidance=None)
+    assert _class_labels(args, loaded, 25).tolist() == [i % 10 for i in range(25)]
+    assert args.guidance == 1.5                                  # the run's --sample-guidance
+    args = argparse.Namespace(class_="3,7", guidance=0.0)
+    assert _class_labels(args, loaded, 5).tolist() == [3, 7, 3, 7, 3] and args.guidance == 0.0
+    args = argparse.Namespace(class_=None, guidance=None)
+    assert _class_labels(args, loaded, 4) is None and args.guidance == 0.0

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import pickle
-import shutil
 import tarfile
 import threading
 import warnings

@@ -509,7 +509,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_run):
 
 def test_fid_during_training_logs_and_keeps_best(tmp_path, monkeypatch):
     from diffuse import train as T
-    from diffuse.generate import Loaded, generate, load
+    from diffuse.generate import generate, load
     from diffuse.rng import derive_seed
 
     from .conftest import tiny_config

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffuse.config import ModelConfig
 from diffuse.denoiser import EpsDenoiser
 from diffuse.diffusion import Schedule
 from diffuse.generate import Loaded, generate

@@ -201,19 +201,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _visual_labels(args: argparse.Namespace, loaded, count: int):
-    """--class for the visualize views: None (unconditional), or labels [count] cycling the classes."""
+def _class_labels(args: argparse.Namespace, loaded, count: int):
+    """--class for eval and the visualize views: None (unconditional), or labels [count] cycling
+    the classes asked for ('all': every class, image i gets class i mod K). Also settles
+    args.guidance, whose default depends on whether a class was asked for."""
     import torch
 
     from .generate import parse_class
 
     cls = parse_class(getattr(args, "class_", None), loaded)
-    if cls is None:
-        args.guidance = _guidance(args.guidance, loaded, None)
-        return None
-    if cls == "all":
-        cls = list(range(len(loaded.class_names)))
-    labels = torch.tensor(cls)[torch.arange(count) % len(cls)]
+    labels = None
+    if cls is not None:
+        if cls == "all":
+            cls = list(range(len(loaded.class_names)))
+        labels = torch.tensor(cls)[torch.arange(count) % len(cls)]
     args.guidance = _guidance(args.guidance, loaded, labels)
     return labels
 
@@ -229,21 +230,16 @@ def _guidance(flag: float | None, loaded, labels) -> float:
     return loaded.config.train.sample_guidance if flag is None else flag
 
 
-def _fid_score_fn(args: argparse.Namespace, loaded, device, labels):
+def _fid_score_fn(args: argparse.Namespace, loaded, device):
     """compare-samplers --fid-n N: per cell, N images from the same seeds (the cell's batch is their
     first --n), scored by FID and KID against the reference statistics."""
-    import torch
-
     from . import fid
     from .generate import generate
     from .inception import load_extractor
 
     extractor = load_extractor(args.inception_weights, device, "tf-bilinear")
     ref, desc = _reference(args, loaded.config, extractor, progress=False)
-    fid_labels = None
-    if labels is not None:                    # the same class cycle as the grids, over N images
-        k = len(labels)
-        fid_labels = labels[torch.arange(args.fid_n) % k]
+    fid_labels = _class_labels(args, loaded, args.fid_n)        # the grids' class cycle, over N images
 
     def score(images, sampler: str, steps: int) -> dict[str, float]:
         gen, _ = generate(loaded, n=args.fid_n, seed=args.seed, sampler=sampler, steps=steps,
@@ -285,7 +281,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     loaded = load(args.run, device)
     if view == "interpolate":
         out = vis.dir_path(args.out)
-        labels = _visual_labels(args, loaded, args.rows)
+        labels = _class_labels(args, loaded, args.rows)
         names = [loaded.class_names[int(k)] for k in labels] if labels is not None else None
         for sampler, steps, file in (("ddim", args.ddim_steps, "interp_ddim.png"), ("ddpm", args.ddpm_steps, "interp.png")):
             t0 = time.perf_counter()
@@ -309,7 +305,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         return 0
     if view == "trajectory":
         out = vis.dir_path(args.out)
-        labels = _visual_labels(args, loaded, args.n)
+        labels = _class_labels(args, loaded, args.n)
         tr = vis.trajectory(loaded, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
                             first_index=args.first_index, labels=labels, guidance=args.guidance)
         vis.save_trajectory(tr, out / "trajectory.png", out / "trajectory.gif", frames=args.frames)
@@ -319,10 +315,10 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if view == "compare-samplers":
         samplers = args.samplers.split(",") if args.samplers is not None else None
         steps_list = vis.parse_int_list(args.steps_list, "--steps-list")
-        labels = _visual_labels(args, loaded, args.n)
+        labels = _class_labels(args, loaded, args.n)
         if args.fid_n < 0:
             raise DiffuseError(f"--fid-n must be >= 0, got {args.fid_n}")
-        score_fn, note = (_fid_score_fn(args, loaded, device, labels) if args.fid_n else (None, None))
+        score_fn, note = (_fid_score_fn(args, loaded, device) if args.fid_n else (None, None))
         report = vis.compare_samplers(loaded, args.out, samplers=samplers, steps_list=steps_list, n=args.n,
                                       seed=args.seed, repeats=args.repeats, labels=labels, guidance=args.guidance,
                                       score_fn=score_fn, score_note=note,
@@ -369,27 +365,33 @@ def _reference(args: argparse.Namespace, cfg, extractor, progress: bool):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from . import fid
     from .inception import load_extractor
 
+    from .generate import check_request, load
+
     if bool(args.run) == bool(args.fid_between):
         raise DiffuseError("give a RUN to evaluate, or --fid-between A B (not both)")
-    judged = None
-    if args.classifier_accuracy:
-        if args.fid_between:
-            raise DiffuseError("--classifier-accuracy judges a RUN's samples; it does not apply to --fid-between")
-        judged = _eval_classifier(args)
-        if not args.fid:
-            if args.json:
-                print(json.dumps(judged))
-            return 0
+    if args.classifier_accuracy and args.fid_between:
+        raise DiffuseError("--classifier-accuracy judges a RUN's samples; it does not apply to --fid-between")
     if args.n is not None and args.fid_between:
         raise DiffuseError("--n applies to a RUN; --fid-between uses the sets as they are")
     if args.save_stats and Path(args.save_stats).suffix != ".npz":
         raise DiffuseError(f"--save-stats {args.save_stats}: statistics files end in .npz")
     device, amp = _device_and_amp(args.device, args.precision)
+    loaded = None
+    if args.run:
+        loaded = load(args.run, device)
+        # Everything that can fail cheaply fails before the judge, the reference statistics and the sampling.
+        check_request(args.sampler, args.steps, loaded.schedule.timesteps)
+    judged = None
+    if args.classifier_accuracy:
+        judged = _eval_classifier(args, loaded, device, amp)
+        if not args.fid:
+            if args.json:
+                print(json.dumps(judged))
+            return 0
     progress = not args.no_progress
     extractor = None
 
@@ -415,23 +417,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from tqdm import tqdm
 
-        from .generate import generate, load, parse_class
+        from .generate import generate
         from .samplers import SAMPLERS
 
         n = args.n or 10_000
-        loaded = load(args.run, device)
         cfg = loaded.config
-        # Everything that can fail cheaply fails before the reference statistics and the sampling.
-        if not 1 <= args.steps <= loaded.schedule.timesteps:
-            raise DiffuseError(f"--steps must be between 1 and {loaded.schedule.timesteps} for this model, "
-                               f"got {args.steps}")
-        cls = parse_class(args.class_, loaded)
-        labels = None
-        if cls == "all":
-            labels = torch.arange(n) % len(loaded.class_names)           # balanced: image i gets class i mod K
-        elif cls is not None:
-            labels = torch.tensor(cls)[torch.arange(n) % len(cls)]
-        args.guidance = _guidance(args.guidance, loaded, labels)
+        labels = _class_labels(args, loaded, n)
         ex = get_extractor()
         ref, ref_desc = _reference(args, cfg, ex, progress)
         nfe_of = SAMPLERS[args.sampler][3]
@@ -479,13 +470,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_classifier(args: argparse.Namespace) -> dict:
+def _eval_classifier(args: argparse.Namespace, loaded, device, amp) -> dict:
     """Class accuracy of a class-conditional run's samples over a guidance sweep, judged by a small
     classifier trained once on the real training split (cached). Prints a table unless --json."""
     from tqdm import tqdm
 
     from . import classifier
-    from .generate import load
     from .samplers import SAMPLERS
 
     try:
@@ -494,15 +484,10 @@ def _eval_classifier(args: argparse.Namespace) -> dict:
         raise DiffuseError(f"--guidance-sweep wants numbers like 0,1,2, got {args.guidance_sweep!r}") from None
     if not guidances or any(w < 0 for w in guidances):
         raise DiffuseError(f"--guidance-sweep wants guidance values >= 0, got {args.guidance_sweep!r}")
-    device, amp = _device_and_amp(args.device, args.precision)
-    loaded = load(args.run, device)
     cfg = loaded.config
     if not cfg.model.class_cond:
         raise DiffuseError(f"{loaded.source} is an unconditional model; --classifier-accuracy needs one "
                            "trained with --class-cond")
-    if not 1 <= args.steps <= loaded.schedule.timesteps:
-        raise DiffuseError(f"--steps must be between 1 and {loaded.schedule.timesteps} for this model, "
-                           f"got {args.steps}")
     say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
     judge = classifier.load_or_train(cfg.data.name, args.data_root or cfg.data.root, cfg.model.image_size,
                                      cfg.model.in_channels, device=device, log=say)

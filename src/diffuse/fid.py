@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .data import cache_dir
 from .errors import DiffuseError
-from .inception import FEATURE_DIM, InceptionExtractor
+from .inception import InceptionExtractor
 
 KID_KEEP = 5000           # features kept with a statistics file, for KID (a seeded subsample)
 KID_SUBSETS = 100

@@ -78,6 +78,34 @@ def parse_class(spec: str | None, loaded: Loaded) -> list[int] | str | None:
     return out
 
 
+def check_request(sampler: str, steps: int, timesteps: int, flag: str = "--steps") -> None:
+    """One-line errors for a sampler name or step count a model with ``timesteps`` cannot run,
+    for callers that want to fail before expensive work (reference statistics, training)."""
+    if sampler not in SAMPLERS:
+        raise DiffuseError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= timesteps:
+        raise DiffuseError(f"{flag} must be between 1 and {timesteps} for this model, got {steps}")
+
+
+@torch.no_grad()
+def sample_batch(loaded: Loaded, sampler: str, sigmas: Tensor, noise, *, labels: Tensor | None = None,
+                 guidance: float = 0.0, clip_x0: bool = True, amp: torch.dtype | None = None,
+                 callback=None, **options) -> tuple[Tensor, EpsDenoiser]:
+    """One batch: start from ``noise.randn`` (any object with randn/randn_like, e.g. ImageNoise),
+    run ``sampler`` over ``sigmas``. labels: [B] long or None (the null class). Returns (x float
+    [B, C, H, W], the denoiser, whose ``nfe`` counts the network calls)."""
+    m = loaded.config.model
+    device = next(loaded.net.parameters()).device
+    z = noise.randn(m.in_channels, m.image_size, m.image_size)
+    y = labels.to(device) if labels is not None else None
+    den = EpsDenoiser(loaded.net, loaded.schedule, labels=y, guidance=guidance if y is not None else 0.0,
+                      null_label=m.num_classes if m.class_cond else None, clip_x0=clip_x0, autocast_dtype=amp)
+    stochastic = SAMPLERS[sampler][1]
+    x = run_sampler(sampler, den, z, sigmas, noise=noise if stochastic or options.get("eta") else None,
+                    callback=callback, **options)
+    return x, den
+
+
 @torch.no_grad()
 def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m", steps: int = 20,
              spacing: str | None = None, eta: float | None = None, batch_size: int = 64,
@@ -89,13 +117,8 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m"
     ``steps`` is the network-evaluation budget per image (see ``samplers.sampler_sigmas``); the
     record's ``nfe`` is what the denoiser actually counted per batch, at most ``steps``.
     """
-    if sampler not in SAMPLERS:
-        raise DiffuseError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    _, stochastic, default_spacing, _ = SAMPLERS[sampler]
-    spacing = spacing or default_spacing
-    T = loaded.schedule.timesteps
-    if not 1 <= steps <= T:
-        raise DiffuseError(f"--steps must be between 1 and {T} for this model, got {steps}")
+    check_request(sampler, steps, loaded.schedule.timesteps)
+    spacing = spacing or SAMPLERS[sampler][2]
     if n < 1:
         raise DiffuseError(f"--n must be a positive integer, got {n}")
     if batch_size < 1:
@@ -110,21 +133,15 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m"
     except ValueError as e:
         raise DiffuseError(str(e)) from None
     device = device or next(loaded.net.parameters()).device
-    m = loaded.config.model
-    null = m.num_classes if m.class_cond else None
+    cb = None
+    if progress is not None:
+        cb = lambda i, x, x0, s: progress(1)  # noqa: E731
     out, nfe, t0 = [], 0, time.perf_counter()
     for start in range(0, n, batch_size):
         idx = range(first_index + start, first_index + min(n, start + batch_size))
-        noise = ImageNoise(seed, idx, device)
-        z = noise.randn(m.in_channels, m.image_size, m.image_size)
-        y = labels[start:start + len(idx)].to(device) if labels is not None else None
-        den = EpsDenoiser(loaded.net, loaded.schedule, labels=y, guidance=guidance if y is not None else 0.0,
-                          null_label=null, clip_x0=clip_x0, autocast_dtype=amp)
-        cb = None
-        if progress is not None:
-            cb = lambda i, x, x0, s: progress(1)  # noqa: E731
-        x = run_sampler(sampler, den, z, sigmas, noise=noise if stochastic or options.get("eta") else None,
-                        callback=cb, **options)
+        y = labels[start:start + len(idx)] if labels is not None else None
+        x, den = sample_batch(loaded, sampler, sigmas, ImageNoise(seed, idx, device), labels=y, guidance=guidance,
+                              clip_x0=clip_x0, amp=amp, callback=cb, **options)
         out.append(to_uint8(x))
         nfe = den.nfe                               # counted, not predicted: network calls per batch
     seconds = time.perf_counter() - t0

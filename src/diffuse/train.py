@@ -586,7 +586,6 @@ class FidDuringTraining:
     def __init__(self, cfg: Config, device: torch.device):
         from . import fid
         from .inception import load_extractor
-
         from .samplers import SAMPLERS
 
         t = cfg.train
@@ -609,14 +608,14 @@ class FidDuringTraining:
         t = self.cfg.train
         t0 = time.perf_counter()
         loaded = Loaded(ema, self.cfg, {"class_names": class_names}, schedule, Path("<training EMA>"))
-        labels = guidance = None
+        labels, guidance = None, 0.0
         if class_names:                            # class-balanced: image i gets class i mod K
             labels, guidance = torch.arange(t.fid_n) % len(class_names), t.sample_guidance
         was_training = ema.training
         ema.eval()
         try:
             images, _ = generate(loaded, n=t.fid_n, seed=self.seed, sampler=t.fid_sampler, steps=t.fid_steps,
-                                 batch_size=min(t.fid_n, 250), labels=labels, guidance=guidance or 0.0,
+                                 batch_size=min(t.fid_n, 250), labels=labels, guidance=guidance,
                                  device=self.device, amp=amp)
         finally:
             ema.train(was_training)

@@ -37,10 +37,10 @@ from .data import is_standard, load_dataset
 from .denoiser import EpsDenoiser
 from .diffusion import SCHEDULES, Schedule, q_sample
 from .errors import DiffuseError
-from .generate import Loaded, generate
+from .generate import Loaded, check_request, generate, sample_batch
 from .images import display_scale, make_grid, save_grid, to_uint8
 from .rng import ImageNoise, generator
-from .samplers import SAMPLERS, run_sampler, sampler_sigmas
+from .samplers import SAMPLERS, sampler_sigmas
 
 NOISING_T = (0, 200, 400, 600, 800, 999)
 STEPS_LIST = (10, 20, 50, 100, 1000)
@@ -105,14 +105,6 @@ def dir_path(out: str | Path) -> Path:
         raise DiffuseError(f"--out {out} looks like a file name; this view writes several files: give a directory")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _check_steps(loaded: Loaded, sampler: str, steps: int, flag: str = "--steps") -> None:
-    if sampler not in SAMPLERS:
-        raise DiffuseError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    T = loaded.schedule.timesteps
-    if not 1 <= steps <= T:
-        raise DiffuseError(f"{flag} must be between 1 and {T} for this model, got {steps}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,18 +202,11 @@ def _sample(loaded: Loaded, sampler: str, steps: int, noise, *, labels: Tensor |
     """One batch through ``sampler``, set up exactly as ``generate.generate`` sets up a batch
     (same prior draw, denoiser, x0 clipping and noise hand-over), but from any noise object with
     ``randn``/``randn_like`` and with a per-step callback. Returns float [B, C, H, W]."""
-    stochastic = SAMPLERS[sampler][1]
     try:
         sigmas = sampler_sigmas(sampler, loaded.schedule, steps)
     except ValueError as e:
         raise DiffuseError(str(e)) from None
-    m = loaded.config.model
-    device = next(loaded.net.parameters()).device
-    z = noise.randn(m.in_channels, m.image_size, m.image_size)
-    y = labels.to(device) if labels is not None else None
-    den = EpsDenoiser(loaded.net, loaded.schedule, labels=y, guidance=guidance if y is not None else 0.0,
-                      null_label=m.num_classes if m.class_cond else None, clip_x0=True)
-    return run_sampler(sampler, den, z, sigmas, noise=noise if stochastic else None, callback=callback)
+    return sample_batch(loaded, sampler, sigmas, noise, labels=labels, guidance=guidance, callback=callback)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +352,7 @@ def interpolate(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, rows:
     """Row p slerps from image 2p to image 2p + 1 of ``seed`` (as ``generate`` numbers them) in
     ``frames`` equal steps of alpha and decodes every frame with ``sampler``.
     labels: [rows] long or None. Returns uint8 [rows, frames, C, H, W]."""
-    _check_steps(loaded, sampler, steps)
+    check_request(sampler, steps, loaded.schedule.timesteps)
     if rows < 1 or frames < 2:
         raise DiffuseError(f"need at least 1 row and 2 frames, got {rows} rows and {frames} frames")
     alphas = torch.linspace(0, 1, frames, dtype=torch.float64)
@@ -480,7 +465,7 @@ class Trajectory:
 def trajectory(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, n: int = 4, seed: int = 0,
                first_index: int = 0, labels: Tensor | None = None, guidance: float = 0.0) -> Trajectory:
     """Record every denoiser call of one run of ``sampler`` for images first_index.. of ``seed``."""
-    _check_steps(loaded, sampler, steps)
+    check_request(sampler, steps, loaded.schedule.timesteps)
     if n < 1:
         raise DiffuseError(f"--n must be a positive integer, got {n}")
     device = next(loaded.net.parameters()).device
@@ -653,7 +638,7 @@ def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
     head = ["sampler", "steps", "NFE", "spacing", "s/batch", "images/s", *score_names, "grid"]
-    lines = [f"# Sampler comparison", "",
+    lines = ["# Sampler comparison", "",
              f"Model `{source}`; {n} images per batch (seeds {seed}:0..{n - 1}, the same in every cell); "
              f"device {device}; {repeats} timed batch(es) per cell after a discarded warm-up."
              + (f" {score_note}" if score_note else ""), "",
