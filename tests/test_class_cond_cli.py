@@ -62,6 +62,8 @@ def test_classifier_accuracy_sweep(cond_run, tmp_path, monkeypatch):
     assert "<- the run's default" not in p.stdout and "guidance w" in p.stdout
     bad = diffuse("eval", cond_run, "--classifier-accuracy", "--guidance-sweep", "a,b", check=False)
     assert bad.returncode != 0 and "--guidance-sweep wants numbers" in bad.stderr
+    empty = diffuse("eval", cond_run, "--classifier-accuracy", "--guidance-sweep", ",", check=False)
+    assert empty.returncode != 0 and "--guidance-sweep wants numbers" in empty.stderr
 
 
 def test_classifier_accuracy_needs_a_conditional_model(tmp_path):

@@ -480,9 +480,11 @@ def _eval_classifier(args: argparse.Namespace, loaded, device, amp) -> dict:
 
     try:
         guidances = [float(v) for v in args.guidance_sweep.split(",") if v.strip()]
+        if not guidances:
+            raise ValueError
     except ValueError:
         raise DiffuseError(f"--guidance-sweep wants numbers like 0,1,2, got {args.guidance_sweep!r}") from None
-    if not guidances or any(w < 0 for w in guidances):
+    if any(w < 0 for w in guidances):
         raise DiffuseError(f"--guidance-sweep wants guidance values >= 0, got {args.guidance_sweep!r}")
     cfg = loaded.config
     if not cfg.model.class_cond:
