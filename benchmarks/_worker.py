@@ -274,6 +274,7 @@ class Bench:
     def _build_ours(self):
         from diffuse import train as tr
         from diffuse.diffusion import Schedule
+        tr.keep_freed_cpu_memory()                       # as `diffuse train` and `diffuse sample` do
         cfg = ours_config(self.w)
         cfg.train.grad_checkpointing = bool(getattr(self.args, "grad_checkpointing", False))
         if self.impl == "ours-bare":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffuse.config import ModelConfig
-from diffuse.models import UNet, count_parameters, timestep_embedding
+from diffuse.models import Dropout, GroupNorm32, UNet, attention, count_parameters, timestep_embedding
 
 
 def cfg(**kw):
@@ -109,3 +109,62 @@ def test_grad_checkpointing_gives_the_same_gradients_with_dropout():
     torch.manual_seed(8)
     net(x, t, y).square().mean().backward()
     assert not torch.allclose(net.conv_in.weight.grad, ga["conv_in.weight"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU fast paths: each must compute what the torch op it replaces computes.
+
+def test_groupnorm32_matches_groupnorm_and_keeps_the_input_dtype():
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(4, 16)
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    gn = GroupNorm32(4, 16)
+    gn.load_state_dict(ref.state_dict())                  # same parameters, same keys
+    x = (torch.randn(3, 16, 8, 8) * 5 + 2).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gn(x), ref(x))
+    xb = x.bfloat16()
+    out = gn(xb)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    # statistics in float32: only the output rounding to bf16 (2^-8 relative) separates it from fp32
+    torch.testing.assert_close(out.float(), ref(xb.float()), rtol=2**-7, atol=2**-7)
+
+
+def test_dropout_keeps_1_minus_p_scaled_and_follows_the_torch_seed():
+    x = torch.ones(16, 32, 16, 16).contiguous(memory_format=torch.channels_last)
+    drop = Dropout(0.1).train()
+    torch.manual_seed(3)
+    a = drop(x)
+    kept = a != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003                 # 131k draws: std 0.0008
+    assert torch.allclose(a[kept], torch.tensor(1 / 0.9))
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), a)                                      # same seed, same mask
+    assert not torch.equal(drop(x), a)                                  # generator moved on
+    # neighbours in memory (channels) are independent: no striping from the 4-per-draw packing
+    k = kept.permute(0, 2, 3, 1).reshape(-1, 4).float()
+    assert abs((k[:, 0] * k[:, 1]).mean().item() - 0.81) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+    # the gradient is the mask times 1/(1-p)
+    xg = torch.randn(2, 8, 4, 4, requires_grad=True)
+    drop.train()
+    y = drop(xg)
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, (y != 0).float() / 0.9)
+    with pytest.raises(ValueError):
+        Dropout(1.0)
+
+
+@pytest.mark.parametrize("heads,tokens,d", [(2, 49, 32), (1, 256, 64), (4, 16, 8)])
+def test_cpu_attention_matches_sdpa(heads, tokens, d):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, heads, tokens, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,33 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: False)       # emulated bf16 would be slower
     assert T.autocast_dtype("auto", cpu) is None and not T.use_channels_last(None, cpu, None)
     assert T.autocast_dtype("bf16", cpu) is torch.bfloat16 and T.autocast_dtype("fp32", cuda) is None
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_cpu_memory_stops_page_faults_on_reallocation():
+    """After keep_freed_cpu_memory(), freed 12 MiB blocks are reused, not unmapped and faulted in
+    again. The control pins glibc's default 128 KiB mmap threshold (left alone, glibc raises it
+    on the fly, so whether the default faults depends on the heap layout). One process per mode:
+    the setting is process-wide."""
+    import subprocess
+    import sys
+    code = """
+import ctypes, resource, sys, torch
+from diffuse.train import keep_freed_cpu_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_cpu_memory()
+else:
+    assert ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)      # M_MMAP_THRESHOLD: glibc's default
+def step():
+    xs = [torch.empty(3 << 20).fill_(1.0) for _ in range(8)]    # 8 x 12 MiB, freed together
+for _ in range(3):
+    step()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for mode in ("default", "keep")}
+    assert faults["default"] > 10 * 8 * 500, faults        # 3,072 pages per block, faulted in each time
+    assert faults["keep"] < 200, faults

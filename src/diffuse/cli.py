@@ -124,8 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _device_and_amp(device_flag: str, precision: str):
-    from .train import autocast_dtype, pick_device
+    from .train import autocast_dtype, keep_freed_cpu_memory, pick_device
     device = pick_device(device_flag)
+    keep_freed_cpu_memory()
     return device, autocast_dtype(precision, device)
 
 
