@@ -48,7 +48,7 @@ class GroupNorm32(nn.GroupNorm):
 
     Under bf16 autocast the activations reaching a norm are bf16; normalising them in float32 keeps
     the statistics exact and, on the CPU, is also 2x faster than torch's bf16 channels-last kernel
-    (fwd+bwd of [64, 32, 28, 28]: 5.5 vs 13.7 ms on 2 threads, benchmarks/README.md).
+    (fwd+bwd of [64, 32, 28, 28]: 5.5 vs 13.7 ms on 2 threads, benchmarks/cpu_kernels.py).
     Same parameters and state-dict keys as nn.GroupNorm."""
 
     def forward(self, x: Tensor) -> Tensor:
