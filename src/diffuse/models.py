@@ -48,7 +48,7 @@ class GroupNorm32(nn.GroupNorm):
 
     Under bf16 autocast the activations reaching a norm are bf16; normalising them in float32 keeps
     the statistics exact and, on the CPU, is also 2x faster than torch's bf16 channels-last kernel
-    (fwd+bwd of [64, 32, 28, 28]: 5.5 vs 13.7 ms on 2 threads, benchmarks/cpu_kernels.py).
+    (fwd+bwd of [64, 32, 28, 28] with SiLU: 6.4 vs 14.4 ms on 2 threads, benchmarks/cpu_kernels.py).
     Same parameters and state-dict keys as nn.GroupNorm."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -102,7 +102,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     On the GPU: F.scaled_dot_product_attention (flash / memory-efficient kernels). On the CPU, for
     the token counts a UNet has (L <= 1024), two matmuls and a float32 softmax are faster than
     torch's CPU flash kernel, whose backward dominates at small L (fwd+bwd, bf16, 2 threads:
-    L=49, d=32: 1.9 vs 11.4 ms; L=256, d=256: 3.9 vs 6.3 ms)."""
+    L=49, d=32: 1.6 vs 10.0 ms; L=256, d=256: 2.9 vs 4.0 ms; benchmarks/cpu_kernels.py)."""
     if q.device.type != "cpu" or q.shape[-2] > 1024:
         return F.scaled_dot_product_attention(q, k, v)
     scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5             # [B, heads, L, L]
