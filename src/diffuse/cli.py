@@ -134,7 +134,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .generate import generate, load, parse_class
+    from .generate import cycle_labels, generate, load, parse_class
     from .images import save_images
     from .samplers import SAMPLERS
 
@@ -148,7 +148,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = torch.arange(k).repeat_interleave(per)
         n, nrow, row_labels = len(labels), per, loaded.class_names
     elif cls is not None:
-        labels = torch.tensor(cls)[torch.arange(n) % len(cls)]
+        labels = cycle_labels(cls, n)
     args.guidance = _guidance(args.guidance, loaded, labels)
     nfe_of = SAMPLERS[args.sampler][3]
     total = nfe_of(args.steps) * -(-n // args.batch_size)
@@ -206,16 +206,14 @@ def _class_labels(args: argparse.Namespace, loaded, count: int):
     """--class for eval and the visualize views: None (unconditional), or labels [count] cycling
     the classes asked for ('all': every class, image i gets class i mod K). Also settles
     args.guidance, whose default depends on whether a class was asked for."""
-    import torch
-
-    from .generate import parse_class
+    from .generate import cycle_labels, parse_class
 
     cls = parse_class(getattr(args, "class_", None), loaded)
     labels = None
     if cls is not None:
         if cls == "all":
-            cls = list(range(len(loaded.class_names)))
-        labels = torch.tensor(cls)[torch.arange(count) % len(cls)]
+            cls = range(len(loaded.class_names))
+        labels = cycle_labels(cls, count)
     args.guidance = _guidance(args.guidance, loaded, labels)
     return labels
 

@@ -78,6 +78,12 @@ def parse_class(spec: str | None, loaded: Loaded) -> list[int] | str | None:
     return out
 
 
+def cycle_labels(classes: list[int] | range, count: int) -> Tensor:
+    """Labels [count] long: image i gets classes[i mod len(classes)], so every class asked for gets
+    a share within one of any other (class-balanced FID and accuracy sets, --class lists)."""
+    return torch.as_tensor(list(classes), dtype=torch.long)[torch.arange(count) % len(classes)]
+
+
 def check_request(sampler: str, steps: int, timesteps: int, flag: str = "--steps") -> None:
     """One-line errors for a sampler name or step count a model with ``timesteps`` cannot run,
     for callers that want to fail before expensive work (reference statistics, training)."""

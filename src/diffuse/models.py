@@ -90,10 +90,9 @@ def cpu_keep_mask(x: Tensor, p: float) -> Tensor:
     drop_below = round(p * 65536) - 32768
     keep = torch.from_numpy(bits) >= drop_below
     # Lay the mask out in x's memory order so the product needs no transpose.
-    keep = keep.view(x.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2) \
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else keep.view(x.shape)
-    return keep
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return keep.view(x.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2)
+    return keep.view(x.shape)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

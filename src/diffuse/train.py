@@ -623,14 +623,14 @@ class FidDuringTraining:
     def __call__(self, ema: nn.Module, schedule: Schedule, class_names: list[str] | None,
                  amp: torch.dtype | None) -> dict[str, Any]:
         from . import fid
-        from .generate import Loaded, generate
+        from .generate import Loaded, cycle_labels, generate
 
         t = self.cfg.train
         t0 = time.perf_counter()
         loaded = Loaded(ema, self.cfg, {"class_names": class_names}, schedule, Path("<training EMA>"))
         labels, guidance = None, 0.0
         if class_names:                            # class-balanced: image i gets class i mod K
-            labels, guidance = torch.arange(t.fid_n) % len(class_names), t.sample_guidance
+            labels, guidance = cycle_labels(range(len(class_names)), t.fid_n), t.sample_guidance
         was_training = ema.training
         ema.eval()
         try:
