@@ -451,9 +451,9 @@ folder = "{folder}"
 unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
 scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
 scheduler.set_timesteps(50)
-null = unet.config.num_class_embeds - 1            # the last class is "no class" (for guidance)
-labels = torch.tensor([{label}] * 8)                  # the class to draw, 8 images
-w = {guidance}                                          # guidance: eps = (1 + w) eps(x, y) - w eps(x, null)
+null = unet.config.num_class_embeds - 1  # the last class index means "no class"
+labels = torch.tensor([{label}] * 8)  # 8 images of class {label}
+w = {guidance}  # guidance weight: eps = (1 + w) eps(x, y) - w eps(x, null); 0 = plain conditional
 generator = torch.Generator().manual_seed(0)
 size = unet.config.sample_size
 x = torch.randn(len(labels), unet.config.in_channels, size, size, generator=generator)
@@ -471,7 +471,7 @@ from diffusers import DDIMPipeline
 
 pipe = DDIMPipeline.from_pretrained("{folder}")
 images = pipe(batch_size=16, num_inference_steps=50, eta=0.0, use_clipped_model_output=True,
-              generator=torch.Generator().manual_seed(0)).images     # a list of PIL images
+              generator=torch.Generator().manual_seed(0)).images  # a list of PIL images
 images[0].save("sample.png")
 '''
 
