@@ -8,10 +8,7 @@ saturated, so clipping cannot make two wrong samplers agree.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -199,6 +196,7 @@ def test_what_unet2dmodel_cannot_express_is_refused_by_name():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny unconditional model on the linear schedule (trained_betas) and on the cosine one."""
+    torch.set_num_threads(1)                   # module scope: set up before the per-test fixture
     out = {}
     for schedule in ("linear", "cosine"):
         root = tmp_path_factory.mktemp(schedule)
@@ -402,29 +400,39 @@ def test_model_card_reports_the_run(tmp_path):
     assert (tmp_path / "hf" / "samples.png").read_bytes() == (run / "final.png").read_bytes()
 
 
-def _cli(*args, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "diffuse", *map(str, args)], capture_output=True, text=True, env=env)
-    if check:
-        assert p.returncode == 0, p.stderr
-    return p
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """``diffuse ARGS`` in this process (the same main() the console script runs): rc, stdout, stderr."""
+    from diffuse.cli import main
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:                     # argparse usage errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
-def test_cli_export_import_and_bad_input(exported, tmp_path):
+def test_cli_export_import_and_bad_input(exported, tmp_path, capsys):
     ckpt, folder = exported["cosine"]
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")
     for args, needle in (((ckpt, tmp_path / "busy"), "not empty; choose another OUTDIR or pass --overwrite"),
                          ((ckpt, tmp_path / "busy", "--overwrite"), "does not look like an earlier output"),
                          ((ckpt, tmp_path / "x", "--format", "zip"), "invalid choice: 'zip'"),
-                         ((ckpt, tmp_path / "x.safetensors", "--format", "diffusers"), "names a .safetensors file")):
-        p = _cli("export", *args, check=False)
-        assert p.returncode != 0 and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
-    p = _cli("import", ckpt, tmp_path / "imp", check=False)
-    assert "is not a diffusers UNet2DModel + DDPMScheduler folder: unet/config.json is missing" in p.stderr
-    _cli("export", ckpt, tmp_path / "m.safetensors")
-    p = _cli("sample", tmp_path / "m.safetensors", "--n", "2", "--steps", "2", "--out", tmp_path / "s.npz")
-    assert "wrote 2 images" in p.stdout
-    _cli("import", folder, tmp_path / "imp")
-    _cli("export", ckpt, folder.parent / "hf", "--overwrite")   # an earlier export may be replaced
+                         ((ckpt, tmp_path / "x.safetensors", "--format", "diffusers"), "names a .safetensors file"),
+                         ((ckpt, tmp_path / "x", "--precision", "bf16"), "--precision applies to --format safetensors")):
+        rc, _, err = _cli(capsys, "export", *args)
+        assert rc != 0 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x" and not (tmp_path / "x").exists()
+    rc, _, err = _cli(capsys, "import", ckpt, tmp_path / "imp")
+    assert rc == 1 and "is not a diffusers UNet2DModel + DDPMScheduler folder: unet/config.json is missing" in err
+    rc, out, err = _cli(capsys, "export", ckpt, tmp_path / "m.safetensors")
+    assert rc == 0 and "wrote" in out, err
+    rc, out, err = _cli(capsys, "sample", tmp_path / "m.safetensors", "--n", "2", "--steps", "2", "--out",
+                        tmp_path / "s.png", "--no-progress")
+    assert rc == 0 and "wrote 2 images" in out, err
+    rc, out, err = _cli(capsys, "import", folder, tmp_path / "imp")
+    assert rc == 0 and "restored from the export" in out, err
+    rc, out, err = _cli(capsys, "info", tmp_path / "imp")
+    assert rc == 0 and "parameters" in out, err
+    rc, out, err = _cli(capsys, "export", ckpt, folder, "--overwrite")       # an earlier export may be replaced
+    assert rc == 0, err
