@@ -367,22 +367,20 @@ def export_diffusers(source: str | Path, out: str | Path, *, overwrite: bool = F
 
 
 def _copy_grid(src: Path, cfg: Config, header: dict[str, Any], dest: Path, device: torch.device | None) -> str:
-    """The run's own last grid if there is one, else a fresh 16-image DDIM grid of the EMA."""
-    run = _run_dir(src)
-    if run is not None:
-        step = header.get("step")
-        for cand in (run / "samples" / f"step_{step:07d}.png" if step is not None else None, run / "final.png"):
-            if cand is not None and cand.is_file():
-                shutil.copyfile(cand, dest)
-                return f"the run's grid {cand.relative_to(run)} (DDIM {cfg.train.sample_steps} steps)"
+    """The run's own grid of the exported step if there is one, else 16 fresh EMA samples
+    (dpmpp-2m, 20 steps: `diffuse sample`'s default)."""
+    run, step = _run_dir(src), header.get("step")
+    if run is not None and step is not None and (run / "samples" / f"step_{step:07d}.png").is_file():
+        shutil.copyfile(run / "samples" / f"step_{step:07d}.png", dest)
+        return f"the run's grid at step {step:,} (DDIM, {cfg.train.sample_steps} steps)"
     from .generate import cycle_labels, generate, load
     from .images import save_grid
     loaded = load(src, device or torch.device("cpu"))
     labels = cycle_labels(range(cfg.model.num_classes), 16) if cfg.model.class_cond else None
-    images, rec = generate(loaded, n=16, seed=0, sampler="ddim", steps=50, labels=labels,
-                           guidance=cfg.train.sample_guidance if labels is not None else 0.0)
+    images, _ = generate(loaded, n=16, seed=0, sampler="dpmpp-2m", steps=20, labels=labels,
+                         guidance=cfg.train.sample_guidance if labels is not None else 0.0)
     save_grid(images, dest, nrow=4)
-    return "16 images sampled at export time (DDIM 50 steps, seed 0)"
+    return "16 images drawn at export (dpmpp-2m, 20 steps, seed 0" + (", classes cycled" if labels is not None else "") + ")"
 
 
 def _read_eval(path: str | Path) -> dict[str, Any]:
@@ -531,7 +529,8 @@ def model_card(facts: dict[str, Any], cfg: Config, header: dict[str, Any], *, li
     if m.class_cond and names:
         body += [f"Classes (`class_labels`): " + ", ".join(f"{i} = {n}" for i, n in enumerate(names))
                  + f"; {len(names)} = no class (the null label used for classifier-free guidance).", ""]
-    body += ["## Use with diffusers", ""]
+    body += ["## Use with diffusers", "", "`\".\"` below is this folder; once uploaded, use the Hub repository id "
+             "instead (`USER/NAME`).", ""]
     if m.class_cond:
         body += ["`DDPMPipeline` and `DDIMPipeline` pass no class labels, so draw a class with the UNet and "
                  "scheduler directly (classifier-free guidance with weight `w`; diffusers' guidance scale is 1 + w):",
