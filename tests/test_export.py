@@ -182,6 +182,19 @@ def test_schedules_become_diffusers_betas_exactly():
             assert not torch.equal(DDPMScheduler(beta_schedule="linear").betas, ours)
 
 
+def test_mid_attention_norm_needs_attn_norm_num_groups_in_scale_shift_mode():
+    """Why the export always sets attn_norm_num_groups: without it diffusers builds the mid-block
+    attention with no GroupNorm in scale_shift mode, so our weights have nowhere to go."""
+    cfg = tiny_preset("digits")
+    u = {k: v for k, v in ex.unet_config(cfg).items() if not k.startswith("_")}
+    assert u["resnet_time_scale_shift"] == "scale_shift"
+    mapped = ex.to_diffusers(random_net(cfg).state_dict())
+    assert "mid_block.attentions.0.group_norm.weight" in mapped
+    bare = UNet2DModel(**{**u, "attn_norm_num_groups": None})
+    assert "mid_block.attentions.0.group_norm.weight" not in bare.state_dict()
+    UNet2DModel(**u).load_state_dict(mapped, strict=True)
+
+
 def test_what_unet2dmodel_cannot_express_is_refused_by_name():
     cfg = tiny_preset("digits")
     cfg.model.base_channels, cfg.model.num_groups, cfg.model.head_channels = 48, 8, 32
@@ -400,6 +413,26 @@ def test_model_card_reports_the_run(tmp_path):
     assert (tmp_path / "hf" / "samples.png").read_bytes() == (run / "final.png").read_bytes()
 
 
+def test_model_card_takes_fid_and_class_accuracy_from_eval_json(tmp_path):
+    cfg = tiny_preset("mnist", class_cond=True)
+    cfg.data.name = "mnist"
+    evaluation = {"fid": 12.345, "n": 10000, "n_ref": 60000, "sampler": "dpmpp-2m", "steps": 20, "step": 7,
+                  "classifier_accuracy": {"judge": {"data": "mnist", "test_accuracy": 0.991},
+                                          "sweep": [{"guidance": 0.0, "accuracy": 0.9, "n": 100},
+                                                    {"guidance": 2.0, "accuracy": 0.985, "n": 100}]}}
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    net = random_net(cfg)
+    facts = ex.card_facts(tmp_path, {"step": 7}, cfg, net.state_dict(), ex._read_eval(tmp_path / "eval.json"))
+    card = ex.model_card(facts, cfg, {"class_names": [str(i) for i in range(10)]})
+    assert "| FID | 12.35 at N = 10,000 generated images vs N_ref = 60,000 (dpmpp-2m 20 steps" in card
+    assert "w=0: 90.0%, w=2: 98.5% (judged by a CNN with 99.1% on real test images; best w=2)" in card
+    assert "- ylecun/mnist" in card and "class-conditional-image-generation" in card
+    assert "0 = 0, 1 = 1" in card and "10 = no class" in card
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DiffuseError, match="expected the output of `diffuse eval --json`"):
+        ex._read_eval(tmp_path / "bad.json")
+
+
 def _cli(capsys, *args) -> tuple[int, str, str]:
     """``diffuse ARGS`` in this process (the same main() the console script runs): rc, stdout, stderr."""
     from diffuse.cli import main
@@ -430,6 +463,11 @@ def test_cli_export_import_and_bad_input(exported, tmp_path, capsys):
     rc, out, err = _cli(capsys, "sample", tmp_path / "m.safetensors", "--n", "2", "--steps", "2", "--out",
                         tmp_path / "s.png", "--no-progress")
     assert rc == 0 and "wrote 2 images" in out, err
+    rc, out, err = _cli(capsys, "visualize", "trajectory", tmp_path / "m.safetensors", "--out", tmp_path / "v",
+                        "--n", "1", "--steps", "2")
+    assert rc == 0 and (tmp_path / "v" / "trajectory.png").is_file(), err
+    rc, _, err = _cli(capsys, "sample", folder, "--n", "1")
+    assert rc == 1 and "is a diffusers folder; convert it first with `diffuse import" in err
     rc, out, err = _cli(capsys, "import", folder, tmp_path / "imp")
     assert rc == 0 and "restored from the export" in out, err
     rc, out, err = _cli(capsys, "info", tmp_path / "imp")
