@@ -733,7 +733,7 @@ def build_parser() -> Parser:
                                     "DDPMScheduler folder with a model card (loads in DDPMPipeline/DDIMPipeline, "
                                     "ready for huggingface-cli upload); --format safetensors one file with the "
                                     "config in its metadata, which every diffuse command takes as a run.")
-    xp.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    xp.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory, checkpoint directory or .safetensors file")
     xp.add_argument("out", metavar="OUT", help="a folder (diffusers) or FILE.safetensors")
     xp.add_argument("--format", default=None, choices=["diffusers", "safetensors"],
                     help="default: safetensors when OUT ends in .safetensors, else diffusers")
@@ -750,8 +750,8 @@ def build_parser() -> Parser:
                         description="Convert a diffusers folder (UNet2DModel + DDPMScheduler, safetensors weights) "
                                     "into a diffuse checkpoint directory for sample, eval, visualize and "
                                     "train --init-from.")
-    im.add_argument("folder", metavar="DIFFUSERS_DIR")
-    im.add_argument("out", metavar="OUTDIR")
+    im.add_argument("folder", metavar="DIFFUSERS_DIR", help="a folder with unet/ and scheduler/ (e.g. from save_pretrained)")
+    im.add_argument("out", metavar="OUTDIR", help="the diffuse checkpoint directory to write")
     im.add_argument("--data", default=None, help="the data set it was trained on (eval's default FID reference)")
     im.add_argument("--overwrite", action="store_true", help="replace an earlier import at OUTDIR")
     im.set_defaults(func=cmd_import)
