@@ -35,6 +35,7 @@ different widths may get different head sizes); a mid block without attention (d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -147,14 +148,34 @@ def diffusers_betas(name: str, timesteps: int, beta_start: float, beta_end: floa
     raise ValueError(name)
 
 
+def _training_schedule(d, schedule: str | None = None, start: float | None = None, end: float | None = None,
+                       zero_snr: bool | None = None) -> Schedule:
+    """The run's discrete VP schedule (with zero terminal SNR where the run uses it)."""
+    zero = getattr(d, "zero_terminal_snr", False) if zero_snr is None else zero_snr
+    kw = {"zero_terminal_snr": True} if zero else {}
+    return Schedule(schedule or d.schedule, d.timesteps, d.beta_start if start is None else start,
+                    d.beta_end if end is None else end, **kw)
+
+
+def _prediction_type(d) -> str:
+    formulation = getattr(d, "formulation", "vp")
+    if formulation != "vp":
+        raise DiffuseError(f"cannot export: the {formulation} formulation (preconditioning of a continuous sigma) "
+                           "has no DDPMScheduler equivalent; vp runs export")
+    pred = d.prediction or "eps"
+    if pred not in PREDICTION_TYPES:
+        raise DiffuseError(f"cannot export: objective {pred!r} has no diffusers prediction_type")
+    return PREDICTION_TYPES[pred]
+
+
 def scheduler_config(cfg: Config) -> dict[str, Any]:
     """DDPMScheduler's config: betas equal to float32(ours) exactly, by name where diffusers' own
     formula gives exactly those (our cosine does), else as ``trained_betas`` (our float64 linear
-    linspace differs from diffusers' float32 one in about a third of the entries, by 1 ulp)."""
+    linspace differs from diffusers' float32 one in about a third of the entries, by 1 ulp; a
+    zero-terminal-SNR schedule is written rescaled, ending at beta = 1)."""
     d = cfg.diffusion
-    if d.prediction not in PREDICTION_TYPES:
-        raise DiffuseError(f"cannot export: objective {d.prediction!r} has no diffusers prediction_type")
-    ours = Schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end).betas.float()
+    prediction = _prediction_type(d)
+    ours = _training_schedule(d).betas.float()
     name = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[d.schedule]
     exact = torch.equal(diffusers_betas(name, d.timesteps, d.beta_start, d.beta_end), ours)
     return {
@@ -168,13 +189,13 @@ def scheduler_config(cfg: Config) -> dict[str, Any]:
         "variance_type": "fixed_small",          # our DDPM sampler's posterior variance beta~_t
         "clip_sample": True,                      # as `diffuse sample` (--clip, on by default)
         "clip_sample_range": 1.0,
-        "prediction_type": PREDICTION_TYPES[d.prediction],
+        "prediction_type": prediction,
         "thresholding": False,
         "dynamic_thresholding_ratio": 0.995,
         "sample_max_value": 1.0,
         "timestep_spacing": "trailing",           # our ddpm/ddim default spacing
         "steps_offset": 0,
-        "rescale_betas_zero_snr": False,
+        "rescale_betas_zero_snr": False,          # already in trained_betas when the run uses it
     }
 
 
@@ -498,7 +519,7 @@ def model_card(facts: dict[str, Any], cfg: Config, header: dict[str, Any], *, li
             ("UNet", f"base {m.base_channels}, channel mult {','.join(map(str, m.channel_mult))}, "
                      f"{m.num_res_blocks} res blocks/level, attention at "
                      f"{','.join(map(str, m.attn_resolutions)) or 'the middle only'}, dropout {m.dropout}"),
-            ("diffusion", f"{d.schedule} betas, T = {d.timesteps}, predicts {d.prediction}"),
+            ("diffusion", f"{d.schedule} betas, T = {d.timesteps}, predicts {d.prediction or 'eps'}"),
             ("training steps", "not recorded" if facts["step"] is None else f"{facts['step']:,}"),
             ("images seen", "not recorded" if facts["images_seen"] is None else f"{facts['images_seen']:,}"
              f" (batch {t.batch_size})"),
@@ -693,6 +714,16 @@ def model_config_from_unet(u: dict[str, Any]) -> ModelConfig:
         downsample_padding=int(u.get("downsample_padding", 1)))
 
 
+@dataclasses.dataclass
+class DiffusionConfigProbe:
+    """The fields ``_training_schedule`` reads, for trying candidate schedules."""
+    timesteps: int
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    zero_terminal_snr: bool = False
+
+
 def _float32_decimal(x: float) -> float:
     """The shortest decimal that rounds to float32(x): 1e-4 for the float32 stored as 9.99999974738e-05."""
     import numpy as np
@@ -710,30 +741,41 @@ def diffusion_config_from_scheduler(s: dict[str, Any]) -> dict[str, Any]:
     for k in s:
         if not k.startswith("_") and k not in _SCHED_KNOWN:
             raise bad(k, "is an option diffuse does not know")
-    if s.get("rescale_betas_zero_snr"):
+    from . import config as config_module
+    supported = getattr(config_module, "PREDICTIONS", SUPPORTED_PREDICTIONS)
+    has_zero_snr = "zero_terminal_snr" in {f.name for f in dataclasses.fields(config_module.DiffusionConfig)}
+    zero = bool(s.get("rescale_betas_zero_snr"))
+    if zero and not has_zero_snr:
         raise bad("rescale_betas_zero_snr", "is not supported (diffuse's schedules keep their last beta)")
     if str(s.get("variance_type", "fixed_small")).startswith("learned"):
         raise bad("variance_type", "needs a learned variance, which diffuse's models do not predict")
     pred = {v: k for k, v in PREDICTION_TYPES.items()}.get(s.get("prediction_type", "epsilon"))
-    if pred not in SUPPORTED_PREDICTIONS:
-        raise bad("prediction_type", f"is not supported (diffuse: {', '.join(PREDICTION_TYPES[p] for p in SUPPORTED_PREDICTIONS)})")
+    if pred not in supported:
+        raise bad("prediction_type", f"is not supported (diffuse: {', '.join(PREDICTION_TYPES[p] for p in supported)})")
+    extra = {"zero_terminal_snr": zero} if has_zero_snr else {}
     T = int(s.get("num_train_timesteps", 1000))
     start, end = float(s.get("beta_start", 1e-4)), float(s.get("beta_end", 0.02))
     trained = s.get("trained_betas")
     name = s.get("beta_schedule", "linear")
     if trained is not None:
         given = torch.tensor(trained, dtype=torch.float32)
+        if zero:
+            raise bad("rescale_betas_zero_snr", "together with trained_betas is not supported")
         cands = [("cosine", start, end), ("linear", start, end),
                  ("linear", _float32_decimal(trained[0]), _float32_decimal(trained[-1]))]
+        probe = DiffusionConfigProbe(T)
         for sched, a, b in cands:
-            if len(trained) == T and 0 < a < b < 1 and torch.equal(Schedule(sched, T, a, b).betas.float(), given):
-                return {"schedule": sched, "timesteps": T, "beta_start": a, "beta_end": b, "prediction": pred}
+            for z in ((False, True) if has_zero_snr else (False,)):
+                if len(trained) == T and 0 < a < b < 1 and \
+                        torch.equal(_training_schedule(probe, sched, a, b, z).betas.float(), given):
+                    return {"schedule": sched, "timesteps": T, "beta_start": a, "beta_end": b, "prediction": pred,
+                            **({"zero_terminal_snr": z} if has_zero_snr else {})}
         raise DiffuseError("scheduler/scheduler_config.json: trained_betas match neither a linear nor the cosine "
                            "schedule (diffuse's two)")
     if name == "linear":
-        return {"schedule": "linear", "timesteps": T, "beta_start": start, "beta_end": end, "prediction": pred}
+        return {"schedule": "linear", "timesteps": T, "beta_start": start, "beta_end": end, "prediction": pred, **extra}
     if name == "squaredcos_cap_v2":
-        return {"schedule": "cosine", "timesteps": T, "beta_start": start, "beta_end": end, "prediction": pred}
+        return {"schedule": "cosine", "timesteps": T, "beta_start": start, "beta_end": end, "prediction": pred, **extra}
     raise bad("beta_schedule", "has no diffuse equivalent (diffuse has linear and squaredcos_cap_v2, i.e. cosine)")
 
 
