@@ -385,7 +385,7 @@ def test_slim_file_samples_identically_to_the_run(exported, tmp_path):
     run = load(ckpt, torch.device("cpu"))
     for precision, amp in (("fp32", None), ("bf16", torch.bfloat16)):
         path = tmp_path / f"slim-{precision}.safetensors"
-        r = ex.export_safetensors(ckpt, path, precision=precision)
+        assert ex.export_safetensors(ckpt, path, precision=precision)["precision"] == precision
         slim = load(path, torch.device("cpu"))
         assert slim.config.to_dict() == run.config.to_dict() and slim.header["step"] == run.header["step"]
         a, _ = generate(run, n=3, seed=1, sampler="dpmpp-2m", steps=4, amp=amp)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -544,11 +544,11 @@ def model_card(facts: dict[str, Any], cfg: Config, header: dict[str, Any], *, li
     table = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
 
     body = [f"# {cfg.data.name} diffusion model ({cfg.preset} preset), trained with diffuse", "",
-            f"A DDPM-family image diffusion model trained from scratch with diffuse "
-            f"and exported to diffusers' `UNet2DModel` + `DDPMScheduler` (EMA weights, fp32).", "",
+            "A DDPM-family image diffusion model trained from scratch with diffuse "
+            "and exported to diffusers' `UNet2DModel` + `DDPMScheduler` (EMA weights, fp32).", "",
             "![samples](samples.png)", "", f"*Samples: {facts.get('grid_from', 'samples.png')}.*", "", *table, ""]
     if m.class_cond and names:
-        body += [f"Classes (`class_labels`): " + ", ".join(f"{i} = {n}" for i, n in enumerate(names))
+        body += ["Classes (`class_labels`): " + ", ".join(f"{i} = {n}" for i, n in enumerate(names))
                  + f"; {len(names)} = no class (the null label used for classifier-free guidance).", ""]
     body += ["## Use with diffusers", "", "`\".\"` below is this folder; once uploaded, use the Hub repository id "
              "instead (`USER/NAME`).", ""]
