@@ -57,7 +57,7 @@ def keep_freed_cpu_memory() -> bool:
     threshold to the OS on free, so each training step page-faults its activations in again
     (3,200 faults, 24 ms of kernel time per DDPM-UNet step at batch 8). With the threshold raised
     and trimming off, a step's memory is reused: 0 faults, 4-6% more img/s on 2 cores
-    (benchmarks/cpu_kernels.py, README Speed). Process-wide, harmless elsewhere; a no-op (False) off glibc."""
+    (benchmarks/cpu_kernels.py, docs/speed.md). Process-wide, harmless elsewhere; a no-op (False) off glibc."""
     import ctypes
     import ctypes.util
     try:
@@ -87,7 +87,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (fp16 is unstable in GroupNorm, seed 001) or None for fp32.
+    """bf16 autocast (not fp16: its narrow range makes GroupNorm unstable) or None for fp32.
 
     ``auto`` picks bf16 on CUDA and on CPUs with native bf16: on the digits preset bf16 gives the
     same loss curve and held-out error as fp32 (benchmarks/precision_compare.py) and trains faster.
