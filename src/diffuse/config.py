@@ -74,6 +74,8 @@ class TrainConfig:
     precision: str = opt("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16")
     channels_last: bool | None = opt(None, "use channels_last memory format (default: on where it is faster)")
     compile: bool = opt(False, "torch.compile the model")
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use, from its "
+                                    "affinity mask); on a shared machine, fewer threads each is faster")
     grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass: less memory, "
                                           "more compute (docs/speed.md)")
     time_limit: float | None = opt(None, "stop cleanly after this many minutes of training")
@@ -286,6 +288,7 @@ def validate(cfg: Config) -> None:
     need(t.steps is None or t.steps >= 1, f"--steps must be a positive integer, got {t.steps}")
     need(t.epochs is None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}")
     need(t.batch_size >= 1, f"--batch-size must be a positive integer, got {t.batch_size}")
+    need(t.threads is None or t.threads >= 1, f"--threads must be a positive integer, got {t.threads}")
     need(t.lr > 0, f"--lr must be positive, got {t.lr}")
     need(t.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {t.warmup_steps}")
     need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
