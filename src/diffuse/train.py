@@ -31,6 +31,7 @@ from .diffusion import Schedule, eps_loss, q_sample
 from .errors import DiffuseError
 from .images import save_grid, to_uint8
 from .models import UNet, count_parameters
+from .outputs import check_dir
 from .rng import ImageNoise, derive_seed, generator
 from .samplers import run_sampler, sigmas_for
 from .threads import busy_note, set_threads
@@ -398,7 +399,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
           progress: bool = True) -> Path:
     """Train per ``cfg``; returns the run directory. Resumes from OUT/checkpoints/last if asked."""
     t = cfg.train
-    out = Path(t.out)
+    out = check_dir(t.out)                      # before any work: a run that cannot write is refused now
     device = pick_device(t.device)
     amp = autocast_dtype(t.precision, device)
     channels_last = use_channels_last(t.channels_last, device, amp)
