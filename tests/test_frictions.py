@@ -146,6 +146,24 @@ def test_busy_machine_is_named():
     assert note.startswith("machine busy: load average 2.6 on 2 cores")
 
 
+@pytest.mark.parametrize("load, preset, expect", [(1e4, None, "PASSIVE"), (0.1, None, None),
+                                                  (1e4, "ACTIVE", "ACTIVE")])
+def test_busy_machine_lets_idle_openmp_threads_sleep(load, preset, expect):
+    # A fresh interpreter (libgomp reads OMP_WAIT_POLICY once, when torch loads): the policy is set
+    # only on a busy machine, before torch is imported, and never over the user's own choice.
+    code = ("import os, sys; os.getloadavg = lambda: (%r, 0.0, 0.0)\n"
+            "from diffuse.threads import prefer_passive_wait\n"
+            "prefer_passive_wait(); assert 'torch' not in sys.modules\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))" % load)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(expect)
+    assert threads.prefer_passive_wait({}) is False                # here torch is loaded already: too late
+
+
 def test_train_rejects_zero_threads(capsys):
     assert main(["train", "--threads", "0", "--dry-run"]) == 1
     assert "--threads must be a positive integer" in capsys.readouterr().err

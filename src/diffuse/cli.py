@@ -750,6 +750,8 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import prefer_passive_wait
+    prefer_passive_wait()                            # before torch loads: a busy machine's threads sleep when idle
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -7,11 +7,17 @@ sets the pool; the default is the cores this process may run on (its affinity ma
 ``taskset``, cgroups' cpusets and job schedulers narrow), not ``os.cpu_count()``. When the load
 average says other processes already use those cores, the start line says so, because that, not
 diffuse, is then what sets the speed.
+
+On a busy machine diffuse also lets idle OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``)
+instead of spinning: a spinning thread burns the time slice its partner thread needs to reach the
+same barrier. This has to be decided before torch (and its libgomp) is loaded, so the CLI calls
+``prefer_passive_wait`` first thing; an ``OMP_WAIT_POLICY`` you set yourself always wins.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 
 def available_cores() -> int:
@@ -54,3 +60,19 @@ def set_threads(n: int | None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def prefer_passive_wait(environ=None) -> bool:
+    """Set OMP_WAIT_POLICY=PASSIVE when the machine is busy, unless the user set a policy or torch
+    is already loaded (libgomp reads the variable once, at load). Returns whether it set it."""
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in environ or "torch" in sys.modules or busy_note() is None:
+        return False
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
+def wait_policy_note() -> str:
+    """For the start line: how idle OpenMP threads wait."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "").upper()
+    return "idle threads sleep (OMP_WAIT_POLICY=PASSIVE)" if policy == "PASSIVE" else ""

@@ -34,7 +34,7 @@ from .models import UNet, count_parameters
 from .outputs import check_dir
 from .rng import ImageNoise, derive_seed, generator
 from .samplers import run_sampler, sigmas_for
-from .threads import busy_note, set_threads
+from .threads import busy_note, set_threads, wait_policy_note
 
 # Settings a resumed run may change; anything else must match the stored config.
 RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
@@ -406,6 +406,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     keep_freed_cpu_memory()
     threads = set_threads(t.threads)
     busy = busy_note()                               # before our own work adds to the load
+    if busy and wait_policy_note():
+        busy += f"; {wait_policy_note()}"
 
     data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels)
     fill_model_from_data(cfg, data)
