@@ -7,8 +7,9 @@ from elsewhere does not land on one setting. Each process's img/s is the median 
     .venv/bin/python benchmarks/shared_cpu.py --repeats 2 --steps 60
 
 Settings: threads per process (2 = torch's default on 2 cores, 1 = one core each) and
-OMP_WAIT_POLICY (unset = libgomp's default: idle threads spin for a while before sleeping;
-PASSIVE = they sleep at once), set in the child's environment before torch is imported.
+OMP_WAIT_POLICY (default: libgomp's, idle threads spin 300,000 times before sleeping, pinned with
+GOMP_SPINCOUNT so that diffuse's own busy-machine choice stays out; PASSIVE: they sleep at once),
+set in the child's environment before torch is imported.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def cpu_name() -> str:
 
 
 def run_setting(procs: int, threads: int, policy: str | None, steps: int, workdir: Path) -> list[float]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     if policy:
         env["OMP_WAIT_POLICY"] = policy
+    else:       # libgomp's own default spin, stated, so that diffuse's busy-machine PASSIVE stays out
+        env["GOMP_SPINCOUNT"] = "300000"
     outs, children = [], []
     for i in range(procs):
         out = Path(tempfile.mkdtemp(dir=workdir)) / "run"

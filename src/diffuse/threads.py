@@ -11,7 +11,8 @@ diffuse, is then what sets the speed.
 On a busy machine diffuse also lets idle OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``)
 instead of spinning: a spinning thread burns the time slice its partner thread needs to reach the
 same barrier. This has to be decided before torch (and its libgomp) is loaded, so the CLI calls
-``prefer_passive_wait`` first thing; an ``OMP_WAIT_POLICY`` you set yourself always wins.
+``prefer_passive_wait`` first thing; an ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` you set yourself
+always wins.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def busy_note(cores: int | None = None, load: float | None = None) -> str | None
     if load is None or load < max(1.0, cores / 2):
         return None
     return (f"machine busy: load average {load:.1f} on {cores} core{'s' if cores != 1 else ''}; "
-            "expect slower steps (other processes share the CPU; see docs/speed.md)")
+            "expect slower steps, and try --threads 1 (docs/speed.md)")
 
 
 def set_threads(n: int | None) -> int:
@@ -66,7 +67,7 @@ def prefer_passive_wait(environ=None) -> bool:
     """Set OMP_WAIT_POLICY=PASSIVE when the machine is busy, unless the user set a policy or torch
     is already loaded (libgomp reads the variable once, at load). Returns whether it set it."""
     environ = os.environ if environ is None else environ
-    if "OMP_WAIT_POLICY" in environ or "torch" in sys.modules or busy_note() is None:
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ or "torch" in sys.modules or busy_note() is None:
         return False
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
