@@ -53,6 +53,7 @@ from . import checkpoint as ckpt_io
 from .config import Config, ModelConfig
 from .diffusion import Schedule
 from .errors import DiffuseError
+from .outputs import check_dir, check_file
 
 DIFFUSERS_VERSION = "0.30.0"      # written as _diffusers_version: the oldest diffusers these folders target
 EXPORT_FORMAT = "diffuse-export"
@@ -355,8 +356,8 @@ def export_diffusers(source: str | Path, out: str | Path, *, overwrite: bool = F
                      grid_device: torch.device | None = None) -> dict[str, Any]:
     """Write ``out``: model_index.json, unet/, scheduler/, README.md (model card), samples.png.
     Returns a summary {out, params, scheduler, card}."""
+    out = check_dir(out, "OUTDIR")
     src, header, cfg, weights = _load_source(source)
-    out = Path(out)
     unet_cfg = unet_config(cfg)                  # refusals happen here, before anything is written
     sched_cfg = scheduler_config(cfg)
     evaluation = _read_eval(eval_json) if eval_json else None
@@ -580,14 +581,10 @@ def export_safetensors(source: str | Path, out: str | Path, *, precision: str = 
     ``--precision bf16`` gives exactly the images the run gives with ``--precision bf16``."""
     if precision not in ("fp32", "bf16"):
         raise DiffuseError(f"--precision must be fp32 or bf16, got {precision!r}")
+    out = check_file(out, (".safetensors",), "OUT")
     src, header, cfg, weights = _load_source(source)
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise DiffuseError(f"{out}: the slim file's name must end in .safetensors")
     if out.exists() and not overwrite:
         raise DiffuseError(f"{out} already exists; choose another name or pass --overwrite")
-    if out.exists() and out.is_dir():
-        raise DiffuseError(f"{out} is a directory")
 
     def keep_fp32(name: str) -> bool:
         return name.startswith(("class_emb.", "norm_out.")) or re.search(r"\.norm\d?\.", name) is not None
@@ -786,7 +783,7 @@ def import_diffusers(folder: str | Path, out: str | Path, *, overwrite: bool = F
     from .config import validate, validate_resolution
     from .models import UNet
 
-    folder, out = Path(folder), Path(out)
+    folder, out = Path(folder), check_dir(out, "OUTDIR")
     if not folder.is_dir():
         raise DiffuseError(f"{folder} is not a directory (expected a diffusers folder with unet/ and scheduler/)")
     index_path = folder / "model_index.json"
