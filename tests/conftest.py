@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 # test module builds its subprocess environment.
 if "DIFFUSE_TEST_CACHE" not in os.environ:
     os.environ["DIFFUSE_TEST_CACHE"] = os.environ["DIFFUSE_CACHE"] = tempfile.mkdtemp(prefix="diffuse-test-cache-")
+    # --precision auto follows a timing probe; measure it once for the session and keep it, so every
+    # test (and every CLI subprocess, which shares this cache) sees one decision even on a busy machine.
+    from diffuse.device import probe_bf16
+    torch.set_num_threads(2)
+    probe_bf16(store=True)
 SHARED_DATA = Path(os.environ.get("DIFFUSE_TEST_DATA", REPO.parent / "shared" / "data"))
 MNIST_DIR = SHARED_DATA / "mnist"
 

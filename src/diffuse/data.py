@@ -277,6 +277,49 @@ def scan_folder(root: Path) -> tuple[list[Path], list[str] | None]:
     return files, classes
 
 
+FOLDER_MAX_OWN_SIZE = 64      # a folder's images keep their own size up to this; larger (or mixed) go to 64
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+@dataclass
+class FolderShape:
+    """What a folder's image headers say, read without decoding the pixels."""
+    count: int                      # readable image files
+    sizes: set[tuple[int, int]]     # distinct (width, height)
+    gray: bool                      # every image is single-channel
+
+    @property
+    def default_size(self) -> int:
+        """The folder's default training size: the images' own (shorter side) when they all share
+        one size of at most FOLDER_MAX_OWN_SIZE pixels, else 64."""
+        if len(self.sizes) == 1:
+            own = min(next(iter(self.sizes)))
+            if own <= FOLDER_MAX_OWN_SIZE:
+                return own
+        return 64
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.gray else 3
+
+
+def peek_folder(root: Path) -> FolderShape:
+    """Sizes and modes of a folder's images from their headers (Pillow opens lazily: no decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    files, _ = scan_folder(root)
+    sizes, gray, count = set(), True, 0
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+                gray = gray and im.mode in GRAY_MODES
+                count += 1
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            continue
+    return FolderShape(count, sizes, gray and count > 0)
+
+
 def load_folder(root: Path, image_size: int | None, channels: int | None) -> ImageSet:
     from PIL import Image, UnidentifiedImageError
 
@@ -285,7 +328,7 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> Ima
     files, classes = scan_folder(root)
     if not files:
         raise DiffuseError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    size = image_size or 64
+    size = image_size or peek_folder(root).default_size
     decoded, labels, modes, bad = [], [], [], 0
     for path in files:
         try:
@@ -310,7 +353,7 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> Ima
     if not decoded:
         raise DiffuseError(f"none of the {len(files)} image files under {root} could be read")
     images = torch.from_numpy(np.stack(decoded))
-    gray = all(m in ("1", "L", "LA", "I", "I;16", "F") for m in modes)
+    gray = all(m in GRAY_MODES for m in modes)
     images = _to_channels(images, channels or (1 if gray else 3))
     label_t = torch.tensor(labels, dtype=torch.long) if classes is not None else None
     return ImageSet(images, label_t, classes, str(root), "train")
