@@ -30,6 +30,11 @@ class DataConfig:
     image_size: int | None = opt(None, "resize (shorter side) + center crop to N pixels; default: the data set's native size")
     channels: int | None = opt(None, "1 or 3; default: inferred from the data")
     flip: bool | None = opt(None, "random horizontal flips (default: on for cifar10 and folders, off for digits/mnist)")
+    placement: str = opt("auto", "where the uint8 images live while training: auto, device, host (pinned, "
+                                 "copied per batch) or memmap (a file mapped from disk); auto keeps them on the "
+                                 "device up to --placement-fraction of its memory", flag="data-placement")
+    placement_fraction: float = opt(0.25, "auto placement: the largest share of the device's memory the images "
+                                          "may take before they move to host memory or a memory map")
 
 
 @dataclass
@@ -348,6 +353,9 @@ def validate(cfg: Config) -> None:
     need(t.fid_steps >= 1, f"--fid-steps must be at least 1, got {t.fid_steps}")
     need(cfg.data.image_size is None or cfg.data.image_size >= 4, f"--image-size must be at least 4, got {cfg.data.image_size}")
     need(cfg.data.channels in (None, 1, 3), f"--channels must be 1 or 3, got {cfg.data.channels}")
+    need(cfg.data.placement in ("auto", "device", "host", "memmap"),
+         f"--data-placement must be auto, device, host or memmap, got {cfg.data.placement!r}")
+    need(0 < cfg.data.placement_fraction <= 1, f"--placement-fraction must be in (0, 1], got {cfg.data.placement_fraction}")
 
 
 def validate_resolution(m: ModelConfig) -> None:

@@ -357,3 +357,67 @@ def prepare_for_inference(net: torch.nn.Module, device: torch.device, amp: torch
     if use_channels_last(None, device, amp):
         net.to(memory_format=torch.channels_last)
     return net
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-device syncs
+
+class HostSyncCheck:
+    """Records the operations that would make the host wait for a GPU, on any device (the CPU too).
+
+    A GPU runs ahead of the Python loop only while nothing reads a device value back. The reads:
+    ``_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``, ``if t:``) and ops whose output
+    shape depends on the data (``nonzero``, ``masked_select``, ``unique``, boolean indexing...).
+    Which tensors are "on the device" is tracked by taint: the ``device_tensors`` given (the model's
+    parameters, the data, the noise) and everything computed from them, so a scalar read from the
+    CPU-side sigma array is not counted, while one from the loss is. Use as a context manager; the
+    ``syncs`` list names each offending op. On CUDA, ``torch.cuda.set_sync_debug_mode("error")``
+    is the ground truth (tests/test_cuda.py); this check lets CPU-only CI hold the same line.
+    """
+
+    SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+                "unique_consecutive", "unique_dim", "equal", "is_nonzero", "repeat_interleave", "masked_scatter",
+                "nonzero_static", "argwhere")
+
+    def __init__(self, device_tensors):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self._refs: dict[int, Any] = {}
+        self.syncs: list[str] = []
+        check = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+                tainted = any(check._has(a) for a in ins)
+                name = func.overloadpacket.__name__
+                if tainted and name in HostSyncCheck.SYNC_OPS:
+                    check.syncs.append(name)
+                out = func(*args, **kwargs)
+                if tainted:
+                    for o in torch.utils._pytree.tree_leaves(out):
+                        if isinstance(o, torch.Tensor):
+                            check._add(o)
+                return out
+
+        self._weakref = weakref
+        self._mode = _Mode()
+        for t in device_tensors:
+            self._add(t)
+
+    def _add(self, t: torch.Tensor) -> None:
+        self._refs[id(t)] = self._weakref.ref(t)
+
+    def _has(self, t: torch.Tensor) -> bool:
+        ref = self._refs.get(id(t))
+        return ref is not None and ref() is t
+
+    def __enter__(self) -> "HostSyncCheck":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
 from .config import Config, validate, validate_resolution
-from .data import BatchStream, ImageSet, default_flip, load_dataset
+from .data import BatchStream, ImageSet, choose_placement, default_flip, load_dataset
 from .device import (autocast_dtype, choose_precision, configure, keep_freed_cpu_memory,  # noqa: F401 (re-exported)
                      pick_device, use_channels_last)
 from .denoiser import EpsDenoiser
@@ -413,7 +413,10 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
 
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.beta_start,
                         cfg.diffusion.beta_end)
-    stream = BatchStream(data, t.batch_size, t.seed, device, bool(cfg.data.flip))
+    placement, placement_why = choose_placement(data.images.numel(), device, cfg.data.placement,
+                                                device_fraction=cfg.data.placement_fraction)
+    stream = BatchStream(data, t.batch_size, t.seed, device, bool(cfg.data.flip), placement,
+                         memmap_path=out / "data-memmap.u8")
     train_step = TrainStep(model, ema, optimizer, schedule, cfg, device=device, amp=amp,
                            channels_last=channels_last)
 
@@ -427,7 +430,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
               f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | "
               f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}")
     rep.line(header)
-    rep.line(f"precision {precision.name}: {precision.reason}")
+    rep.line(f"precision {precision.name}: {precision.reason}; data on {placement}: {placement_why}")
     if resume:
         rep.line(f"resumed from step {st.step}")
 
@@ -573,6 +576,9 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     finally:
         tb.close()
         rep.close()
+        if placement == "memmap":
+            del stream
+            (out / "data-memmap.u8").unlink(missing_ok=True)
     if interrupted:
         raise KeyboardInterrupt
     return out
