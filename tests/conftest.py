@@ -35,6 +35,15 @@ TINY_FLAGS = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks
               "--attn-resolutions", "8", "--num-groups", "4", "--head-channels", "8"]
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
