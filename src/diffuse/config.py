@@ -86,7 +86,7 @@ class TrainConfig:
                                           "about a third more compute")
     time_limit: float | None = opt(None, "stop cleanly after this many minutes of training")
     log_every: int = opt(50, "steps between metric log lines")
-    sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run)")
+    sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run, at least 100 steps apart)")
     sample_steps: int = opt(50, "DDIM steps for the grids written during training")
     sample_n: int = opt(64, "images in the grids written during training")
     sample_guidance: float = opt(1.0, "with --class-cond: guidance w for the training grids, and the run's default for sample/eval")

@@ -383,7 +383,10 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     if cfg.data.flip is None:
         cfg.data.flip = default_flip(cfg.data.name)
     steps_total = total_steps(cfg, len(data))
-    sample_every = t.sample_every or max(1, steps_total // 10)
+    # About 10 grids per run, but at least 100 steps apart: a grid (64 images x 50 steps) costs
+    # about as much as 1,000 training images, so a 60-step run would otherwise spend most of its
+    # time drawing grids.
+    sample_every = t.sample_every or max(100, steps_total // 10)
     ckpt_every = t.ckpt_every or max(1, steps_total // 5)
 
     model, ema, optimizer = build_training(cfg, device, channels_last)
