@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,8 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 # One cache for the whole session (judge classifiers, FID reference statistics): tests never touch
 # the user's cache, and the judge is trained once even when several files need it. Set before any
 # test module builds its subprocess environment.
+# The folder is removed when the session ends (pytest_sessionfinish), unless it was given.
+_OWN_CACHE = None
 if "DIFFUSE_TEST_CACHE" not in os.environ:
-    os.environ["DIFFUSE_TEST_CACHE"] = os.environ["DIFFUSE_CACHE"] = tempfile.mkdtemp(prefix="diffuse-test-cache-")
+    _OWN_CACHE = tempfile.mkdtemp(prefix="diffuse-test-cache-")
+    os.environ["DIFFUSE_TEST_CACHE"] = os.environ["DIFFUSE_CACHE"] = _OWN_CACHE
     # --precision auto follows a timing probe; measure it once for the session and keep it, so every
     # test (and every CLI subprocess, which shares this cache) sees one decision even on a busy machine.
     from diffuse.device import probe_bf16
@@ -42,6 +46,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -33,12 +33,14 @@ from .diffusion import Schedule, eps_loss, q_sample
 from .errors import DiffuseError
 from .images import save_grid, to_uint8
 from .models import UNet, count_parameters
+from .outputs import check_dir
 from .rng import ImageNoise, derive_seed, generator
 from .samplers import run_sampler, sigmas_for
+from .threads import busy_note, set_threads, wait_policy_note
 
 # Settings a resumed run may change; anything else must match the stored config.
 RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
-             "patience", "device", "compile", "grad_checkpointing", "out", "fid_every", "fid_n", "fid_ref_n", "fid_sampler", "fid_steps"}
+             "patience", "device", "threads", "compile", "grad_checkpointing", "out", "fid_every", "fid_n", "fid_ref_n", "fid_sampler", "fid_steps"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +319,8 @@ class RunState:
     bad_epochs: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_n: int = 0
+    log_loss_sum: float = 0.0                 # the metrics row in progress: loss sum and steps since the
+    log_loss_n: int = 0                       # last --log-every row, so a resumed run logs the same rows
     train_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -365,8 +369,12 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
           progress: bool = True) -> Path:
     """Train per ``cfg``; returns the run directory. Resumes from OUT/checkpoints/last if asked."""
     t = cfg.train
-    out = Path(t.out)
+    out = check_dir(t.out)                      # before any work: a run that cannot write is refused now
     device = pick_device(t.device)
+    threads = set_threads(t.threads)                 # before the precision probe: its key has the thread count
+    busy = busy_note()                               # before our own work adds to the load
+    if busy and wait_policy_note():
+        busy += f"; {wait_policy_note()}"
     configure(device)
     if resume and t.precision == "auto" and t.resolved_precision in ("fp32", "bf16"):
         # a resumed run keeps the precision it started with: exact resume, whatever a new probe says
@@ -430,8 +438,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     header = (f"diffuse train | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x{data.image_size}"
               f"{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | preset {cfg.preset} | "
               f"{n_params / 1e6:.2f}M params | {device.type}"
-              f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | "
-              f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}")
+              f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | {threads} threads | "
+              f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}{f' | {busy}' if busy else ''}")
     rep.line(header)
     rep.line(f"precision {precision.name}: {precision.reason}; data on {placement}: {placement_why}")
     if resume:
@@ -452,6 +460,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         if st.step in saved and saved[st.step].is_dir():
             return saved[st.step]
         st.epoch_loss_sum = float(epoch_acc)
+        st.log_loss_sum, st.log_loss_n = float(loss_acc), acc_n
         path = ckpt_io.save_checkpoint(
             ckpt_root, st.step, model=model, ema=ema, optimizer=optimizer, config=cfg.to_dict(),
             state={**st.to_dict(), "images_seen": st.step * t.batch_size},
@@ -486,9 +495,14 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
                  f"N_ref={r['n_ref']:,}; biased upward at small N, compare only equal N; {r['seconds']:.0f}s)"
                  f"{' new best' if better else ''}")
 
-    loss_acc = torch.zeros((), device=device)       # summed on device; read every log_every steps
+    # Each metrics row's loss is the mean over the steps since the previous --log-every row. The sum
+    # is kept on the device (read only when logging) and carried in checkpoints, so a run resumed
+    # between two rows writes the same next row as one that never stopped. float32 -> JSON -> float32
+    # is exact.
+    loss_acc = torch.tensor(st.log_loss_sum, device=device)
+    acc_n = st.log_loss_n
     epoch_acc = torch.tensor(st.epoch_loss_sum, device=device)   # this epoch's loss sum, for --patience
-    acc_n = 0
+    rate_n = 0                                      # steps since t_log in this process, for img/s
     t_log = time.perf_counter()
     t_start = time.perf_counter()
     time_limit_s = t.time_limit * 60 if t.time_limit else None
@@ -512,14 +526,16 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
             loss_acc += loss.detach()
             epoch_acc += loss.detach()
             acc_n += 1
+            rate_n += 1
 
             st.epoch_loss_n += 1
             epoch_done = int(stream.epoch_of(st.step)) > int(stream.epoch_of(step))
-            if st.step % t.log_every == 0 or st.step == steps_total:
+            on_grid = st.step % t.log_every == 0
+            if on_grid or st.step == steps_total:
                 now = time.perf_counter()
                 mean_loss = float(loss_acc) / acc_n
                 elapsed = now - t_log
-                rate = acc_n * t.batch_size / max(elapsed, 1e-9)
+                rate = rate_n * t.batch_size / max(elapsed, 1e-9)
                 st.train_seconds += elapsed
                 stats = {"step": st.step, "images_seen": st.step * t.batch_size,
                          "epoch": round(stream.epoch_of(st.step), 4), "loss": mean_loss,
@@ -531,10 +547,12 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
                 for k in ("loss", "lr", "grad_norm", "img_per_sec"):
                     if stats[k] is not None:
                         tb.add_scalar(f"train/{k}", stats[k], st.step)
-                eta = (steps_total - st.step) * elapsed / acc_n
+                eta = (steps_total - st.step) * elapsed / rate_n
                 rep.progress(st.step, stats, eta, steps_total)
-                loss_acc.zero_()
-                acc_n = 0
+                if on_grid:                         # a run's last row off the grid keeps the window open
+                    loss_acc.zero_()
+                    acc_n = 0
+                rate_n = 0
                 t_log = time.perf_counter()
 
             if epoch_done:
