@@ -227,8 +227,8 @@ def exported(tmp_path_factory):
 def test_diffusers_pipelines_draw_our_samplers_images(exported, schedule, sampler):
     """DDIMPipeline (eta 0) and DDPMPipeline from the exported folder, given our per-image noise
     streams as their generators, give our ddim / ddpm images (10 steps, trailing spacing, x0
-    clipped) to within 2e-3 of the [0, 1] pixel range (half a grey level): the difference is
-    diffusers' float32 abar against our float64 schedule."""
+    clipped) to within 1e-4 of the [0, 1] pixel range (measured: at most 7e-7; diffusers keeps abar
+    in float32, we in float64)."""
     ckpt, folder = exported[schedule]
     n, steps, seed = 4, 10, 5
     loaded = load(ckpt, torch.device("cpu"))
@@ -246,7 +246,7 @@ def test_diffusers_pipelines_draw_our_samplers_images(exported, schedule, sample
     from diffuse.rng import ImageNoise
     x, _ = sample_batch(loaded, sampler, sampler_sigmas(sampler, loaded.schedule, steps), ImageNoise(seed, range(n)))
     ours_f = ((x + 1) / 2).clamp(0, 1)
-    assert (ours_f - theirs).abs().max() < 2e-3
+    assert (ours_f - theirs).abs().max() < 1e-4
     assert torch.equal(((ours_f * 255).round()).to(torch.uint8), ours)          # generate = these images
     assert (ours_f - 0.5).abs().lt(0.49).float().mean() > 0.5                  # mostly not clipped to 0/1
     assert ours_f.std() > 0.1
