@@ -30,6 +30,9 @@ class DataConfig:
     image_size: int | None = opt(None, "resize (shorter side) + center crop to N pixels; default: the data set's native size")
     channels: int | None = opt(None, "1 or 3; default: inferred from the data")
     flip: bool | None = opt(None, "random horizontal flips (default: on for cifar10 and folders, off for digits/mnist)")
+    cache: str = opt("auto", "memory: decode the whole set into RAM; disk: decode once, in parallel, into an on-disk "
+                             "uint8 cache that batches are read from (for sets larger than memory); auto: disk "
+                             "when a folder's decoded images would take over half the available RAM", flag="data-cache")
 
 
 @dataclass
@@ -62,7 +65,9 @@ class DiffusionConfig:
 class TrainConfig:
     steps: int | None = opt(None, "optimizer steps to train (default: the preset's)")
     epochs: float | None = opt(None, "train for this many passes over the data instead of --steps")
-    batch_size: int = opt(64, "images per optimizer step")
+    batch_size: int = opt(64, "images per optimizer step (the global batch: split across torchrun ranks)")
+    grad_accum: int = opt(1, "split each rank's share of the batch into K micro-batches whose gradients are "
+                             "accumulated (same result, less memory)")
     lr: float = opt(2e-4, "AdamW learning rate (constant after warm-up)")
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -286,6 +291,8 @@ def validate(cfg: Config) -> None:
     need(t.steps is None or t.steps >= 1, f"--steps must be a positive integer, got {t.steps}")
     need(t.epochs is None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}")
     need(t.batch_size >= 1, f"--batch-size must be a positive integer, got {t.batch_size}")
+    need(t.grad_accum >= 1, f"--grad-accum must be a positive integer, got {t.grad_accum}")
+    need(cfg.data.cache in ("auto", "memory", "disk"), f"--data-cache must be auto, memory or disk, got {cfg.data.cache!r}")
     need(t.lr > 0, f"--lr must be positive, got {t.lr}")
     need(t.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {t.warmup_steps}")
     need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")

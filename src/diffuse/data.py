@@ -74,6 +74,7 @@ class ImageSet:
     class_names: list[str] | None
     name: str
     split: str
+    on_disk: bool = False            # images is a memory-mapped on-disk cache (datacache.py)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -277,8 +278,11 @@ def scan_folder(root: Path) -> tuple[list[Path], list[str] | None]:
     return files, classes
 
 
-def load_folder(root: Path, image_size: int | None, channels: int | None) -> ImageSet:
-    from PIL import Image, UnidentifiedImageError
+def load_folder(root: Path, image_size: int | None, channels: int | None, cache: str = "memory") -> ImageSet:
+    """A folder of images (class sub-folders become labels), decoded into memory, or, for
+    ``cache="disk"`` (or ``"auto"`` when the decoded set would take over half the available RAM
+    across this machine's ranks), into a memory-mapped on-disk uint8 cache (datacache.py)."""
+    from .datacache import available_ram, decode_file, decoded_bytes, load_folder_cached
 
     if not root.is_dir():
         raise DiffuseError(f"data folder not found: {root}")
@@ -286,23 +290,21 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> Ima
     if not files:
         raise DiffuseError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     size = image_size or 64
+    if cache == "auto":
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        need = decoded_bytes(len(files), channels or 3, size) * ranks_here
+        cache = "disk" if available_ram() and need > available_ram() // 2 else "memory"
+    if cache == "disk":
+        images, label_t, classes, _ = load_folder_cached(root, image_size, channels, cache_root=cache_dir())
+        return ImageSet(images, label_t, classes, str(root), "train", on_disk=True)
     decoded, labels, modes, bad = [], [], [], 0
     for path in files:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                modes.append(im.mode)
-                im = im.convert("RGB")
-                w, h = im.size
-                scale = size / min(w, h)
-                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-                w, h = im.size
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                decoded.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        got = decode_file(path, size)
+        if got is None:
             bad += 1
             continue
+        decoded.append(got[0])
+        modes.append(got[1])
         if classes is not None:
             labels.append(classes.index(path.relative_to(root).parts[0]))
     if bad:
@@ -321,8 +323,9 @@ def is_standard(name: str) -> bool:
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
-                 image_size: int | None = None, channels: int | None = None) -> ImageSet:
-    """Load a data set into memory as uint8 NCHW. Errors are one-line ``DiffuseError``s."""
+                 image_size: int | None = None, channels: int | None = None, cache: str = "memory") -> ImageSet:
+    """Load a data set as uint8 NCHW: into memory, or for a folder and ``cache`` disk/auto
+    possibly as an on-disk memmap (``load_folder``). Errors are one-line ``DiffuseError``s."""
     if split not in ("train", "test"):
         raise DiffuseError(f"unknown split {split!r}; use train or test")
     if name == "digits":
@@ -346,7 +349,7 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
             raise DiffuseError(f"unknown data set {name!r}: not one of {', '.join(STANDARD)} and no such folder")
         if split != "train":
             raise DiffuseError(f"image folders have no {split!r} split; point --ref at another folder")
-        return load_folder(path, image_size, channels)
+        return load_folder(path, image_size, channels, cache)
     if image_size:
         images = _resize_uint8(images, image_size)
     if channels:
@@ -370,13 +373,22 @@ class BatchStream:
     small), and conversion to float and flips happen there.
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, seed: int, device: torch.device, flip: bool):
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, device: torch.device, flip: bool,
+                 rows: slice | None = None):
         self.n = len(data)
         self.batch_size = batch_size
         self.seed = seed
         self.flip = flip
         self.device = device
-        self.images = data.images.to(device)
+        # This process's rows of every global batch (data-parallel ranks take disjoint slices).
+        self.rows = rows or slice(0, batch_size)
+        self.host = getattr(data, "on_disk", False)
+        if self.host:       # memory-mapped uint8 cache: gathered on the host, copied per batch
+            from .datacache import HostBatches
+            self.images = data.images
+            self._host = HostBatches(data.images, device)
+        else:
+            self.images = data.images.to(device)
         self.labels = data.labels.to(device) if data.labels is not None else None
         self._perms: dict[int, Tensor] = {}
 
@@ -384,24 +396,31 @@ class BatchStream:
         if epoch not in self._perms:
             if len(self._perms) > 2:
                 self._perms.pop(min(self._perms))
-            self._perms[epoch] = torch.randperm(self.n, generator=generator(self.seed, "epoch", epoch)).to(self.device)
+            perm = torch.randperm(self.n, generator=generator(self.seed, "epoch", epoch))
+            self._perms[epoch] = perm if self.host else perm.to(self.device)
         return self._perms[epoch]
 
     def indices(self, step: int) -> Tensor:
         start = step * self.batch_size
         positions = torch.arange(start, start + self.batch_size)
         epochs, offsets = positions // self.n, positions % self.n
-        return torch.cat([self._perm(int(e))[offsets[epochs == e].to(self.device)] for e in epochs.unique()])
+        return torch.cat([self._perm(int(e))[offsets[epochs == e].to(self._perm(int(e)).device)] for e in epochs.unique()])
 
     def epoch_of(self, step: int) -> float:
         return step * self.batch_size / self.n
 
     def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
-        idx = self.indices(step)
-        x = self.images[idx].float().div_(127.5).sub_(1.0)           # [B, C, H, W] in [-1, 1]
+        """This process's rows of global batch ``step``: x [b, C, H, W] float in [-1, 1], y [b] or None.
+        Flips are drawn for the whole global batch and sliced, so they do not depend on the split."""
+        idx = self.indices(step)[self.rows]
+        if self.host:
+            x = self._host.get(step, idx, lambda k: self.indices(k)[self.rows])
+        else:
+            x = self.images[idx]
+        x = x.float().div_(127.5).sub_(1.0)                          # [b, C, H, W] in [-1, 1]
         if self.flip:
             g = generator(self.seed, "flip", step)
-            flips = (torch.rand(len(idx), generator=g) < 0.5).to(self.device)
+            flips = (torch.rand(self.batch_size, generator=g) < 0.5)[self.rows].to(self.device)
             x = torch.where(flips[:, None, None, None], x.flip(-1), x)
         y = self.labels[idx] if self.labels is not None else None
         return x, y
