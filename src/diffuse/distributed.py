@@ -23,7 +23,7 @@ import datetime
 import os
 import signal
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -271,6 +271,17 @@ def feature_stats(local: np.ndarray, indices: range, n: int, meta: dict | None =
     mine[owned] = f[chosen[owned] - lo]
     kept = all_reduce_f64(mine.astype(np.float64)).astype(np.float32) if active() else mine
     return fid.Stats(mu, sigma, n, np.ascontiguousarray(kept), dict(meta or {}))
+
+
+def stats_of_images(images: Tensor, indices: range, n: int, extractor, batch_size: int = 50,
+                    progress=False, meta: dict[str, Any] | None = None):
+    """fid.Stats of n images held in blocks across ranks (``generate_shard``): each rank runs the
+    extractor on its block, the float64 sums are all-reduced. One process: fid.stats_of_images."""
+    from . import fid                              # lazy: fid imports the Inception code
+    if not active():
+        return fid.stats_of_images(images[:n], extractor, batch_size=batch_size, progress=progress, meta=meta)
+    feats = extractor.features(images, batch_size=batch_size, progress=progress and is_main())
+    return feature_stats(feats, indices, n, {"extractor": extractor.describe(), "n": n, **(meta or {})})
 
 
 @contextmanager

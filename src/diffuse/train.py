@@ -243,7 +243,7 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     parameters' layout). Gradients stay float32 (autocast keeps fp32 parameters), which gloo needs."""
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True)
 
 
 class TrainStep:
@@ -731,20 +731,9 @@ class FidDuringTraining:
                                             guidance=guidance, device=self.device, amp=amp)
         finally:
             ema.train(was_training)
-        r = fid.compare(stats_of_shards(images, idx, t.fid_n, self.extractor), self.ref)
+        r = fid.compare(dist.stats_of_images(images, idx, t.fid_n, self.extractor), self.ref)
         r["seconds"] = time.perf_counter() - t0
         return r
-
-
-def stats_of_shards(images: Tensor, indices: range, n: int, extractor, batch_size: int = 50,
-                    progress=False, meta: dict[str, Any] | None = None):
-    """fid.Stats of n images held in blocks across ranks (``generate_shard``): each rank runs the
-    extractor on its block, the float64 sums are all-reduced. One process: fid.stats_of_images."""
-    from . import fid
-    if not dist.active():
-        return fid.stats_of_images(images[:n], extractor, batch_size=batch_size, progress=progress, meta=meta)
-    feats = extractor.features(images, batch_size=batch_size, progress=progress and dist.is_main())
-    return dist.feature_stats(feats, indices, n, {"extractor": extractor.describe(), "n": n, **(meta or {})})
 
 
 def _tb_grid(images: Tensor, nrow: int | None):
