@@ -18,6 +18,7 @@ import os
 import pickle
 import shutil
 import struct
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -74,7 +75,8 @@ class ImageSet:
     class_names: list[str] | None
     name: str
     split: str
-    on_disk: bool = False            # images is a memory-mapped on-disk cache (datacache.py)
+    on_disk: bool = False            # images is a memory-mapped on-disk cache (datacache.py) ...
+    cache_path: str | None = None    # ... in this file
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -295,8 +297,9 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, cache:
         need = decoded_bytes(len(files), channels or 3, size) * ranks_here
         cache = "disk" if available_ram() and need > available_ram() // 2 else "memory"
     if cache == "disk":
-        images, label_t, classes, _ = load_folder_cached(root, image_size, channels, cache_root=cache_dir())
-        return ImageSet(images, label_t, classes, str(root), "train", on_disk=True)
+        images, label_t, classes, info = load_folder_cached(root, image_size, channels, cache_root=cache_dir(),
+                                                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        return ImageSet(images, label_t, classes, str(root), "train", on_disk=True, cache_path=info["path"])
     decoded, labels, modes, bad = [], [], [], 0
     for path in files:
         got = decode_file(path, size)

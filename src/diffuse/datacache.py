@@ -28,13 +28,15 @@ import warnings
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from .errors import DiffuseError
+
+if TYPE_CHECKING:   # torch is imported where used: decode workers start without it (spawn is ~2 s faster)
+    import torch
+    from torch import Tensor
 
 CACHE_FORMAT = "diffuse-uint8-cache"
 CACHE_VERSION = 1
@@ -187,8 +189,6 @@ def load_folder_cached(root: Path, image_size: int | None, channels: int | None,
             t0 = time.perf_counter()
             n_ok, bad = build(raw, files, size, channels, workers)
             seconds = time.perf_counter() - t0
-            if bad:
-                warnings.warn(f"skipped {len(bad)} unreadable image file(s) under {root}", stacklevel=2)
             if not n_ok:
                 raise DiffuseError(f"none of the {len(files)} image files under {root} could be read")
             bad_set = set(bad)
@@ -196,13 +196,17 @@ def load_folder_cached(root: Path, image_size: int | None, channels: int | None,
             if classes is not None:
                 labels = [classes.index(p.relative_to(root).parts[0]) for i, p in enumerate(files) if i not in bad_set]
             meta = {"key": key, "n": n_ok, "shape": [n_ok, channels, size, size], "labels": labels,
-                    "classes": classes, "decode_seconds": round(seconds, 3),
+                    "classes": classes, "skipped": len(bad), "decode_seconds": round(seconds, 3),
                     "images_per_sec": round(len(files) / max(seconds, 1e-9), 1)}
             part = sidecar.with_suffix(".json.part")
             part.write_text(json.dumps(meta))
             os.replace(part, sidecar)
             info.update(built=True)
         info.update(seconds=meta["decode_seconds"], images_per_sec=meta["images_per_sec"])
+    if meta["skipped"]:                                 # said on every load, as the in-memory path does
+        warnings.warn(f"skipped {meta['skipped']} unreadable image file(s) under {root}", stacklevel=2)
+    import torch
+
     shape = tuple(meta["shape"])
     # copy-on-write ("c"): torch wants a writable buffer; nothing writes, so pages stay shared.
     arr = np.memmap(raw, np.uint8, "c", shape=shape)
@@ -249,6 +253,7 @@ class HostBatches:
         self._next: tuple[int, Future] | None = None
 
     def _gather(self, idx: Tensor) -> Tensor:
+        import torch
         idx = idx.cpu()
         order = torch.argsort(idx)                       # read the file in order, then un-sort
         rows = torch.from_numpy(np.asarray(self.images.numpy()[idx[order].numpy()]))

@@ -531,6 +531,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     rep.line(header)
     if resume:
         rep.line(f"resumed from step {st.step}")
+    if getattr(data, "on_disk", False):
+        rep.line(f"data: on-disk uint8 cache {data.cache_path} (memory-mapped; batches gathered on the host)")
 
     metrics = open(out / "metrics.jsonl" if main else os.devnull, "a")
     stop_reason = "finished"
