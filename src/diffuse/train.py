@@ -484,7 +484,9 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     ckpt_root = out / "checkpoints"
     st = RunState()
     if resume:
-        ckpt_io.clean_temporaries(ckpt_root)
+        if main:
+            ckpt_io.clean_temporaries(ckpt_root)
+        dist.barrier()
         last = ckpt_root / "last"
         if not last.exists():
             raise DiffuseError(f"--resume {out}: no checkpoint to resume from (checkpoints/last is missing)")
