@@ -4,14 +4,18 @@
                                               final model and EMA to DUMP_DIR/rank{R}.safetensors
                                               (outside the run dir, which only rank 0 may write).
                                               FAIL_RANK=r FAIL_STEP=k: rank r raises at step k.
-    ddp_worker.py stats OUT.npz N              FID statistics of N fixed images through
-                                              distributed.stats_of_images with a stand-in extractor.
+                                              SIGTERM_AT_STEP=k: rank 1 sends SIGTERM to torchrun.
+    ddp_worker.py stats OUT.npz N [ARGS...]    FID statistics of N fixed images through
+                                              distributed.stats_of_images with a stand-in extractor;
+                                              then `diffuse ARGS` in the same process group (one
+                                              torchrun start serves two tests).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -60,6 +64,18 @@ def train(dump: str, argv: list[str]) -> int:
             return real_batch(self, step)
 
         data.BatchStream.batch = failing
+    term_step = os.environ.get("SIGTERM_AT_STEP")
+    if term_step is not None and os.environ["RANK"] == "1":
+        import signal
+        real_batch2 = data.BatchStream.batch
+
+        def terminating(self, step):
+            if step == int(term_step):          # as Slurm would: SIGTERM to torchrun, which passes it on
+                os.kill(os.getppid(), signal.SIGTERM)
+                time.sleep(2)                   # let it reach both ranks before this step ends
+            return real_batch2(self, step)
+
+        data.BatchStream.batch = terminating
     rc = cli.main(argv)
     if rc == 0 and "model" in made:
         tensors = {f"model.{k}": v.contiguous() for k, v in made["model"].state_dict().items()}
@@ -68,7 +84,8 @@ def train(dump: str, argv: list[str]) -> int:
     return rc
 
 
-def stats(out: str, n: int) -> int:
+def stats(out: str, n: int, then: list[str]) -> int:
+    from diffuse import cli
     from diffuse import distributed as dist
 
     dist.init("cpu")
@@ -80,12 +97,11 @@ def stats(out: str, n: int) -> int:
     k3 = dist.feature_stats(ex.features(mine), idx, n, keep=3)
     if dist.is_main():
         np.savez(out, mu=s.mu, sigma=s.sigma, features=s.features, n=s.n, world=dist.world(), features_k3=k3.features)
-    dist.shutdown()
-    return 0
+    return cli.main(then) if then else 0          # cli.main joins the same group and shuts it down
 
 
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "train":
         sys.exit(train(sys.argv[2], sys.argv[3:]))
-    sys.exit(stats(sys.argv[2], int(sys.argv[3])))
+    sys.exit(stats(sys.argv[2], int(sys.argv[3]), sys.argv[4:]))

@@ -4,17 +4,17 @@ failing rank ends the job.
 
 Tolerance: 2 ranks x 8 against 1 process x 16 (and --grad-accum 2) differ only in the order of
 the float32 sums in the batch reductions (each rank's conv/GroupNorm weight gradients over 8
-images, then the all-reduce) : after 4 AdamW steps at lr 1e-3 the weights agree to 1e-6 (seen:
-~1.5e-8); masks or draws that depended on the split give ~1e-4 (seen: 6.6e-5 with per-slice
-dropout masks). A 2-rank run stopped and resumed on 2 ranks is bit-identical to an uninterrupted
-one; EMA weights are bit-identical across ranks.
+images, then the all-reduce): after 6 AdamW steps at lr 1e-3 the weights agree to 1e-6; masks
+or draws that depended on the split give ~1e-4 (seen: 6.6e-5 with per-micro-batch dropout
+masks). A 2-rank run killed and resumed on 2 ranks is bit-identical to an uninterrupted one;
+EMA weights are bit-identical across ranks. Every test here shares one set of runs (module
+fixtures), started with torchrun (python -m torch.distributed.run --standalone), 1 thread per rank.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +33,9 @@ from .ddp_worker import ProjectionExtractor, fixed_images
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "ddp_worker.py")
 TOL = 1e-6
-FLAGS = [*TINY_FLAGS, "--batch-size", "16", "--log-every", "1", "--sample-n", "4", "--sample-steps", "2",
+STEPS = "6"
+FLAGS = [*TINY_FLAGS, "--batch-size", "16", "--log-every", "1", "--ckpt-every", "1", "--keep", "0",
+         "--sample-n", "4", "--sample-steps", "2",
          "--lr", "1e-3", "--warmup-steps", "0", "--dropout", "0.1", "--class-cond", "--flip",
          "--precision", "fp32", "--no-progress"]
 TRAIN = dict(batch_size=16, lr=1e-3, warmup_steps=0, precision="fp32")
@@ -52,13 +54,13 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def single_config(out: Path, **train_kw):
-    cfg = tiny_config(out, steps=4, **{**TRAIN, **train_kw})
+    cfg = tiny_config(out, steps=int(STEPS), **{**TRAIN, **train_kw})
     cfg.model.dropout, cfg.model.class_cond, cfg.data.flip = 0.1, True, True
     return cfg
 
 
-def weights(run: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / "last" / f"{name}.safetensors"))
+def weights(run: Path, name: str, ckpt: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / ckpt / f"{name}.safetensors"))
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -76,15 +78,17 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     r = {"tmp": tmp, "dump": tmp / "dump"}
     r["dump"].mkdir()
-    # U: 2 ranks x 8, 4 steps; each rank dumps its final model and EMA.
-    r["U_out"] = ok(torchrun(WORKER, "train", str(r["dump"]), "train", "--out", str(tmp / "U"), "--steps", "4", *FLAGS))
-    # A: 2 ranks, an agreed time-limit stop after step 1 ...
-    ok(torchrun("-m", "diffuse", "train", "--out", str(tmp / "A"), "--steps", "4", "--time-limit", "0.00001", *FLAGS))
-    shutil.copytree(tmp / "A", tmp / "B", symlinks=True)
-    # ... resumed on 2 ranks (A) and on 1 process (B)
-    ok(torchrun("-m", "diffuse", "train", "--resume", str(tmp / "A"), "--time-limit", "100", "--no-progress"))
-    train(load_resume_config(tmp / "B", {"train": {"time_limit": 100.0, "out": str(tmp / "B")}}), resume=True,
-          progress=False)
+    # U: 2 ranks x 8, STEPS steps; each rank dumps its final model and EMA.
+    r["U_out"] = ok(torchrun(WORKER, "train", str(r["dump"]), "train", "--out", str(tmp / "U"), "--steps", STEPS,
+                             *FLAGS))
+    # A: 2 ranks killed as Slurm does (SIGTERM to torchrun during step 1): an agreed stop, a checkpoint ...
+    killed = torchrun(WORKER, "train", str(tmp), "train", "--out", str(tmp / "A"), "--steps", STEPS, *FLAGS,
+                      env={"SIGTERM_AT_STEP": "1"})
+    assert killed.returncode != 0 and "interrupted at step" in (tmp / "A" / "train.log").read_text(), killed.stderr
+    # ... resumed on 2 ranks, with a time limit that stops it (agreed) after one more step ...
+    ok(torchrun("-m", "diffuse", "train", "--resume", str(tmp / "A"), "--time-limit", "0.00001", "--no-progress"))
+    # ... and finished on 1 process
+    train(load_resume_config(tmp / "A", {"train": {"time_limit": 100.0}}), resume=True, progress=False)
     # one process, batch 16; and with --grad-accum 2 (two micro-batches of 8)
     train(single_config(tmp / "C"), progress=False)
     train(single_config(tmp / "E", grad_accum=2), progress=False)
@@ -99,7 +103,7 @@ def test_two_ranks_equal_one_process_and_grad_accum(runs):
         assert max_diff(weights(tmp / "E", name), c) < TOL, "--grad-accum 2 differs from batch 16"
     rows = [json.loads(x) for x in (tmp / "U" / "metrics.jsonl").read_text().splitlines()]
     c_rows = [json.loads(x) for x in (tmp / "C" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows] == [1, 2, 3, 4]
+    assert [x["step"] for x in rows] == list(range(1, int(STEPS) + 1))
     # the logged loss is the global batch's mean, as one process logs it
     assert np.allclose([x["loss"] for x in rows], [x["loss"] for x in c_rows], rtol=1e-5)
 
@@ -111,41 +115,51 @@ def test_ema_identical_on_both_ranks_and_only_rank0_wrote(runs):
     assert identical({k[4:]: v for k, v in r0.items() if k.startswith("ema.")}, weights(tmp / "U", "ema"))
     log = (tmp / "U" / "train.log").read_text()
     assert log.count("diffuse train |") == 1 and "2 ranks x 8 images x 1 micro-batch" in log
-    assert log.count("finished at step 4") == 1
+    assert log.count(f"finished at step {STEPS}") == 1
     assert runs["U_out"].stdout.count("done:") == 1
     assert sorted(p.name for p in (tmp / "U").iterdir()) == ["checkpoints", "config.json", "final.png",
                                                            "loss_curve.png", "metrics.jsonl", "samples", "tb", "train.log"]
 
 
-def test_stopped_and_resumed_two_rank_run_continues_identically(runs):
+def test_killed_and_resumed_two_rank_run_continues_identically(runs):
     tmp = runs["tmp"]
     log = (tmp / "A" / "train.log").read_text()
-    assert "time limit" in log and "resumed from step" in log
-    stopped_at = int(log.split("resumed from step ")[1].split()[0])
-    assert 1 <= stopped_at < 4
+    killed_at = int(log.split("interrupted at step ")[1].split(";")[0])
+    timed_out_at = int(log.split("min reached at step ")[1].split(";")[0])
+    assert 1 <= killed_at and killed_at + 1 == timed_out_at < int(STEPS) and log.count("resumed from step") == 2
+    step = f"step_{timed_out_at:07d}"
     for name in ("model", "ema"):
-        assert identical(weights(tmp / "A", name), weights(tmp / "U", name)), f"2-rank resume: {name} differs"
-        # the 2-rank checkpoint resumed on one process continues the same run
-        assert max_diff(weights(tmp / "B", name), weights(tmp / "U", name)) < TOL
+        # killed at k, resumed on 2 ranks: step k + 1 is bit for bit the uninterrupted run's
+        a, u = weights(tmp / "A", name, step), weights(tmp / "U", name, step)
+        assert identical(a, u), f"2-rank resume: {name} differs at {step}"
+        # and that 2-rank checkpoint, finished on one process, ends where the 2-rank run ends
+        assert max_diff(weights(tmp / "A", name), weights(tmp / "U", name)) < TOL
     steps = [json.loads(x)["step"] for x in (tmp / "A" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == list(range(1, int(STEPS) + 1))
 
 
-def test_distributed_sampling_gives_the_same_images(runs, tmp_path):
-    run = runs["tmp"] / "C"
-    args = ["sample", str(run), "-n", "5", "--sampler", "ddpm", "--steps", "3", "--class", "all",
-            "--seed", "3", "--no-progress"]
-    ok(torchrun("-m", "diffuse", *args, "--out", str(tmp_path / "two.npz")))
-    assert cli.main([*args, "--out", str(tmp_path / "one.npz")]) == 0
-    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+SAMPLE = ["sample", "-n", "5", "--sampler", "ddpm", "--steps", "3", "--class", "all", "--seed", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def sharded(runs):
+    """One torchrun start: FID statistics of 7 images (odd: rank 1 computes a padding image), then
+    `diffuse sample` of run C, in the same process group."""
+    tmp = runs["tmp"]
+    ok(torchrun(WORKER, "stats", str(tmp / "s.npz"), "7", *SAMPLE, str(tmp / "C"), "--out", str(tmp / "two.npz")))
+    return tmp
+
+
+def test_distributed_sampling_gives_the_same_images(sharded):
+    assert cli.main([*SAMPLE, str(sharded / "C"), "--out", str(sharded / "one.npz")]) == 0
+    two, one = np.load(sharded / "two.npz"), np.load(sharded / "one.npz")
     assert one["images"].shape[0] == 10                  # --class all: 10 classes x 1
     assert np.array_equal(two["images"], one["images"]) and np.array_equal(two["labels"], one["labels"])
 
 
-def test_distributed_fid_statistics_equal_one_process(tmp_path):
-    n = 7                                                # odd: rank 1 computes one padding image
-    ok(torchrun(WORKER, "stats", str(tmp_path / "s.npz"), str(n)))
-    got = np.load(tmp_path / "s.npz")
+def test_distributed_fid_statistics_equal_one_process(sharded):
+    n = 7
+    got = np.load(sharded / "s.npz")
     assert int(got["world"]) == 2 and int(got["n"]) == n
     feats = ProjectionExtractor(64).features(fixed_images(n))
     ref = fid.stats_from_features(feats)
@@ -169,3 +183,19 @@ def test_one_failing_rank_ends_the_job_with_its_error(tmp_path):
     out = r.stdout + r.stderr
     assert "injected failure on rank 1" in out
     assert "[rank 1] error: RuntimeError" in out
+
+
+def test_batch_split_and_flag_errors(tmp_path, capsys):
+    from diffuse.errors import DiffuseError
+    from diffuse.train import batch_split
+
+    s = batch_split(16, 2, 1, 2)
+    assert (s.per_rank, s.rows, s.describe()) == (8, slice(8, 16), " (2 ranks x 4 images x 2 micro-batches)")
+    with pytest.raises(DiffuseError, match=r"divisible by the number of ranks times --grad-accum \(1 x 3\)"):
+        train(tiny_config(tmp_path / "x", batch_size=16, grad_accum=3), progress=False)
+    assert not (tmp_path / "x").exists()                 # refused before anything is written
+    for flags, msg in ((["--grad-accum", "0"], "--grad-accum must be a positive integer"),
+                       (["--data-cache", "ram"], "--data-cache must be auto, memory or disk")):
+        assert cli.main(["train", "--dry-run", *flags]) == 1
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
