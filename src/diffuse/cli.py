@@ -736,6 +736,10 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun, say which rank failed (torchrun also names it, after tearing the others down).
     who = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
+        if who and (args.command not in ("train", "sample", "eval") or getattr(args, "classifier_accuracy", False)):
+            what = "eval --classifier-accuracy" if args.command == "eval" else args.command
+            raise DiffuseError(f"{what} is not split across ranks (every rank would repeat it and write the same "
+                               f"files); run it without torchrun")
         return args.func(args)
     except DiffuseError as e:
         if debug:
