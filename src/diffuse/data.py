@@ -373,7 +373,9 @@ class BatchStream:
     The data is read as an endless stream of epochs, each a fresh permutation seeded by
     (seed, epoch); batch k is positions [k B, (k + 1) B) of that stream, so a batch may straddle
     two epochs and no image is dropped. The uint8 images live on ``device`` (the whole set is
-    small), and conversion to float and flips happen there.
+    small), and conversion to float and flips happen there; an on-disk cache (``ImageSet.on_disk``)
+    stays memory-mapped on the host and each batch is gathered and copied (datacache.HostBatches).
+    Under data parallelism each rank reads only its ``rows`` of every global batch.
     """
 
     def __init__(self, data: ImageSet, batch_size: int, seed: int, device: torch.device, flip: bool,
