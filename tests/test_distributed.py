@@ -199,3 +199,24 @@ def test_batch_split_and_flag_errors(tmp_path, capsys):
         assert cli.main(["train", "--dry-run", *flags]) == 1
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_dropout_masks_do_not_depend_on_the_split(channels_last):
+    from diffuse.models import Dropout, batch_slice
+
+    x = torch.randn(8, 6, 4, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    drop = Dropout(0.3).train()
+    torch.manual_seed(5)
+    whole = drop(x)
+    parts = []
+    for start in (0, 2, 6):                               # uneven slices, each replaying the seed
+        stop = {0: 2, 2: 6, 6: 8}[start]
+        torch.manual_seed(5)
+        with batch_slice(start, 8):
+            parts.append(drop(x[start:stop]))
+    assert torch.equal(torch.cat(parts), whole)
+    torch.manual_seed(5)
+    assert not torch.equal(drop(x[2:6]), whole[2:6])      # without batch_slice the masks differ
