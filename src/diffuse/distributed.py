@@ -73,6 +73,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def threads_per_rank() -> int | None:
+    """The intra-op thread default under torchrun: OMP_NUM_THREADS (which torchrun sets to 1 unless
+    you set it), else this machine's cores shared among its ranks. None outside torchrun (the
+    caller's own default applies)."""
+    if not launched():
+        return None
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    from .threads import available_cores
+    return max(1, available_cores() // max(1, _env_int("LOCAL_WORLD_SIZE", 1)))
+
+
 def timeout_s() -> float:
     try:
         return float(os.environ.get("DIFFUSE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
