@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -128,16 +129,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     out = train(cfg, resume=bool(args.resume), init_from=args.init_from, overwrite=args.overwrite,
                 progress=not args.no_progress)
-    print(f"done: {out}")
+    from .distributed import is_main
+    if is_main():
+        print(f"done: {out}")
     return 0
 
 
 def _device_and_amp(device_flag: str, precision: str, run: str | None = None):
-    """Device, a loaded run (or None) and the autocast dtype, by device.sampling_precision: with
-    --precision auto, the run's training precision on CUDA and the measured rule on the CPU."""
+    """Device (under torchrun: this rank's, after joining the process group), a loaded run (or
+    None) and the autocast dtype, by device.sampling_precision: with --precision auto, the run's
+    training precision on CUDA and the measured rule on the CPU."""
+    from . import distributed as dist
     from .device import configure, pick_device, prepare_for_inference, sampling_precision
     from .generate import load
-    device = pick_device(device_flag)
+    device = dist.init(device_flag) or pick_device(device_flag)
     configure(device)
     loaded = load(run, device) if run else None
     amp = sampling_precision(precision, device, loaded.config.train.precision if loaded else None).dtype
@@ -150,7 +155,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .generate import cycle_labels, generate, parse_class
+    from . import distributed as dist
+    from .generate import cycle_labels, generate_all, parse_class
     from .images import save_images
     from .samplers import SAMPLERS
 
@@ -167,13 +173,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = cycle_labels(cls, n)
     args.guidance = _guidance(args.guidance, loaded, labels)
     nfe_of = SAMPLERS[args.sampler][3]
-    total = nfe_of(args.steps) * -(-n // args.batch_size)
+    total = nfe_of(args.steps) * -(-len(dist.shard(n)) // args.batch_size)
     with tqdm(total=total, unit="nfe", desc=f"{args.sampler} {args.steps} steps", file=sys.stderr,
-              disable=args.no_progress or not sys.stderr.isatty()) as bar:
-        images, record = generate(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
+              disable=args.no_progress or not sys.stderr.isatty() or not dist.is_main()) as bar:
+        # Under torchrun: each rank makes its block of the images (per-image seeds), all are gathered.
+        images, record = generate_all(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
                                   spacing=args.spacing, eta=args.eta, batch_size=args.batch_size,
                                   labels=labels, guidance=args.guidance, clip_x0=args.clip,
                                   device=device, amp=amp, progress=bar.update)
+    if not dist.is_main():
+        return 0
     out = Path(args.out)
     save_images(images, out, labels=labels, nrow=nrow, row_labels=row_labels)
     if out.suffix.lower() == ".npz":
@@ -502,6 +511,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return fid.stats_of_images(images, get_extractor(), batch_size=args.batch_size, progress=progress,
                                    meta={"source": what})
 
+    from . import distributed as dist
+    progress = progress and dist.is_main()
+
     if args.fid_between:
         names = tuple(args.fid_between)
         sets = [fid.load_set(p) for p in names]
@@ -514,18 +526,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from tqdm import tqdm
 
-        from .generate import generate
+        from .generate import generate_shard
         from .samplers import SAMPLERS
 
         n = args.n or 10_000
         cfg = loaded.config
         labels = _class_labels(args, loaded, n)
         ex = get_extractor()
-        ref, ref_desc = _reference(args, cfg, ex, progress)
+        with dist.main_first():                  # rank 0 fills the statistics cache, the others read it
+            ref, ref_desc = _reference(args, cfg, ex, progress)
         nfe_of = SAMPLERS[args.sampler][3]
-        with tqdm(total=nfe_of(args.steps) * -(-n // args.batch_size), unit="nfe", desc=f"{args.sampler} sampling",
-                  file=sys.stderr, disable=not progress or not sys.stderr.isatty()) as bar:
-            images, record = generate(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
+        with tqdm(total=nfe_of(args.steps) * -(-len(dist.shard(n)) // args.batch_size), unit="nfe",
+                  desc=f"{args.sampler} sampling", file=sys.stderr,
+                  disable=not progress or not sys.stderr.isatty()) as bar:
+            # Under torchrun: each rank samples and featurises its block; float64 sums are all-reduced.
+            images, idx, record = generate_shard(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
                                       spacing=args.spacing, eta=args.eta, batch_size=args.batch_size, labels=labels,
                                       guidance=args.guidance, clip_x0=args.clip, device=device, amp=amp,
                                       progress=bar.update)
@@ -533,11 +548,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  "rule": "image i draws its noise from stream (seed, i)"}
         sample = {k: record[k] for k in ("sampler", "steps", "spacing", "nfe", "eta", "guidance", "clip_x0")}
         sample.update(seeds=seeds, **{"class": args.class_})
-        gen = stats_of(images, str(loaded.source))
+        gen = dist.stats_of_images(images, idx, n, ex, batch_size=args.batch_size, progress=progress,
+                                   meta={"source": str(loaded.source)})
         gen.meta.update(sample=sample, checkpoint=str(loaded.source), step=loaded.header.get("step"))
         result = fid.compare(gen, ref, names=("the generated images", "the reference"))
         result.update(sample, ref=ref_desc, checkpoint=str(loaded.source), step=loaded.header.get("step"))
         to_save = gen
+    if not dist.is_main():
+        return 0
     if args.save_stats:
         fid.save_stats(args.save_stats, to_save)
     note = fid.small_n_note(result["n"])
@@ -659,7 +677,8 @@ def build_parser() -> Parser:
                     help=f"noise levels: {', '.join(SPACING_NAMES)} "
                          "(default karras for euler/heun/dpmpp-*, trailing for ddpm/ddim)")
     sa.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")
-    sa.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
+    sa.add_argument("-n", "--n", type=_positive_int, default=64,
+                    help="number of images (default 64; under torchrun write -n, which torchrun does not claim)")
     sa.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i)")
     sa.add_argument("--batch-size", type=_positive_int, default=64,
                     help="images per forward pass (default 64; the images do not depend on it)")
@@ -764,7 +783,8 @@ def build_parser() -> Parser:
     ev.add_argument("--fid-between", nargs=2, metavar=("A", "B"),
                     help="compare two sets, each a folder of images, an .npz of uint8 NHWC 'images', "
                          "or a statistics .npz (from --save-stats)")
-    ev.add_argument("--n", type=_positive_int, default=None, help="images to generate (default 10000)")
+    ev.add_argument("-n", "--n", type=_positive_int, default=None,
+                    help="images to generate (default 10000; under torchrun write -n)")
     ev.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLER_NAMES, metavar="NAME",
                     help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m, as for sample)")
     ev.add_argument("--steps", type=_positive_int, default=20,
@@ -849,22 +869,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     if args.command == "sample":
-        args.n_given = any(a == "--n" or a.startswith("--n=") for a in argv)
+        args.n_given = any(a in ("--n", "-n") or a.startswith(("--n=", "-n")) for a in argv)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
 
     if not debug:
         warnings.showwarning = one_line_warning
+    # Under torchrun, say which rank failed (torchrun also names it, after tearing the others down).
+    who = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
+        if who and (args.command not in ("train", "sample", "eval") or getattr(args, "classifier_accuracy", False)):
+            what = "eval --classifier-accuracy" if args.command == "eval" else args.command
+            raise DiffuseError(f"{what} is not split across ranks (every rank would repeat it and write the same "
+                               f"files); run it without torchrun")
         if hasattr(args, "threads"):                 # sample, eval, visualize (train: its config)
+            from .distributed import threads_per_rank
             from .threads import set_threads
-            set_threads(args.threads)
+            set_threads(args.threads or threads_per_rank())
         return args.func(args)
     except DiffuseError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{who}error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -872,5 +899,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - last resort: still one line, traceback on --debug
         if debug:
             raise
-        print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        print(f"{who}error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        dist_mod = sys.modules.get("diffuse.distributed")
+        if dist_mod is not None:
+            dist_mod.shutdown()

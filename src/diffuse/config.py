@@ -35,6 +35,9 @@ class DataConfig:
                                  "device up to --placement-fraction of its memory", flag="data-placement")
     placement_fraction: float = opt(0.25, "auto placement: the largest share of the device's memory the images "
                                           "may take before they move to host memory or a memory map")
+    cache: str = opt("auto", "memory: decode the whole set into RAM; disk: decode once, in parallel, into an on-disk "
+                             "uint8 cache that batches are read from (for sets larger than memory); auto: disk "
+                             "when a folder's decoded images would take over half the available RAM", flag="data-cache")
 
 
 @dataclass
@@ -73,7 +76,9 @@ class DiffusionConfig:
 class TrainConfig:
     steps: int | None = opt(None, "optimizer steps to train (default: the preset's)")
     epochs: float | None = opt(None, "train for this many passes over the data instead of --steps")
-    batch_size: int = opt(64, "images per optimizer step")
+    batch_size: int = opt(64, "images per optimizer step (the global batch: split across torchrun ranks)")
+    grad_accum: int = opt(1, "split each rank's share of the batch into K micro-batches whose gradients are "
+                             "accumulated (same result, less memory)")
     lr: float = opt(2e-4, "AdamW learning rate (constant after warm-up)")
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -341,6 +346,8 @@ def validate(cfg: Config) -> None:
     need(t.steps is None or t.steps >= 1, f"--steps must be a positive integer, got {t.steps}")
     need(t.epochs is None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}")
     need(t.batch_size >= 1, f"--batch-size must be a positive integer, got {t.batch_size}")
+    need(t.grad_accum >= 1, f"--grad-accum must be a positive integer, got {t.grad_accum}")
+    need(cfg.data.cache in ("auto", "memory", "disk"), f"--data-cache must be auto, memory or disk, got {cfg.data.cache!r}")
     need(t.threads is None or t.threads >= 1, f"--threads must be a positive integer, got {t.threads}")
     need(t.lr > 0, f"--lr must be positive, got {t.lr}")
     need(t.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {t.warmup_steps}")

@@ -18,6 +18,7 @@ import os
 import pickle
 import shutil
 import struct
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -74,6 +75,8 @@ class ImageSet:
     class_names: list[str] | None
     name: str
     split: str
+    on_disk: bool = False            # images is a memory-mapped on-disk cache (datacache.py) ...
+    cache_path: str | None = None    # ... in this file
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -335,8 +338,11 @@ def peek_folder(root: Path) -> FolderShape:
     return FolderShape(count, sizes, gray and count > 0)
 
 
-def load_folder(root: Path, image_size: int | None, channels: int | None) -> ImageSet:
-    from PIL import Image, UnidentifiedImageError
+def load_folder(root: Path, image_size: int | None, channels: int | None, cache: str = "memory") -> ImageSet:
+    """A folder of images (class sub-folders become labels), decoded into memory, or, for
+    ``cache="disk"`` (or ``"auto"`` when the decoded set would take over half the available RAM
+    across this machine's ranks), into a memory-mapped on-disk uint8 cache (datacache.py)."""
+    from .datacache import available_ram, decode_file, decoded_bytes, load_folder_cached
 
     if not root.is_dir():
         raise DiffuseError(f"data folder not found: {root}")
@@ -344,23 +350,22 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> Ima
     if not files:
         raise DiffuseError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     size = image_size or peek_folder(root).default_size
+    if cache == "auto":
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        need = decoded_bytes(len(files), channels or 3, size) * ranks_here
+        cache = "disk" if available_ram() and need > available_ram() // 2 else "memory"
+    if cache == "disk":
+        images, label_t, classes, info = load_folder_cached(root, size, channels, cache_root=cache_dir(),
+                                                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        return ImageSet(images, label_t, classes, str(root), "train", on_disk=True, cache_path=info["path"])
     decoded, labels, modes, bad = [], [], [], 0
     for path in files:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                modes.append(im.mode)
-                im = im.convert("RGB")
-                w, h = im.size
-                scale = size / min(w, h)
-                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-                w, h = im.size
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                decoded.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        got = decode_file(path, size)
+        if got is None:
             bad += 1
             continue
+        decoded.append(got[0])
+        modes.append(got[1])
         if classes is not None:
             labels.append(classes.index(path.relative_to(root).parts[0]))
     if bad:
@@ -379,8 +384,9 @@ def is_standard(name: str) -> bool:
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
-                 image_size: int | None = None, channels: int | None = None) -> ImageSet:
-    """Load a data set into memory as uint8 NCHW. Errors are one-line ``DiffuseError``s."""
+                 image_size: int | None = None, channels: int | None = None, cache: str = "memory") -> ImageSet:
+    """Load a data set as uint8 NCHW: into memory, or for a folder and ``cache`` disk/auto
+    possibly as an on-disk memmap (``load_folder``). Errors are one-line ``DiffuseError``s."""
     if split not in ("train", "test"):
         raise DiffuseError(f"unknown split {split!r}; use train or test")
     if name == "digits":
@@ -404,7 +410,7 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
             raise DiffuseError(f"unknown data set {name!r}: not one of {', '.join(STANDARD)} and no such folder")
         if split != "train":
             raise DiffuseError(f"image folders have no {split!r} split; point --ref at another folder")
-        return load_folder(path, image_size, channels)
+        return load_folder(path, image_size, channels, cache)
     if image_size:
         images = _resize_uint8(images, image_size)
     if channels:
@@ -480,23 +486,35 @@ class BatchStream:
     The data is read as an endless stream of epochs, each a fresh permutation seeded by
     (seed, epoch); batch k is positions [k B, (k + 1) B) of that stream, so a batch may straddle
     two epochs and no image is dropped. Where the uint8 images live is ``placement`` (see
-    PLACEMENTS): on the device, conversion to float and flips happen there.
+    PLACEMENTS): on the device, conversion to float and flips happen there. An on-disk cache
+    (``ImageSet.on_disk``, datacache.py) stays memory-mapped on the host and each batch is gathered
+    by a prefetching thread and copied (datacache.HostBatches).
 
     On CUDA with the images on the device, the permutations and flips are drawn on the GPU (from
     CUDA generators seeded the same way) and batch positions are slices, so a step makes no
     host-device sync and no copy. The CPU draws are unchanged (bit-identical to earlier versions),
     and the host/memmap placements use them too, so on the CPU every placement gives the same batches.
+
+    Under data parallelism each rank reads only its ``rows`` of every global batch; flips are drawn
+    for the whole global batch and sliced, so they do not depend on the split.
     """
 
     def __init__(self, data: ImageSet, batch_size: int, seed: int, device: torch.device, flip: bool,
-                 placement: str = "device", memmap_path: Path | None = None):
+                 placement: str = "device", memmap_path: Path | None = None, rows: slice | None = None):
         self.n = len(data)
         self.batch_size = batch_size
         self.seed = seed
         self.flip = flip
         self.device = device
-        self.placement = placement
-        if placement == "device":
+        # This process's rows of every global batch (data-parallel ranks take disjoint slices).
+        self.rows = rows or slice(0, batch_size)
+        self._host_batches = None
+        if getattr(data, "on_disk", False):      # memory-mapped uint8 cache: gathered on the host, copied per batch
+            from .datacache import HostBatches
+            placement = "disk-cache"
+            self.images = data.images
+            self._host_batches = HostBatches(data.images, device)
+        elif placement == "device":
             self.images = data.images.to(device)
         elif placement == "host":
             self.images = data.images.pin_memory() if device.type == "cuda" else data.images
@@ -506,8 +524,9 @@ class BatchStream:
             self.images = memmap_images(data.images, memmap_path)
         else:
             raise ValueError(f"unknown placement {placement!r}")
+        self.placement = placement
         self.labels = data.labels
-        if data.labels is not None and placement == "device":
+        if data.labels is not None and placement in ("device", "disk-cache"):
             self.labels = data.labels.to(device)
         # where indices, permutations and flips are drawn: the GPU only when the images are there
         self.draw_device = device if placement == "device" else torch.device("cpu")
@@ -546,19 +565,25 @@ class BatchStream:
         return torch.rand(b, generator=generator(self.seed, "flip", step)) < 0.5
 
     def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
-        idx = self.indices(step)
-        raw = self.images[idx]                                        # uint8 [B, C, H, W], gathered where it lives
+        """This process's rows of global batch ``step``: x [b, C, H, W] float in [-1, 1], y [b] or None."""
+        idx = self.indices(step)[self.rows]
+        if self._host_batches is not None:
+            raw = self._host_batches.get(step, idx, lambda k: self.indices(k)[self.rows])   # on the device
+            if self.labels is not None:
+                idx = idx.to(self.labels.device)
+        else:
+            raw = self.images[idx]                                    # uint8 [b, C, H, W], gathered where it lives
         y = self.labels[idx] if self.labels is not None else None
-        if self.placement != "device" and self.device.type == "cuda":
+        if self.placement in ("host", "memmap") and self.device.type == "cuda":
             # one copy per batch, from pinned memory so it is asynchronous
             raw = raw.pin_memory().to(self.device, non_blocking=True)
             y = y.pin_memory().to(self.device, non_blocking=True) if y is not None else None
-        elif self.placement != "device":
+        elif self.placement in ("host", "memmap"):
             raw = raw.to(self.device)
             y = y.to(self.device) if y is not None else None
-        x = raw.float().div_(127.5).sub_(1.0)                         # [B, C, H, W] in [-1, 1]
+        x = raw.float().div_(127.5).sub_(1.0)                         # [b, C, H, W] in [-1, 1]
         if self.flip:
-            flips = self._flips(step, len(idx))
+            flips = self._flips(step, self.batch_size)[self.rows]     # the global batch's draws, this rank's rows
             if flips.device != x.device:
                 flips = flips.to(x.device)
             x = torch.where(flips[:, None, None, None], x.flip(-1), x)

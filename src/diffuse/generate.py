@@ -158,3 +158,27 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m"
               "first_index": first_index, "guidance": guidance, "eta": options.get("eta"),
               "clip_x0": clip_x0, "seconds": round(seconds, 3), "images_per_sec": round(n / seconds, 3)}
     return torch.cat(out), record
+
+
+def generate_shard(loaded: Loaded, *, n: int, labels: Tensor | None = None, **kw) -> tuple[Tensor, range, dict[str, Any]]:
+    """This torchrun rank's part of ``generate(loaded, n=n, labels=labels, ...)``: images uint8
+    [len(indices), C, H, W] for its block ``indices`` of [0, n) padded to a multiple of the world
+    size (``distributed.shard``; indices >= n are padding, with labels continuing the cycle).
+    Image i is the same image a single process makes, since it depends only on (seed, i). Without
+    torchrun: all n images and range(n)."""
+    from . import distributed as dist
+    idx = dist.shard(n)
+    lab = labels[torch.arange(idx.start, idx.stop) % n] if labels is not None else None
+    images, record = generate(loaded, n=len(idx), first_index=idx.start, labels=lab, **kw)
+    record.update(n=n, first_index=0, ranks=dist.world())
+    return images, idx, record
+
+
+def generate_all(loaded: Loaded, *, n: int, labels: Tensor | None = None, **kw) -> tuple[Tensor, dict[str, Any]]:
+    """``generate`` split across torchrun ranks by per-image seed and gathered: every rank gets
+    the same n images [n, C, H, W] uint8 that one process would make."""
+    from . import distributed as dist
+    images, _, record = generate_shard(loaded, n=n, labels=labels, **kw)
+    images = dist.gather_rows(images, n)
+    record["images_per_sec"] = round(n / max(record["seconds"], 1e-9), 3)
+    return images, record

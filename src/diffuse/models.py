@@ -13,6 +13,8 @@ Output: predicted noise, [B, C, H, W], same dtype as the network's compute dtype
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -85,17 +87,37 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+# (first row, global batch) while a data-parallel or accumulated step runs a slice of its batch
+_batch_slice: tuple[int, int] | None = None
+
+
+@contextmanager
+def batch_slice(offset: int, total: int) -> Iterator[None]:
+    """Within this block the network sees rows [offset, offset + B) of a batch of ``total``: CPU
+    dropout draws the whole batch's mask and keeps those rows, so masks do not depend on how the
+    batch is split across ranks and micro-batches (at the cost of total / B times the mask bits)."""
+    global _batch_slice
+    saved, _batch_slice = _batch_slice, (offset, total)
+    try:
+        yield
+    finally:
+        _batch_slice = saved
+
+
 def cpu_keep_mask(x: Tensor, p: float) -> Tensor:
     """Bool mask with x's shape and memory format: False with probability p."""
     seed = int(torch.randint(0, 2**63 - 1, ()).item())
-    n = x.numel()
+    offset, total = _batch_slice if _batch_slice is not None else (0, x.shape[0])   # x: [B, ...]
+    shape = (total, *x.shape[1:])                                  # the whole batch's mask
+    n = math.prod(shape)
     bits = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]   # uniform int16
     drop_below = round(p * 65536) - 32768
     keep = torch.from_numpy(bits) >= drop_below
+    rows = slice(offset, offset + x.shape[0])
     # Lay the mask out in x's memory order so the product needs no transpose.
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return keep.view(x.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2)
-    return keep.view(x.shape)
+        return keep.view(shape[0], shape[2], shape[3], shape[1])[rows].permute(0, 3, 1, 2)
+    return keep.view(shape)[rows]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

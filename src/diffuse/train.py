@@ -8,12 +8,12 @@ resumed is bit-identical (on CPU) to one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
+from . import distributed as dist
 from .config import Config, validate, validate_resolution
 from .data import BatchStream, ImageSet, choose_placement, default_flip, load_dataset
 from .device import (autocast_dtype, choose_precision, configure, keep_freed_cpu_memory,  # noqa: F401 (re-exported)
@@ -32,7 +33,7 @@ from .denoiser import EpsDenoiser
 from .diffusion import Schedule, eps_loss, q_sample
 from .errors import DiffuseError
 from .images import save_grid, to_uint8
-from .models import UNet, count_parameters
+from .models import UNet, batch_slice, count_parameters
 from .outputs import check_dir
 from .rng import ImageNoise, derive_seed, generator
 from .samplers import run_sampler, sigmas_for
@@ -40,7 +41,8 @@ from .threads import busy_note, set_threads, wait_policy_note
 
 # Settings a resumed run may change; anything else must match the stored config.
 RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
-             "patience", "device", "threads", "compile", "grad_checkpointing", "out", "fid_every", "fid_n", "fid_ref_n", "fid_sampler", "fid_steps"}
+             "patience", "device", "threads", "grad_accum", "cache", "compile", "grad_checkpointing", "out", "fid_every",
+             "fid_n", "fid_ref_n", "fid_sampler", "fid_steps"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,59 +134,118 @@ def build_training(cfg: Config, device: torch.device, channels_last: bool
     return model, ema, optimizer
 
 
-def drop_labels(y: Tensor, p: float, null_label: int, gen: torch.Generator) -> Tensor:
+def drop_labels(y: Tensor, p: float, null_label: int, gen: torch.Generator, rows: slice | None = None,
+                total: int | None = None) -> Tensor:
     """Replace each label by the null class with probability p (Ho & Salimans 2022, alg. 1), so
-    one network learns both eps(x, y) and eps(x, null) for classifier-free guidance."""
+    one network learns both eps(x, y) and eps(x, null) for classifier-free guidance. With ``rows``
+    of a global batch of ``total``, the draws are made for the whole batch and sliced."""
     if p <= 0:
         return y
-    drop = torch.rand(y.shape, generator=gen, device=y.device) < p
+    drop = (torch.rand((total or len(y),), generator=gen, device=y.device) < p)[rows or slice(None)]
     return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one global batch of B images is shared: ``world`` ranks take contiguous ``rows`` of
+    B / world each, and run them as ``accum`` micro-batches."""
+    batch: int
+    world: int
+    rank: int
+    accum: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.batch // self.world
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+
+    def describe(self) -> str:
+        if self.world == 1 and self.accum == 1:
+            return ""
+        return (f" ({self.world} rank{'s' if self.world > 1 else ''} x {self.per_rank // self.accum} images"
+                f" x {self.accum} micro-batch{'es' if self.accum > 1 else ''})")
+
+
+def batch_split(batch: int, world: int, rank: int, accum: int) -> BatchSplit:
+    if batch % (world * accum):
+        raise DiffuseError(f"--batch-size {batch} (the global batch) must be divisible by the number of ranks "
+                           f"times --grad-accum ({world} x {accum})")
+    return BatchSplit(batch, world, rank, accum)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around ``model`` (already channels_last: DDP's buckets follow the
+    parameters' layout). Gradients stay float32 (autocast keeps fp32 parameters), which gloo needs."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 class TrainStep:
     """One optimizer step of eps-prediction training (Ho et al. 2020, alg. 1), as the trainer runs it.
 
-    ``step(x0, y, k)``: x0 [B, C, H, W] float in [-1, 1] on device, y [B] long or None, k the global
-    step. Draws t ~ U{0..T-1}, eps ~ N(0, I), label dropout and dropout masks from generators
-    seeded by (seed, k); forward under autocast, MSE on eps, backward, clip, AdamW, EMA.
-    Returns (loss, grad_norm) as device tensors (no host sync).
+    ``step(x0, y, k)``: x0 [b, C, H, W] float in [-1, 1] on device, this process's ``rows`` of the
+    global batch of B = cfg.train.batch_size; y [b] long or None; k the global step. Draws
+    t ~ U{0..T-1}, eps ~ N(0, I) and label dropout for the whole global batch from the generator
+    seeded by (seed, k) and keeps ``rows``, and CPU dropout masks likewise (models.batch_slice),
+    so how the batch is split across ranks and micro-batches changes none of them. The rows run
+    as cfg.train.grad_accum micro-batches; with ``ddp`` (the DistributedDataParallel wrapper of
+    ``model``) gradients are all-reduced on the last one only (no_sync). Then clip, AdamW, EMA.
+    Returns (loss, grad_norm) as device tensors (no host sync); loss is this process's mean.
     """
 
     def __init__(self, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                 cfg: Config, *, device: torch.device, amp: torch.dtype | None, channels_last: bool):
-        self.model, self.ema, self.optimizer = model, ema, optimizer
+                 cfg: Config, *, device: torch.device, amp: torch.dtype | None, channels_last: bool,
+                 ddp: nn.Module | None = None, rows: slice | None = None):
+        self.model, self.ema, self.optimizer, self.ddp = model, ema, optimizer, ddp
         self.cfg, self.device, self.amp, self.channels_last = cfg, device, amp, channels_last
         self.timesteps = schedule.timesteps
         self.abar = schedule.alphas_cumprod.to(device)                    # float64 [T]
         self.null_label = cfg.model.num_classes if cfg.model.class_cond else None
-        self.forward = torch.compile(model) if cfg.train.compile else model
+        self.rows = rows or slice(0, cfg.train.batch_size)
+        self.accum = cfg.train.grad_accum
+        self.forward = torch.compile(ddp or model) if cfg.train.compile else (ddp or model)
 
     def __call__(self, x0: Tensor, y: Tensor | None, step: int) -> tuple[Tensor, Tensor | None]:
-        t, device = self.cfg.train, self.device
+        t, device, rows = self.cfg.train, self.device, self.rows
+        B = t.batch_size                                                  # the global batch
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(step, self.cfg)
         gen = generator(t.seed, "step", step, device=device)
-        tt = torch.randint(0, self.timesteps, (x0.shape[0],), generator=gen, device=device)
-        noise = torch.randn(x0.shape, generator=gen, device=device)
+        tt = torch.randint(0, self.timesteps, (B,), generator=gen, device=device)[rows]
+        noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[rows]
         if self.null_label is None:
             y = None
         elif y is not None:
-            y = drop_labels(y, t.label_dropout, self.null_label, gen)
+            y = drop_labels(y, t.label_dropout, self.null_label, gen, rows, B)
         x_t = q_sample(x0, tt, noise, self.abar)
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        torch.manual_seed(derive_seed(t.seed, "dropout", step))
-        with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            eps_pred = self.forward(x_t, tt.float(), y)
-        loss = eps_loss(eps_pred, noise)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        mb = len(tt) // self.accum
+        loss_sum = torch.zeros((), device=device)
+        for j in range(self.accum):
+            part = slice(j * mb, (j + 1) * mb)
+            sync = self.ddp is None or j == self.accum - 1
+            # Each micro-batch replays the step's dropout seed; batch_slice keeps its rows of the masks.
+            torch.manual_seed(derive_seed(t.seed, "dropout", step))
+            # batch_slice covers the backward too: gradient checkpointing redraws the masks there.
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), batch_slice(rows.start + j * mb, B):
+                with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    eps_pred = self.forward(x_t[part], tt[part].float(), y[part] if y is not None else None)
+                loss = eps_loss(eps_pred, noise[part])
+                # Mean over the global batch: DDP averages over ranks, 1/K over micro-batches.
+                (loss / self.accum if self.accum > 1 else loss).backward()
+            loss_sum += loss.detach()
         grad_norm = None
         if t.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
         ema_update(self.ema, self.model, ema_decay_at(step, t.ema_decay))
-        return loss.detach(), grad_norm
+        return loss_sum / self.accum, grad_norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +321,13 @@ class PaceEstimate:
     def _sync(self, loss: Tensor) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class _Silent:
+    """Stands in for the reporter and TensorBoard writer on ranks other than 0."""
+
+    def __getattr__(self, name: str):
+        return lambda *a, **k: None
 
 
 def format_seconds(s: float) -> str:
@@ -370,8 +438,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     """Train per ``cfg``; returns the run directory. Resumes from OUT/checkpoints/last if asked."""
     t = cfg.train
     out = check_dir(t.out)                      # before any work: a run that cannot write is refused now
-    device = pick_device(t.device)
-    threads = set_threads(t.threads)                 # before the precision probe: its key has the thread count
+    device = dist.init(t.device) or pick_device(t.device)       # under torchrun: this rank's device
+    threads = set_threads(t.threads or dist.threads_per_rank())  # before the precision probe: its key has the thread count
     busy = busy_note()                               # before our own work adds to the load
     if busy and wait_policy_note():
         busy += f"; {wait_policy_note()}"
@@ -382,11 +450,21 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         precision.reason = f"as when the run started (auto chose {t.resolved_precision})"
     else:
         precision = choose_precision(t.precision, device)
+    if dist.active() and t.precision == "auto":
+        # every rank must train in one precision; a probe may differ between ranks: bf16 if any measured it faster
+        (any_bf16,) = dist.agree(precision.name == "bf16")
+        if any_bf16 != (precision.name == "bf16"):
+            reason = "another rank measured bf16 faster" if any_bf16 else precision.reason
+            precision = choose_precision("bf16" if any_bf16 else "fp32", device)
+            precision.reason = reason
     t.resolved_precision = precision.name
     amp = precision.dtype
     channels_last = use_channels_last(t.channels_last, device, amp)
+    split = batch_split(t.batch_size, dist.world(), dist.rank(), t.grad_accum)
+    main = dist.is_main()
 
-    data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels)
+    data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels,
+                        cache=cfg.data.cache)
     fill_model_from_data(cfg, data)
     if cfg.data.flip is None:
         cfg.data.flip = default_flip(cfg.data.name)
@@ -402,15 +480,21 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     ckpt_root = out / "checkpoints"
     st = RunState()
     if resume:
-        ckpt_io.clean_temporaries(ckpt_root)
+        if main:
+            ckpt_io.clean_temporaries(ckpt_root)
+        dist.barrier()
         last = ckpt_root / "last"
         if not last.exists():
             raise DiffuseError(f"--resume {out}: no checkpoint to resume from (checkpoints/last is missing)")
         state = ckpt_io.load_training_state(last.resolve(), model, ema, optimizer)
         st = RunState(**{k: state[k] for k in RunState().to_dict() if k in state})
-        truncate_metrics(out / "metrics.jsonl", st.step)
+        dist.barrier()                                  # every rank has read it before rank 0 writes
+        if main:
+            truncate_metrics(out / "metrics.jsonl", st.step)
     else:
-        prepare_out_dir(out, overwrite)
+        if main:
+            prepare_out_dir(out, overwrite)
+        dist.barrier()
         if init_from:
             # Start both the model and its EMA from the source's EMA weights: those are the
             # weights its samples came from, and the optimizer starts fresh anyway.
@@ -419,54 +503,66 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
             ckpt_io.load_weights_into(model, weights, src)
             ckpt_io.load_weights_into(ema, weights, src)
     fid_eval = FidDuringTraining(cfg, device) if t.fid_every else None      # fails early: weights, data
-    (out / "config.json").write_text(cfg.to_json())
-    (out / "samples").mkdir(exist_ok=True)
+    if main:
+        (out / "config.json").write_text(cfg.to_json())
+        (out / "samples").mkdir(exist_ok=True)
 
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.beta_start,
                         cfg.diffusion.beta_end)
     placement, placement_why = choose_placement(data.images.numel(), device, cfg.data.placement,
                                                 device_fraction=cfg.data.placement_fraction)
     stream = BatchStream(data, t.batch_size, t.seed, device, bool(cfg.data.flip), placement,
-                         memmap_path=out / "data-memmap.u8")
+                         memmap_path=out / f"data-memmap{f'-rank{dist.rank()}' if dist.active() else ''}.u8", rows=split.rows)
+    if stream.placement != placement:
+        placement, placement_why = stream.placement, "the data set is an on-disk cache (--data-cache)"
+    ddp = wrap_ddp(model, device) if dist.active() else None        # after channels_last (build_training)
     train_step = TrainStep(model, ema, optimizer, schedule, cfg, device=device, amp=amp,
-                           channels_last=channels_last)
+                           channels_last=channels_last, ddp=ddp, rows=split.rows)
 
-    from torch.utils.tensorboard import SummaryWriter
-    tb = SummaryWriter(str(out / "tb"), purge_step=st.step if resume else None)
-    rep = Reporter(out, steps_total, st.step, enabled=progress)
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(out / "tb"), purge_step=st.step if resume else None)
+        rep = Reporter(out, steps_total, st.step, enabled=progress)
+    else:                                          # only rank 0 prints, logs and writes
+        tb, rep = _Silent(), _Silent()
     n_params = count_parameters(model)
     header = (f"diffuse train | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x{data.image_size}"
               f"{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | preset {cfg.preset} | "
               f"{n_params / 1e6:.2f}M params | {device.type}"
-              f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | {threads} threads | "
-              f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}{f' | {busy}' if busy else ''}")
+              f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | {threads} threads"
+              f"{' per rank' if dist.active() else ''} | batch {t.batch_size}{split.describe()} | "
+              f"steps {st.step}->{steps_total} | out {out}{f' | {busy}' if busy else ''}")
     rep.line(header)
     rep.line(f"precision {precision.name}: {precision.reason}; data on {placement}: {placement_why}")
     if resume:
         rep.line(f"resumed from step {st.step}")
+    if getattr(data, "on_disk", False):
+        rep.line(f"data: on-disk uint8 cache {data.cache_path} (memory-mapped; batches gathered on the host)")
 
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = open(out / "metrics.jsonl" if main else os.devnull, "a")
     stop_reason = "finished"
     interrupted = False
-
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, on_sigterm) if os.name == "posix" else None
+    signals = dist.StopSignals().__enter__()       # SIGTERM (and Ctrl-C under torchrun): an agreed stop
 
     saved: dict[int, Path] = {}
 
     def save() -> Path:
-        if st.step in saved and saved[st.step].is_dir():
+        """Called by every rank at the same step: ranks check they agree, rank 0 writes, all wait."""
+        if st.step in saved:
             return saved[st.step]
-        st.epoch_loss_sum = float(epoch_acc)
-        st.log_loss_sum, st.log_loss_n = float(loss_acc), acc_n
-        path = ckpt_io.save_checkpoint(
-            ckpt_root, st.step, model=model, ema=ema, optimizer=optimizer, config=cfg.to_dict(),
-            state={**st.to_dict(), "images_seen": st.step * t.batch_size},
-            extra={"class_names": data.class_names if cfg.model.class_cond else None,
-                   "params": n_params, "data": cfg.data.name})
-        ckpt_io.prune(ckpt_root, t.keep)
+        # Loss sums as the mean over ranks, so every rank resumes from the same (global) window.
+        st.epoch_loss_sum = float(dist.mean_(epoch_acc.clone()))
+        st.log_loss_sum, st.log_loss_n = float(dist.mean_(loss_acc.clone())), acc_n
+        dist.check_same([*model.parameters(), *ema.parameters()], "model and EMA weights")
+        path = ckpt_root / ckpt_io.step_dir_name(st.step)
+        if main:
+            path = ckpt_io.save_checkpoint(
+                ckpt_root, st.step, model=model, ema=ema, optimizer=optimizer, config=cfg.to_dict(),
+                state={**st.to_dict(), "images_seen": st.step * t.batch_size},
+                extra={"class_names": data.class_names if cfg.model.class_cond else None,
+                       "params": n_params, "data": cfg.data.name})
+            ckpt_io.prune(ckpt_root, t.keep)
+        dist.barrier()
         saved[st.step] = path
         return path
 
@@ -490,7 +586,9 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         better = st.best_fid is None or r["fid"] < st.best_fid
         if better:
             st.best_fid = r["fid"]
-            ckpt_io.point(ckpt_root, "best", save().name)
+            name = save().name
+            if main:
+                ckpt_io.point(ckpt_root, "best", name)
         rep.line(f"step {st.step}: FID {r['fid']:.2f} (N={r['n']:,} {t.fid_sampler}/{t.fid_steps} samples vs "
                  f"N_ref={r['n_ref']:,}; biased upward at small N, compare only equal N; {r['seconds']:.0f}s)"
                  f"{' new best' if better else ''}")
@@ -533,7 +631,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
             on_grid = st.step % t.log_every == 0
             if on_grid or st.step == steps_total:
                 now = time.perf_counter()
-                mean_loss = float(loss_acc) / acc_n
+                mean_loss = float(dist.mean_(loss_acc)) / acc_n              # over ranks, then steps
                 elapsed = now - t_log
                 rate = rate_n * t.batch_size / max(elapsed, 1e-9)
                 st.train_seconds += elapsed
@@ -556,14 +654,16 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
                 t_log = time.perf_counter()
 
             if epoch_done:
-                ep_loss = float(epoch_acc) / st.epoch_loss_n
+                ep_loss = float(dist.mean_(epoch_acc)) / st.epoch_loss_n   # the same on every rank
                 epoch_acc.zero_()
                 st.epoch_loss_n = 0
                 tb.add_scalar("train/epoch_loss", ep_loss, st.step)
                 if t.patience and ep_loss < st.best_loss - 1e-4:
                     st.best_loss, st.bad_epochs = ep_loss, 0
                     if fid_eval is None:                     # with --fid-every, best means best FID
-                        ckpt_io.point(ckpt_root, "best", save().name)
+                        name = save().name
+                        if main:
+                            ckpt_io.point(ckpt_root, "best", name)
                 elif t.patience:
                     st.bad_epochs += 1
                     if st.bad_epochs >= t.patience:
@@ -571,25 +671,30 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
                         break
             if fid_eval is not None and st.step % t.fid_every == 0:
                 measure_fid()
-            if st.step % sample_every == 0 and st.step < steps_total:
+            if st.step % sample_every == 0 and st.step < steps_total and main:
                 write_grid(out / "samples" / f"step_{st.step:07d}.png")
             if st.step % ckpt_every == 0 and st.step < steps_total:
                 save()
-            if time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s:
+            # Stops that one rank sees alone (its clock, a signal) are agreed, so all stop together.
+            over_time = time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s
+            signalled, over_time = dist.agree(signals.raised, over_time)
+            if signalled:
+                interrupted, stop_reason = True, "interrupted"
+                break
+            if over_time:
                 stop_reason = f"time limit of {t.time_limit:g} min reached"
                 break
     except KeyboardInterrupt:
         interrupted = True
         stop_reason = "interrupted"
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        signals.__exit__()
         metrics.close()
 
     try:
         path = save()
         rep.line(f"{stop_reason} at step {st.step}; checkpoint {path}")
-        if not interrupted:
+        if not interrupted and main:
             write_grid(out / "samples" / f"step_{st.step:07d}.png")
             shutil.copyfile(out / "samples" / f"step_{st.step:07d}.png", out / "final.png")
             plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
@@ -612,7 +717,9 @@ class FidDuringTraining:
     augmentation, cached by fid.reference_stats) are prepared once, before training starts, so a
     missing Inception file fails the run at once. Image i of every measurement draws its noise
     from stream (seed, i) of its own seed, so FIDs along a run differ only by the weights, and no
-    training RNG is consumed.
+    training RNG is consumed. Under torchrun every rank samples and featurises its block of the
+    N images and the statistics are all-reduced in float64 (distributed.feature_stats): the same
+    FID as one process, to float64 rounding, in 1 / world of the time.
     """
 
     def __init__(self, cfg: Config, device: torch.device):
@@ -627,15 +734,16 @@ class FidDuringTraining:
             raise DiffuseError(f"--fid-steps must be between 1 and {cfg.diffusion.timesteps}, got {t.fid_steps}")
         self.cfg, self.device = cfg, device
         self.extractor = load_extractor(None, device, "tf-bilinear")
-        self.ref = fid.reference_stats(cfg.data.name, "train", t.fid_ref_n or None, extractor=self.extractor,
-                                       data_root=cfg.data.root, image_size=cfg.data.image_size,
-                                       channels=cfg.data.channels, progress=False)
+        with dist.main_first():                     # rank 0 fills the statistics cache, the others read it
+            self.ref = fid.reference_stats(cfg.data.name, "train", t.fid_ref_n or None, extractor=self.extractor,
+                                           data_root=cfg.data.root, image_size=cfg.data.image_size,
+                                           channels=cfg.data.channels, progress=False)
         self.seed = derive_seed(t.seed, "fid")
 
     def __call__(self, ema: nn.Module, schedule: Schedule, class_names: list[str] | None,
                  amp: torch.dtype | None) -> dict[str, Any]:
         from . import fid
-        from .generate import Loaded, cycle_labels, generate
+        from .generate import Loaded, cycle_labels, generate_shard
 
         t = self.cfg.train
         t0 = time.perf_counter()
@@ -646,12 +754,12 @@ class FidDuringTraining:
         was_training = ema.training
         ema.eval()
         try:
-            images, _ = generate(loaded, n=t.fid_n, seed=self.seed, sampler=t.fid_sampler, steps=t.fid_steps,
-                                 batch_size=min(t.fid_n, 250), labels=labels, guidance=guidance,
-                                 device=self.device, amp=amp)
+            images, idx, _ = generate_shard(loaded, n=t.fid_n, seed=self.seed, sampler=t.fid_sampler,
+                                            steps=t.fid_steps, batch_size=min(t.fid_n, 250), labels=labels,
+                                            guidance=guidance, device=self.device, amp=amp)
         finally:
             ema.train(was_training)
-        r = fid.compare(fid.stats_of_images(images, self.extractor), self.ref)
+        r = fid.compare(dist.stats_of_images(images, idx, t.fid_n, self.extractor), self.ref)
         r["seconds"] = time.perf_counter() - t0
         return r
 
