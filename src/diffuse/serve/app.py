@@ -15,8 +15,7 @@ Safety for a server on the user's machine (guard.py): requests must name this se
 foreign Origin is refused, bodies are capped, and with a token every /api call needs it.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the request model built in create_app.
 import asyncio
 import base64
 import json
@@ -27,6 +26,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import Body, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +38,7 @@ from .guard import Guard
 from .jobs import TERMINAL, Job, QueueFull, Settings, Worker, new_job_id
 
 SEED_MAX = 2**63 - 1
+Name = Annotated[str, Field(min_length=1, max_length=100)]
 KEEP_FINISHED = 64          # finished jobs (with their images) kept for /result, oldest dropped first
 STATIC = resources.files("diffuse.serve") / "static"
 
@@ -84,10 +85,10 @@ def request_model(limits: Limits) -> type[BaseModel]:
         n: int = Field(min(16, limits.max_images), ge=1, le=limits.max_images, description="number of images")
         seed: int = Field(0, ge=0, le=SEED_MAX, description="image i uses noise stream (seed, first_index + i)")
         first_index: int = Field(0, ge=0, le=2**31, description="index of the first image in the seed's sequence")
-        class_: int | str | None = Field(None, alias="class", max_length=100,
+        class_: int | Name | None = Field(None, alias="class",
                                          description="class-conditional models: a class index, a name, or 'all' "
                                                      "(image i gets class i mod K)")
-        classes: list[int | str] | None = Field(None, min_length=1, max_length=limits.max_images,
+        classes: list[int | Name] | None = Field(None, min_length=1, max_length=limits.max_images,
                                                 description="several classes, image i gets classes[i mod len]")
         guidance: float | None = Field(None, ge=0, le=limits.max_guidance, allow_inf_nan=False,
                                        description="classifier-free guidance w (needs a class; default: the run's)")
@@ -234,6 +235,13 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
     app = FastAPI(title="diffuse serve", version="1", docs_url="/docs", redoc_url=None,
                   description="Generate images from diffuse models. Limits are in GET /api/models.")
     app.state.serve = state
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the offending input, which may not be JSON (NaN, bytes): a 500.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
