@@ -97,8 +97,11 @@ def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_ima
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass                        # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal stop
     finally:
         for worker in {id(s.worker): s.worker for s in served.values()}.values():
             worker.stop()
         sock.close()
+    print("stopped", flush=True)
     return 0
