@@ -56,12 +56,14 @@ function selectModel() {
   const m = current;
   $("model-info").textContent = `${m.name}: ${m.channels}×${m.image_size}×${m.image_size}, ` +
     `${m.class_cond ? m.classes.length + " classes" : "unconditional"}, trained ${m.step ?? "?"} steps`;
-  for (const id of ["steps", "steps-num"]) $(id).max = m.max_steps;
-  if (+$("steps").value > m.max_steps) $("steps").value = $("steps-num").value = m.max_steps;
+  // the slider spans the useful range (up to 100 steps); the number box goes up to the model's limit
+  $("steps").max = Math.min(100, m.max_steps);
+  $("steps-num").max = m.max_steps;
+  if (+$("steps-num").value > m.max_steps) $("steps").value = $("steps-num").value = m.max_steps;
   $("cond").hidden = !m.class_cond;
   if (m.class_cond) {
     const opts = [new Option("none (unconditional)", ""), new Option("all (cycle through classes)", "all")];
-    m.classes.forEach((name, k) => opts.push(new Option(`${k}: ${name}`, String(k))));
+    m.classes.forEach((name, k) => opts.push(new Option(name === String(k) ? name : `${k}: ${name}`, String(k))));
     $("class").replaceChildren(...opts);
     $("class").value = "all";
     $("guidance").value = m.default_guidance;
@@ -75,7 +77,7 @@ function syncGuidance() {
 }
 
 function request() {
-  const body = { model: current.name, sampler: $("sampler").value, steps: +$("steps").value, n: +$("n").value,
+  const body = { model: current.name, sampler: $("sampler").value, steps: +$("steps-num").value, n: +$("n").value,
                  seed: +$("seed").value || 0 };
   if (current.class_cond && $("class").value !== "") {
     body.class = $("class").value === "all" ? "all" : +$("class").value;
@@ -106,6 +108,7 @@ async function generate(ev) {
   $("progress-text").textContent = "";
   $("preview").hidden = true;
   $("progress-box").hidden = false;
+  if (window.innerWidth < 700) $("output").scrollIntoView({ behavior: "smooth", block: "start" });   // phones
   try {
     const res = await fetch("/api/jobs", { method: "POST", headers: headers({ "Content-Type": "application/json" }),
                                            body: JSON.stringify(body) });
@@ -119,7 +122,7 @@ async function generate(ev) {
     const final = await follow(job.id);
     if (final.event === "done") {
       await showResult(job.id, body);
-      status(`Done in ${final.seconds} s.`);
+      status(`Done in ${(+final.seconds).toFixed(1)} s.`);
     } else if (final.event === "cancelled") {
       status("Cancelled.");
     } else {
@@ -183,7 +186,8 @@ async function showResult(id, body) {
   if (!jsonRes.ok) throw new Error(await errorText(jsonRes));
   const gridUrl = URL.createObjectURL(await gridRes.blob());
   const result = await jsonRes.json();
-  const entry = { body, gridUrl, result, label: `${body.sampler} ${body.steps} steps, seed ${body.seed}, ${body.n} images` };
+  const cls = body.class === undefined ? "" : `, class ${body.class}`;
+  const entry = { body, gridUrl, result, label: `${body.sampler} ${body.steps} steps, seed ${body.seed}, ${body.n} images${cls}` };
   show(entry);
   addHistory(entry);
 }
@@ -256,7 +260,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("class").addEventListener("change", syncGuidance);
   $("steps").addEventListener("input", () => { $("steps-num").value = $("steps").value; });
   $("steps-num").addEventListener("change", () => {
-    const v = Math.max(1, Math.min(+$("steps").max, Math.round(+$("steps-num").value) || 1));
+    const v = Math.max(1, Math.min(+$("steps-num").max, Math.round(+$("steps-num").value) || 1));
     $("steps").value = $("steps-num").value = v;
   });
   $("n").addEventListener("input", () => { $("n-out").value = $("n").value; });
