@@ -342,3 +342,22 @@ def test_host_0000_warns_and_bad_port_is_one_line(served_runs, monkeypatch, caps
     assert f"http://127.0.0.1:{started[0][1]}/" in err.out
     assert cli_main(["serve", str(served_runs["uncond"]), "--port", "70000"]) == 1
     assert capsys.readouterr().err.strip() == "error: --port must be between 0 and 65535, got 70000"
+
+
+def test_a_failing_batch_fails_its_jobs_in_one_line_and_the_worker_goes_on(loaded):
+    worker = Worker(CPU, loaded, max_queue=4, max_batch=8)
+    # ddpm on karras sigmas is refused by samplers.sampler_sigmas (the API checks it first; here it is not)
+    bad = Job(new_job_id(), Settings("uncond", "ddpm", 2, "karras", None, 0.0, False, True), 1, 0)
+    good = Job(new_job_id(), Settings("uncond", "ddim", 2, "trailing", None, 0.0, False, True), 1, 0)
+    worker.submit(bad)
+    worker.submit(good)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while good.state != "done" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+    assert bad.state == "failed" and bad.error.startswith("ValueError: --spacing karras does not apply")
+    assert "\n" not in bad.error and bad.events[-1]["event"] == "failed"
+    assert good.state == "done" and good.images.shape == (1, 1, 16, 16)

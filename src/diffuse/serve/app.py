@@ -309,7 +309,9 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
         if job.state != "done":
             detail = {"state": job.state, "error": job.error,
                       "message": f"job {job.id} is {job.state}" + (f": {job.error}" if job.error else "")}
-            return JSONResponse(detail, status_code=409 if job.state in ("queued", "running") else 410)
+            # running: not yet (409); cancelled: gone (410); failed: the server's fault, not the input's (500)
+            code = {"queued": 409, "running": 409, "cancelled": 410}.get(job.state, 500)
+            return JSONResponse(detail, status_code=code)
         if as_json:
             return JSONResponse(state.images_json(job, srv), headers={"X-Diffuse-Job": job.id})
         return _png_response(job)
