@@ -70,19 +70,23 @@ def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_ima
     if not 0 <= port <= 65535:
         raise DiffuseError(f"--port must be between 0 and 65535, got {port}")
     token = token or os.environ.get("DIFFUSE_SERVE_TOKEN") or None
+    sock = bind_socket(host, port)                 # before loading: a taken port fails at once
+    port = sock.getsockname()[1]
     dev = pick_device(device)
     keep_freed_cpu_memory()
     amp = autocast_dtype(precision, dev)
     loaded = {}
     for name, path in model_names(runs):
-        loaded[name] = load(path, dev)
+        try:
+            loaded[name] = load(path, dev)
+        except BaseException:
+            sock.close()
+            raise
         m = loaded[name].config.model
         print(f"loaded {name}: {path} ({m.in_channels}x{m.image_size}x{m.image_size}, "
               f"{'classes ' + ','.join(loaded[name].class_names) if m.class_cond else 'unconditional'}) on {dev}",
               flush=True)
     limits = Limits(max_images=max_images, max_steps=max_steps, queue=queue)
-    sock = bind_socket(host, port)
-    port = sock.getsockname()[1]
     hosts = allowed_hosts(host, port)
     if hosts is None:
         print(f"warning: --host {host} serves every network this machine is on, and any Host name; "

@@ -199,7 +199,7 @@ function show(entry) {
   $("download-grid").href = gridUrl;
   $("download-grid").download = `${stem}.png`;
   $("result-info").textContent = `${result.model}: ${entry.label}` +
-    (body.class !== undefined ? `, class ${body.class}, guidance ${body.guidance}` : "") + ".";
+    (body.class !== undefined ? `, guidance ${body.guidance}` : "") + ".";
   $("result").hidden = false;
   $("empty").hidden = true;
   $("images").replaceChildren(...result.images.map((im) => {
