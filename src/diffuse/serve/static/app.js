@@ -34,7 +34,8 @@ async function loadModels() {
   if (res.status === 401) {
     $("token-row").hidden = false;
     $("model-info").textContent = "This server needs its access token.";
-    status("Enter the token the server was started with (--token), then press Generate.", true);
+    status(token ? "That token was refused; enter the one the server was started with (--token)."
+                 : "Enter the token the server was started with (--token), then press Generate.", true);
     return false;
   }
   if (!res.ok) { status(await errorText(res), true); return false; }
