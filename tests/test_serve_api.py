@@ -361,3 +361,26 @@ def test_a_failing_batch_fails_its_jobs_in_one_line_and_the_worker_goes_on(loade
     assert bad.state == "failed" and bad.error.startswith("ValueError: --spacing karras does not apply")
     assert "\n" not in bad.error and bad.events[-1]["event"] == "failed"
     assert good.state == "done" and good.images.shape == (1, 1, 16, 16)
+
+
+def test_progress_counts_every_network_evaluation_for_every_sampler(loaded):
+    """'step i of N': N is the sampler's NFE for the step budget (heun spends 3 of 4), and the
+    progress events count exactly the denoiser calls the run makes."""
+    from diffuse.samplers import SAMPLERS
+
+    worker = Worker(CPU, loaded, max_queue=8, max_batch=8, preview=False)
+    jobs = {s: Job(new_job_id(), Settings("uncond", s, 4, SAMPLERS[s][2], None, 0.0, False, True), 1, 0)
+            for s in SAMPLERS}
+    for job in jobs.values():
+        worker.submit(job)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while any(j.state != "done" for j in jobs.values()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+    for s, job in jobs.items():
+        steps = [e["step"] for e in job.events if e["event"] == "progress"]
+        assert job.total == (3 if s == "heun" else 4) == job.record["nfe"], s
+        assert steps == list(range(1, job.total + 1)), (s, steps)
