@@ -384,3 +384,10 @@ def test_progress_counts_every_network_evaluation_for_every_sampler(loaded):
         steps = [e["step"] for e in job.events if e["event"] == "progress"]
         assert job.total == (3 if s == "heun" else 4) == job.record["nfe"], s
         assert steps == list(range(1, job.total + 1)), (s, steps)
+
+
+def test_no_page_that_needs_a_cdn(client):
+    """FastAPI's /docs and /redoc load Swagger UI / ReDoc from a CDN: off, so nothing served needs
+    the internet; the schema itself is served."""
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert client.get("/openapi.json").json()["info"]["title"] == "diffuse serve"

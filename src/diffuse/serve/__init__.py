@@ -96,7 +96,7 @@ def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_ima
     app = create_app(served, limits, hosts=hosts, token=token)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else (f"[{host}]" if ":" in host else host)
     print(f"serving {len(served)} model{'s' if len(served) > 1 else ''} ({', '.join(served)}) at "
-          f"http://{shown}:{port}/  (API docs /docs; Ctrl-C stops)", flush=True)
+          f"http://{shown}:{port}/  (API schema /openapi.json; Ctrl-C stops)", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, access_log=False)
     server = uvicorn.Server(config)
     try:

@@ -1,6 +1,7 @@
 """The HTTP side of ``diffuse serve``: a FastAPI app over loaded models and their device workers.
 
-Endpoints (the OpenAPI schema is at /openapi.json, the docs page at /docs):
+Endpoints (the OpenAPI schema is at /openapi.json; FastAPI's /docs page is off, it loads Swagger UI
+from a CDN and this server works offline):
     GET    /                        the page (static/index.html; no external fonts, scripts or CDNs)
     GET    /healthz                 liveness; never waits on generation
     GET    /api/models              models (config, classes), samplers, limits, defaults
@@ -232,7 +233,7 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
     """The ASGI app. ``hosts``: the Host names this server answers to (None: any, for 0.0.0.0)."""
     state = ServeApp(served, limits)
     GenerateRequest = request_model(limits)
-    app = FastAPI(title="diffuse serve", version="1", docs_url="/docs", redoc_url=None,
+    app = FastAPI(title="diffuse serve", version="1", docs_url=None, redoc_url=None,
                   description="Generate images from diffuse models. Limits are in GET /api/models.")
     app.state.serve = state
 
