@@ -165,6 +165,7 @@ INVALID = [
     ({"sampler": "ddim", "eta": 1.5}, ["eta"]),
     ({"model": "cond", "class": "eleven"}, ["class"]),
     ({"model": "cond", "class": 10}, ["class"]),
+    ({"model": "cond", "class": "\u00b2"}, ["class"]),               # a digit to str.isdigit, not to int()
     ({"model": "cond", "class": -1}, ["class"]),
     ({"model": "cond", "classes": []}, ["classes"]),
     ({"model": "cond", "classes": [1, "x"]}, ["classes", 1]),

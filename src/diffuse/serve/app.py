@@ -155,7 +155,7 @@ class ServeApp:
             if isinstance(spec, str) and spec in names:
                 out.append(names.index(spec))
                 continue
-            if isinstance(spec, str) and spec.isdigit():
+            if isinstance(spec, str) and spec.isascii() and spec.isdigit():   # not "²", which int() refuses
                 spec = int(spec)
             if isinstance(spec, bool) or not isinstance(spec, int):
                 raise _invalid(loc, f"unknown class {spec!r}; this model's classes are: {', '.join(names)}")
