@@ -60,6 +60,7 @@ def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_ima
     import uvicorn
 
     from ..generate import load
+    from ..threads import busy_note
     from ..train import autocast_dtype, keep_freed_cpu_memory, pick_device
     from .app import Limits, create_app, device_workers
     from .guard import allowed_hosts
@@ -70,6 +71,9 @@ def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_ima
     if not 0 <= port <= 65535:
         raise DiffuseError(f"--port must be between 0 and 65535, got {port}")
     token = token or os.environ.get("DIFFUSE_SERVE_TOKEN") or None
+    busy = busy_note()                             # before our own work adds to the load
+    if busy:
+        print(f"note: {busy}", file=sys.stderr, flush=True)
     sock = bind_socket(host, port)                 # before loading: a taken port fails at once
     port = sock.getsockname()[1]
     dev = pick_device(device)
