@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="sampling steps per request (default 4)")
     p.add_argument("--sampler", default="dpmpp-2m")
     p.add_argument("--queue", type=int, default=4, help="the server's --queue (default 4, so that 8 clients see 429s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own default)")
     p.add_argument("--out", default=str(HERE / "results" / "serve-load.json"))
     return p.parse_args(argv)
 
@@ -73,10 +73,9 @@ def tiny_run(root: Path) -> Path:
 def start_server(run: Path, queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{REPO / 'src'}:{env.get('PYTHONPATH', '')}"
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    extra = ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen([sys.executable, "-m", "diffuse", "serve", str(run), "--host", "127.0.0.1", "--port", "0",
-                             "--queue", str(queue), "--no-preview"],
+                             "--queue", str(queue), "--no-preview", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline, lines = time.monotonic() + 300, []
     while time.monotonic() < deadline and proc.poll() is None:

@@ -80,9 +80,12 @@ def test_generate_and_download_in_the_page(server, browser, tmp_path):
     assert page.locator("#steps-num").input_value() == "6" and page.locator("#n-out").text_content() == "4"
     assert page.locator("#guidance-out").text_content() == "2.0"
     # record every progress text the page shows (the run may be over before a poll would see it)
+    # (each text the script sets is one added text node; events that arrive together are set in one task,
+    # so read the mutation records, not the element's text when the observer runs)
     page.evaluate("""() => { window.__steps = [];
-        new MutationObserver(() => window.__steps.push(document.getElementById('progress-text').textContent))
-          .observe(document.getElementById('progress-text'), {childList: true, characterData: true, subtree: true}); }""")
+        new MutationObserver((records) => { for (const r of records) for (const n of r.addedNodes)
+            window.__steps.push(n.textContent); })
+          .observe(document.getElementById('progress-text'), {childList: true}); }""")
     page.click("#generate")
     page.wait_for_selector("#progress-box", state="visible")
     page.wait_for_selector("#result", state="visible", timeout=120_000)
