@@ -84,7 +84,7 @@ def test_images_equal_diffuse_sample_grid_and_single_pngs(client, served_runs, t
     PNG `diffuse sample --out DIR` writes, for a deterministic and a stochastic sampler."""
     run = served_runs["uncond"]
     assert cli_main(["sample", str(run), "--n", "5", "--steps", "3", "--seed", "7", "--sampler", "ddpm",
-                     "--out", str(tmp_path / "grid.png"), "--no-progress"]) == 0
+                     "--precision", "fp32", "--out", str(tmp_path / "grid.png"), "--no-progress"]) == 0
     r = client.post("/api/generate", json={"model": "uncond", "n": 5, "steps": 3, "seed": 7, "sampler": "ddpm"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content == (tmp_path / "grid.png").read_bytes()
@@ -93,7 +93,7 @@ def test_images_equal_diffuse_sample_grid_and_single_pngs(client, served_runs, t
 
     cond = served_runs["cond"]
     assert cli_main(["sample", str(cond), "--n", "4", "--steps", "3", "--seed", "11", "--class", "3,5",
-                     "--out", str(tmp_path / "dir"), "--no-progress"]) == 0
+                     "--precision", "fp32", "--out", str(tmp_path / "dir"), "--no-progress"]) == 0
     r = client.post("/api/generate", json={"model": "cond", "n": 4, "steps": 3, "seed": 11, "classes": [3, "5"]},
                     headers={"Accept": "application/json"})
     assert r.status_code == 200, r.text

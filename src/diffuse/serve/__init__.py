@@ -55,13 +55,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_images: int = 64,
           max_steps: int = 1000, queue: int = 16, token: str | None = None, device: str = "auto",
-          precision: str = "fp32", preview: bool = True) -> int:
+          precision: str = "auto", preview: bool = True) -> int:
     """Load every run once, start one worker per device, serve until interrupted."""
     import uvicorn
 
     from ..generate import load
     from ..threads import busy_note
-    from ..train import autocast_dtype, keep_freed_cpu_memory, pick_device
+    from ..device import configure, pick_device, prepare_for_inference, sampling_precision
     from .app import Limits, create_app, device_workers
     from .guard import allowed_hosts
 
@@ -77,18 +77,21 @@ def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_ima
     sock = bind_socket(host, port)                 # before loading: a taken port fails at once
     port = sock.getsockname()[1]
     dev = pick_device(device)
-    keep_freed_cpu_memory()
-    amp = autocast_dtype(precision, dev)
-    loaded = {}
+    configure(dev)
+    loaded, amps = {}, {}
     for name, path in model_names(runs):
         try:
             loaded[name] = load(path, dev)
         except BaseException:
             sock.close()
             raise
+        # the rule `diffuse sample` uses, so that the same request gives the same images
+        amps[name] = sampling_precision(precision, dev, loaded[name].config.train.precision).dtype
+        prepare_for_inference(loaded[name].net, dev, amps[name])
         m = loaded[name].config.model
         print(f"loaded {name}: {path} ({m.in_channels}x{m.image_size}x{m.image_size}, "
-              f"{'classes ' + ','.join(loaded[name].class_names) if m.class_cond else 'unconditional'}) on {dev}",
+              f"{'classes ' + ','.join(loaded[name].class_names) if m.class_cond else 'unconditional'}) on {dev}, "
+              f"{'bf16' if amps[name] else 'fp32'}",
               flush=True)
     limits = Limits(max_images=max_images, max_steps=max_steps, queue=queue)
     hosts = allowed_hosts(host, port)
@@ -96,7 +99,7 @@ def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_ima
         print(f"warning: --host {host} serves every network this machine is on, and any Host name; "
               "anyone who can reach it can generate" + ("" if token else " (set --token to require a key)"),
               file=sys.stderr, flush=True)
-    served = device_workers(loaded, amp, limits, preview=preview)
+    served = device_workers(loaded, amps, limits, preview=preview)
     app = create_app(served, limits, hosts=hosts, token=token)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else (f"[{host}]" if ":" in host else host)
     print(f"serving {len(served)} model{'s' if len(served) > 1 else ''} ({', '.join(served)}) at "

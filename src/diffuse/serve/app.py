@@ -351,7 +351,7 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
     return app
 
 
-def device_workers(loaded: dict[str, Loaded], amp: torch.dtype | None, limits: Limits,
+def device_workers(loaded: dict[str, Loaded], amps: dict[str, torch.dtype | None], limits: Limits,
                    preview: bool = True) -> dict[str, Served]:
     """One Worker per device the models live on; each model served under its name."""
     by_device: dict[str, dict[str, Loaded]] = {}
@@ -359,7 +359,7 @@ def device_workers(loaded: dict[str, Loaded], amp: torch.dtype | None, limits: L
         by_device.setdefault(str(next(ld.net.parameters()).device), {})[name] = ld
     served: dict[str, Served] = {}
     for dev, models in by_device.items():
-        worker = Worker(torch.device(dev), models, amp=amp, max_queue=limits.queue, max_batch=limits.max_images,
+        worker = Worker(torch.device(dev), models, amps=amps, max_queue=limits.queue, max_batch=limits.max_images,
                         preview=preview).start()
         for name, ld in models.items():
             served[name] = Served(name, ld, worker)

@@ -136,9 +136,10 @@ class Worker:
     ``max_queue`` jobs waiting. Waiting jobs with the same Settings as the next one join its batch
     (up to ``max_batch`` images)."""
 
-    def __init__(self, device: torch.device, models: dict[str, Loaded], *, amp: torch.dtype | None = None,
-                 max_queue: int = 16, max_batch: int = 64, preview: bool = True):
-        self.device, self.models, self.amp = device, models, amp
+    def __init__(self, device: torch.device, models: dict[str, Loaded], *,
+                 amps: dict[str, torch.dtype | None] | None = None, max_queue: int = 16, max_batch: int = 64,
+                 preview: bool = True):
+        self.device, self.models, self.amps = device, models, amps or {}     # autocast dtype per model (None: fp32)
         self.max_queue, self.max_batch, self.preview = max_queue, max_batch, preview
         self.lock = threading.Condition()
         self.waiting: list[Job] = []
@@ -283,7 +284,7 @@ class Worker:
 
         t0 = time.perf_counter()
         x, den = sample_batch(loaded, s.sampler, sigmas, noise, labels=labels, guidance=s.guidance,
-                              clip_x0=s.clip_x0, amp=self.amp, callback=callback, **options)
+                              clip_x0=s.clip_x0, amp=self.amps.get(s.model), callback=callback, **options)
         seconds = time.perf_counter() - t0
         images = to_uint8(x)                                       # uint8 [B, C, H, W] on CPU
         with self.lock:
