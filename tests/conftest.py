@@ -39,11 +39,6 @@ TINY_FLAGS = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks
               "--attn-resolutions", "8", "--num-groups", "4", "--head-channels", "8"]
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if _OWN_CACHE is not None:
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -51,6 +46,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

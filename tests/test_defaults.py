@@ -69,3 +69,18 @@ def test_folder_own_size_is_kept_when_loading(tmp_path):
 def test_fit_to_size_mnist(size, fitted, attn):
     cfg = resolve("mnist", "mnist", None, {})
     assert fit_to_size(cfg, size) == fitted and cfg.model.attn_resolutions == attn
+
+
+def test_pace_estimate_skips_the_first_step_and_reports_once(monkeypatch):
+    import torch
+
+    from diffuse import train as T
+    clock = iter([100.0, 101.0, 103.0, 103.5])
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
+    pace = T.PaceEstimate(0, torch.device("cpu"))
+    loss = torch.tensor(1.0)
+    assert pace.after_step(1, loss) is None                              # the clock starts after step 1 (100)
+    assert pace.after_step(2, loss) is None and pace.after_step(3, loss) is None    # < 3 timed steps
+    assert pace.after_step(4, loss) is None                              # 3 steps but 1 s (101) < 2 s
+    assert pace.after_step(5, loss) == pytest.approx((103.5 - 100.0) / 4)   # 4 steps, 3 s >= 2 s
+    assert pace.after_step(6, loss) is None                              # reported once

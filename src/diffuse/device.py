@@ -69,7 +69,7 @@ def keep_freed_cpu_memory() -> bool:
     threshold to the OS on free, so each training step page-faults its activations in again
     (3,200 faults, 24 ms of kernel time per DDPM-UNet step at batch 8). With the threshold raised
     and trimming off, a step's memory is reused: 0 faults, 4-6% more img/s on 2 cores
-    (benchmarks/cpu_kernels.py, README Speed). Process-wide, harmless elsewhere; a no-op (False) off glibc."""
+    (benchmarks/cpu_kernels.py, docs/speed.md). Process-wide, harmless elsewhere; a no-op (False) off glibc."""
     import ctypes
     import ctypes.util
     try:

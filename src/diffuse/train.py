@@ -371,6 +371,10 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     t = cfg.train
     out = check_dir(t.out)                      # before any work: a run that cannot write is refused now
     device = pick_device(t.device)
+    threads = set_threads(t.threads)                 # before the precision probe: its key has the thread count
+    busy = busy_note()                               # before our own work adds to the load
+    if busy and wait_policy_note():
+        busy += f"; {wait_policy_note()}"
     configure(device)
     if resume and t.precision == "auto" and t.resolved_precision in ("fp32", "bf16"):
         # a resumed run keeps the precision it started with: exact resume, whatever a new probe says
@@ -381,10 +385,6 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     t.resolved_precision = precision.name
     amp = precision.dtype
     channels_last = use_channels_last(t.channels_last, device, amp)
-    threads = set_threads(t.threads)
-    busy = busy_note()                               # before our own work adds to the load
-    if busy and wait_policy_note():
-        busy += f"; {wait_policy_note()}"
 
     data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels)
     fill_model_from_data(cfg, data)
