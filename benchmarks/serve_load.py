@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", default="dpmpp-2m")
     p.add_argument("--queue", type=int, default=4, help="the server's --queue (default 4, so that 8 clients see 429s)")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own default)")
-    p.add_argument("--out", default=str(HERE / "results" / "serve-load.json"))
+    p.add_argument("--out", default=str(HERE / "results" / "serve-load.json"), help="JSON output")
     return p.parse_args(argv)
 
 
