@@ -200,6 +200,8 @@ def resolve(path: str | Path) -> Path:
             return candidate.resolve()
     if (p / "checkpoints").is_dir():
         raise DiffuseError(f"{p} has no finished checkpoint yet (checkpoints/last is missing)")
+    if (p / "unet" / "config.json").is_file():
+        raise DiffuseError(f"{p} is a diffusers folder; convert it first with `diffuse import {p} OUTDIR`")
     raise DiffuseError(f"{p} is not a diffuse run or checkpoint directory")
 
 

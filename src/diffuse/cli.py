@@ -19,7 +19,8 @@ from . import __version__
 from .errors import DiffuseError
 
 EXIT_USAGE = 2
-RUN_HELP = "a run directory (its checkpoints/last), a checkpoint directory, or an ema.safetensors file"
+RUN_HELP = ("a run directory (its checkpoints/last), a checkpoint directory, or a model .safetensors file "
+            "(a checkpoint's ema.safetensors, or one written by diffuse export)")
 EXIT_INTERRUPTED = 130
 
 # Copies of samplers.SAMPLERS / samplers.SPACINGS, so that parsing flags does not import torch;
@@ -256,6 +257,41 @@ def attention_where(attn_resolutions, image_size: int) -> str:
     if not levels:
         return "attention in the middle block only"
     return f"attention at {', '.join(levels)} and in the middle block"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_diffusers, export_safetensors
+
+    fmt = args.format or ("safetensors" if Path(args.out).suffix == ".safetensors" else "diffusers")
+    if fmt == "safetensors":
+        if args.eval or args.license != "mit":
+            raise DiffuseError("--eval and --license describe a diffusers folder's model card; not --format safetensors")
+        r = export_safetensors(args.run, args.out, precision=args.precision, overwrite=args.overwrite)
+        print(f"wrote {r['out']} ({r['params']:,} parameters, {r['precision']}, {r['bytes'] / 2**20:.1f} MiB)")
+        return 0
+    if Path(args.out).suffix == ".safetensors":
+        raise DiffuseError(f"--format diffusers writes a folder, but {args.out} names a .safetensors file")
+    if args.precision != "fp32":
+        raise DiffuseError("--precision applies to --format safetensors (diffusers folders hold fp32 weights)")
+    r = export_diffusers(args.run, args.out, overwrite=args.overwrite, eval_json=args.eval, license=args.license)
+    print(f"wrote {r['out']}: UNet2DModel ({r['params']:,} parameters) + DDPMScheduler ({r['betas']}), "
+          f"README.md model card, samples.png")
+    print(f"load it: DDIMPipeline.from_pretrained({str(r['out'])!r}); upload: huggingface-cli upload USER/NAME {r['out']}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .export import import_diffusers
+
+    r = import_diffusers(args.folder, args.out, overwrite=args.overwrite, data=args.data)
+    cfg = r["config"]
+    m = cfg.model
+    print(f"wrote {r['out']}: {r['params']:,} parameters, {m.in_channels}x{m.image_size}x{m.image_size}, "
+          f"{cfg.diffusion.schedule} schedule (T={cfg.diffusion.timesteps})"
+          f"{', diffuse config restored from the export' if r['own_export'] else ''}")
+    print(f"sample it: diffuse sample {r['out']}; fine-tune: diffuse train --config {Path(r['out']) / 'model_config.json'} "
+          f"--init-from {r['out']} --data DATA ...")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -778,6 +814,34 @@ def build_parser() -> Parser:
                     help=PRECISION_HELP + "; Inception always runs in fp32")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
+
+    xp = sub.add_parser("export", parents=[common], help="a run as a diffusers folder or one slim .safetensors file",
+                        description="Export a run's EMA weights: --format diffusers writes a UNet2DModel + "
+                                    "DDPMScheduler folder with a model card (loads in DDPMPipeline/DDIMPipeline, "
+                                    "ready for huggingface-cli upload); --format safetensors one file with the "
+                                    "config in its metadata, which every diffuse command takes as a run.")
+    xp.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
+    xp.add_argument("out", metavar="OUT", help="a folder (diffusers) or FILE.safetensors")
+    xp.add_argument("--format", default=None, choices=["diffusers", "safetensors"],
+                    help="default: safetensors when OUT ends in .safetensors, else diffusers")
+    xp.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="safetensors: weight precision (bf16: half the size; samples exactly as the run does "
+                         "with --precision bf16)")
+    xp.add_argument("--eval", default=None, metavar="FILE.json",
+                    help="diffusers: put FID / class accuracy from `diffuse eval --json` in the model card")
+    xp.add_argument("--license", default="mit", help="license in the model card's front matter (default mit)")
+    xp.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
+    xp.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", parents=[common], help="a diffusers UNet2DModel + DDPMScheduler folder as a diffuse model",
+                        description="Convert a diffusers folder (UNet2DModel + DDPMScheduler, safetensors weights) "
+                                    "into a diffuse checkpoint directory for sample, eval, visualize and "
+                                    "train --init-from.")
+    im.add_argument("folder", metavar="DIFFUSERS_DIR", help="a folder with unet/ and scheduler/ (e.g. from save_pretrained)")
+    im.add_argument("out", metavar="OUTDIR", help="the diffuse checkpoint directory to write")
+    im.add_argument("--data", default=None, help="the data set it was trained on (eval's default FID reference)")
+    im.add_argument("--overwrite", action="store_true", help="replace an earlier import at OUTDIR")
+    im.set_defaults(func=cmd_import)
 
     inf = sub.add_parser("info", parents=[common], help="describe a run or checkpoint; without one, this machine",
                          description="With RUN: what it holds (step, data, model, schedule, classes). Without: "

@@ -48,6 +48,12 @@ class ModelConfig:
     head_channels: int = opt(64, "channels per attention head")
     scale_shift: bool = opt(True, "time embedding as GroupNorm scale+shift (ADM); false = additive (DDPM)")
     class_cond: bool = opt(False, "condition on class labels (adds a null class for guidance)")
+    # Variants that only models imported from diffusers use (google/ddpm-cifar10-32: 1e-6, 1, sin
+    # first, 0); a --config file can set them too. The defaults are what every diffuse preset trains.
+    norm_eps: float = opt(1e-5, "GroupNorm epsilon", cli=False)
+    time_freq_shift: float = opt(0.0, "sinusoidal time embedding: frequencies max_period^(-i/(half - shift))", cli=False)
+    time_sin_first: bool = opt(False, "sinusoidal time embedding order [sin, cos] instead of [cos, sin]", cli=False)
+    downsample_padding: int = opt(1, "downsampling conv padding: 1 symmetric, 0 bottom/right only (TF SAME)", cli=False)
     # Filled in from the data at start; recorded so a checkpoint is self-describing.
     image_size: int = opt(0, "set from the data", cli=False)
     in_channels: int = opt(0, "set from the data", cli=False)
@@ -325,6 +331,8 @@ def validate(cfg: Config) -> None:
     need(m.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {m.num_res_blocks}")
     need(0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}")
     need(m.num_groups >= 1, f"--num-groups must be at least 1, got {m.num_groups}")
+    need(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+    need(m.downsample_padding in (0, 1), f"model.downsample_padding must be 0 or 1, got {m.downsample_padding}")
     for c in {m.base_channels * k for k in m.channel_mult}:
         need(c % m.num_groups == 0, f"--num-groups {m.num_groups} must divide every level's channels (got {c})")
     need(d.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {d.schedule!r}")

@@ -22,15 +22,18 @@ from torch import Tensor, nn
 from .config import ModelConfig
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, freq_shift: float = 0.0,
+                       sin_first: bool = False) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, sec. 3.5).
 
-    t: [B] -> [B, dim] float32: [cos(t w_i), sin(t w_i)] with w_i = max_period^(-i/half).
+    t: [B] -> [B, dim] float32: [cos(t w_i), sin(t w_i)] with w_i = max_period^(-i/(half - freq_shift)).
+    ``freq_shift`` and ``sin_first`` exist for imported diffusers models (their ``freq_shift`` and
+    ``flip_sin_to_cos=False``; the original DDPM code used shift 1, sin first); ours use 0 and cos first.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    emb = torch.cat([torch.sin(args), torch.cos(args)] if sin_first else [torch.cos(args), torch.sin(args)], dim=1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -112,13 +115,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, time embedding injected, GroupNorm -> SiLU -> dropout -> conv, + skip."""
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int, scale_shift: bool):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int, scale_shift: bool,
+                 eps: float = 1e-5):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = GroupNorm32(groups, c_in)
+        self.norm1 = GroupNorm32(groups, c_in, eps=eps)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * c_out if scale_shift else c_out)
-        self.norm2 = GroupNorm32(groups, c_out)
+        self.norm2 = GroupNorm32(groups, c_out, eps=eps)
         self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -138,10 +142,10 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Multi-head self-attention over the H*W positions."""
 
-    def __init__(self, channels: int, groups: int, head_channels: int):
+    def __init__(self, channels: int, groups: int, head_channels: int, eps: float = 1e-5):
         super().__init__()
         self.heads = max(1, channels // head_channels)
-        self.norm = GroupNorm32(groups, channels)
+        self.norm = GroupNorm32(groups, channels, eps=eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -159,11 +163,17 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    """Stride-2 3x3 conv. padding 1: symmetric (ours); 0: one row/column of zeros on the bottom/right
+    only (TF's "SAME" for even sizes, as the original DDPM code and diffusers' downsample_padding=0)."""
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -200,10 +210,10 @@ class UNet(nn.Module):
         self.class_emb = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes else None
 
         def res(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, emb_dim, cfg.dropout, groups, cfg.scale_shift)
+            return ResBlock(c_in, c_out, emb_dim, cfg.dropout, groups, cfg.scale_shift, cfg.norm_eps)
 
         def attn(c: int, res_: int) -> nn.Module:
-            return AttnBlock(c, groups, cfg.head_channels) if res_ in cfg.attn_resolutions else nn.Identity()
+            return AttnBlock(c, groups, cfg.head_channels, cfg.norm_eps) if res_ in cfg.attn_resolutions else nn.Identity()
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -220,13 +230,13 @@ class UNet(nn.Module):
                 skip_channels.append(c)
             self.down.append(Level(blocks, attns))
             last = i == len(cfg.channel_mult) - 1
-            self.downsample.append(nn.Identity() if last else Downsample(c))
+            self.downsample.append(nn.Identity() if last else Downsample(c, cfg.downsample_padding))
             if not last:
                 skip_channels.append(c)
                 resolution //= 2
 
         self.mid1 = res(c, c)
-        self.mid_attn = AttnBlock(c, groups, cfg.head_channels)
+        self.mid_attn = AttnBlock(c, groups, cfg.head_channels, cfg.norm_eps)
         self.mid2 = res(c, c)
 
         self.up = nn.ModuleList()
@@ -243,7 +253,7 @@ class UNet(nn.Module):
             if i > 0:
                 resolution *= 2
 
-        self.norm_out = GroupNorm32(groups, c)
+        self.norm_out = GroupNorm32(groups, c, eps=cfg.norm_eps)
         self.conv_out = zero_init(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
         # Gradient checkpointing (a run-time switch, not part of the weights): residual and
         # attention blocks keep only their inputs and recompute activations in the backward pass.
@@ -257,7 +267,9 @@ class UNet(nn.Module):
         return attn(block(h, emb))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        emb = timestep_embedding(t, self.cfg.base_channels, freq_shift=self.cfg.time_freq_shift,
+                                 sin_first=self.cfg.time_sin_first)
+        emb = self.time_mlp(emb.to(x.dtype))
         if self.class_emb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
