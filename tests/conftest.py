@@ -63,3 +63,17 @@ def tiny_config(out: Path | str, **train) -> Config:
     t = {"steps": 4, "batch_size": 8, "log_every": 1, "sample_n": 4, "sample_steps": 2, "out": str(out),
          "lr": 1e-3, "warmup_steps": 0, **train}
     return resolve("digits", None, None, {"model": dict(TINY_MODEL), "train": t})
+
+
+@pytest.fixture(scope="session")
+def served_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny trained runs for the serve tests (2 steps each): class-conditional and unconditional."""
+    from diffuse.train import train
+
+    root = tmp_path_factory.mktemp("served")
+    runs = {}
+    for name, cond in (("cond", True), ("uncond", False)):
+        cfg = tiny_config(root / name, steps=2, sample_n=2, sample_steps=1)
+        cfg.model.class_cond = cond
+        runs[name] = Path(train(cfg, progress=False))
+    return runs

@@ -303,6 +303,19 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise DiffuseError("diffuse serve needs FastAPI and uvicorn: pip install 'diffuse[serve]'") from None
+    from .serve import serve
+
+    return serve(args.runs, host=args.host, port=args.port, max_images=args.max_images, max_steps=args.max_steps,
+                 queue=args.queue, token=args.token, device=args.device, precision=args.precision,
+                 preview=args.preview)
+
+
 def _class_labels(args: argparse.Namespace, loaded, count: int):
     """--class for eval and the visualize views: None (unconditional), or labels [count] cycling
     the classes asked for ('all': every class, image i gets class i mod K). Also settles
@@ -858,6 +871,27 @@ def build_parser() -> Parser:
     inf.add_argument("--device", default="auto", help="without RUN: the device to describe (default auto)")
     inf.add_argument("--json", action="store_true", help="print as JSON")
     inf.set_defaults(func=cmd_info)
+
+    se = sub.add_parser("serve", parents=[common, threads], help="an HTTP API and a page for generating from trained models",
+                        description="Serve one or more trained models over HTTP (FastAPI on uvicorn): a page at / "
+                                    "and a JSON/PNG API under /api (schema at /docs). Loopback only by default.")
+    se.add_argument("runs", nargs="+", metavar="RUN", help="run directory or checkpoint, optionally NAME=RUN")
+    se.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1; 0.0.0.0 serves every network, with a warning)")
+    se.add_argument("--port", type=_int, default=8000, help="port (default 8000; 0 picks a free one)")
+    se.add_argument("--max-images", type=_positive_int, default=64, help="images per request (default 64)")
+    se.add_argument("--max-steps", type=_positive_int, default=1000,
+                    help="sampling steps per request (default 1000; also at most each model's T)")
+    se.add_argument("--queue", type=_positive_int, default=16,
+                    help="requests waiting per device; more get 429 with Retry-After (default 16)")
+    se.add_argument("--token", default=None,
+                    help="require 'Authorization: Bearer TOKEN' on every API call (or set DIFFUSE_SERVE_TOKEN)")
+    se.add_argument("--device", default="auto", help="auto (cuda when there is a GPU), cpu or cuda[:N]")
+    se.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
+                    help=PRECISION_HELP + " (as diffuse sample, so the same request gives the same images)")
+    se.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
+                    help="send low-resolution x0 previews with progress events (default on)")
+    se.set_defaults(func=cmd_serve)
     return p
 
 

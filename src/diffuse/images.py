@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -48,6 +49,21 @@ def display_scale(image_size: int) -> int:
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, row_labels: list[str] | None = None,
               scale: int | None = None) -> None:
     """Write uint8 [N, C, H, W] as one PNG grid; optional labels down the left edge, one per row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, nrow, row_labels, scale).save(path)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """PIL image -> PNG file bytes; deterministic for the same pixels (no timestamps in PNG)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid_image(images: Tensor, nrow: int | None = None, row_labels: list[str] | None = None,
+               scale: int | None = None) -> Image.Image:
+    """uint8 [N, C, H, W] -> the PIL grid ``save_grid`` writes (upscaled, optionally row-labelled)."""
     arr = make_grid(images, nrow)
     img = to_pil(arr, scale or display_scale(images.shape[-1]))
     if row_labels:
@@ -61,9 +77,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, row_lab
         for r, label in enumerate(row_labels):
             draw.text((4, int(r * row_h + row_h / 2 - 5)), label, fill=(0, 0, 0))
         img = canvas
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    return img
 
 
 def save_images(images: Tensor, out: str | Path, labels: Tensor | None = None, nrow: int | None = None,
