@@ -210,8 +210,11 @@ def read_cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # noqa: BLE001 - any malformed pickle is one user-facing error
         raise DiffuseError(f"{where} is not a CIFAR-10 python batch ({e})") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise DiffuseError(f"{where} has unexpected shape {data.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+        raise DiffuseError(f"{where} has labels outside 0..{len(CIFAR10_CLASSES) - 1} "
+                           f"(found {labels.min()}..{labels.max()})")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -320,6 +323,25 @@ def is_standard(name: str) -> bool:
     return name in STANDARD
 
 
+def fingerprint(name: str, data: ImageSet) -> dict:
+    """What identifies a data set across machines, stored in every checkpoint: the image count
+    and, for a folder, the number, total size and a sha256 over the sorted (relative name, size)
+    of its image files. Not its location (a run may move) nor mtimes (a copy changes them).
+    Standard sets are fixed files verified by checksum: their name and count suffice."""
+    fp = {"count": len(data)}
+    if not is_standard(name):
+        root = Path(name).expanduser()
+        files, _ = scan_folder(root)
+        h = hashlib.sha256()
+        total = 0
+        for p in files:
+            size = p.stat().st_size
+            total += size
+            h.update(f"{p.relative_to(root).as_posix()}\0{size}\n".encode())
+        fp.update(files=len(files), bytes=total, sha256=h.hexdigest())
+    return fp
+
+
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
                  image_size: int | None = None, channels: int | None = None) -> ImageSet:
     """Load a data set into memory as uint8 NCHW. Errors are one-line ``DiffuseError``s."""
@@ -333,8 +355,10 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         folder = Path(root or default_data_root()) / name
         img_path, lbl_path = fetch_files(name, folder, IDX_FILES[name][split])
         imgs, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
-        if imgs.ndim != 3 or len(imgs) != len(labels):
+        if imgs.ndim != 3 or labels.ndim != 1 or len(imgs) != len(labels):
             raise DiffuseError(f"{img_path} and {lbl_path} do not match ({imgs.shape} vs {labels.shape})")
+        if len(labels) and labels.max() >= 10:
+            raise DiffuseError(f"{lbl_path} has labels outside 0..9 (found {labels.max()})")
         images = torch.from_numpy(imgs.copy())[:, None]
         class_names = MNIST_CLASSES if name == "mnist" else FASHION_CLASSES
     elif name == "cifar10":
