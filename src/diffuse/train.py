@@ -9,6 +9,7 @@ resumed is bit-identical (on CPU) to one that never stopped.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
@@ -455,6 +456,12 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     locks: list[RunLock] = []
     try:
         return _train(cfg, locks, resume=resume, init_from=init_from, overwrite=overwrite, progress=progress)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiffuseError(f"no space left on the device while writing {e.filename or 'the run'}; the last "
+                           f"checkpoint in {Path(cfg.train.out) / 'checkpoints'} is intact: free space and "
+                           f"--resume") from None
     finally:
         for lock in locks:
             lock.release()
