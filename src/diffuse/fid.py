@@ -200,7 +200,13 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def stats_from_arrays(z: dict[str, np.ndarray], where: str) -> Stats:
+    if "mu" not in z or "sigma" not in z:
+        raise DiffuseError(f"{where} is not a statistics file (no 'mu' and 'sigma' arrays)")
+    if not all(z[k].dtype.kind in "fiu" for k in ("mu", "sigma")):
+        raise DiffuseError(f"{where}: mu and sigma must be numeric arrays, got {z['mu'].dtype} and {z['sigma'].dtype}")
     mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise DiffuseError(f"{where}: mu or sigma holds NaN or inf")
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise DiffuseError(f"{where}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
     meta: dict[str, Any] = {}
@@ -209,10 +215,15 @@ def stats_from_arrays(z: dict[str, np.ndarray], where: str) -> Stats:
             meta = json.loads(str(z["meta"]))
         except json.JSONDecodeError:
             raise DiffuseError(f"{where}: its meta record is not JSON") from None
+        if not isinstance(meta, dict):
+            raise DiffuseError(f"{where}: its meta record is not a JSON object")
     feats = z.get("features")
     if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]):
         raise DiffuseError(f"{where}: features {feats.shape} do not match mu {mu.shape}")
-    n = int(z["n"]) if "n" in z else int(meta.get("n", 0))
+    try:
+        n = int(z["n"]) if "n" in z else int(meta.get("n", 0))
+    except (TypeError, ValueError, AttributeError):
+        raise DiffuseError(f"{where}: n is not a count") from None
     return Stats(mu, sigma, n, None if feats is None else feats.astype(np.float32), meta)
 
 
@@ -254,7 +265,7 @@ def load_image_folder(root: Path) -> Tensor:
             with Image.open(p) as im:
                 im = im.convert("L") if im.mode in ("1", "L", "LA", "I", "I;16", "F") else im.convert("RGB")
                 a = np.asarray(im, np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
             raise DiffuseError(f"cannot read image {p} ({e})") from None
         arrays.append(a[..., None] if a.ndim == 2 else a)
         sizes.add(a.shape[:2])
