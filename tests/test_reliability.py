@@ -341,8 +341,8 @@ def test_linear_betas_scale_with_the_number_of_steps():
         d = _resolve(diffusion={"schedule": "linear", "timesteps": steps}).diffusion
         assert d.beta_start == pytest.approx(1e-4 * 1000 / steps) and d.beta_end == pytest.approx(0.02 * 1000 / steps)
         assert linear_abar_T(d.beta_start, d.beta_end, steps) < 1e-4     # x_T is pure noise, as sampling assumes
-    d = _resolve(diffusion={"schedule": "linear", "timesteps": 100, "beta_end": 0.1}).diffusion
-    assert d.beta_end == 0.1 and d.beta_start == pytest.approx(1e-3)    # explicit values are kept
+    d = _resolve(diffusion={"schedule": "linear", "timesteps": 100, "beta_end": 0.15}).diffusion
+    assert d.beta_end == 0.15 and d.beta_start == pytest.approx(1e-3)    # explicit values are kept
 
 
 def test_eta_and_guidance_out_of_range_are_refused(small_run):
@@ -382,7 +382,7 @@ def _folder(path: Path, n: int) -> Path:
 def test_resume_follows_moved_data_and_refuses_changed_data(tmp_path):
     data = _folder(tmp_path / "a" / "imgs", 8)
     cfg = tiny_config(tmp_path / "run", steps=1)
-    cfg.data.name = str(data)
+    cfg.data.name, cfg.data.image_size = str(data), 16
     run = train(cfg, progress=False)
     moved = tmp_path / "b" / "imgs"
     shutil.copytree(data, moved)                    # a copy gets new mtimes: same data all the same

@@ -257,7 +257,7 @@ def read_header(path: Path) -> dict[str, Any]:
         cfg_path = path / "config.json"
         try:
             header = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DiffuseError(f"{cfg_path} is missing or corrupt ({e})") from None
     else:
         try:

@@ -255,6 +255,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise DiffuseError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise DiffuseError(f"config file {p} is not valid JSON (not UTF-8 text: {e})") from None
     if not isinstance(d, dict):
         raise DiffuseError(f"config file {p} must hold a JSON object")
     return d
@@ -263,16 +265,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def resolve(preset: str | None, data_name: str | None, file_overrides: dict | None,
             cli_overrides: dict[str, Any]) -> Config:
     """Build the run config: defaults < preset < config file < CLI flags."""
-    data_name = data_name or (file_overrides or {}).get("data", {}).get("name")
-    preset = preset or (file_overrides or {}).get("preset") or default_preset_for(data_name or "digits")
-    if preset not in PRESETS:
+    file_data = (file_overrides or {}).get("data")
+    data_name = data_name or (file_data.get("name") if isinstance(file_data, dict) else None)
+    preset = preset or (file_overrides or {}).get("preset") or default_preset_for(
+        data_name if isinstance(data_name, str) else "digits")
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise DiffuseError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = Config(preset=preset)
     apply_overrides(cfg, PRESETS[preset], source=f"preset {preset}")
     if file_overrides:
         apply_overrides(cfg, file_overrides, source="--config")
     apply_overrides(cfg, cli_overrides, source="command line")
-    given = set((file_overrides or {}).get("diffusion", {})) | set(cli_overrides.get("diffusion", {}))
+    given = set(((file_overrides or {}).get("diffusion") or {})) | set(cli_overrides.get("diffusion", {}))
     scale_linear_betas(cfg, given)
     validate(cfg)
     return cfg
@@ -301,6 +305,11 @@ def validate(cfg: Config) -> None:
     need(len(m.channel_mult) <= 8 and all(c <= 64 for c in m.channel_mult),
          f"--channel-mult {','.join(map(str, m.channel_mult))} is too large (at most 8 levels, each at most 64)")
     need(0 <= t.seed < 2 ** 63, f"--seed must be in [0, 2^63), got {t.seed}")
+    for name in ("log_every", "sample_every", "ckpt_every", "fid_every", "patience", "max_bad_steps", "keep",
+                 "warmup_steps", "fid_ref_n"):
+        v = getattr(t, name)
+        need(v is None or v <= 1 << 40, f"--{name.replace('_', '-')} {v} is too large (at most {1 << 40:,})")
+    need(t.sample_guidance >= 0, f"--sample-guidance must be >= 0, got {t.sample_guidance}")
     need(m.base_channels > 0, f"--base-channels must be positive, got {m.base_channels}")
     need(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult), "--channel-mult must be positive integers, e.g. 1,2,2")
     need(m.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {m.num_res_blocks}")
