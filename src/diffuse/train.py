@@ -249,11 +249,10 @@ class TrainStep:
         loss = eps_loss(eps_pred, noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if t.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         else:
-            grad_norm = torch.nn.utils.get_total_norm(grads)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         # A non-finite loss or gradient skips the step on the device (no host sync): fused AdamW
         # leaves weights, moments and its step count alone when found_inf is 1 (GradScaler's
         # mechanism), and the EMA lerps with weight 0. The trainer counts self.bad.
