@@ -26,11 +26,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from diffuse import cli
-from diffuse import checkpoint as ckpt_io
 from diffuse.errors import DiffuseError
 from diffuse.train import load_resume_config, train
 
-from .conftest import TINY_FLAGS, tiny_config
+from .conftest import tiny_config
 
 CPU = torch.device("cpu")
 

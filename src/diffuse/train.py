@@ -33,12 +33,14 @@ from .errors import DiffuseError
 from .fsutil import LOCK_NAME, MARKER, RunLock, atomic_write, is_run_dir, mark_run_dir
 from .images import save_grid, to_uint8
 from .models import UNet, count_parameters
+from .outputs import check_dir
 from .rng import ImageNoise, derive_seed, generator
 from .samplers import run_sampler, sigmas_for
+from .threads import busy_note, set_threads, wait_policy_note
 
 # Settings a resumed run may change; anything else must match the stored config.
 RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
-             "patience", "device", "compile", "grad_checkpointing", "out", "fid_every", "fid_n", "fid_ref_n", "fid_sampler", "fid_steps",
+             "patience", "device", "threads", "compile", "grad_checkpointing", "out", "fid_every", "fid_n", "fid_ref_n", "fid_sampler", "fid_steps",
              "root", "max_bad_steps"}
 
 
@@ -60,7 +62,7 @@ def keep_freed_cpu_memory() -> bool:
     threshold to the OS on free, so each training step page-faults its activations in again
     (3,200 faults, 24 ms of kernel time per DDPM-UNet step at batch 8). With the threshold raised
     and trimming off, a step's memory is reused: 0 faults, 4-6% more img/s on 2 cores
-    (benchmarks/cpu_kernels.py, README Speed). Process-wide, harmless elsewhere; a no-op (False) off glibc."""
+    (benchmarks/cpu_kernels.py, docs/speed.md). Process-wide, harmless elsewhere; a no-op (False) off glibc."""
     import ctypes
     import ctypes.util
     try:
@@ -90,7 +92,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (fp16 is unstable in GroupNorm, seed 001) or None for fp32.
+    """bf16 autocast (not fp16: its narrow range makes GroupNorm unstable) or None for fp32.
 
     ``auto`` picks bf16 on CUDA and on CPUs with native bf16: on the digits preset bf16 gives the
     same loss curve and held-out error as fp32 (benchmarks/precision_compare.py) and trains faster.
@@ -358,6 +360,8 @@ class RunState:
     bad_epochs: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_n: int = 0
+    log_loss_sum: float = 0.0                 # the metrics row in progress: loss sum and steps since the
+    log_loss_n: int = 0                       # last --log-every row, so a resumed run logs the same rows
     train_seconds: float = 0.0
     bad_steps: int = 0               # steps skipped for a non-finite loss or gradient
 
@@ -469,11 +473,15 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
 def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | None, overwrite: bool,
            progress: bool) -> Path:
     t = cfg.train
-    out = Path(t.out)
+    out = check_dir(t.out)                      # before any work: a run that cannot write is refused now
     device = pick_device(t.device)
     amp = autocast_dtype(t.precision, device)
     channels_last = use_channels_last(t.channels_last, device, amp)
     keep_freed_cpu_memory()
+    threads = set_threads(t.threads)
+    busy = busy_note()                               # before our own work adds to the load
+    if busy and wait_policy_note():
+        busy += f"; {wait_policy_note()}"
 
     data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels)
     fill_model_from_data(cfg, data)
@@ -526,8 +534,8 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
     header = (f"diffuse train | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x{data.image_size}"
               f"{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | preset {cfg.preset} | "
               f"{n_params / 1e6:.2f}M params | {device.type}"
-              f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | "
-              f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}")
+              f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | {threads} threads | "
+              f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}{f' | {busy}' if busy else ''}")
     rep.line(header)
     if resume:
         rep.line(f"resumed from step {st.step}")
@@ -547,6 +555,8 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
         if st.step in saved and saved[st.step].is_dir():
             return saved[st.step]
         st.epoch_loss_sum = float(epoch_acc)
+        st.log_loss_sum, st.log_loss_n = float(loss_acc), acc_n
+        st.bad_steps = bad_base + int(bad_total)
         path = ckpt_io.save_checkpoint(
             ckpt_root, st.step, model=model, ema=ema, optimizer=optimizer, config=cfg.to_dict(),
             state={**st.to_dict(), "images_seen": st.step * t.batch_size, "data_fingerprint": data_fp},
@@ -581,9 +591,14 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
                  f"N_ref={r['n_ref']:,}; biased upward at small N, compare only equal N; {r['seconds']:.0f}s)"
                  f"{' new best' if better else ''}")
 
-    loss_acc = torch.zeros((), device=device)       # summed on device; read every log_every steps
+    # Each metrics row's loss is the mean over the steps since the previous --log-every row. The sum
+    # is kept on the device (read only when logging) and carried in checkpoints, so a run resumed
+    # between two rows writes the same next row as one that never stopped. float32 -> JSON -> float32
+    # is exact.
+    loss_acc = torch.tensor(st.log_loss_sum, device=device)
+    acc_n = st.log_loss_n
     epoch_acc = torch.tensor(st.epoch_loss_sum, device=device)   # this epoch's loss sum, for --patience
-    acc_n = 0
+    rate_n = 0                                      # steps since t_log in this process, for img/s
     t_log = time.perf_counter()
     t_start = time.perf_counter()
     time_limit_s = t.time_limit * 60 if t.time_limit else None
@@ -591,6 +606,7 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
     # Skipped (non-finite) steps, counted on the device and read with the loss: since the last
     # read, and the longest run of consecutive ones (stop at --max-bad-steps).
     bad_acc = torch.zeros((), dtype=torch.long, device=device)
+    bad_total, bad_base = torch.zeros((), dtype=torch.long, device=device), st.bad_steps
     epoch_bad = torch.zeros((), dtype=torch.long, device=device)
     streak = torch.zeros((), dtype=torch.long, device=device)
     max_streak = torch.zeros((), dtype=torch.long, device=device)
@@ -609,28 +625,30 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
             loss_acc += good_loss
             epoch_acc += good_loss
             bad_acc += bad
+            bad_total += bad
             epoch_bad += bad
             streak.add_(1).mul_(bad)
             torch.maximum(max_streak, streak, out=max_streak)
             acc_n += 1
+            rate_n += 1
 
             st.epoch_loss_n += 1
             epoch_done = int(stream.epoch_of(st.step)) > int(stream.epoch_of(step))
-            if st.step % t.log_every == 0 or st.step == steps_total or st.step % t.max_bad_steps == 0:
+            on_grid = st.step % t.log_every == 0
+            if on_grid or st.step == steps_total or st.step % t.max_bad_steps == 0:
                 if int(max_streak) >= t.max_bad_steps:              # one sync per K steps at most
                     diverged = True
                     stop_reason = (f"{int(max_streak)} consecutive steps had a non-finite loss or gradient "
                                    f"(each skipped: weights, optimizer moments and EMA untouched)")
                     break
-            if st.step % t.log_every == 0 or st.step == steps_total:
+                max_streak.zero_()                  # a streak still running raises it again
+            if on_grid or st.step == steps_total:
                 now = time.perf_counter()
                 n_bad = int(bad_acc)
-                st.bad_steps += n_bad
-                max_streak.zero_()
-                bad_acc.zero_()
+                st.bad_steps = bad_base + int(bad_total)
                 mean_loss = float(loss_acc) / (acc_n - n_bad) if acc_n > n_bad else None
                 elapsed = now - t_log
-                rate = acc_n * t.batch_size / max(elapsed, 1e-9)
+                rate = rate_n * t.batch_size / max(elapsed, 1e-9)
                 st.train_seconds += elapsed
                 stats = {"step": st.step, "images_seen": st.step * t.batch_size,
                          "epoch": round(stream.epoch_of(st.step), 4), "loss": mean_loss,
@@ -647,11 +665,14 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
                 for k in ("loss", "lr", "grad_norm", "img_per_sec"):
                     if stats[k] is not None:
                         tb.add_scalar(f"train/{k}", stats[k], st.step)
-                eta = (steps_total - st.step) * elapsed / acc_n
+                eta = (steps_total - st.step) * elapsed / rate_n
                 if mean_loss is not None:
                     rep.progress(st.step, stats, eta, steps_total)
-                loss_acc.zero_()
-                acc_n = 0
+                if on_grid:                         # a run's last row off the grid keeps the window open
+                    loss_acc.zero_()
+                    acc_n = 0
+                    bad_acc.zero_()
+                rate_n = 0
                 t_log = time.perf_counter()
 
             if epoch_done:
