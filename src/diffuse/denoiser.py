@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .diffusion import Schedule
+from .rng import to_device
 
 
 class EpsDenoiser:
@@ -33,7 +34,7 @@ class EpsDenoiser:
 
     def __init__(self, net: nn.Module, schedule: Schedule, *, labels: Tensor | None = None,
                  guidance: float = 0.0, null_label: int | None = None, clip_x0: bool = False,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, levels: dict | None = None):
         self.net = net
         self.schedule = schedule
         self.labels = labels
@@ -42,6 +43,9 @@ class EpsDenoiser:
         self.clip_x0 = clip_x0
         self.autocast_dtype = autocast_dtype
         self.nfe = 0                                     # network evaluations so far (one per call)
+        # (float sigma, device) -> (sigma, t(sigma), c_in) as device tensors: built once per sampling
+        # run (``prepare``), shareable between the batches of one run, so a call makes no host copy
+        self.levels = {} if levels is None else levels
         if guidance and (labels is None or null_label is None):
             raise ValueError("guidance needs class labels and a null label")
 
@@ -70,13 +74,37 @@ class EpsDenoiser:
             return (1 + self.guidance) * eps_c - self.guidance * eps_u
         return out
 
+    def prepare(self, sigmas: Tensor, device: torch.device) -> None:
+        """Compute sigma, t(sigma) and c_in(sigma) = 1/sqrt(sigma^2 + 1) for every level of a
+        sampling run on the CPU in float64 (the same arithmetic as per call), then move them to
+        ``device`` in one non-blocking copy."""
+        s = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
+        values = [v for v in dict.fromkeys(s.tolist()) if (v, device) not in self.levels]
+        if not values:
+            return
+        s = torch.tensor(values, dtype=torch.float64)
+        t = self.schedule.sigma_to_t(s).float().double()                  # float32 values, carried in f64
+        packed = to_device(torch.stack([s, t, 1 / (s ** 2 + 1).sqrt()]), device)     # [3, K]
+        for k, v in enumerate(values):
+            self.levels[(v, device)] = (packed[0, k], packed[1, k].float(), packed[2, k])
+
     def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        t = self.schedule.sigma_to_t(sigma).float()                     # [B] continuous timestep
-        c_in = (1 / (sigma ** 2 + 1).sqrt()).to(x.dtype).view(-1, 1, 1, 1)
+        if isinstance(sigma, Tensor) and (sigma.ndim > 0 or sigma.device != torch.device("cpu")):
+            # per-image sigmas [B] (or a device scalar): computed here, as the table would
+            sigma = sigma.to(device=x.device, dtype=torch.float64)
+            if sigma.ndim == 0:
+                sigma = sigma.expand(x.shape[0])
+            t = self.schedule.sigma_to_t(sigma).float()                 # [B] continuous timestep
+            c_in = (1 / (sigma ** 2 + 1).sqrt()).to(x.dtype).view(-1, 1, 1, 1)
+            sig = sigma.to(x.dtype).view(-1, 1, 1, 1)
+        else:
+            key = (float(sigma), x.device)                              # a host scalar: no sync
+            if key not in self.levels:
+                self.prepare(torch.tensor([key[0]], dtype=torch.float64), x.device)
+            s, t0, c = self.levels[key]
+            t = t0.expand(x.shape[0])                                   # [B] continuous timestep
+            c_in, sig = c.to(x.dtype), s.to(x.dtype)
         eps = self.eps(x * c_in, t)
         self.nfe += 1
-        x0 = x - sigma.to(x.dtype).view(-1, 1, 1, 1) * eps
+        x0 = x - sig * eps
         return x0.clamp(-1, 1) if self.clip_x0 else x0
