@@ -356,7 +356,7 @@ def peek_folder(root: Path) -> FolderShape:
                 sizes.add(im.size)
                 gray = gray and im.mode in GRAY_MODES
                 count += 1
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue
     return FolderShape(count, sizes, gray and count > 0)
 
