@@ -515,10 +515,8 @@ def choose_placement(nbytes: int, device: torch.device, setting: str = "auto", *
 def memmap_images(images: Tensor, path: Path) -> Tensor:
     """Write uint8 [N, C, H, W] to ``path`` and return a tensor over a read-only memory map of it
     (pages are read from disk as batches touch them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    images.numpy().tofile(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        images.numpy().tofile(f)
     mm = np.memmap(path, dtype=np.uint8, mode="r", shape=tuple(images.shape))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)          # torch warns that the array is read-only
