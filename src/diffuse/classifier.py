@@ -9,18 +9,20 @@ labels as the class that was asked for.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_to_bytes
 from torch import Tensor, nn
 
 from .data import ImageSet, cache_dir, load_dataset
 from .errors import DiffuseError
+from .fsutil import atomic_write
 from .rng import generator
 
 ARCH_VERSION = 1
@@ -100,6 +102,27 @@ def fit(train: ImageSet, test: ImageSet, *, epochs: int = 3, batch_size: int = 1
     return net, acc
 
 
+def _read_cached(weights: Path, meta_path: Path, key: dict, channels: int, device: torch.device) -> "Judge | None":
+    """The cached judge if its metadata matches ``key``; None (retrain) when it is for other
+    settings; a one-line error when the cache is corrupt or not what it claims (safetensors and
+    JSON only: nothing in it can run code)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            return None
+        names, acc = meta["class_names"], meta["test_accuracy"]
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)) \
+                or not isinstance(acc, (int, float)):
+            raise TypeError("class_names or test_accuracy has the wrong type")
+        net = JudgeNet(channels, len(names)).to(device)
+        net.load_state_dict(load_file(str(weights)))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError,
+            SafetensorError) as e:
+        raise DiffuseError(f"the cached judge classifier {weights} is corrupt ({type(e).__name__}: {e}); "
+                           f"delete it and it is retrained") from None
+    return Judge(net, names, float(acc), key)
+
+
 def load_or_train(data_name: str, root: str | None, image_size: int, channels: int, *,
                   device: torch.device = torch.device("cpu"), seed: int = 0,
                   log: Callable[[str], None] | None = None) -> Judge:
@@ -112,11 +135,9 @@ def load_or_train(data_name: str, root: str | None, image_size: int, channels: i
     if train.labels is None:
         raise DiffuseError(f"{data_name} has no labels, so there is no classifier to judge class accuracy")
     if weights.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key:
-            net = JudgeNet(channels, len(meta["class_names"])).to(device)
-            net.load_state_dict(load_file(str(weights)))
-            return Judge(net, meta["class_names"], meta["test_accuracy"], key)
+        cached = _read_cached(weights, meta_path, key, channels, device)
+        if cached is not None:
+            return cached
     try:
         test = load_dataset(data_name, root, "test", image_size, channels)
     except DiffuseError:
@@ -128,10 +149,8 @@ def load_or_train(data_name: str, root: str | None, image_size: int, channels: i
         log(f"training the judge classifier for {data_name} (once; cached in {folder})")
     net, acc = fit(train, test, seed=seed, device=device, log=log)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
-    meta_path.write_text(json.dumps({"key": key, "class_names": train.class_names, "test_accuracy": acc}, indent=2))
+    atomic_write(weights, tensors_to_bytes({k: v.cpu().contiguous() for k, v in net.state_dict().items()}))
+    atomic_write(meta_path, json.dumps({"key": key, "class_names": train.class_names, "test_accuracy": acc}, indent=2))
     return Judge(net, list(train.class_names or []), acc, key)
 
 

@@ -184,11 +184,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not dist.is_main():
         return 0
     out = Path(args.out)
-    save_images(images, out, labels=labels, nrow=nrow, row_labels=row_labels)
-    if out.suffix.lower() == ".npz":
-        import numpy as np
-        data = dict(np.load(out))
-        np.savez(out, **data, meta=json.dumps({**record, "source": str(loaded.source)}))
+    save_images(images, out, labels=labels, nrow=nrow, row_labels=row_labels,
+                meta=json.dumps({**record, "source": str(loaded.source)}))
     print(f"wrote {n} images to {out} ({record['sampler']}, {record['nfe']} NFE/image-batch, "
           f"seed {record['seed']}, {record['seconds']:.1f}s, {record['images_per_sec']:.1f} img/s)")
     return 0

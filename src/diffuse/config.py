@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    max_bad_steps: int = opt(20, "steps with a non-finite loss or gradient are skipped; stop after this many in a row")
     ema_decay: float = opt(0.9999, "EMA decay; warmed up as min(decay, (1+step)/(10+step))")
     label_dropout: float = opt(0.1, "with --class-cond: fraction of labels replaced by the null class")
     seed: int = opt(0, "seed for initialisation, data order, noise and timesteps")
@@ -229,14 +231,19 @@ def fit_to_size(cfg: Config, size: int) -> int:
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     """Convert a JSON/CLI value to the field's declared type, with a one-line error."""
-    if value is None:
-        return None
     typ = str(f.type)
     name = f.name.replace("_", "-")
+    if value is None:
+        if "None" not in typ:
+            raise DiffuseError(f"{where}: {name} cannot be null (expected {typ})")
+        return None
     try:
         if typ.startswith("tuple"):
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
+            if not isinstance(value, (list, tuple)) or any(
+                    isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in value):
+                raise ValueError
             return tuple(int(v) for v in value)
         if typ.startswith("bool"):
             if isinstance(value, str):
@@ -254,9 +261,13 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
                 raise ValueError
             return int(value)
         if typ.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         if typ.startswith("str"):
-            return str(value)
+            if not isinstance(value, str):
+                raise ValueError
+            return value
     except (TypeError, ValueError):
         raise DiffuseError(f"{where}: bad value {value!r} for {name} (expected {typ})") from None
     return value
@@ -290,6 +301,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise DiffuseError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise DiffuseError(f"config file {p} is not valid JSON (not UTF-8 text: {e})") from None
     if not isinstance(d, dict):
         raise DiffuseError(f"config file {p} must hold a JSON object")
     return d
@@ -301,16 +314,27 @@ def resolve(preset: str | None, data_name: str | None, file_overrides: dict | No
 
     A folder of images (data_name not a standard set) gets its image size and, unless a preset is
     named, its preset from its images (``data.peek_folder``, ``default_preset_for``, ``fit_to_size``)."""
-    data_name = data_name or (file_overrides or {}).get("data", {}).get("name") or "digits"
+    file_data = (file_overrides or {}).get("data")
+    file_data = file_data if isinstance(file_data, dict) else {}     # a wrong type is reported below
+    data_name = data_name or file_data.get("name") or "digits"
+    if not isinstance(data_name, str):
+        raise DiffuseError(f"--config: bad value {data_name!r} for data (expected a name or a folder)")
     from .data import STANDARD, peek_folder       # lazy: data imports torch; config stays light
     folder_size = channels = None
-    if data_name not in STANDARD and Path(data_name).expanduser().is_dir():
+    try:
+        is_folder = data_name not in STANDARD and Path(data_name).expanduser().is_dir()
+    except (ValueError, OSError):                   # a NUL byte, a name too long: not a folder
+        is_folder = False
+    if is_folder:
         shape = peek_folder(Path(data_name).expanduser())
-        size_flag = cli_overrides.get("data", {}).get("image_size") or (file_overrides or {}).get("data", {}).get("image_size")
-        folder_size = int(size_flag) if size_flag else shape.default_size
+        size_flag = cli_overrides.get("data", {}).get("image_size") or file_data.get("image_size")
+        try:
+            folder_size = int(size_flag) if size_flag else shape.default_size
+        except (TypeError, ValueError):
+            raise DiffuseError(f"bad value {size_flag!r} for image-size (expected an integer)") from None
         channels = cli_overrides.get("data", {}).get("channels") or shape.channels
     preset = preset or (file_overrides or {}).get("preset") or default_preset_for(data_name, folder_size, channels)
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise DiffuseError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = Config(preset=preset)
     apply_overrides(cfg, PRESETS[preset], source=f"preset {preset}")
@@ -319,6 +343,8 @@ def resolve(preset: str | None, data_name: str | None, file_overrides: dict | No
     if file_overrides:
         apply_overrides(cfg, file_overrides, source="--config")
     apply_overrides(cfg, cli_overrides, source="command line")
+    given = set(((file_overrides or {}).get("diffusion") or {})) | set(cli_overrides.get("diffusion", {}))
+    scale_linear_betas(cfg, given)
     validate(cfg)
     return cfg
 
@@ -331,6 +357,27 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise DiffuseError(msg)
 
+    for section in (cfg.data, m, d, t):            # NaN and inf pass the range checks below unnoticed
+        for f in fields(section):
+            v = getattr(section, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise DiffuseError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+    for name, value, most in (("base-channels", m.base_channels, 4096), ("num-res-blocks", m.num_res_blocks, 64),
+                              ("timesteps", d.timesteps, 100_000), ("batch-size", t.batch_size, 1 << 20),
+                              ("sample-n", t.sample_n, 100_000), ("fid-n", t.fid_n, 1_000_000),
+                              ("image-size", cfg.data.image_size or 0, 4096), ("num-groups", m.num_groups, 4096),
+                              ("head-channels", m.head_channels, 1 << 16), ("steps", t.steps or 0, 1 << 40),
+                              ("sample-steps", t.sample_steps, 100_000), ("fid-steps", t.fid_steps, 100_000),
+                              ("threads", t.threads or 0, 4096)):
+        need(value <= most, f"--{name} {value} is too large (at most {most:,})")
+    need(len(m.channel_mult) <= 8 and all(c <= 64 for c in m.channel_mult),
+         f"--channel-mult {','.join(map(str, m.channel_mult))} is too large (at most 8 levels, each at most 64)")
+    need(0 <= t.seed < 2 ** 63, f"--seed must be in [0, 2^63), got {t.seed}")
+    for name in ("log_every", "sample_every", "ckpt_every", "fid_every", "patience", "max_bad_steps", "keep",
+                 "warmup_steps", "fid_ref_n"):
+        v = getattr(t, name)
+        need(v is None or v <= 1 << 40, f"--{name.replace('_', '-')} {v} is too large (at most {1 << 40:,})")
+    need(t.sample_guidance >= 0, f"--sample-guidance must be >= 0, got {t.sample_guidance}")
     need(m.base_channels > 0, f"--base-channels must be positive, got {m.base_channels}")
     need(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult), "--channel-mult must be positive integers, e.g. 1,2,2")
     need(m.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {m.num_res_blocks}")
@@ -340,9 +387,26 @@ def validate(cfg: Config) -> None:
     need(m.downsample_padding in (0, 1), f"model.downsample_padding must be 0 or 1, got {m.downsample_padding}")
     for c in {m.base_channels * k for k in m.channel_mult}:
         need(c % m.num_groups == 0, f"--num-groups {m.num_groups} must divide every level's channels (got {c})")
+    need(m.head_channels >= 1, f"--head-channels must be at least 1, got {m.head_channels}")
+    mid = m.base_channels * m.channel_mult[-1]
+    need(mid % _heads(mid, m.head_channels) == 0,
+         f"--head-channels {m.head_channels} splits the {mid}-channel middle attention into "
+         f"{_heads(mid, m.head_channels)} heads, which do not divide it; use a head width that divides {mid}")
     need(d.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {d.schedule!r}")
+    need(d.prediction == "eps", f"prediction {d.prediction!r} is not supported: this version trains and samples "
+                                f"eps-prediction only")
     need(d.timesteps >= 2, f"--timesteps must be at least 2, got {d.timesteps}")
-    need(0 < d.beta_start < d.beta_end < 1, f"need 0 < --beta-start < --beta-end < 1, got {d.beta_start}, {d.beta_end}")
+    need(0 < d.beta_start < d.beta_end < 1, f"need 0 < --beta-start < --beta-end < 1, got {d.beta_start}, {d.beta_end}"
+         + (" (the linear betas scale with 1000/T: use --schedule cosine for small T)" if d.schedule == "linear"
+            and d.timesteps < 1000 else ""))
+    if d.schedule == "linear":
+        # Sampling starts from pure noise, so x_T must hold (almost) no signal: sqrt(abar_T) is the
+        # fraction of x_0 left in x_T (Ho et al. 2020, eq. 4). DDPM's betas at T=1000 give 4e-5.
+        abar_T = linear_abar_T(d.beta_start, d.beta_end, d.timesteps)
+        need(abar_T <= MAX_ABAR_T, f"linear betas {d.beta_start:g}..{d.beta_end:g} over T={d.timesteps} leave "
+                                   f"alpha-bar_T = {abar_T:.3g} (x_T keeps {abar_T ** 0.5:.1%} of the image) but "
+                                   f"sampling starts from pure noise; raise --beta-end or --timesteps, or use "
+                                   f"--schedule cosine")
     need(t.steps is None or t.steps >= 1, f"--steps must be a positive integer, got {t.steps}")
     need(t.epochs is None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}")
     need(t.batch_size >= 1, f"--batch-size must be a positive integer, got {t.batch_size}")
@@ -355,6 +419,10 @@ def validate(cfg: Config) -> None:
     need(t.grad_clip >= 0, f"--grad-clip must be >= 0, got {t.grad_clip}")
     need(0 <= t.ema_decay < 1, f"--ema-decay must be in [0, 1), got {t.ema_decay}")
     need(0 <= t.label_dropout < 1, f"--label-dropout must be in [0, 1), got {t.label_dropout}")
+    need(not m.class_cond or t.label_dropout > 0,
+         "--class-cond needs --label-dropout > 0: the null class (guidance and unconditional samples) is "
+         "trained only on dropped labels")
+    need(t.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {t.max_bad_steps}")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"--device must be auto, cpu or cuda, got {t.device!r}")
     need(t.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, got {t.precision!r}")
     need(t.time_limit is None or t.time_limit > 0, f"--time-limit must be positive minutes, got {t.time_limit}")
@@ -376,6 +444,43 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.data.placement_fraction <= 1, f"--placement-fraction must be in (0, 1], got {cfg.data.placement_fraction}")
 
 
+MAX_ABAR_T = 1e-3      # x_T may keep at most 3% of the image's amplitude (DDPM's T=1000 betas: 0.6%)
+
+
+def linear_abar_T(beta_start: float, beta_end: float, timesteps: int) -> float:
+    """alpha-bar at t = T for linearly spaced betas: prod_t (1 - beta_t), in float64."""
+    step = (beta_end - beta_start) / max(1, timesteps - 1)
+    return math.exp(math.fsum(math.log1p(-(beta_start + i * step)) for i in range(timesteps)))
+
+
+def scale_linear_betas(cfg: Config, given: set[str]) -> None:
+    """Linear betas that were not given explicitly scale with 1000/T (improved-diffusion's
+    ``get_named_beta_schedule``), so --timesteps 100 still ends near pure noise; at T = 1000 they
+    are the DDPM paper's 1e-4..0.02."""
+    d = cfg.diffusion
+    if d.schedule != "linear" or d.timesteps == 1000:
+        return
+    scale = 1000 / d.timesteps
+    if "beta_start" not in given:
+        d.beta_start = 1e-4 * scale
+    if "beta_end" not in given:
+        d.beta_end = 0.02 * scale
+
+
+def _heads(channels: int, head_channels: int) -> int:
+    """Attention heads for a width, as models.AttnBlock splits it."""
+    return max(1, channels // max(1, head_channels))
+
+
+def validate_model_config(m: ModelConfig, where: str) -> None:
+    """A stored model config (a checkpoint's) can build a UNet: the data-derived fields are set and
+    sensible, and the architecture rules of ``validate`` and ``validate_resolution`` hold."""
+    if m.image_size < 4 or m.in_channels not in (1, 3) or m.num_classes < 0 or (m.class_cond and m.num_classes < 1):
+        raise DiffuseError(f"{where}: its model config is not a trained model's (image_size {m.image_size}, "
+                           f"in_channels {m.in_channels}, num_classes {m.num_classes})")
+    validate_resolution(m)
+
+
 def validate_resolution(m: ModelConfig) -> None:
     """Once image_size is known: every level must halve cleanly."""
     levels = len(m.channel_mult)
@@ -389,3 +494,9 @@ def validate_resolution(m: ModelConfig) -> None:
     if bad:
         raise DiffuseError(f"--attn-resolutions {','.join(map(str, bad))} not among this UNet's feature sizes "
                            f"{','.join(map(str, sorted(sizes, reverse=True)))}")
+    for i, mult in enumerate(m.channel_mult):
+        c = m.base_channels * mult
+        if m.image_size // 2 ** i in m.attn_resolutions and c % _heads(c, m.head_channels):
+            raise DiffuseError(f"--head-channels {m.head_channels} splits the {c}-channel attention at "
+                               f"{m.image_size // 2 ** i}px into {_heads(c, m.head_channels)} heads, which do not "
+                               f"divide it; use a head width that divides {c}")

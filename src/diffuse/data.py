@@ -16,11 +16,9 @@ import gzip
 import hashlib
 import os
 import pickle
-import shutil
 import struct
 import sys
 import tarfile
-import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import DiffuseError
+from .fsutil import atomic_open
 from .rng import generator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -124,18 +123,13 @@ def md5sum(path: Path) -> str:
 
 def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> None:
     """Fetch url into dest atomically; the file appears only once its MD5 matches."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, 1 << 20)
-        got = md5sum(Path(tmp))
-        if got != md5:
-            raise DiffuseError(f"download of {url} has md5 {got}, expected {md5}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(dest, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        h = hashlib.md5()
+        for chunk in iter(lambda: resp.read(1 << 20), b""):
+            h.update(chunk)
+            out.write(chunk)
+        if h.hexdigest() != md5:                  # raising here discards the temporary file
+            raise DiffuseError(f"download of {url} has md5 {h.hexdigest()}, expected {md5}")
 
 
 def fetch_files(name: str, folder: Path, files: list[tuple[str, str]]) -> list[Path]:
@@ -228,8 +222,11 @@ def read_cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # noqa: BLE001 - any malformed pickle is one user-facing error
         raise DiffuseError(f"{where} is not a CIFAR-10 python batch ({e})") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise DiffuseError(f"{where} has unexpected shape {data.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+        raise DiffuseError(f"{where} has labels outside 0..{len(CIFAR10_CLASSES) - 1} "
+                           f"(found {labels.min()}..{labels.max()})")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -295,6 +292,35 @@ def scan_folder(root: Path) -> tuple[list[Path], list[str] | None]:
     return files, classes
 
 
+MAX_IMAGE_PIXELS = 64 * 2 ** 20      # larger images are refused (decompression bombs): 64 MP, 8192^2
+
+
+def _normalise_mode(im):
+    """Any Pillow image -> "L" or "RGB" as a person would see it: EXIF orientation applied, 16-bit
+    gray scaled to 8 bits (not clipped to white), transparency composited on white, palette and
+    CMYK converted. Animated files give their first frame."""
+    from PIL import Image, ImageOps
+    import numpy as np
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "1":
+        return im.convert("L")
+    if im.mode == "F":
+        return Image.fromarray(np.clip(np.nan_to_num(np.asarray(im)), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L" if im.mode in ("LA", "La") else "RGB")
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")                     # 1, CMYK, YCbCr, LAB, HSV, ...
+    return im
+
+
 FOLDER_MAX_OWN_SIZE = 64      # a folder's images keep their own size up to this; larger (or mixed) go to 64
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
@@ -333,7 +359,7 @@ def peek_folder(root: Path) -> FolderShape:
                 sizes.add(im.size)
                 gray = gray and im.mode in GRAY_MODES
                 count += 1
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue
     return FolderShape(count, sizes, gray and count > 0)
 
@@ -383,6 +409,25 @@ def is_standard(name: str) -> bool:
     return name in STANDARD
 
 
+def fingerprint(name: str, data: ImageSet) -> dict:
+    """What identifies a data set across machines, stored in every checkpoint: the image count
+    and, for a folder, the number, total size and a sha256 over the sorted (relative name, size)
+    of its image files. Not its location (a run may move) nor mtimes (a copy changes them).
+    Standard sets are fixed files verified by checksum: their name and count suffice."""
+    fp = {"count": len(data)}
+    if not is_standard(name):
+        root = Path(name).expanduser()
+        files, _ = scan_folder(root)
+        h = hashlib.sha256()
+        total = 0
+        for p in files:
+            size = p.stat().st_size
+            total += size
+            h.update(f"{p.relative_to(root).as_posix()}\0{size}\n".encode())
+        fp.update(files=len(files), bytes=total, sha256=h.hexdigest())
+    return fp
+
+
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
                  image_size: int | None = None, channels: int | None = None, cache: str = "memory") -> ImageSet:
     """Load a data set as uint8 NCHW: into memory, or for a folder and ``cache`` disk/auto
@@ -397,8 +442,10 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         folder = Path(root or default_data_root()) / name
         img_path, lbl_path = fetch_files(name, folder, IDX_FILES[name][split])
         imgs, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
-        if imgs.ndim != 3 or len(imgs) != len(labels):
+        if imgs.ndim != 3 or labels.ndim != 1 or len(imgs) != len(labels):
             raise DiffuseError(f"{img_path} and {lbl_path} do not match ({imgs.shape} vs {labels.shape})")
+        if len(labels) and labels.max() >= 10:
+            raise DiffuseError(f"{lbl_path} has labels outside 0..9 (found {labels.max()})")
         images = torch.from_numpy(imgs.copy())[:, None]
         class_names = MNIST_CLASSES if name == "mnist" else FASHION_CLASSES
     elif name == "cifar10":
@@ -470,10 +517,8 @@ def choose_placement(nbytes: int, device: torch.device, setting: str = "auto", *
 def memmap_images(images: Tensor, path: Path) -> Tensor:
     """Write uint8 [N, C, H, W] to ``path`` and return a tensor over a read-only memory map of it
     (pages are read from disk as batches touch them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    images.numpy().tofile(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        images.numpy().tofile(f)
     mm = np.memmap(path, dtype=np.uint8, mode="r", shape=tuple(images.shape))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)          # torch warns that the array is read-only

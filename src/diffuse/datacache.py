@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from .errors import DiffuseError
+from .fsutil import atomic_write, commit
 
 if TYPE_CHECKING:   # torch is imported where used: decode workers start without it (spawn is ~2 s faster)
     import torch
@@ -45,12 +46,19 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 def decode_file(path: Path, size: int) -> tuple[np.ndarray, str] | None:
-    """One image file -> (uint8 [3, size, size] RGB, its PIL mode), resized on the shorter side
-    (bicubic) and center-cropped; None if unreadable. ``data.load_folder`` uses the same rule."""
+    """One image file -> (uint8 [3, size, size] RGB, its mode after data._normalise_mode: "L" or
+    "RGB"), resized on the shorter side (bicubic) and center-cropped; None if unreadable or larger
+    than data.MAX_IMAGE_PIXELS (a decompression bomb is refused before a pixel is decoded).
+    ``data.load_folder`` and the on-disk cache both decode through here."""
     from PIL import Image, UnidentifiedImageError
+
+    from .data import MAX_IMAGE_PIXELS, _normalise_mode
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                return None
             im.load()
+            im = _normalise_mode(im)
             mode = im.mode
             im = im.convert("RGB")
             w, h = im.size
@@ -60,7 +68,7 @@ def decode_file(path: Path, size: int) -> tuple[np.ndarray, str] | None:
             left, top = (w - size) // 2, (h - size) // 2
             im = im.crop((left, top, left + size, top + size))
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), mode
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError):
         return None
 
 
@@ -151,9 +159,7 @@ def build(raw: Path, files: list[Path], size: int, channels: int, workers: int,
                 arr[dst] = arr[src]
         arr.flush()
         del arr
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, raw)
+    commit(tmp, raw)
     return n - len(bad), bad
 
 
@@ -198,9 +204,7 @@ def load_folder_cached(root: Path, image_size: int | None, channels: int | None,
             meta = {"key": key, "n": n_ok, "shape": [n_ok, channels, size, size], "labels": labels,
                     "classes": classes, "skipped": len(bad), "decode_seconds": round(seconds, 3),
                     "images_per_sec": round(len(files) / max(seconds, 1e-9), 1)}
-            part = sidecar.with_suffix(".json.part")
-            part.write_text(json.dumps(meta))
-            os.replace(part, sidecar)
+            atomic_write(sidecar, json.dumps(meta))
             info.update(built=True)
         info.update(seconds=meta["decode_seconds"], images_per_sec=meta["images_per_sec"])
     if meta["skipped"]:                                 # said on every load, as the in-memory path does

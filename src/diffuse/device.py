@@ -250,10 +250,8 @@ def probe_bf16(*, timer: Callable[[], dict[str, float]] | None = None, refresh: 
         return r                        # timed under load: use it this once, measure again next time
     entries[key] = {k: v for k, v in asdict(r).items() if k != "key"}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": PROBE_VERSION, "entries": entries}, indent=1))
-        os.replace(tmp, path)
+        from .fsutil import atomic_write
+        atomic_write(path, json.dumps({"version": PROBE_VERSION, "entries": entries}, indent=1))
     except OSError:
         pass
     return r

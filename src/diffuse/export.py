@@ -46,13 +46,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from . import __version__
 from . import checkpoint as ckpt_io
 from .config import Config, ModelConfig
 from .diffusion import Schedule
 from .errors import DiffuseError
+from .fsutil import atomic_write, exchange, fsync_dir
 from .outputs import check_dir, check_file
 
 DIFFUSERS_VERSION = "0.30.0"      # written as _diffusers_version: the oldest diffusers these folders target
@@ -335,13 +336,20 @@ def _prepare_out(out: Path, overwrite: bool, marker: str) -> Path:
 
 
 def _finish(tmp: Path, out: Path) -> None:
+    """Put the finished folder at ``out``. Replacing an earlier output swaps the two in one step
+    (fsutil.exchange), so ``out`` never names nothing; where the file system cannot exchange, the
+    old folder is parked beside it first (recoverable by hand if the process dies between renames)."""
     if out.exists():
-        trash = out.parent / f".old-{out.name}-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
+        if exchange(tmp, out):                  # out <-> tmp: tmp now holds the old folder
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            trash = out.parent / f".old-{out.name}-{os.getpid()}"
+            os.rename(out, trash)
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, out)
+    fsync_dir(out.parent)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -594,9 +602,7 @@ def export_safetensors(source: str | Path, out: str | Path, *, precision: str = 
     full = {**header, "precision": precision, "exported_from": str(src)}
     meta = {"format": ckpt_io.FORMAT, "format_version": str(ckpt_io.FORMAT_VERSION), "config": json.dumps(full)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    atomic_write(out, save(tensors, metadata=meta))
     return {"out": str(out), "bytes": out.stat().st_size, "precision": precision,
             "params": sum(v.numel() for v in weights.values())}
 

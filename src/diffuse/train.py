@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
@@ -26,12 +27,13 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .config import Config, validate, validate_resolution
-from .data import BatchStream, ImageSet, choose_placement, default_flip, load_dataset
+from .data import BatchStream, ImageSet, choose_placement, default_flip, fingerprint, is_standard, load_dataset
 from .device import (autocast_dtype, choose_precision, configure, keep_freed_cpu_memory,  # noqa: F401 (re-exported)
                      pick_device, use_channels_last)
 from .denoiser import EpsDenoiser
 from .diffusion import Schedule, eps_loss, q_sample
 from .errors import DiffuseError
+from .fsutil import LOCK_NAME, MARKER, RunLock, atomic_write, is_run_dir, mark_run_dir
 from .images import save_grid, to_uint8
 from .models import UNet, batch_slice, count_parameters
 from .outputs import check_dir
@@ -42,7 +44,7 @@ from .threads import busy_note, set_threads, wait_policy_note
 # Settings a resumed run may change; anything else must match the stored config.
 RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
              "patience", "device", "threads", "grad_accum", "cache", "compile", "grad_checkpointing", "out", "fid_every",
-             "fid_n", "fid_ref_n", "fid_sampler", "fid_steps"}
+             "fid_n", "fid_ref_n", "fid_sampler", "fid_steps", "root", "max_bad_steps"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,11 +68,14 @@ def fill_model_from_data(cfg: Config, data: ImageSet) -> None:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, as one fused foreach op over all tensors."""
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, skip: Tensor | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * model, as one fused foreach op over all tensors.
+    ``skip``: a bool device tensor; where True the EMA is left exactly as it was (weight 0), decided
+    on the device without a host sync."""
     e = [p for p in ema.parameters()]
     m = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e, m, 1.0 - decay)
+    weight = 1.0 - decay if skip is None else torch.where(skip, 0.0, 1.0 - decay).to(e[0].dtype)
+    torch._foreach_lerp_(e, m, weight)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
@@ -208,6 +213,7 @@ class TrainStep:
         self.rows = rows or slice(0, cfg.train.batch_size)
         self.accum = cfg.train.grad_accum
         self.forward = torch.compile(ddp or model) if cfg.train.compile else (ddp or model)
+        self.bad: Tensor | None = None       # bool device tensor: was the last step skipped?
 
     def __call__(self, x0: Tensor, y: Tensor | None, step: int) -> tuple[Tensor, Tensor | None]:
         t, device, rows = self.cfg.train, self.device, self.rows
@@ -240,12 +246,22 @@ class TrainStep:
                 # Mean over the global batch: DDP averages over ranks, 1/K over micro-batches.
                 (loss / self.accum if self.accum > 1 else loss).backward()
             loss_sum += loss.detach()
-        grad_norm = None
         if t.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        # A non-finite loss or gradient skips the step on the device (no host sync): fused AdamW
+        # leaves weights, moments and its step count alone when found_inf is 1 (GradScaler's
+        # mechanism), and the EMA lerps with weight 0. The trainer counts self.bad.
+        loss_mean = loss_sum / self.accum
+        # Under DDP the gradients (and so their norm) are the same on every rank, so every rank
+        # skips the same steps; a non-finite loss makes non-finite gradients.
+        self.bad = ~torch.isfinite(grad_norm) if self.ddp is not None else \
+            ~(torch.isfinite(loss_mean) & torch.isfinite(grad_norm))
+        self.optimizer.found_inf = self.bad.float()
         self.optimizer.step()
-        ema_update(self.ema, self.model, ema_decay_at(step, t.ema_decay))
-        return loss_sum / self.accum, grad_norm
+        ema_update(self.ema, self.model, ema_decay_at(step, t.ema_decay), skip=self.bad)
+        return loss_mean, grad_norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +357,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    rows = [r for r in rows if "loss" in r]
+    rows = [r for r in rows if r.get("loss") is not None]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
@@ -371,9 +387,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop rows logged after the checkpoint we restart from (they will be re-made)."""
     rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +404,7 @@ class RunState:
     log_loss_sum: float = 0.0                 # the metrics row in progress: loss sum and steps since the
     log_loss_n: int = 0                       # last --log-every row, so a resumed run logs the same rows
     train_seconds: float = 0.0
+    bad_steps: int = 0               # steps skipped for a non-finite loss or gradient
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -404,15 +419,50 @@ def total_steps(cfg: Config, n_images: int) -> int:
     return t.steps
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
+def prepare_out_dir(out: Path, overwrite: bool) -> RunLock:
+    """Make (or, with --overwrite, empty) the run directory, marked as diffuse's and locked.
+    Returns the held lock. Only a directory with diffuse's marker file is ever emptied, and only
+    while no other process trains in it."""
+    if out.exists() and not out.is_dir():
+        raise DiffuseError(f"--out {out} is a file, not a directory")
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if not overwrite:
             raise DiffuseError(f"{out} already holds a run; continue it with --resume {out}, "
                                f"choose another --out, or pass --overwrite to replace it")
-        if not (out / "config.json").is_file():
-            raise DiffuseError(f"refusing to --overwrite {out}: it is not a diffuse run directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        if not is_run_dir(out):
+            raise DiffuseError(f"refusing to --overwrite {out}: it has no {MARKER} file, so diffuse did not "
+                               f"make it (delete it yourself if it should go)")
+        lock = RunLock(out).acquire()
+        for child in sorted(out.iterdir(), key=lambda c: c.name == MARKER):      # the marker last
+            if child.name == LOCK_NAME:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out).acquire()
+    mark_run_dir(out)
+    return lock
+
+
+def check_same_data(then: dict[str, Any] | None, now: dict[str, Any], name: str) -> None:
+    """Refuse to resume on data that differs from what the run started with, naming the difference.
+    (A checkpoint without a fingerprint, from before they were recorded, is taken on trust.)"""
+    if not then or then == now:
+        return
+    if then.get("count") != now.get("count"):
+        what = f"{then.get('count'):,} images then, {now.get('count'):,} now"
+    elif then.get("files") != now.get("files"):
+        what = f"{then.get('files'):,} files then, {now.get('files'):,} now"
+    elif then.get("bytes") != now.get("bytes"):
+        what = f"{then.get('bytes'):,} bytes then, {now.get('bytes'):,} now"
+    else:
+        what = "the same number of images and bytes, but file names or sizes differ"
+    raise DiffuseError(f"--resume: the data {name} changed since this run started ({what}); resuming on other "
+                       f"data would not continue the same run: restore the data, or start a new run with "
+                       f"--init-from")
 
 
 def load_resume_config(run: Path, overrides: dict[str, Any]) -> Config:
@@ -420,11 +470,21 @@ def load_resume_config(run: Path, overrides: dict[str, Any]) -> Config:
     path = run / "config.json"
     if not path.is_file():
         raise DiffuseError(f"--resume {run}: not a run directory (no config.json)")
-    cfg = Config.from_dict(json.loads(path.read_text()))
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffuseError(f"--resume {run}: config.json is unreadable ({e})") from None
+    if not isinstance(stored, dict):
+        raise DiffuseError(f"--resume {run}: config.json must hold a JSON object")
+    cfg = Config.from_dict(stored)
     for section, values in overrides.items():
         for name, value in values.items():
             current = getattr(getattr(cfg, section), name)
-            if name in RESUMABLE:
+            # A folder data set may move (a run carried to another machine): the fingerprint
+            # stored in the checkpoint, not the path, says whether it is the same data.
+            moved_folder = (section, name) == ("data", "name") and not is_standard(str(value)) \
+                and not is_standard(str(current))
+            if name in RESUMABLE or moved_folder:
                 setattr(getattr(cfg, section), name, value)
             elif value != current:
                 raise DiffuseError(f"--resume: cannot change {name.replace('_', '-')} of an existing run "
@@ -435,7 +495,24 @@ def load_resume_config(run: Path, overrides: dict[str, Any]) -> Config:
 
 def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, overwrite: bool = False,
           progress: bool = True) -> Path:
-    """Train per ``cfg``; returns the run directory. Resumes from OUT/checkpoints/last if asked."""
+    """Train per ``cfg``; returns the run directory. Resumes from OUT/checkpoints/last if asked.
+    The run directory is locked (fsutil.RunLock) for the whole run."""
+    locks: list[RunLock] = []
+    try:
+        return _train(cfg, locks, resume=resume, init_from=init_from, overwrite=overwrite, progress=progress)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiffuseError(f"no space left on the device while writing {e.filename or 'the run'}; the last "
+                           f"checkpoint in {Path(cfg.train.out) / 'checkpoints'} is intact: free space and "
+                           f"--resume") from None
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | None, overwrite: bool,
+           progress: bool) -> Path:
     t = cfg.train
     out = check_dir(t.out)                      # before any work: a run that cannot write is refused now
     device = dist.init(t.device) or pick_device(t.device)       # under torchrun: this rank's device
@@ -479,21 +556,26 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
 
     ckpt_root = out / "checkpoints"
     st = RunState()
+    data_fp = fingerprint(cfg.data.name, data)
     if resume:
         if main:
+            locks.append(RunLock(out).acquire())
             ckpt_io.clean_temporaries(ckpt_root)
         dist.barrier()
         last = ckpt_root / "last"
         if not last.exists():
             raise DiffuseError(f"--resume {out}: no checkpoint to resume from (checkpoints/last is missing)")
         state = ckpt_io.load_training_state(last.resolve(), model, ema, optimizer)
+        check_same_data(state.get("data_fingerprint"), data_fp, cfg.data.name)
         st = RunState(**{k: state[k] for k in RunState().to_dict() if k in state})
         dist.barrier()                                  # every rank has read it before rank 0 writes
         if main:
             truncate_metrics(out / "metrics.jsonl", st.step)
+            if not is_run_dir(out):
+                mark_run_dir(out)                     # a run made before the marker existed
     else:
         if main:
-            prepare_out_dir(out, overwrite)
+            locks.append(prepare_out_dir(out, overwrite))
         dist.barrier()
         if init_from:
             # Start both the model and its EMA from the source's EMA weights: those are the
@@ -504,15 +586,16 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
             ckpt_io.load_weights_into(ema, weights, src)
     fid_eval = FidDuringTraining(cfg, device) if t.fid_every else None      # fails early: weights, data
     if main:
-        (out / "config.json").write_text(cfg.to_json())
+        atomic_write(out / "config.json", cfg.to_json())
         (out / "samples").mkdir(exist_ok=True)
 
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.beta_start,
                         cfg.diffusion.beta_end)
     placement, placement_why = choose_placement(data.images.numel(), device, cfg.data.placement,
                                                 device_fraction=cfg.data.placement_fraction)
+    memmap_path = out / f"data-memmap{f'-rank{dist.rank()}' if dist.active() else ''}.u8"     # one per rank
     stream = BatchStream(data, t.batch_size, t.seed, device, bool(cfg.data.flip), placement,
-                         memmap_path=out / f"data-memmap{f'-rank{dist.rank()}' if dist.active() else ''}.u8", rows=split.rows)
+                         memmap_path=memmap_path, rows=split.rows)
     if stream.placement != placement:
         placement, placement_why = stream.placement, "the data set is an on-disk cache (--data-cache)"
     ddp = wrap_ddp(model, device) if dist.active() else None        # after channels_last (build_training)
@@ -553,12 +636,13 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         # Loss sums as the mean over ranks, so every rank resumes from the same (global) window.
         st.epoch_loss_sum = float(dist.mean_(epoch_acc.clone()))
         st.log_loss_sum, st.log_loss_n = float(dist.mean_(loss_acc.clone())), acc_n
+        st.bad_steps = bad_base + int(bad_total)
         dist.check_same([*model.parameters(), *ema.parameters()], "model and EMA weights")
         path = ckpt_root / ckpt_io.step_dir_name(st.step)
         if main:
             path = ckpt_io.save_checkpoint(
                 ckpt_root, st.step, model=model, ema=ema, optimizer=optimizer, config=cfg.to_dict(),
-                state={**st.to_dict(), "images_seen": st.step * t.batch_size},
+                state={**st.to_dict(), "images_seen": st.step * t.batch_size, "data_fingerprint": data_fp},
                 extra={"class_names": data.class_names if cfg.model.class_cond else None,
                        "params": n_params, "data": cfg.data.name})
             ckpt_io.prune(ckpt_root, t.keep)
@@ -606,12 +690,21 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     time_limit_s = t.time_limit * 60 if t.time_limit else None
     last_grad_norm: Tensor | None = None
     pace = PaceEstimate(st.step, device)
+    # Skipped (non-finite) steps, counted on the device and read with the loss: since the last
+    # read, and the longest run of consecutive ones (stop at --max-bad-steps).
+    bad_acc = torch.zeros((), dtype=torch.long, device=device)
+    bad_total, bad_base = torch.zeros((), dtype=torch.long, device=device), st.bad_steps
+    epoch_bad = torch.zeros((), dtype=torch.long, device=device)
+    streak = torch.zeros((), dtype=torch.long, device=device)
+    max_streak = torch.zeros((), dtype=torch.long, device=device)
+    diverged = False
     try:
         model.train()
         while st.step < steps_total:
             step = st.step
             x0, y = stream.batch(step)
             loss, grad_norm = train_step(x0, y, step)
+            bad = train_step.bad
             if grad_norm is not None:
                 last_grad_norm = grad_norm
             st.step += 1
@@ -621,17 +714,33 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
                 rep.line(f"pace: {format_seconds(per_1000)} per 1,000 steps at batch {t.batch_size} "
                          f"(measured over steps {pace.first + 1}-{st.step}); this run: about "
                          f"{format_seconds(estimate * (steps_total - st.step))} more")
-            loss_acc += loss.detach()
-            epoch_acc += loss.detach()
+            good_loss = torch.where(bad, 0.0, loss.detach())
+            loss_acc += good_loss
+            epoch_acc += good_loss
+            bad_acc += bad
+            bad_total += bad
+            epoch_bad += bad
+            streak.add_(1).mul_(bad)
+            torch.maximum(max_streak, streak, out=max_streak)
             acc_n += 1
             rate_n += 1
 
             st.epoch_loss_n += 1
             epoch_done = int(stream.epoch_of(st.step)) > int(stream.epoch_of(step))
             on_grid = st.step % t.log_every == 0
+            if on_grid or st.step == steps_total or st.step % t.max_bad_steps == 0:
+                if int(max_streak) >= t.max_bad_steps:              # one sync per K steps at most
+                    diverged = True
+                    stop_reason = (f"{int(max_streak)} consecutive steps had a non-finite loss or gradient "
+                                   f"(each skipped: weights, optimizer moments and EMA untouched)")
+                    break
+                max_streak.zero_()                  # a streak still running raises it again
             if on_grid or st.step == steps_total:
                 now = time.perf_counter()
-                mean_loss = float(dist.mean_(loss_acc)) / acc_n              # over ranks, then steps
+                n_bad = int(bad_acc)
+                st.bad_steps = bad_base + int(bad_total)
+                loss_sum = float(dist.mean_(loss_acc))                      # over ranks
+                mean_loss = loss_sum / (acc_n - n_bad) if acc_n > n_bad else None
                 elapsed = now - t_log
                 rate = rate_n * t.batch_size / max(elapsed, 1e-9)
                 st.train_seconds += elapsed
@@ -639,23 +748,31 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
                          "epoch": round(stream.epoch_of(st.step), 4), "loss": mean_loss,
                          "lr": optimizer.param_groups[0]["lr"],
                          "grad_norm": float(last_grad_norm) if last_grad_norm is not None else None,
-                         "img_per_sec": rate, "wall_time": round(st.train_seconds, 3)}
+                         "img_per_sec": rate, "wall_time": round(st.train_seconds, 3), "bad_steps": n_bad}
+                if stats["grad_norm"] is not None and not math.isfinite(stats["grad_norm"]):
+                    stats["grad_norm"] = None
+                if n_bad:
+                    rep.line(f"step {st.step}: skipped {n_bad} step(s) with a non-finite loss or gradient "
+                             f"({st.bad_steps} in this run)")
                 metrics.write(json.dumps(stats) + "\n")
                 metrics.flush()
                 for k in ("loss", "lr", "grad_norm", "img_per_sec"):
                     if stats[k] is not None:
                         tb.add_scalar(f"train/{k}", stats[k], st.step)
                 eta = (steps_total - st.step) * elapsed / rate_n
-                rep.progress(st.step, stats, eta, steps_total)
+                if mean_loss is not None:
+                    rep.progress(st.step, stats, eta, steps_total)
                 if on_grid:                         # a run's last row off the grid keeps the window open
                     loss_acc.zero_()
                     acc_n = 0
+                    bad_acc.zero_()
                 rate_n = 0
                 t_log = time.perf_counter()
 
             if epoch_done:
-                ep_loss = float(dist.mean_(epoch_acc)) / st.epoch_loss_n   # the same on every rank
+                ep_loss = float(dist.mean_(epoch_acc)) / max(1, st.epoch_loss_n - int(epoch_bad))   # the same on every rank
                 epoch_acc.zero_()
+                epoch_bad.zero_()
                 st.epoch_loss_n = 0
                 tb.add_scalar("train/epoch_loss", ep_loss, st.step)
                 if t.patience and ep_loss < st.best_loss - 1e-4:
@@ -691,6 +808,16 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         signals.__exit__()
         metrics.close()
 
+    if diverged:
+        # Nothing is saved: the newest checkpoint stays the last good state, never replaced or pruned.
+        good = ckpt_io.pointed(ckpt_root, "last")
+        msg = (f"training stopped at step {st.step}: {stop_reason}; the last checkpoint "
+               f"({ckpt_root / good if good else 'none yet'}) is intact. Lower --lr, raise --warmup-steps "
+               f"or --grad-clip, or check the data")
+        rep.line(msg)
+        tb.close()
+        rep.close()
+        raise DiffuseError(msg)
     try:
         path = save()
         rep.line(f"{stop_reason} at step {st.step}; checkpoint {path}")
@@ -704,7 +831,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         rep.close()
         if placement == "memmap":
             del stream
-            (out / "data-memmap.u8").unlink(missing_ok=True)
+            memmap_path.unlink(missing_ok=True)
     if interrupted:
         raise KeyboardInterrupt
     return out
