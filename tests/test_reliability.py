@@ -135,7 +135,7 @@ def test_a_non_finite_step_is_skipped_leaving_weights_moments_and_ema(monkeypatc
     from diffuse.diffusion import Schedule
     cfg, model, ema, opt = _parts()
     step = T.TrainStep(model, ema, opt, Schedule("cosine", 1000), cfg, device=CPU, amp=None, channels_last=False)
-    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    x0 = torch.rand(cfg.train.batch_size, 1, 16, 16) * 2 - 1   # TrainStep takes (its rows of) the global batch
     step(x0, None, 0)
     before = _snapshot(model, ema, opt)
     real = T.eps_loss

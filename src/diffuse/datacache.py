@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from .errors import DiffuseError
-from .fsutil import atomic_write, commit
+from .fsutil import atomic_write, building
 
 if TYPE_CHECKING:   # torch is imported where used: decode workers start without it (spawn is ~2 s faster)
     import torch
@@ -132,34 +132,33 @@ def build(raw: Path, files: list[Path], size: int, channels: int, workers: int,
     Unreadable files are dropped by moving the later rows down. Returns (rows kept, bad indices)."""
     n = len(files)
     shape = (n, channels, size, size)
-    tmp = raw.with_suffix(".u8.part")
-    with open(tmp, "wb") as f:
-        f.truncate(int(np.prod(shape)))
-    tasks = [(str(tmp), shape, [str(p) for p in files[s:s + CHUNK]], s, size) for s in range(0, n, CHUNK)]
-    bad: list[int] = []
-    if workers <= 1:
-        for t in tasks:
-            bad += _decode_chunk(*t)
-            if progress:
-                progress(len(t[2]))
-    else:
-        # spawn, not fork: the parent may hold torch / gloo threads, which fork does not copy safely.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [(pool.submit(_decode_chunk, *t), len(t[2])) for t in tasks]
-            for fut, count in futures:
-                bad += fut.result()
+    with building(raw) as tmp:
+        with open(tmp, "wb") as f:
+            f.truncate(int(np.prod(shape)))
+        tasks = [(str(tmp), shape, [str(p) for p in files[s:s + CHUNK]], s, size) for s in range(0, n, CHUNK)]
+        bad: list[int] = []
+        if workers <= 1:
+            for t in tasks:
+                bad += _decode_chunk(*t)
                 if progress:
-                    progress(count)
-    bad.sort()
-    if bad:
-        arr = np.memmap(tmp, np.uint8, "r+", shape=shape)
-        keep = np.setdiff1d(np.arange(n), bad)
-        for dst, src in enumerate(keep):                 # rare: compact the readable rows in order
-            if dst != src:
-                arr[dst] = arr[src]
-        arr.flush()
-        del arr
-    commit(tmp, raw)
+                    progress(len(t[2]))
+        else:
+            # spawn, not fork: the parent may hold torch / gloo threads, which fork does not copy safely.
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = [(pool.submit(_decode_chunk, *t), len(t[2])) for t in tasks]
+                for fut, count in futures:
+                    bad += fut.result()
+                    if progress:
+                        progress(count)
+        bad.sort()
+        if bad:
+            arr = np.memmap(tmp, np.uint8, "r+", shape=shape)
+            keep = np.setdiff1d(np.arange(n), bad)
+            for dst, src in enumerate(keep):                 # rare: compact the readable rows in order
+                if dst != src:
+                    arr[dst] = arr[src]
+            arr.flush()
+            del arr
     return n - len(bad), bad
 
 

@@ -75,14 +75,25 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     fsync_dir(path.parent)
 
 
-def commit(tmp: str | Path, path: str | Path) -> Path:
-    """Put a finished temporary file (written in place, e.g. through a memory map) at ``path``:
-    fsync, then one rename, then the directory entry made durable."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(Path(path).parent)
-    return Path(path)
+@contextlib.contextmanager
+def building(path: str | Path) -> Iterator[Path]:
+    """``with building(p) as tmp: ...`` for files written in place (a memory map, another
+    library's writer): ``tmp`` is a hidden sibling; on success it is fsynced and renamed over p in
+    one step, on an error removed, so p is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_dir(path.parent)
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
