@@ -52,7 +52,7 @@ def test_heun_budget():
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_reported_nfe_is_counted_and_matches_the_registry(name, loaded):
-    """generate()'s record reports the network calls EpsDenoiser counted; they equal nfe_of(steps),
+    """generate()'s record reports the network calls the Denoiser counted; they equal nfe_of(steps),
     never exceed the budget, and equal the calls the network itself saw and the progress ticks."""
     calls = []
     forward = loaded.net.forward

@@ -53,7 +53,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, HeunDiscreteScheduler)
 
 from diffuse.config import ModelConfig  # noqa: E402
-from diffuse.denoiser import EpsDenoiser  # noqa: E402
+from diffuse.objectives import VP, make_denoiser  # noqa: E402
 from diffuse.diffusion import Schedule  # noqa: E402
 from diffuse.models import UNet  # noqa: E402
 from diffuse.rng import ImageNoise, generator  # noqa: E402
@@ -194,7 +194,7 @@ def run_diffuse(sampler: str, net: UNet, schedule: Schedule, steps: int, spacing
     sigmas = sampler_sigmas(sampler, schedule, steps, spacing)
     noise = ImageNoise(SEED, range(B))
     z = noise.randn(C, H, H)
-    den = EpsDenoiser(net, schedule, clip_x0=clip)
+    den = make_denoiser(net, VP(schedule), clip_x0=clip)
     x = run_sampler(sampler, den, z.to(dtype), sigmas, noise=noise if SAMPLERS[sampler][1] else None)
     return x, den.nfe, z, sigmas
 

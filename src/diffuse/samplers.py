@@ -2,7 +2,7 @@
 
 Every sampler is ``fn(denoiser, x, sigmas, *, noise=None, callback=None, **options) -> x_0``:
 
-- ``denoiser(x, sigma) -> x0_hat`` is the interface of ``denoiser.EpsDenoiser`` (VE view).
+- ``denoiser(x, sigma) -> x0_hat`` is the interface of ``denoiser.Denoiser`` (VE view; built by ``objectives.make_denoiser``).
 - ``x``: [B, C, H, W] float32 (float64 works too), the starting sample at ``sigmas[0]`` in the VE
   view; build it with ``prior(z, sigmas)`` from standard-normal z.
 - ``sigmas``: float64 [N + 1], decreasing, ending exactly at 0 (the clean image): N intervals.
@@ -71,10 +71,18 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
-def sigmas_for(schedule: Schedule, n: int, spacing: str = "trailing") -> Tensor:
-    """The sigma array a sampler walks for n steps: float64 [n + 1], decreasing, last entry 0."""
+# Karras spacing starts at min(schedule's sigma_max, this) by default; None = no cap. See
+# docs/objectives.md "Fast samplers" for the measurement that set it.
+KARRAS_SIGMA_MAX_CAP: float | None = None
+
+
+def sigmas_for(schedule: Schedule, n: int, spacing: str = "trailing", sigma_max_cap: float | None = None) -> Tensor:
+    """The sigma array a sampler walks for n steps: float64 [n + 1], decreasing, last entry 0.
+    ``sigma_max_cap`` (karras only): start at min(schedule.sigma_max, cap); None = KARRAS_SIGMA_MAX_CAP,
+    inf = no cap."""
     if spacing == "karras":
-        sig = karras_sigmas(schedule.sigma_min, schedule.sigma_max, n)
+        cap = KARRAS_SIGMA_MAX_CAP if sigma_max_cap is None else sigma_max_cap
+        sig = karras_sigmas(schedule.sigma_min, min(schedule.sigma_max, cap if cap is not None else math.inf), n)
     else:
         sig = schedule.sigmas[discrete_timesteps(schedule.timesteps, n, spacing)]
     return torch.cat([sig, sig.new_zeros(1)])
@@ -267,7 +275,8 @@ def intervals_for(name: str, steps: int) -> int:
     return (steps + 1) // 2 if name == "heun" else steps
 
 
-def sampler_sigmas(name: str, schedule: Schedule, steps: int, spacing: str | None = None) -> Tensor:
+def sampler_sigmas(name: str, schedule: Schedule, steps: int, spacing: str | None = None,
+                   sigma_max_cap: float | None = None) -> Tensor:
     """The sigma array sampler ``name`` walks for an NFE budget of ``steps`` (float64, ends at 0).
 
     ``spacing`` None picks the sampler's default. Raises ValueError for an unknown sampler or spacing,
@@ -280,7 +289,10 @@ def sampler_sigmas(name: str, schedule: Schedule, steps: int, spacing: str | Non
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     if spacing in _REFUSED_SPACINGS.get(name, {}):
         raise ValueError(f"--spacing {spacing} does not apply to --sampler {name}: {_REFUSED_SPACINGS[name][spacing]}")
-    return sigmas_for(schedule, intervals_for(name, steps), spacing)
+    if spacing == "leading" and getattr(schedule, "zero_terminal_snr", False):
+        raise ValueError("--spacing leading never reaches t = T-1, where a zero terminal SNR model starts from pure "
+                         "noise (Lin et al. 2023, sec. 3.3); use trailing, uniform or karras")
+    return sigmas_for(schedule, intervals_for(name, steps), spacing, sigma_max_cap)
 
 
 def run_sampler(name: str, denoiser: Denoiser, z: Tensor, sigmas: Tensor, *,

@@ -1,4 +1,4 @@
-"""The training loop: eps-prediction DDPM training with AdamW, clipping, EMA, exact resume.
+"""The training loop: diffusion training under any formulation (objectives.py) with AdamW, clipping, EMA, exact resume.
 
 Step k is a pure function of (config, weights and optimizer state after step k-1, k): its batch,
 timesteps, noise, flips, label dropout and dropout masks all come from generators seeded by
@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from .config import Config, validate, validate_resolution
 from .data import BatchStream, ImageSet, default_flip, load_dataset
-from .denoiser import EpsDenoiser
-from .diffusion import Schedule, eps_loss, q_sample
+from .diffusion import Schedule
+from .objectives import Formulation, describe, formulation_for, make_denoiser, same_function, weighted_mse
 from .errors import DiffuseError
 from .images import save_grid, to_uint8
 from .models import UNet, count_parameters
@@ -157,7 +157,7 @@ def grid_labels(cfg: Config, n: int) -> tuple[Tensor | None, int | None]:
 
 
 @torch.no_grad()
-def sample_grid(net: nn.Module, cfg: Config, schedule: Schedule, device: torch.device, n: int,
+def sample_grid(net: nn.Module, cfg: Config, formulation: Formulation, device: torch.device, n: int,
                 steps: int, seed: int, amp: torch.dtype | None, guidance: float = 0.0) -> tuple[Tensor, Tensor | None, int | None]:
     """Fixed-noise DDIM grid from ``net`` (the EMA), uint8 [n, C, H, W]. Uses its own generators."""
     labels, nrow = grid_labels(cfg, n)
@@ -166,9 +166,10 @@ def sample_grid(net: nn.Module, cfg: Config, schedule: Schedule, device: torch.d
         labels = labels.to(device)
     was_training = net.training
     net.eval()
-    den = EpsDenoiser(net, schedule, labels=labels, guidance=guidance if labels is not None else 0.0,
-                      null_label=cfg.model.num_classes if labels is not None else None, clip_x0=True,
-                      autocast_dtype=amp)
+    den = make_denoiser(net, formulation, labels=labels, guidance=guidance,
+                        null_label=cfg.model.num_classes if labels is not None else None, clip_x0=True,
+                        autocast_dtype=amp)
+    schedule = formulation.schedule
     noise = ImageNoise(derive_seed(seed, "grid"), range(n), device)
     m = cfg.model
     z = noise.randn(m.in_channels, m.image_size, m.image_size)
@@ -205,20 +206,23 @@ def drop_labels(y: Tensor, p: float, null_label: int, gen: torch.Generator) -> T
 
 
 class TrainStep:
-    """One optimizer step of eps-prediction training (Ho et al. 2020, alg. 1), as the trainer runs it.
+    """One optimizer step of diffusion training (Ho et al. 2020, alg. 1, generalised), as the trainer runs it.
 
     ``step(x0, y, k)``: x0 [B, C, H, W] float in [-1, 1] on device, y [B] long or None, k the global
-    step. Draws t ~ U{0..T-1}, eps ~ N(0, I), label dropout and dropout masks from generators
-    seeded by (seed, k); forward under autocast, MSE on eps, backward, clip, AdamW, EMA.
-    Returns (loss, grad_norm) as device tensors (no host sync).
+    step. The formulation draws the noise level and eps and forms the network input, the target and
+    the per-sample weight (objectives.py); label dropout and dropout masks come from generators
+    seeded by (seed, k) too; forward under autocast, weighted MSE, backward, clip, AdamW, EMA.
+    Returns (loss, grad_norm) as device tensors (no host sync). A ``Schedule`` is taken as vp/eps/uniform.
     """
 
-    def __init__(self, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                 cfg: Config, *, device: torch.device, amp: torch.dtype | None, channels_last: bool):
+    def __init__(self, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+                 formulation: Formulation | Schedule, cfg: Config, *, device: torch.device,
+                 amp: torch.dtype | None, channels_last: bool):
+        from .objectives import VP
         self.model, self.ema, self.optimizer = model, ema, optimizer
         self.cfg, self.device, self.amp, self.channels_last = cfg, device, amp, channels_last
-        self.timesteps = schedule.timesteps
-        self.abar = schedule.alphas_cumprod.to(device)                    # float64 [T]
+        self.formulation = VP(formulation) if isinstance(formulation, Schedule) else formulation
+        self.abar = self.formulation.schedule.alphas_cumprod.to(device)   # float64 [T]
         self.null_label = cfg.model.num_classes if cfg.model.class_cond else None
         self.forward = torch.compile(model) if cfg.train.compile else model
 
@@ -227,19 +231,17 @@ class TrainStep:
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(step, self.cfg)
         gen = generator(t.seed, "step", step, device=device)
-        tt = torch.randint(0, self.timesteps, (x0.shape[0],), generator=gen, device=device)
-        noise = torch.randn(x0.shape, generator=gen, device=device)
+        x_in, c_noise, target, weight = self.formulation.training_terms(x0, gen, self.abar)
         if self.null_label is None:
             y = None
         elif y is not None:
             y = drop_labels(y, t.label_dropout, self.null_label, gen)
-        x_t = q_sample(x0, tt, noise, self.abar)
         if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
         torch.manual_seed(derive_seed(t.seed, "dropout", step))
         with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            eps_pred = self.forward(x_t, tt.float(), y)
-        loss = eps_loss(eps_pred, noise)
+            out = self.forward(x_in, c_noise, y)
+        loss = weighted_mse(out, target, weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = None
@@ -307,7 +309,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (MSE on eps)")
+    ax.set_ylabel("training loss (weighted MSE on the objective)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.set_title("training loss")
@@ -422,11 +424,17 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         st = RunState(**{k: state[k] for k in RunState().to_dict() if k in state})
         truncate_metrics(out / "metrics.jsonl", st.step)
     else:
+        if init_from:                                # refuse before touching --out
+            src = ckpt_io.resolve(init_from)
+            src_cfg = Config.from_dict(ckpt_io.read_header(src)["config"])
+            why = same_function(src_cfg.diffusion, cfg.diffusion)
+            if why:
+                raise DiffuseError(f"--init-from {init_from}: trained under another formulation ({why}); its "
+                                   f"weights compute a different function, so start from scratch or match it")
         prepare_out_dir(out, overwrite)
         if init_from:
             # Start both the model and its EMA from the source's EMA weights: those are the
             # weights its samples came from, and the optimizer starts fresh anyway.
-            src = ckpt_io.resolve(init_from)
             weights = ckpt_io.read_tensors(src / "ema.safetensors" if src.is_dir() else src)
             ckpt_io.load_weights_into(model, weights, src)
             ckpt_io.load_weights_into(ema, weights, src)
@@ -434,10 +442,9 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     (out / "config.json").write_text(cfg.to_json())
     (out / "samples").mkdir(exist_ok=True)
 
-    schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.beta_start,
-                        cfg.diffusion.beta_end)
+    formulation = formulation_for(cfg.diffusion)
     stream = BatchStream(data, t.batch_size, t.seed, device, bool(cfg.data.flip))
-    train_step = TrainStep(model, ema, optimizer, schedule, cfg, device=device, amp=amp,
+    train_step = TrainStep(model, ema, optimizer, formulation, cfg, device=device, amp=amp,
                            channels_last=channels_last)
 
     from torch.utils.tensorboard import SummaryWriter
@@ -449,6 +456,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
               f"{n_params / 1e6:.2f}M params | {device.type}"
               f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | "
               f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}")
+    rep.line(f"objective: {describe(cfg.diffusion)}", echo=False)
     rep.line(header)
     if resume:
         rep.line(f"resumed from step {st.step}")
@@ -480,13 +488,13 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     row_names = data.class_names if cfg.model.class_cond else None
 
     def write_grid(path: Path) -> None:
-        images, labels, nrow = sample_grid(ema, cfg, schedule, device, t.sample_n, t.sample_steps, t.seed, amp,
+        images, labels, nrow = sample_grid(ema, cfg, formulation, device, t.sample_n, t.sample_steps, t.seed, amp,
                                            guidance=t.sample_guidance)
         save_grid(images, path, nrow=nrow, row_labels=row_names)
         tb.add_image("samples", _tb_grid(images, nrow), st.step, dataformats="HWC")
 
     def measure_fid() -> None:
-        r = fid_eval(ema, schedule, row_names, amp)
+        r = fid_eval(ema, formulation, row_names, amp)
         row = {"step": st.step, "fid": r["fid"], "kid": r["kid"], "kid_std": r["kid_std"], "fid_n": r["n"],
                "fid_ref_n": r["n_ref"], "fid_seconds": r["seconds"]}
         metrics.write(json.dumps(row) + "\n")
@@ -620,14 +628,15 @@ class FidDuringTraining:
                                        channels=cfg.data.channels, progress=False)
         self.seed = derive_seed(t.seed, "fid")
 
-    def __call__(self, ema: nn.Module, schedule: Schedule, class_names: list[str] | None,
+    def __call__(self, ema: nn.Module, formulation: Formulation, class_names: list[str] | None,
                  amp: torch.dtype | None) -> dict[str, Any]:
         from . import fid
         from .generate import Loaded, cycle_labels, generate
 
         t = self.cfg.train
         t0 = time.perf_counter()
-        loaded = Loaded(ema, self.cfg, {"class_names": class_names}, schedule, Path("<training EMA>"))
+        loaded = Loaded(ema, self.cfg, {"class_names": class_names}, formulation.schedule, Path("<training EMA>"),
+                        formulation)
         labels, guidance = None, 0.0
         if class_names:                            # class-balanced: image i gets class i mod K
             labels, guidance = cycle_labels(range(len(class_names)), t.fid_n), t.sample_guidance
