@@ -3,10 +3,13 @@ assumed; per-image seeds for every sampler; spacings; refused combinations; CLI 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from diffuse import cli
+from diffuse.config import Config
 from diffuse.diffusion import Schedule
 from diffuse.errors import DiffuseError
 from diffuse.generate import Loaded, generate
@@ -130,7 +133,17 @@ def test_cli_lists_the_registry_and_defaults_to_dpmpp_2m_20():
     assert cli.SAMPLER_NAMES == tuple(SAMPLERS)
     assert cli.SPACING_NAMES == SPACINGS
     args = cli.build_parser().parse_args(["sample", "run"])
-    assert (args.sampler, args.steps, args.spacing) == ("dpmpp-2m", 20, None)
+    assert (args.sampler, args.steps, args.spacing) == (None, None, None)      # resolved per run, after loading
+    vp, edm = SimpleNamespace(config=Config()), SimpleNamespace(config=Config())
+    edm.config.diffusion.formulation = "edm"
+    cli._sampling_defaults(args, vp)
+    assert (args.sampler, args.steps) == ("dpmpp-2m", 20)
+    args = cli.build_parser().parse_args(["sample", "run"])
+    cli._sampling_defaults(args, edm)
+    assert (args.sampler, args.steps) == ("heun", 35)
+    args = cli.build_parser().parse_args(["sample", "run", "--sampler", "ddim"])
+    cli._sampling_defaults(args, edm)
+    assert (args.sampler, args.steps) == ("ddim", 20)
     for name in SAMPLERS:
         assert cli.build_parser().parse_args(["sample", "run", "--sampler", name]).sampler == name
 
