@@ -126,8 +126,6 @@ def worker_peer(args, recipe: str, out: Path) -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from _worker import build_diffusers  # noqa: F401  (import check: the venv has the peers)
-
     from diffuse.config import resolve
     from diffuse.data import load_dataset
     from diffuse.models import UNet

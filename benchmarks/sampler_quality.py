@@ -10,7 +10,8 @@ seeds (image i from stream (seed, i)) and scores them by
     PYTHONPATH=src python benchmarks/sampler_quality.py RUN --n 500 --out benchmarks/results/sampler_quality.json
     PYTHONPATH=src python benchmarks/sampler_quality.py RUN --cells "dpmpp-2m:20:karras:inf,dpmpp-2m:20:karras:80"
 
-A cell is sampler:steps[:spacing[:cap]]; cap 'inf' = the schedule's own sigma_max (the old default).
+A cell is sampler:steps[:spacing[:cap[:noclip]]]; cap 'inf' = the schedule's own sigma_max (the old
+default); an empty field keeps the default; noclip turns off the per-step x0 clamp to [-1, 1].
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ DEFAULT_CELLS = ("ddpm:1000", "dpmpp-2m:20:karras:inf", "dpmpp-2m:20", "ddim:20"
 def parse_cell(spec: str) -> dict:
     parts = spec.split(":")
     cell = {"sampler": parts[0], "steps": int(parts[1]), "spacing": parts[2] if len(parts) > 2 and parts[2] else None,
-            "sigma_max_cap": None}
-    if len(parts) > 3:
+            "sigma_max_cap": None, "clip_x0": True}
+    if len(parts) > 3 and parts[3]:
         cell["sigma_max_cap"] = float(parts[3])            # float("inf") for the schedule's own sigma_max
+    if len(parts) > 4:
+        cell["clip_x0"] = parts[4] != "noclip"
     return cell
 
 
@@ -69,7 +72,7 @@ def main() -> int:
         cell = parse_cell(spec)
         t0 = time.perf_counter()
         images, record = generate(loaded, n=args.n, seed=args.seed, sampler=cell["sampler"], steps=cell["steps"],
-                                  spacing=cell["spacing"], sigma_max_cap=cell["sigma_max_cap"],
+                                  spacing=cell["spacing"], sigma_max_cap=cell["sigma_max_cap"], clip_x0=cell["clip_x0"],
                                   batch_size=args.batch_size, device=device)
         row = {"cell": spec, **cell, "spacing": record["spacing"], "nfe": record["nfe"], "n": args.n,
                "confident": round(classifier.confident_fraction(judge, images), 4),

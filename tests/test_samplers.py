@@ -14,7 +14,8 @@ from diffuse.diffusion import Schedule
 from diffuse.errors import DiffuseError
 from diffuse.generate import Loaded, generate
 from diffuse.models import UNet
-from diffuse.samplers import SAMPLERS, SPACINGS, discrete_timesteps, intervals_for, sampler_sigmas
+from diffuse.samplers import (KARRAS_SIGMA_MAX_CAP, SAMPLERS, SPACINGS, discrete_timesteps, intervals_for,
+                              sampler_sigmas)
 
 from .conftest import resolve
 
@@ -94,7 +95,8 @@ def test_sampler_sigmas_per_spacing():
             assert s.dtype == torch.float64 and s[-1] == 0 and (s[:-1].diff() < 0).all()
             assert len(s) == intervals_for(name, 9) + 1
             if spacing == "karras":
-                assert s[0].item() == pytest.approx(sched.sigma_max) and s[-2].item() == pytest.approx(sched.sigma_min)
+                top = min(sched.sigma_max, KARRAS_SIGMA_MAX_CAP or sched.sigma_max)
+                assert s[0].item() == pytest.approx(top) and s[-2].item() == pytest.approx(sched.sigma_min)
             else:
                 assert torch.equal(s[:-1], sched.sigmas[discrete_timesteps(1000, len(s) - 1, spacing)])
     assert torch.equal(sampler_sigmas("dpmpp-2m", sched, 9), sampler_sigmas("dpmpp-2m", sched, 9, "karras"))
@@ -154,3 +156,24 @@ def test_cli_rejects_an_unknown_sampler_in_one_line(capsys):
     assert e.value.code == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'lms'" in err and "dpmpp-2m" in err
+
+
+def test_karras_sigma_max_cap():
+    """Karras spacing starts at min(schedule sigma_max, cap): the default cap (KARRAS_SIGMA_MAX_CAP, from
+    the measurement in docs/objectives.md), an explicit one, or none (inf: the schedule's own, ~2e4 on cosine)."""
+    import math
+
+    from diffuse import samplers as S
+    cosine = Schedule("cosine", 1000)
+    full = sampler_sigmas("dpmpp-2m", cosine, 20, "karras", sigma_max_cap=math.inf)
+    assert full[0].item() == pytest.approx(cosine.sigma_max) and cosine.sigma_max > 1e4
+    capped = sampler_sigmas("dpmpp-2m", cosine, 20, "karras", sigma_max_cap=80.0)
+    assert capped[0].item() == pytest.approx(80.0) and capped[-2].item() == pytest.approx(cosine.sigma_min)
+    torch.testing.assert_close(capped[:-1], S.karras_sigmas(cosine.sigma_min, 80.0, 20))
+    default = sampler_sigmas("dpmpp-2m", cosine, 20)
+    want = cosine.sigma_max if S.KARRAS_SIGMA_MAX_CAP is None else min(cosine.sigma_max, S.KARRAS_SIGMA_MAX_CAP)
+    assert default[0].item() == pytest.approx(want)
+    # a cap above the schedule's range changes nothing; discrete spacings ignore it
+    assert torch.equal(sampler_sigmas("dpmpp-2m", Schedule("linear", 1000), 9, "karras", sigma_max_cap=1e9),
+                       sampler_sigmas("dpmpp-2m", Schedule("linear", 1000), 9, "karras", sigma_max_cap=math.inf))
+    assert torch.equal(sampler_sigmas("ddim", cosine, 9, sigma_max_cap=80.0), sampler_sigmas("ddim", cosine, 9))

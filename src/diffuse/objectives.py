@@ -42,13 +42,12 @@ computed in float64 and cast at the point of use.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import FORMULATIONS, LOSS_WEIGHTS, PREDICTIONS, DiffusionConfig, check_diffusion
+from .config import LOSS_WEIGHTS, PREDICTIONS, DiffusionConfig, check_diffusion
 from .denoiser import Denoiser
 from .diffusion import Schedule, q_sample
 from .samplers import karras_sigmas
