@@ -1,4 +1,4 @@
-"""The training loop: diffusion training under any formulation (objectives.py) with AdamW, clipping, EMA, exact resume.
+"""The training loop: any formulation (objectives.py), AdamW, clipping, EMA, exact resume.
 
 Step k is a pure function of (config, weights and optimizer state after step k-1, k): its batch,
 timesteps, noise, flips, label dropout and dropout masks all come from generators seeded by
@@ -27,13 +27,17 @@ from . import checkpoint as ckpt_io
 from .config import Config, validate, validate_resolution
 from .data import BatchStream, ImageSet, default_flip, load_dataset
 from .diffusion import Schedule
-from .objectives import Formulation, describe, formulation_for, make_denoiser, same_function, weighted_mse
 from .errors import DiffuseError
 from .images import save_grid, to_uint8
 from .models import UNet, count_parameters
+from .objectives import Formulation, describe, formulation_for, make_denoiser, same_function, weighted_mse
 from .rng import ImageNoise, derive_seed, generator
 from .samplers import run_sampler, sigmas_for
 
+# Diffusion settings that define what the network computes (flag names): --init-from cannot bridge
+# a change of these either (objectives.same_function).
+FORMULATION_FIELDS = {"formulation": "formulation", "prediction": "objective", "zero_terminal_snr": "zero-terminal-snr",
+                      "sigma_data": "sigma-data"}
 # Settings a resumed run may change; anything else must match the stored config.
 RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
              "patience", "device", "compile", "grad_checkpointing", "out", "fid_every", "fid_n", "fid_ref_n", "fid_sampler", "fid_steps"}
@@ -386,6 +390,9 @@ def load_resume_config(run: Path, overrides: dict[str, Any]) -> Config:
             current = getattr(getattr(cfg, section), name)
             if name in RESUMABLE:
                 setattr(getattr(cfg, section), name, value)
+            elif value != current and section == "diffusion" and name in FORMULATION_FIELDS:
+                raise DiffuseError(f"--resume: cannot change --{FORMULATION_FIELDS[name]} of an existing run (it was "
+                                   f"{current!r}): its network learned that formulation's output; train a new run")
             elif value != current:
                 raise DiffuseError(f"--resume: cannot change {name.replace('_', '-')} of an existing run "
                                    f"(it was {current!r}); start a new run with --init-from instead")
