@@ -74,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/peers-<device>.json)")
     p.add_argument("--md", default=None, help="markdown (default: --out with .md)")
-    p.add_argument("--update-readme", action="store_true", help="splice the table into README.md between markers")
-    p.add_argument("--readme", default=str(REPO / "README.md"))
+    p.add_argument("--update-readme", action="store_true", help="splice the table into docs/speed.md (or --readme FILE) between markers")
+    p.add_argument("--readme", default=str(REPO / "docs" / "speed.md"), help="the page --update-readme edits")
     return p.parse_args(argv)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,8 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 # One cache for the whole session (judge classifiers, FID reference statistics): tests never touch
 # the user's cache, and the judge is trained once even when several files need it. Set before any
 # test module builds its subprocess environment.
+# The folder is removed when the session ends (pytest_sessionfinish), unless it was given.
+_OWN_CACHE = None
 if "DIFFUSE_TEST_CACHE" not in os.environ:
-    os.environ["DIFFUSE_TEST_CACHE"] = os.environ["DIFFUSE_CACHE"] = tempfile.mkdtemp(prefix="diffuse-test-cache-")
+    _OWN_CACHE = tempfile.mkdtemp(prefix="diffuse-test-cache-")
+    os.environ["DIFFUSE_TEST_CACHE"] = os.environ["DIFFUSE_CACHE"] = _OWN_CACHE
 SHARED_DATA = Path(os.environ.get("DIFFUSE_TEST_DATA", REPO.parent / "shared" / "data"))
 MNIST_DIR = SHARED_DATA / "mnist"
 
@@ -28,6 +32,11 @@ TINY_MODEL = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "
               "num_groups": 4, "head_channels": 8}
 TINY_FLAGS = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
               "--attn-resolutions", "8", "--num-groups", "4", "--head-channels", "8"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

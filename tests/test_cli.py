@@ -39,6 +39,8 @@ def test_train_writes_a_run(run):
     assert (run / "checkpoints" / "last" / "ema.safetensors").is_file()
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["base_channels"] == 8 and cfg["train"]["steps"] == 4
+    start = (run / "train.log").read_text().splitlines()[0]
+    assert f"| {len(os.sched_getaffinity(0))} threads |" in start            # --threads default: the affinity mask
 
 
 def test_sample_png_npz_and_folder(run, tmp_path):
@@ -59,6 +61,7 @@ def test_sample_png_npz_and_folder(run, tmp_path):
 def test_info(run):
     p = diffuse("info", run)
     assert "step         4" in p.stdout and "digits" in p.stdout and "parameters" in p.stdout
+    assert "attention at 8x8 and in the middle block" in p.stdout          # TINY_FLAGS: --attn-resolutions 8
     info = json.loads(diffuse("info", run, "--json").stdout)
     assert info["step"] == 4 and info["params"] > 0
 

@@ -88,6 +88,18 @@ def test_offline_error_names_files_and_folder(tmp_path, monkeypatch):
     assert "\n" not in msg
 
 
+def test_offline_attempt_leaves_no_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(D.MIRRORS, "mnist", ["http://127.0.0.1:1/"])
+    root = tmp_path / "cache" / "data"                     # neither exists yet
+    with pytest.raises(DiffuseError, match="cannot download"):
+        D.load_dataset("mnist", root, "train")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()                             # folders that were there stay
+    with pytest.raises(DiffuseError, match="cannot download"):
+        D.load_dataset("mnist", tmp_path / "mine", "train")
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
+
+
 def test_corrupt_local_file_is_reported(tmp_path):
     folder = tmp_path / "mnist"
     folder.mkdir()

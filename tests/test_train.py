@@ -68,6 +68,27 @@ def test_resume_is_bit_identical(tmp_path, precision, channels_last):
     assert (full / "final.png").read_bytes() == (part / "final.png").read_bytes()
 
 
+def test_resumed_run_logs_the_same_metrics_rows(tmp_path):
+    # Rows every 4 steps; the first run stops at 6, between two rows, and writes its own last row
+    # there. The resumed run's rows at 8 and 10 must be those of the run that never stopped: the
+    # loss is the mean over steps 5..8, not 7..8 (the window is carried in the checkpoint).
+    keys = ("step", "images_seen", "epoch", "loss", "lr", "grad_norm")
+    full = train(tiny_config(tmp_path / "full", steps=10, log_every=4, ckpt_every=100), progress=False)
+    part = train(tiny_config(tmp_path / "part", steps=6, log_every=4, ckpt_every=100), progress=False)
+    state = json.loads((part / "checkpoints" / "last" / "state.json").read_text())
+    assert state["log_loss_n"] == 2 and state["log_loss_sum"] > 0
+    train(load_resume_config(part, {"train": {"steps": 10}}), resume=True, progress=False)
+
+    def rows(run):
+        return {r["step"]: {k: r[k] for k in keys} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+    a, b = rows(full), rows(part)
+    assert sorted(a) == [4, 8, 10] and sorted(b) == [4, 6, 8, 10]
+    for step in a:
+        assert a[step] == b[step], f"row at step {step} differs after resume: {a[step]} vs {b[step]}"
+    assert b[6]["loss"] != a[8]["loss"]                     # the stop row is its own (steps 5..6)
+
+
 def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
     full = train(tiny_config(tmp_path / "full", steps=5, ckpt_every=100), progress=False)
     real = BatchStream.batch

@@ -61,6 +61,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)          # safetensors writes 0600; shareable files get the umask's mode
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

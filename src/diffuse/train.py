@@ -31,8 +31,10 @@ from .errors import DiffuseError
 from .images import save_grid, to_uint8
 from .models import UNet, count_parameters
 from .objectives import Formulation, describe, formulation_for, make_denoiser, same_function, weighted_mse
+from .outputs import check_dir
 from .rng import ImageNoise, derive_seed, generator
 from .samplers import run_sampler, sigmas_for
+from .threads import busy_note, set_threads, wait_policy_note
 
 # Diffusion settings that define what the network computes (flag names): --init-from cannot bridge
 # a change of these either (objectives.same_function).
@@ -40,7 +42,7 @@ FORMULATION_FIELDS = {"formulation": "formulation", "prediction": "objective", "
                       "sigma_data": "sigma-data"}
 # Settings a resumed run may change; anything else must match the stored config.
 RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
-             "patience", "device", "compile", "grad_checkpointing", "out", "fid_every", "fid_n", "fid_ref_n", "fid_sampler", "fid_steps"}
+             "patience", "device", "threads", "compile", "grad_checkpointing", "out", "fid_every", "fid_n", "fid_ref_n", "fid_sampler", "fid_steps"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +63,7 @@ def keep_freed_cpu_memory() -> bool:
     threshold to the OS on free, so each training step page-faults its activations in again
     (3,200 faults, 24 ms of kernel time per DDPM-UNet step at batch 8). With the threshold raised
     and trimming off, a step's memory is reused: 0 faults, 4-6% more img/s on 2 cores
-    (benchmarks/cpu_kernels.py, README Speed). Process-wide, harmless elsewhere; a no-op (False) off glibc."""
+    (benchmarks/cpu_kernels.py, docs/speed.md). Process-wide, harmless elsewhere; a no-op (False) off glibc."""
     import ctypes
     import ctypes.util
     try:
@@ -91,7 +93,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (fp16 is unstable in GroupNorm, seed 001) or None for fp32.
+    """bf16 autocast (not fp16: its narrow range makes GroupNorm unstable) or None for fp32.
 
     ``auto`` picks bf16 on CUDA and on CPUs with native bf16: on the digits preset bf16 gives the
     same loss curve and held-out error as fp32 (benchmarks/precision_compare.py) and trains faster.
@@ -353,6 +355,8 @@ class RunState:
     bad_epochs: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_n: int = 0
+    log_loss_sum: float = 0.0                 # the metrics row in progress: loss sum and steps since the
+    log_loss_n: int = 0                       # last --log-every row, so a resumed run logs the same rows
     train_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -404,11 +408,15 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
           progress: bool = True) -> Path:
     """Train per ``cfg``; returns the run directory. Resumes from OUT/checkpoints/last if asked."""
     t = cfg.train
-    out = Path(t.out)
+    out = check_dir(t.out)                      # before any work: a run that cannot write is refused now
     device = pick_device(t.device)
     amp = autocast_dtype(t.precision, device)
     channels_last = use_channels_last(t.channels_last, device, amp)
     keep_freed_cpu_memory()
+    threads = set_threads(t.threads)
+    busy = busy_note()                               # before our own work adds to the load
+    if busy and wait_policy_note():
+        busy += f"; {wait_policy_note()}"
 
     data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels)
     fill_model_from_data(cfg, data)
@@ -461,8 +469,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     header = (f"diffuse train | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x{data.image_size}"
               f"{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | preset {cfg.preset} | "
               f"{n_params / 1e6:.2f}M params | {device.type}"
-              f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | "
-              f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}")
+              f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | {threads} threads | "
+              f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}{f' | {busy}' if busy else ''}")
     rep.line(f"objective: {describe(cfg.diffusion)}", echo=False)
     rep.line(header)
     if resume:
@@ -483,6 +491,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
         if st.step in saved and saved[st.step].is_dir():
             return saved[st.step]
         st.epoch_loss_sum = float(epoch_acc)
+        st.log_loss_sum, st.log_loss_n = float(loss_acc), acc_n
         path = ckpt_io.save_checkpoint(
             ckpt_root, st.step, model=model, ema=ema, optimizer=optimizer, config=cfg.to_dict(),
             state={**st.to_dict(), "images_seen": st.step * t.batch_size},
@@ -517,9 +526,14 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
                  f"N_ref={r['n_ref']:,}; biased upward at small N, compare only equal N; {r['seconds']:.0f}s)"
                  f"{' new best' if better else ''}")
 
-    loss_acc = torch.zeros((), device=device)       # summed on device; read every log_every steps
+    # Each metrics row's loss is the mean over the steps since the previous --log-every row. The sum
+    # is kept on the device (read only when logging) and carried in checkpoints, so a run resumed
+    # between two rows writes the same next row as one that never stopped. float32 -> JSON -> float32
+    # is exact.
+    loss_acc = torch.tensor(st.log_loss_sum, device=device)
+    acc_n = st.log_loss_n
     epoch_acc = torch.tensor(st.epoch_loss_sum, device=device)   # this epoch's loss sum, for --patience
-    acc_n = 0
+    rate_n = 0                                      # steps since t_log in this process, for img/s
     t_log = time.perf_counter()
     t_start = time.perf_counter()
     time_limit_s = t.time_limit * 60 if t.time_limit else None
@@ -536,14 +550,16 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
             loss_acc += loss.detach()
             epoch_acc += loss.detach()
             acc_n += 1
+            rate_n += 1
 
             st.epoch_loss_n += 1
             epoch_done = int(stream.epoch_of(st.step)) > int(stream.epoch_of(step))
-            if st.step % t.log_every == 0 or st.step == steps_total:
+            on_grid = st.step % t.log_every == 0
+            if on_grid or st.step == steps_total:
                 now = time.perf_counter()
                 mean_loss = float(loss_acc) / acc_n
                 elapsed = now - t_log
-                rate = acc_n * t.batch_size / max(elapsed, 1e-9)
+                rate = rate_n * t.batch_size / max(elapsed, 1e-9)
                 st.train_seconds += elapsed
                 stats = {"step": st.step, "images_seen": st.step * t.batch_size,
                          "epoch": round(stream.epoch_of(st.step), 4), "loss": mean_loss,
@@ -555,10 +571,12 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
                 for k in ("loss", "lr", "grad_norm", "img_per_sec"):
                     if stats[k] is not None:
                         tb.add_scalar(f"train/{k}", stats[k], st.step)
-                eta = (steps_total - st.step) * elapsed / acc_n
+                eta = (steps_total - st.step) * elapsed / rate_n
                 rep.progress(st.step, stats, eta, steps_total)
-                loss_acc.zero_()
-                acc_n = 0
+                if on_grid:                         # a run's last row off the grid keeps the window open
+                    loss_acc.zero_()
+                    acc_n = 0
+                rate_n = 0
                 t_log = time.perf_counter()
 
             if epoch_done:

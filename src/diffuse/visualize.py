@@ -219,6 +219,8 @@ class NoisingStrip:
     xt: Tensor                       # [len(ts), N, C, H, W] float32, q_sample output, not clamped
     abar: list[float]                # abar_t per column
     row_labels: list[str]
+    schedule: str = "linear"         # the noise schedule drawn
+    preset: str = ""                 # the preset --data trains with (where the default schedule came from)
 
 
 def noising_strip(x0: Tensor, schedule: Schedule, ts: list[int], eps: Tensor) -> Tensor:
@@ -230,10 +232,19 @@ def noising_strip(x0: Tensor, schedule: Schedule, ts: list[int], eps: Tensor) ->
                         for t in ts])
 
 
-def noising(*, data: str = "digits", data_root: str | None = None, schedule: str = "linear",
-            timesteps: int = 1000, ts: list[int] | tuple[int, ...] = NOISING_T, n: int = 6, seed: int = 0,
+def noising(*, data: str = "digits", data_root: str | None = None, schedule: str | None = None,
+            timesteps: int | None = None, ts: list[int] | tuple[int, ...] = NOISING_T, n: int = 6, seed: int = 0,
             out: str | Path | None = None) -> NoisingStrip:
-    """Forward-process strip for n training images picked by ``seed`` (rows) at each t (columns)."""
+    """Forward-process strip for n training images picked by ``seed`` (rows) at each t (columns).
+
+    ``schedule`` and ``timesteps`` default to those of the preset ``data`` trains with (what
+    ``diffuse train --data DATA`` would use), so the strip shows the process that model learns."""
+    from .config import default_preset_for, resolve
+
+    preset = default_preset_for(data)
+    if schedule is None or timesteps is None:
+        d = resolve(preset, data, None, {}).diffusion
+        schedule, timesteps = schedule or d.schedule, timesteps or d.timesteps
     if schedule not in SCHEDULES:
         raise DiffuseError(f"--schedule must be {' or '.join(SCHEDULES)}, got {schedule!r}")
     if n < 1:
@@ -248,7 +259,7 @@ def noising(*, data: str = "digits", data_root: str | None = None, schedule: str
     xt = noising_strip(x0, sched, ts, eps)
     labels = ([ds.class_names[int(ds.labels[i])] for i in pick] if ds.labels is not None and ds.class_names
               else [f"#{int(i)}" for i in pick])
-    strip = NoisingStrip(ts, x0, xt, [float(sched.alphas_cumprod[t]) for t in ts], labels)
+    strip = NoisingStrip(ts, x0, xt, [float(sched.alphas_cumprod[t]) for t in ts], labels, schedule, preset)
     if path is not None:
         table = to_uint8(xt).transpose(0, 1)                           # [N, len(ts), C, H, W]
         image_table(table, col_labels=[f"t={t}" for t in ts], row_labels=labels,
