@@ -471,8 +471,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
               f"{n_params / 1e6:.2f}M params | {device.type}"
               f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | {threads} threads | "
               f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}{f' | {busy}' if busy else ''}")
-    rep.line(f"objective: {describe(cfg.diffusion)}", echo=False)
     rep.line(header)
+    rep.line(f"objective: {describe(cfg.diffusion)}", echo=False)
     if resume:
         rep.line(f"resumed from step {st.step}")
 
