@@ -76,8 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-runs", type=int, default=1, help="sampling runs per timed window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grad-checkpointing", action="store_true", help="ours only: recompute block activations")
+    p.add_argument("--compile", action="store_true", help="ours only: torch.compile the model (as train --compile)")
     p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="torch.backends.cudnn.benchmark = True (diffuse's trainer leaves it off)")
+                   help="torch.backends.cudnn.benchmark = True (as diffuse's trainer sets it on CUDA)")
     return p.parse_args(argv)
 
 
@@ -277,6 +278,7 @@ class Bench:
         tr.keep_freed_cpu_memory()                       # as `diffuse train` and `diffuse sample` do
         cfg = ours_config(self.w)
         cfg.train.grad_checkpointing = bool(getattr(self.args, "grad_checkpointing", False))
+        cfg.train.compile = bool(getattr(self.args, "compile", False))
         if self.impl == "ours-bare":
             cfg.train.grad_clip = 0.0
             tr.ema_update = lambda ema, model, decay: None      # like-for-like: no EMA update

@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cudnn-benchmark", action="store_true", help="CUDA: cudnn.benchmark on (the trainer leaves it off)")
     p.add_argument("--no-flops", action="store_true", help="skip counting FLOPs per image")
     p.add_argument("--grad-checkpointing", action="store_true", help="time the step with --grad-checkpointing")
+    p.add_argument("--compile", action="store_true", help="time the step with --compile (torch.compile); the "
+                                                          "compilation falls in the untimed warm-up")
+    p.add_argument("--mfu", action="store_true", help="also measure the dense bf16 matmul peak and give MFU per row")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/train-<device>-<precision>.json)")
     return p.parse_args(argv)
 
@@ -88,6 +91,24 @@ def main(argv=None) -> int:
     print(f"{env.get('device_name')} | torch {env['versions'].get('torch')} | {device} {a.precision}"
           f"{' channels_last' if channels_last else ''} | {threads} threads | load {loadavg()}", flush=True)
     load_start = loadavg()
+    peak = None
+    if a.mfu:
+        pk = run_worker(python, ["--mode", "peak", "--device", device], threads, 600)
+        peak = pk.get("peak_bf16_flops")
+        print(f"measured dense bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s" if peak else f"peak failed: {pk}", flush=True)
+    def write() -> Path:
+        """The JSON so far: written after every preset, so a run cut off by a time limit keeps its rows."""
+        result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": device,
+                  "device_name": env.get("device_name"), "precision": a.precision, "channels_last": channels_last,
+                  "threads": threads, "grad_checkpointing": a.grad_checkpointing, "compile": a.compile,
+                  "peak_bf16_flops": peak, "repeats": a.repeats, "warmup": a.warmup, "min_seconds": a.min_seconds,
+                  "loadavg_start": load_start, "loadavg_end": loadavg(), "env": env, "git": git_state(),
+                  "step": "diffuse.train.TrainStep (noise, forward, MSE, backward, clip, AdamW, EMA)", "rows": rows}
+        out = Path(a.out) if a.out else HERE / "results" / f"train-{device.split(':')[0]}-{a.precision}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        return out
+
     rows = []
     for p in presets:
         batch = a.batch or (PRESETS[p]["train"]["batch_size"] if cuda else CPU_BATCH[p])
@@ -100,6 +121,8 @@ def main(argv=None) -> int:
             args.append("--cudnn-benchmark")
         if a.grad_checkpointing:
             args.append("--grad-checkpointing")
+        if a.compile:
+            args.append("--compile")
         r = run_worker(python, args, threads, 3600)
         c, s = PRESET_SHAPES[p]
         row = {"preset": p, "image": f"{c}x{s}x{s}", "batch": batch, "preset_batch": PRESETS[p]["train"]["batch_size"]}
@@ -118,18 +141,14 @@ def main(argv=None) -> int:
                 row["flops_fwd_per_img"] = f["flops_fwd_per_img"]
                 row["flops_fwdbwd_per_img"] = f["flops_fwdbwd_per_img"]
                 row["tflops_per_s"] = 3 * f["flops_fwd_per_img"] * row["img_per_s"] / 1e12
+                if peak:
+                    row["mfu"] = row["tflops_per_s"] * 1e12 / peak
         rows.append(row)
+        write()
         print(f"{p}: {row['img_per_s']:.3g} img/s [{row['img_per_s_min']:.3g}-{row['img_per_s_max']:.3g}] "
               f"at batch {batch}", flush=True)
 
-    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": device,
-              "device_name": env.get("device_name"), "precision": a.precision, "channels_last": channels_last,
-              "threads": threads, "grad_checkpointing": a.grad_checkpointing, "repeats": a.repeats, "warmup": a.warmup, "min_seconds": a.min_seconds,
-              "loadavg_start": load_start, "loadavg_end": loadavg(), "env": env, "git": git_state(),
-              "step": "diffuse.train.TrainStep (noise, forward, MSE, backward, clip, AdamW, EMA)", "rows": rows}
-    out = Path(a.out) if a.out else HERE / "results" / f"train-{device.split(':')[0]}-{a.precision}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write()
 
     print(f"\n{'preset':14} {'image':8} {'params':>8} {'batch':>5} {'img/s':>8} {'min':>8} {'max':>8} {'GFLOP/img':>9} {'TFLOP/s':>8} {'peak GiB':>8}")
     for r in rows:

@@ -22,6 +22,11 @@ _OWN_CACHE = None
 if "DIFFUSE_TEST_CACHE" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="diffuse-test-cache-")
     os.environ["DIFFUSE_TEST_CACHE"] = os.environ["DIFFUSE_CACHE"] = _OWN_CACHE
+    # --precision auto follows a timing probe; measure it once for the session and keep it, so every
+    # test (and every CLI subprocess, which shares this cache) sees one decision even on a busy machine.
+    from diffuse.device import probe_bf16
+    torch.set_num_threads(2)
+    probe_bf16(store=True)
 SHARED_DATA = Path(os.environ.get("DIFFUSE_TEST_DATA", REPO.parent / "shared" / "data"))
 MNIST_DIR = SHARED_DATA / "mnist"
 
@@ -32,6 +37,15 @@ TINY_MODEL = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "
               "num_groups": 4, "head_channels": 8}
 TINY_FLAGS = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
               "--attn-resolutions", "8", "--num-groups", "4", "--head-channels", "8"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -235,3 +235,40 @@ def test_flips_are_seeded_per_step():
     flipped = (x[:, 0, 0, 1] > 0).float().mean()
     assert 0.25 < flipped < 0.75
     assert torch.equal(s.batch(0)[0], x)
+
+
+def test_placement_threshold_decision():
+    gib = 2 ** 30
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    pick = lambda n, dev, **kw: D.choose_placement(n, dev, device_bytes=16 * gib, host_bytes=64 * gib, **kw)[0]  # noqa: E731
+    assert pick(4 * gib, cuda) == "device"                       # 25% of 16 GiB
+    assert pick(4 * gib + 1, cuda) == "host"
+    assert pick(32 * gib, cuda) == "host" and pick(32 * gib + 1, cuda) == "memmap"   # 50% of 64 GiB RAM
+    assert pick(4 * gib + 1, cpu) == "memmap"                    # on the CPU, host memory is the device
+    assert pick(8 * gib, cuda, device_fraction=0.5) == "device"
+    assert pick(1, cuda, setting="memmap") == "memmap"
+    with pytest.raises(DiffuseError, match="placement"):
+        D.choose_placement(1, cpu, "disk")
+    why = D.choose_placement(3 * gib, cpu, device_bytes=8 * gib, host_bytes=8 * gib)[1]
+    assert "memory map" in why and "3.00 GiB" in why
+
+
+def test_every_placement_gives_identical_batches(tmp_path):
+    ds = D.load_dataset("digits")
+    streams = [D.BatchStream(ds, 48, seed=5, device=torch.device("cpu"), flip=True, placement=p,
+                             memmap_path=tmp_path / "m.u8") for p in ("device", "host", "memmap")]
+    assert (tmp_path / "m.u8").stat().st_size == ds.images.numel()          # the images, as a file on disk
+    for step in (0, 7, 31, 32):                                   # 31 and 32 straddle the epoch at 1500
+        (xa, ya), (xb, yb), (xc, yc) = (s.batch(step) for s in streams)
+        assert torch.equal(xa, xb) and torch.equal(xa, xc) and torch.equal(ya, yb) and torch.equal(ya, yc)
+
+
+def test_indices_are_the_positions_of_the_epoch_stream():
+    """Slicing the epochs' permutations gives exactly positions [kB, (k+1)B) of the stream
+    (the original definition, checked independently here)."""
+    ds = D.load_dataset("digits")
+    s = D.BatchStream(ds, 700, seed=1, device=torch.device("cpu"), flip=False)
+    perms = [torch.randperm(len(ds), generator=D.generator(1, "epoch", e)) for e in range(4)]
+    stream = torch.cat(perms)
+    for k in range(6):
+        assert torch.equal(s.indices(k), stream[k * 700:(k + 1) * 700])

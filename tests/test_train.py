@@ -234,17 +234,6 @@ def test_class_cond_needs_labels(tmp_path):
         train(cfg, progress=False)
 
 
-def test_precision_auto_follows_the_hardware(monkeypatch):
-    from diffuse import train as T
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: True)
-    assert T.autocast_dtype("auto", cpu) is torch.bfloat16 and T.autocast_dtype("auto", cuda) is torch.bfloat16
-    assert T.use_channels_last(None, cpu, torch.bfloat16)            # oneDNN's bf16 kernels want NHWC
-    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: False)       # emulated bf16 would be slower
-    assert T.autocast_dtype("auto", cpu) is None and not T.use_channels_last(None, cpu, None)
-    assert T.autocast_dtype("bf16", cpu) is torch.bfloat16 and T.autocast_dtype("fp32", cuda) is None
-
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_cpu_memory_stops_page_faults_on_reallocation():
     """After keep_freed_cpu_memory(), freed 12 MiB blocks are reused, not unmapped and faulted in

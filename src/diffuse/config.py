@@ -30,6 +30,11 @@ class DataConfig:
     image_size: int | None = opt(None, "resize (shorter side) + center crop to N pixels; default: the data set's native size")
     channels: int | None = opt(None, "1 or 3; default: inferred from the data")
     flip: bool | None = opt(None, "random horizontal flips (default: on for cifar10 and folders, off for digits/mnist)")
+    placement: str = opt("auto", "where the uint8 images live while training: auto, device, host (pinned, "
+                                 "copied per batch) or memmap (a file mapped from disk); auto keeps them on the "
+                                 "device up to --placement-fraction of its memory", flag="data-placement")
+    placement_fraction: float = opt(0.25, "auto placement: the largest share of the device's memory the images "
+                                          "may take before they move to host memory or a memory map")
 
 
 @dataclass
@@ -114,7 +119,10 @@ class TrainConfig:
     label_dropout: float = opt(0.1, "with --class-cond: fraction of labels replaced by the null class")
     seed: int = opt(0, "seed for initialisation, data order, noise and timesteps")
     device: str = opt("auto", "auto, cpu or cuda")
-    precision: str = opt("auto", "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16")
+    precision: str = opt("auto", "auto (bf16 where measured faster: GPUs with native bf16, AMX CPUs, or by a "
+                                 "cached probe; see docs/hardware.md), fp32 or bf16")
+    resolved_precision: str | None = opt(None, "what --precision auto chose when the run started (kept on resume)",
+                                         cli=False)
     channels_last: bool | None = opt(None, "use channels_last memory format (default: on where it is faster)")
     compile: bool = opt(False, "torch.compile the model")
     threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use, from its "
@@ -123,7 +131,7 @@ class TrainConfig:
                                           "more compute (docs/speed.md)")
     time_limit: float | None = opt(None, "stop cleanly after this many minutes of training")
     log_every: int = opt(50, "steps between metric log lines")
-    sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run)")
+    sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run, at least 100 steps apart)")
     sample_steps: int = opt(50, "DDIM steps for the grids written during training")
     sample_n: int = opt(64, "images in the grids written during training")
     sample_guidance: float = opt(1.0, "with --class-cond: guidance w for the training grids, and the run's default for sample/eval")
@@ -222,8 +230,33 @@ DATA_DEFAULT_PRESET = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "m
                        "cifar10": "cifar10-small"}
 
 
-def default_preset_for(data_name: str) -> str:
-    return DATA_DEFAULT_PRESET.get(data_name, "64px")
+# The image size each preset was designed at; attention resolutions scale with it for other sizes.
+PRESET_NATIVE_SIZE = {"digits": 16, "mnist": 28, "cifar10-ddpm": 32, "cifar10-small": 32, "64px": 64}
+
+
+def default_preset_for(data_name: str, size: int | None = None, channels: int | None = None) -> str:
+    """The preset used when only --data is given. Standard data sets have their own; a folder's
+    follows its resolution and channels (``size``/``channels``, from data.peek_folder): up to 32
+    pixels, grayscale -> mnist (1.6M params), colour -> cifar10-small (17M); larger -> 64px (65M)."""
+    if data_name in DATA_DEFAULT_PRESET:
+        return DATA_DEFAULT_PRESET[data_name]
+    if size is not None and size <= 32:
+        return "mnist" if channels == 1 else "cifar10-small"
+    return "64px"
+
+
+def fit_to_size(cfg: Config, size: int) -> int:
+    """Adapt a preset's UNet to a folder's image size: the size rounded up to what its levels
+    halve cleanly (28 stays 28 for mnist's 3 levels; 30 becomes 32: upsampling loses nothing), and the attention
+    resolutions scaled from the preset's native size (mnist's 7 at 28 is 8 at 32). Returns the size."""
+    m = cfg.model
+    factor = 2 ** (len(m.channel_mult) - 1)
+    fitted = -(-size // factor) * factor
+    native = PRESET_NATIVE_SIZE.get(cfg.preset, fitted)
+    feature_sizes = {fitted // 2 ** i for i in range(len(m.channel_mult))}
+    scaled = tuple(r * fitted // native for r in m.attn_resolutions if r * fitted % native == 0)
+    m.attn_resolutions = tuple(r for r in scaled if r in feature_sizes)
+    return fitted
 
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
@@ -296,13 +329,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def resolve(preset: str | None, data_name: str | None, file_overrides: dict | None,
             cli_overrides: dict[str, Any]) -> Config:
-    """Build the run config: defaults < preset < config file < CLI flags."""
-    data_name = data_name or (file_overrides or {}).get("data", {}).get("name")
-    preset = preset or (file_overrides or {}).get("preset") or default_preset_for(data_name or "digits")
+    """Build the run config: defaults < preset < config file < CLI flags.
+
+    A folder of images (data_name not a standard set) gets its image size and, unless a preset is
+    named, its preset from its images (``data.peek_folder``, ``default_preset_for``, ``fit_to_size``)."""
+    data_name = data_name or (file_overrides or {}).get("data", {}).get("name") or "digits"
+    from .data import STANDARD, peek_folder       # lazy: data imports torch; config stays light
+    folder_size = channels = None
+    if data_name not in STANDARD and Path(data_name).expanduser().is_dir():
+        shape = peek_folder(Path(data_name).expanduser())
+        size_flag = cli_overrides.get("data", {}).get("image_size") or (file_overrides or {}).get("data", {}).get("image_size")
+        folder_size = int(size_flag) if size_flag else shape.default_size
+        channels = cli_overrides.get("data", {}).get("channels") or shape.channels
+    preset = preset or (file_overrides or {}).get("preset") or default_preset_for(data_name, folder_size, channels)
     if preset not in PRESETS:
         raise DiffuseError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = Config(preset=preset)
     apply_overrides(cfg, PRESETS[preset], source=f"preset {preset}")
+    if folder_size is not None:
+        cfg.data.image_size = fit_to_size(cfg, folder_size)
     if file_overrides:
         apply_overrides(cfg, file_overrides, source="--config")
     apply_overrides(cfg, cli_overrides, source="command line")
@@ -356,6 +401,9 @@ def validate(cfg: Config) -> None:
     need(t.fid_steps >= 1, f"--fid-steps must be at least 1, got {t.fid_steps}")
     need(cfg.data.image_size is None or cfg.data.image_size >= 4, f"--image-size must be at least 4, got {cfg.data.image_size}")
     need(cfg.data.channels in (None, 1, 3), f"--channels must be 1 or 3, got {cfg.data.channels}")
+    need(cfg.data.placement in ("auto", "device", "host", "memmap"),
+         f"--data-placement must be auto, device, host or memmap, got {cfg.data.placement!r}")
+    need(0 < cfg.data.placement_fraction <= 1, f"--placement-fraction must be in (0, 1], got {cfg.data.placement_fraction}")
 
 
 def validate_resolution(m: ModelConfig) -> None:

@@ -292,6 +292,49 @@ def scan_folder(root: Path) -> tuple[list[Path], list[str] | None]:
     return files, classes
 
 
+FOLDER_MAX_OWN_SIZE = 64      # a folder's images keep their own size up to this; larger (or mixed) go to 64
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+@dataclass
+class FolderShape:
+    """What a folder's image headers say, read without decoding the pixels."""
+    count: int                      # readable image files
+    sizes: set[tuple[int, int]]     # distinct (width, height)
+    gray: bool                      # every image is single-channel
+
+    @property
+    def default_size(self) -> int:
+        """The folder's default training size: the images' own (shorter side) when they all share
+        one size of at most FOLDER_MAX_OWN_SIZE pixels, else 64."""
+        if len(self.sizes) == 1:
+            own = min(next(iter(self.sizes)))
+            if own <= FOLDER_MAX_OWN_SIZE:
+                return own
+        return 64
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.gray else 3
+
+
+def peek_folder(root: Path) -> FolderShape:
+    """Sizes and modes of a folder's images from their headers (Pillow opens lazily: no decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    files, _ = scan_folder(root)
+    sizes, gray, count = set(), True, 0
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+                gray = gray and im.mode in GRAY_MODES
+                count += 1
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            continue
+    return FolderShape(count, sizes, gray and count > 0)
+
+
 def load_folder(root: Path, image_size: int | None, channels: int | None) -> ImageSet:
     from PIL import Image, UnidentifiedImageError
 
@@ -300,7 +343,7 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> Ima
     files, classes = scan_folder(root)
     if not files:
         raise DiffuseError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    size = image_size or 64
+    size = image_size or peek_folder(root).default_size
     decoded, labels, modes, bad = [], [], [], 0
     for path in files:
         try:
@@ -325,7 +368,7 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> Ima
     if not decoded:
         raise DiffuseError(f"none of the {len(files)} image files under {root} could be read")
     images = torch.from_numpy(np.stack(decoded))
-    gray = all(m in ("1", "L", "LA", "I", "I;16", "F") for m in modes)
+    gray = all(m in GRAY_MODES for m in modes)
     images = _to_channels(images, channels or (1 if gray else 3))
     label_t = torch.tensor(labels, dtype=torch.long) if classes is not None else None
     return ImageSet(images, label_t, classes, str(root), "train")
@@ -376,47 +419,147 @@ def default_flip(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The batch stream
 
+# Where the training images live while a run reads them. "device": all of them on the training
+# device (the default where they fit: no copies per step); "host": in CPU memory (pinned on CUDA),
+# each batch gathered there and copied; "memmap": a uint8 file mapped from disk, for sets larger
+# than memory. The pick is logged at the start of a run.
+PLACEMENTS = ("auto", "device", "host", "memmap")
+DEVICE_FRACTION = 0.25      # "auto" keeps the set on the device while it is at most this share of its memory
+HOST_FRACTION = 0.5         # ... and in host memory while it is at most this share of the RAM
+
+
+def total_memory(device: torch.device) -> int:
+    """Bytes of memory on ``device`` (the GPU's, or the machine's RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def choose_placement(nbytes: int, device: torch.device, setting: str = "auto", *,
+                     device_bytes: int | None = None, host_bytes: int | None = None,
+                     device_fraction: float = DEVICE_FRACTION, host_fraction: float = HOST_FRACTION) -> tuple[str, str]:
+    """(placement, why) for a uint8 set of ``nbytes``: "device" while it is at most
+    ``device_fraction`` of the device's memory, else "host" (on CUDA; on the CPU host *is* the
+    device) while at most ``host_fraction`` of the RAM, else "memmap". An explicit ``setting`` wins."""
+    gib = nbytes / 2 ** 30
+    if setting != "auto":
+        if setting not in PLACEMENTS:
+            raise DiffuseError(f"--data-placement must be one of {', '.join(PLACEMENTS)}, got {setting!r}")
+        return setting, f"asked for ({gib:.2f} GiB of uint8 images)"
+    device_bytes = total_memory(device) if device_bytes is None else device_bytes
+    host_bytes = total_memory(torch.device("cpu")) if host_bytes is None else host_bytes
+    if nbytes <= device_fraction * device_bytes:
+        return "device", (f"{gib:.2f} GiB of uint8 images fit in {device_fraction:.0%} of the "
+                          f"{device.type} memory ({device_bytes / 2 ** 30:.0f} GiB)")
+    if device.type != "cpu" and nbytes <= host_fraction * host_bytes:
+        return "host", (f"{gib:.2f} GiB is over {device_fraction:.0%} of the {device_bytes / 2 ** 30:.0f} GiB "
+                        f"on the device: batches are gathered in pinned host memory and copied")
+    return "memmap", (f"{gib:.2f} GiB is over {host_fraction if device.type != 'cpu' else device_fraction:.0%} "
+                      f"of the memory: batches are gathered from a uint8 memory map on disk")
+
+
+def memmap_images(images: Tensor, path: Path) -> Tensor:
+    """Write uint8 [N, C, H, W] to ``path`` and return a tensor over a read-only memory map of it
+    (pages are read from disk as batches touch them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    images.numpy().tofile(tmp)
+    os.replace(tmp, path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=tuple(images.shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)          # torch warns that the array is read-only
+        return torch.from_numpy(mm)
+
+
 class BatchStream:
     """Batches for step k, a pure function of (seed, k): resumable at any step with no saved state.
 
     The data is read as an endless stream of epochs, each a fresh permutation seeded by
     (seed, epoch); batch k is positions [k B, (k + 1) B) of that stream, so a batch may straddle
-    two epochs and no image is dropped. The uint8 images live on ``device`` (the whole set is
-    small), and conversion to float and flips happen there.
+    two epochs and no image is dropped. Where the uint8 images live is ``placement`` (see
+    PLACEMENTS): on the device, conversion to float and flips happen there.
+
+    On CUDA with the images on the device, the permutations and flips are drawn on the GPU (from
+    CUDA generators seeded the same way) and batch positions are slices, so a step makes no
+    host-device sync and no copy. The CPU draws are unchanged (bit-identical to earlier versions),
+    and the host/memmap placements use them too, so on the CPU every placement gives the same batches.
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, seed: int, device: torch.device, flip: bool):
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, device: torch.device, flip: bool,
+                 placement: str = "device", memmap_path: Path | None = None):
         self.n = len(data)
         self.batch_size = batch_size
         self.seed = seed
         self.flip = flip
         self.device = device
-        self.images = data.images.to(device)
-        self.labels = data.labels.to(device) if data.labels is not None else None
+        self.placement = placement
+        if placement == "device":
+            self.images = data.images.to(device)
+        elif placement == "host":
+            self.images = data.images.pin_memory() if device.type == "cuda" else data.images
+        elif placement == "memmap":
+            if memmap_path is None:
+                raise ValueError("memmap placement needs a memmap_path")
+            self.images = memmap_images(data.images, memmap_path)
+        else:
+            raise ValueError(f"unknown placement {placement!r}")
+        self.labels = data.labels
+        if data.labels is not None and placement == "device":
+            self.labels = data.labels.to(device)
+        # where indices, permutations and flips are drawn: the GPU only when the images are there
+        self.draw_device = device if placement == "device" else torch.device("cpu")
         self._perms: dict[int, Tensor] = {}
 
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perms:
             if len(self._perms) > 2:
                 self._perms.pop(min(self._perms))
-            self._perms[epoch] = torch.randperm(self.n, generator=generator(self.seed, "epoch", epoch)).to(self.device)
+            if self.draw_device.type == "cuda":
+                g = generator(self.seed, "epoch", epoch, device=self.draw_device)
+                self._perms[epoch] = torch.randperm(self.n, generator=g, device=self.draw_device)
+            else:
+                self._perms[epoch] = torch.randperm(self.n, generator=generator(self.seed, "epoch", epoch))
         return self._perms[epoch]
 
     def indices(self, step: int) -> Tensor:
-        start = step * self.batch_size
-        positions = torch.arange(start, start + self.batch_size)
-        epochs, offsets = positions // self.n, positions % self.n
-        return torch.cat([self._perm(int(e))[offsets[epochs == e].to(self.device)] for e in epochs.unique()])
+        """Image indices [B] of batch ``step``: slices of one or more epochs' permutations (plain
+        integer arithmetic on the host, slicing on the device: no sync)."""
+        start, end = step * self.batch_size, (step + 1) * self.batch_size
+        parts = []
+        while start < end:
+            epoch, offset = divmod(start, self.n)
+            take = min(end - start, self.n - offset)
+            parts.append(self._perm(epoch)[offset:offset + take])
+            start += take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def epoch_of(self, step: int) -> float:
         return step * self.batch_size / self.n
 
+    def _flips(self, step: int, b: int) -> Tensor:
+        if self.draw_device.type == "cuda":
+            g = generator(self.seed, "flip", step, device=self.draw_device)
+            return torch.rand(b, generator=g, device=self.draw_device) < 0.5
+        return torch.rand(b, generator=generator(self.seed, "flip", step)) < 0.5
+
     def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
         idx = self.indices(step)
-        x = self.images[idx].float().div_(127.5).sub_(1.0)           # [B, C, H, W] in [-1, 1]
-        if self.flip:
-            g = generator(self.seed, "flip", step)
-            flips = (torch.rand(len(idx), generator=g) < 0.5).to(self.device)
-            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        raw = self.images[idx]                                        # uint8 [B, C, H, W], gathered where it lives
         y = self.labels[idx] if self.labels is not None else None
+        if self.placement != "device" and self.device.type == "cuda":
+            # one copy per batch, from pinned memory so it is asynchronous
+            raw = raw.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True) if y is not None else None
+        elif self.placement != "device":
+            raw = raw.to(self.device)
+            y = y.to(self.device) if y is not None else None
+        x = raw.float().div_(127.5).sub_(1.0)                         # [B, C, H, W] in [-1, 1]
+        if self.flip:
+            flips = self._flips(step, len(idx))
+            if flips.device != x.device:
+                flips = flips.to(x.device)
+            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
         return x, y

@@ -24,6 +24,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from .rng import to_device
+
 
 class Preconditioning(Protocol):
     """c_skip, c_out, c_in, c_noise at VE noise levels sigma [B] float64 (each [B], float64), and
@@ -44,7 +46,7 @@ class Denoiser:
 
     def __init__(self, net: nn.Module, precond: Preconditioning, *, labels: Tensor | None = None,
                  guidance: float = 0.0, null_label: int | None = None, clip_x0: bool = False,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, levels: dict | None = None):
         self.net = net
         self.precond = precond
         self.labels = labels
@@ -53,6 +55,9 @@ class Denoiser:
         self.clip_x0 = clip_x0
         self.autocast_dtype = autocast_dtype
         self.nfe = 0                                     # network evaluations so far (one per call)
+        # (float sigma, device) -> (c_skip, c_out, c_in, c_noise) as device tensors: built once per
+        # sampling run (``prepare``), shareable between the batches of one run, so a call makes no host copy
+        self.levels = {} if levels is None else levels
         if guidance and (labels is None or null_label is None):
             raise ValueError("guidance needs class labels and a null label")
 
@@ -81,12 +86,35 @@ class Denoiser:
             return (1 + self.guidance) * out_c - self.guidance * out_u
         return out
 
+    def prepare(self, sigmas: Tensor, device: torch.device) -> None:
+        """Compute c_skip, c_out, c_in and c_noise for every level of a sampling run on the CPU in
+        float64 (the same arithmetic as per call), then move them to ``device`` in one non-blocking copy."""
+        s = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
+        values = [v for v in dict.fromkeys(s.tolist()) if (v, device) not in self.levels]
+        if not values:
+            return
+        c_skip, c_out, c_in, c_noise = self.precond(torch.tensor(values, dtype=torch.float64))
+        packed = to_device(torch.stack([c_skip, c_out, c_in, c_noise.float().double()]), device)     # [4, K]
+        for k, v in enumerate(values):
+            self.levels[(v, device)] = (packed[0, k], packed[1, k], packed[2, k], packed[3, k].float())
+
     def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        c_skip, c_out, c_in, c_noise = (c.to(x.dtype).view(-1, 1, 1, 1) for c in self.precond(sigma))
-        out = self.forward(x * c_in, c_noise.view(-1).float())
+        if isinstance(sigma, Tensor) and (sigma.ndim > 0 or sigma.device != torch.device("cpu")):
+            # per-image sigmas [B] (or a device scalar): computed here, as the table would
+            sigma = sigma.to(device=x.device, dtype=torch.float64)
+            if sigma.ndim == 0:
+                sigma = sigma.expand(x.shape[0])
+            c_skip, c_out, c_in, c_noise = self.precond(sigma)
+            c_skip, c_out, c_in = (c.to(x.dtype).view(-1, 1, 1, 1) for c in (c_skip, c_out, c_in))
+            c_noise = c_noise.float()                                    # [B]
+        else:
+            key = (float(sigma), x.device)                              # a host scalar: no sync
+            if key not in self.levels:
+                self.prepare(torch.tensor([key[0]], dtype=torch.float64), x.device)
+            c_skip, c_out, c_in, c_noise = self.levels[key]
+            c_skip, c_out, c_in = c_skip.to(x.dtype), c_out.to(x.dtype), c_in.to(x.dtype)
+            c_noise = c_noise.expand(x.shape[0])                        # [B]
+        out = self.forward(x * c_in, c_noise)
         self.nfe += 1
         x0 = c_skip * x + c_out * out
         return x0.clamp(-1, 1) if self.clip_x0 else x0

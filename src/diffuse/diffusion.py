@@ -146,11 +146,19 @@ class Schedule:
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
 
+    def log_sigmas(self, device: torch.device | str = "cpu") -> Tensor:
+        """log sigma_t [T] float64 on ``device``, copied there once and kept (no copy per call)."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_log_sigmas", {})
+        if device not in cache:
+            cache[device] = self.sigmas.log().to(device)
+        return cache[device]
+
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Continuous timestep for a VE noise level: piecewise-linear in log sigma between the
         discrete steps (as k-diffusion and diffusers do), so a discrete sigma maps to its exact
         integer t. sigma: any shape, > 0. Returns float t in [0, T-1], sigma's shape and dtype."""
-        log_sigmas = self.sigmas.log().to(sigma.device)
+        log_sigmas = self.log_sigmas(sigma.device)
         log_sigma = sigma.double().clamp(min=self.sigma_min, max=self.sigma_max).log()
         idx = torch.searchsorted(log_sigmas, log_sigma.reshape(-1)).clamp(1, self.timesteps - 1)
         lo, hi = log_sigmas[idx - 1], log_sigmas[idx]

@@ -22,7 +22,7 @@ from .errors import DiffuseError
 from .images import to_uint8
 from .models import UNet
 from .objectives import VP, Formulation, formulation_for, make_denoiser
-from .rng import ImageNoise
+from .rng import ImageNoise, to_device
 from .samplers import SAMPLERS, run_sampler, sampler_sigmas
 
 
@@ -105,16 +105,18 @@ def check_request(sampler: str, steps: int, timesteps: int, flag: str = "--steps
 @torch.no_grad()
 def sample_batch(loaded: Loaded, sampler: str, sigmas: Tensor, noise, *, labels: Tensor | None = None,
                  guidance: float = 0.0, clip_x0: bool = True, amp: torch.dtype | None = None,
-                 callback=None, **options) -> tuple[Tensor, Denoiser]:
+                 callback=None, levels: dict | None = None, **options) -> tuple[Tensor, Denoiser]:
     """One batch: start from ``noise.randn`` (any object with randn/randn_like, e.g. ImageNoise),
     run ``sampler`` over ``sigmas``. labels: [B] long or None (the null class). Returns (x float
     [B, C, H, W], the denoiser, whose ``nfe`` counts the network calls)."""
     m = loaded.config.model
     device = next(loaded.net.parameters()).device
     z = noise.randn(m.in_channels, m.image_size, m.image_size)
-    y = labels.to(device) if labels is not None else None
+    y = to_device(labels, device) if labels is not None else None
     den = make_denoiser(loaded.net, loaded.formulation, labels=y, guidance=guidance,
-                        null_label=m.num_classes if m.class_cond else None, clip_x0=clip_x0, autocast_dtype=amp)
+                        null_label=m.num_classes if m.class_cond else None, clip_x0=clip_x0, autocast_dtype=amp,
+                        levels=levels)
+    den.prepare(sigmas, device)                   # c_skip, c_out, c_in, c_noise of every step, on the device once
     stochastic = SAMPLERS[sampler][1]
     x = run_sampler(sampler, den, z, sigmas, noise=noise if stochastic or options.get("eta") else None,
                     callback=callback, **options)
@@ -153,11 +155,12 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m"
     if progress is not None:
         cb = lambda i, x, x0, s: progress(1)  # noqa: E731
     out, nfe, t0 = [], 0, time.perf_counter()
+    levels: dict = {}                               # the run's sigma table, shared by its batches
     for start in range(0, n, batch_size):
         idx = range(first_index + start, first_index + min(n, start + batch_size))
         y = labels[start:start + len(idx)] if labels is not None else None
         x, den = sample_batch(loaded, sampler, sigmas, ImageNoise(seed, idx, device), labels=y, guidance=guidance,
-                              clip_x0=clip_x0, amp=amp, callback=cb, **options)
+                              clip_x0=clip_x0, amp=amp, callback=cb, levels=levels, **options)
         out.append(to_uint8(x))
         nfe = den.nfe                               # counted, not predicted: network calls per batch
     seconds = time.perf_counter() - t0

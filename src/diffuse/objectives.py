@@ -245,11 +245,12 @@ def formulation_for(d: DiffusionConfig) -> Formulation:
 
 def make_denoiser(net: nn.Module, formulation: Formulation, *, labels: Tensor | None = None,
                   guidance: float = 0.0, null_label: int | None = None, clip_x0: bool = False,
-                  autocast_dtype: torch.dtype | None = None) -> Denoiser:
+                  autocast_dtype: torch.dtype | None = None, levels: dict | None = None) -> Denoiser:
     """The sampler-facing D(x, sigma) for any run: its network wrapped in its formulation's
-    preconditioning, with guidance (ignored when there are no labels), clipping and autocast."""
+    preconditioning, with guidance (ignored when there are no labels), clipping and autocast.
+    ``levels``: a dict shared by the batches of one sampling run (Denoiser.prepare fills it)."""
     return Denoiser(net, formulation, labels=labels, guidance=guidance if labels is not None else 0.0,
-                    null_label=null_label, clip_x0=clip_x0, autocast_dtype=autocast_dtype)
+                    null_label=null_label, clip_x0=clip_x0, autocast_dtype=autocast_dtype, levels=levels)
 
 
 def default_sampling(d: DiffusionConfig) -> tuple[str, int]:

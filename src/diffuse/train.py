@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
 from .config import Config, validate, validate_resolution
-from .data import BatchStream, ImageSet, default_flip, load_dataset
+from .data import BatchStream, ImageSet, choose_placement, default_flip, load_dataset
+from .device import (autocast_dtype, choose_precision, configure, keep_freed_cpu_memory,  # noqa: F401 (re-exported)
+                     pick_device, use_channels_last)
 from .diffusion import Schedule
 from .errors import DiffuseError
 from .images import save_grid, to_uint8
@@ -43,73 +45,6 @@ FORMULATION_FIELDS = {"formulation": "formulation", "prediction": "objective", "
 # Settings a resumed run may change; anything else must match the stored config.
 RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
              "patience", "device", "threads", "compile", "grad_checkpointing", "out", "fid_every", "fid_n", "fid_ref_n", "fid_sampler", "fid_steps"}
-
-
-# ----------------------------------------------------------------------------------------------
-# Devices and precision
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffuseError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
-    return torch.device(name)
-
-
-def keep_freed_cpu_memory() -> bool:
-    """Make glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of unmapping them.
-
-    torch's CPU allocator is plain malloc; by default glibc returns every block over its mmap
-    threshold to the OS on free, so each training step page-faults its activations in again
-    (3,200 faults, 24 ms of kernel time per DDPM-UNet step at batch 8). With the threshold raised
-    and trimming off, a step's memory is reused: 0 faults, 4-6% more img/s on 2 cores
-    (benchmarks/cpu_kernels.py, docs/speed.md). Process-wide, harmless elsewhere; a no-op (False) off glibc."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3                  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 is emulated
-    and slower than fp32."""
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        if probe is not None or amx is not None:
-            return bool((probe and probe()) or (amx and amx()))
-    except Exception:  # noqa: BLE001 - private probes; fall back to the flags
-        pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (not fp16: its narrow range makes GroupNorm unstable) or None for fp32.
-
-    ``auto`` picks bf16 on CUDA and on CPUs with native bf16: on the digits preset bf16 gives the
-    same loss curve and held-out error as fp32 (benchmarks/precision_compare.py) and trains faster.
-    """
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())):
-        return torch.bfloat16
-    return None
-
-
-def use_channels_last(setting: bool | None, device: torch.device, amp: torch.dtype | None) -> bool:
-    """channels_last pays off for cuDNN and for oneDNN's bf16 kernels; fp32 on CPU gains little."""
-    if setting is not None:
-        return setting
-    return device.type == "cuda" or amp is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +233,41 @@ class Reporter:
         self.log_file.close()
 
 
+class PaceEstimate:
+    """Seconds per step from the first few steps, reported once so nobody waits blind.
+
+    The first step is left out (kernel selection, allocator warm-up, compilation); the estimate
+    is given after 3 more steps that together took at least 2 s, or after 20 steps, whichever is
+    first. On CUDA, reading the clock waits for the queued work once (one sync in the run)."""
+
+    def __init__(self, start: int, device: torch.device):
+        self.first = start + 1               # the clock starts after this step
+        self.device = device
+        self.t0: float | None = None
+        self.done = False
+
+    def after_step(self, step: int, loss: Tensor) -> float | None:
+        if self.done:
+            return None
+        if step == self.first:
+            self._sync(loss)
+            self.t0 = time.perf_counter()
+            return None
+        n = step - self.first
+        if self.t0 is None or n < 3:
+            return None
+        elapsed = time.perf_counter() - self.t0
+        if elapsed < 2.0 and n < 20:
+            return None
+        self._sync(loss)
+        self.done = True
+        return (time.perf_counter() - self.t0) / n
+
+    def _sync(self, loss: Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
 def format_seconds(s: float) -> str:
     s = max(0, int(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -410,20 +380,30 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     t = cfg.train
     out = check_dir(t.out)                      # before any work: a run that cannot write is refused now
     device = pick_device(t.device)
-    amp = autocast_dtype(t.precision, device)
-    channels_last = use_channels_last(t.channels_last, device, amp)
-    keep_freed_cpu_memory()
-    threads = set_threads(t.threads)
+    threads = set_threads(t.threads)                 # before the precision probe: its key has the thread count
     busy = busy_note()                               # before our own work adds to the load
     if busy and wait_policy_note():
         busy += f"; {wait_policy_note()}"
+    configure(device)
+    if resume and t.precision == "auto" and t.resolved_precision in ("fp32", "bf16"):
+        # a resumed run keeps the precision it started with: exact resume, whatever a new probe says
+        precision = choose_precision(t.resolved_precision, device)
+        precision.reason = f"as when the run started (auto chose {t.resolved_precision})"
+    else:
+        precision = choose_precision(t.precision, device)
+    t.resolved_precision = precision.name
+    amp = precision.dtype
+    channels_last = use_channels_last(t.channels_last, device, amp)
 
     data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels)
     fill_model_from_data(cfg, data)
     if cfg.data.flip is None:
         cfg.data.flip = default_flip(cfg.data.name)
     steps_total = total_steps(cfg, len(data))
-    sample_every = t.sample_every or max(1, steps_total // 10)
+    # About 10 grids per run, but at least 100 steps apart: a grid (64 images x 50 steps) costs
+    # about as much as 1,000 training images, so a 60-step run would otherwise spend most of its
+    # time drawing grids.
+    sample_every = t.sample_every or max(100, steps_total // 10)
     ckpt_every = t.ckpt_every or max(1, steps_total // 5)
 
     model, ema, optimizer = build_training(cfg, device, channels_last)
@@ -458,7 +438,10 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     (out / "samples").mkdir(exist_ok=True)
 
     formulation = formulation_for(cfg.diffusion)
-    stream = BatchStream(data, t.batch_size, t.seed, device, bool(cfg.data.flip))
+    placement, placement_why = choose_placement(data.images.numel(), device, cfg.data.placement,
+                                                device_fraction=cfg.data.placement_fraction)
+    stream = BatchStream(data, t.batch_size, t.seed, device, bool(cfg.data.flip), placement,
+                         memmap_path=out / "data-memmap.u8")
     train_step = TrainStep(model, ema, optimizer, formulation, cfg, device=device, amp=amp,
                            channels_last=channels_last)
 
@@ -472,6 +455,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
               f"{' bf16' if amp else ' fp32'}{' channels_last' if channels_last else ''} | {threads} threads | "
               f"batch {t.batch_size} | steps {st.step}->{steps_total} | out {out}{f' | {busy}' if busy else ''}")
     rep.line(header)
+    rep.line(f"precision {precision.name}: {precision.reason}; data on {placement}: {placement_why}")
     rep.line(f"objective: {describe(cfg.diffusion)}", echo=False)
     if resume:
         rep.line(f"resumed from step {st.step}")
@@ -538,6 +522,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     t_start = time.perf_counter()
     time_limit_s = t.time_limit * 60 if t.time_limit else None
     last_grad_norm: Tensor | None = None
+    pace = PaceEstimate(st.step, device)
     try:
         model.train()
         while st.step < steps_total:
@@ -547,6 +532,12 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
             if grad_norm is not None:
                 last_grad_norm = grad_norm
             st.step += 1
+            estimate = pace.after_step(st.step, loss)
+            if estimate is not None:
+                per_1000 = estimate * 1000
+                rep.line(f"pace: {format_seconds(per_1000)} per 1,000 steps at batch {t.batch_size} "
+                         f"(measured over steps {pace.first + 1}-{st.step}); this run: about "
+                         f"{format_seconds(estimate * (steps_total - st.step))} more")
             loss_acc += loss.detach()
             epoch_acc += loss.detach()
             acc_n += 1
@@ -621,6 +612,9 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
     finally:
         tb.close()
         rep.close()
+        if placement == "memmap":
+            del stream
+            (out / "data-memmap.u8").unlink(missing_ok=True)
     if interrupted:
         raise KeyboardInterrupt
     return out

@@ -198,7 +198,7 @@ def _plt():
 # Sampling with hooks, exactly as generate.generate does it
 
 def _sample(loaded: Loaded, sampler: str, steps: int, noise, *, labels: Tensor | None = None,
-            guidance: float = 0.0, callback=None) -> Tensor:
+            guidance: float = 0.0, callback=None, amp: torch.dtype | None = None) -> Tensor:
     """One batch through ``sampler``, set up exactly as ``generate.generate`` sets up a batch
     (same prior draw, denoiser, x0 clipping and noise hand-over), but from any noise object with
     ``randn``/``randn_like`` and with a per-step callback. Returns float [B, C, H, W]."""
@@ -206,7 +206,8 @@ def _sample(loaded: Loaded, sampler: str, steps: int, noise, *, labels: Tensor |
         sigmas = sampler_sigmas(sampler, loaded.schedule, steps)
     except ValueError as e:
         raise DiffuseError(str(e)) from None
-    return sample_batch(loaded, sampler, sigmas, noise, labels=labels, guidance=guidance, callback=callback)[0]
+    return sample_batch(loaded, sampler, sigmas, noise, labels=labels, guidance=guidance, callback=callback,
+                        amp=amp)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +360,8 @@ class SlerpNoise:
 
 @torch.no_grad()
 def interpolate(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, rows: int = 4, frames: int = 10,
-                seed: int = 0, labels: Tensor | None = None, guidance: float = 0.0) -> Tensor:
+                seed: int = 0, labels: Tensor | None = None, guidance: float = 0.0,
+                amp: torch.dtype | None = None) -> Tensor:
     """Row p slerps from image 2p to image 2p + 1 of ``seed`` (as ``generate`` numbers them) in
     ``frames`` equal steps of alpha and decodes every frame with ``sampler``.
     labels: [rows] long or None. Returns uint8 [rows, frames, C, H, W]."""
@@ -370,7 +372,7 @@ def interpolate(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, rows:
     device = next(loaded.net.parameters()).device
     noise = SlerpNoise(seed, [(2 * p, 2 * p + 1) for p in range(rows)], alphas, device)
     y = labels.repeat_interleave(frames) if labels is not None else None
-    x = _sample(loaded, sampler, steps, noise, labels=y, guidance=guidance)
+    x = _sample(loaded, sampler, steps, noise, labels=y, guidance=guidance, amp=amp)
     return to_uint8(x).view(rows, frames, *x.shape[1:])
 
 
@@ -409,7 +411,7 @@ def held_out_images(loaded: Loaded, n: int, seed: int, data_root: str | None = N
 
 @torch.no_grad()
 def timestep_mse(loaded: Loaded, *, ts: list[int] | None = None, n: int = 256, seed: int = 0,
-                 data_root: str | None = None, batch_size: int = 256) -> dict[str, Any]:
+                 data_root: str | None = None, batch_size: int = 256, amp: torch.dtype | None = None) -> dict[str, Any]:
     """Noise-prediction error per timestep, E_{x0, eps} ||eps - eps_theta(x_t, t)||^2 / D (the
     training loss, Ho et al. 2020 eq. 14, at fixed t), over n held-out images. Every t uses the
     same images and the same eps per image, so differences between t are not sampling noise.
@@ -422,7 +424,7 @@ def timestep_mse(loaded: Loaded, *, ts: list[int] | None = None, n: int = 256, s
     n = x0_all.shape[0]
     eps_all = torch.randn(x0_all.shape, generator=generator(seed, "timestep-mse", "eps"))
     device = next(loaded.net.parameters()).device
-    den = make_denoiser(loaded.net, loaded.formulation)
+    den = make_denoiser(loaded.net, loaded.formulation, autocast_dtype=amp)
     form = loaded.formulation
     abar = loaded.schedule.alphas_cumprod.to(device)
     per_t = torch.zeros(len(ts), n, dtype=torch.float64)                # [len(ts), n] per-image MSE
@@ -483,7 +485,8 @@ class Trajectory:
 
 @torch.no_grad()
 def trajectory(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, n: int = 4, seed: int = 0,
-               first_index: int = 0, labels: Tensor | None = None, guidance: float = 0.0) -> Trajectory:
+               first_index: int = 0, labels: Tensor | None = None, guidance: float = 0.0,
+               amp: torch.dtype | None = None) -> Trajectory:
     """Record every denoiser call of one run of ``sampler`` for images first_index.. of ``seed``."""
     check_request(sampler, steps, loaded.schedule.timesteps)
     if n < 1:
@@ -497,7 +500,7 @@ def trajectory(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, n: int
         x0s.append(to_uint8(x0))
         sigmas.append(float(sigma))
 
-    x = _sample(loaded, sampler, steps, noise, labels=labels, guidance=guidance, callback=record)
+    x = _sample(loaded, sampler, steps, noise, labels=labels, guidance=guidance, callback=record, amp=amp)
     t = loaded.schedule.sigma_to_t(torch.tensor(sigmas, dtype=torch.float64)).tolist()
     return Trajectory(sampler, steps, t, sigmas, torch.stack(xs), torch.stack(x0s), to_uint8(x))
 
@@ -569,7 +572,7 @@ def compare_samplers(loaded: Loaded, out: str | Path, *, samplers: list[str] | N
                      steps_list: list[int] | tuple[int, ...] = STEPS_LIST, n: int = 16, seed: int = 0,
                      repeats: int = 1, labels: Tensor | None = None, guidance: float = 0.0,
                      score_fn: ScoreFn | None = None, score_note: str | None = None,
-                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     log: Callable[[str], None] | None = None, amp: torch.dtype | None = None) -> dict[str, Any]:
     """Sample the same n seeds with every (sampler, steps) cell, one batch of n per run.
 
     Timing: one short discarded warm-up run per sampler, then ``repeats`` timed batches per cell,
@@ -590,7 +593,7 @@ def compare_samplers(loaded: Loaded, out: str | Path, *, samplers: list[str] | N
         raise DiffuseError(f"--n and --repeats must be positive integers, got {n} and {repeats}")
     device = next(loaded.net.parameters()).device
     log = log or (lambda s: None)
-    kw = dict(n=n, seed=seed, batch_size=n, labels=labels, guidance=guidance, device=device)
+    kw = dict(n=n, seed=seed, batch_size=n, labels=labels, guidance=guidance, device=device, amp=amp)
     def timed(cell: Cell) -> tuple[Tensor, dict[str, Any]]:
         _sync(device)
         t0 = time.perf_counter()
