@@ -3,15 +3,19 @@ assumed; per-image seeds for every sampler; spacings; refused combinations; CLI 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from diffuse import cli
+from diffuse.config import Config
 from diffuse.diffusion import Schedule
 from diffuse.errors import DiffuseError
 from diffuse.generate import Loaded, generate
 from diffuse.models import UNet
-from diffuse.samplers import SAMPLERS, SPACINGS, discrete_timesteps, intervals_for, sampler_sigmas
+from diffuse.samplers import (KARRAS_SIGMA_MAX_CAP, SAMPLERS, SPACINGS, discrete_timesteps, intervals_for,
+                              sampler_sigmas)
 
 from .conftest import resolve
 
@@ -52,7 +56,7 @@ def test_heun_budget():
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_reported_nfe_is_counted_and_matches_the_registry(name, loaded):
-    """generate()'s record reports the network calls EpsDenoiser counted; they equal nfe_of(steps),
+    """generate()'s record reports the network calls the Denoiser counted; they equal nfe_of(steps),
     never exceed the budget, and equal the calls the network itself saw and the progress ticks."""
     calls = []
     forward = loaded.net.forward
@@ -91,7 +95,8 @@ def test_sampler_sigmas_per_spacing():
             assert s.dtype == torch.float64 and s[-1] == 0 and (s[:-1].diff() < 0).all()
             assert len(s) == intervals_for(name, 9) + 1
             if spacing == "karras":
-                assert s[0].item() == pytest.approx(sched.sigma_max) and s[-2].item() == pytest.approx(sched.sigma_min)
+                top = min(sched.sigma_max, KARRAS_SIGMA_MAX_CAP or sched.sigma_max)
+                assert s[0].item() == pytest.approx(top) and s[-2].item() == pytest.approx(sched.sigma_min)
             else:
                 assert torch.equal(s[:-1], sched.sigmas[discrete_timesteps(1000, len(s) - 1, spacing)])
     assert torch.equal(sampler_sigmas("dpmpp-2m", sched, 9), sampler_sigmas("dpmpp-2m", sched, 9, "karras"))
@@ -130,7 +135,17 @@ def test_cli_lists_the_registry_and_defaults_to_dpmpp_2m_20():
     assert cli.SAMPLER_NAMES == tuple(SAMPLERS)
     assert cli.SPACING_NAMES == SPACINGS
     args = cli.build_parser().parse_args(["sample", "run"])
-    assert (args.sampler, args.steps, args.spacing) == ("dpmpp-2m", 20, None)
+    assert (args.sampler, args.steps, args.spacing) == (None, None, None)      # resolved per run, after loading
+    vp, edm = SimpleNamespace(config=Config()), SimpleNamespace(config=Config())
+    edm.config.diffusion.formulation = "edm"
+    cli._sampling_defaults(args, vp)
+    assert (args.sampler, args.steps) == ("dpmpp-2m", 20)
+    args = cli.build_parser().parse_args(["sample", "run"])
+    cli._sampling_defaults(args, edm)
+    assert (args.sampler, args.steps) == ("heun", 35)
+    args = cli.build_parser().parse_args(["sample", "run", "--sampler", "ddim"])
+    cli._sampling_defaults(args, edm)
+    assert (args.sampler, args.steps) == ("ddim", 20)
     for name in SAMPLERS:
         assert cli.build_parser().parse_args(["sample", "run", "--sampler", name]).sampler == name
 
@@ -141,3 +156,24 @@ def test_cli_rejects_an_unknown_sampler_in_one_line(capsys):
     assert e.value.code == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'lms'" in err and "dpmpp-2m" in err
+
+
+def test_karras_sigma_max_cap():
+    """Karras spacing starts at min(schedule sigma_max, cap): the default cap (KARRAS_SIGMA_MAX_CAP, from
+    the measurement in docs/objectives.md), an explicit one, or none (inf: the schedule's own, ~2e4 on cosine)."""
+    import math
+
+    from diffuse import samplers as S
+    cosine = Schedule("cosine", 1000)
+    full = sampler_sigmas("dpmpp-2m", cosine, 20, "karras", sigma_max_cap=math.inf)
+    assert full[0].item() == pytest.approx(cosine.sigma_max) and cosine.sigma_max > 1e4
+    capped = sampler_sigmas("dpmpp-2m", cosine, 20, "karras", sigma_max_cap=80.0)
+    assert capped[0].item() == pytest.approx(80.0) and capped[-2].item() == pytest.approx(cosine.sigma_min)
+    torch.testing.assert_close(capped[:-1], S.karras_sigmas(cosine.sigma_min, 80.0, 20))
+    default = sampler_sigmas("dpmpp-2m", cosine, 20)
+    want = cosine.sigma_max if S.KARRAS_SIGMA_MAX_CAP is None else min(cosine.sigma_max, S.KARRAS_SIGMA_MAX_CAP)
+    assert default[0].item() == pytest.approx(want)
+    # a cap above the schedule's range changes nothing; discrete spacings ignore it
+    assert torch.equal(sampler_sigmas("dpmpp-2m", Schedule("linear", 1000), 9, "karras", sigma_max_cap=1e9),
+                       sampler_sigmas("dpmpp-2m", Schedule("linear", 1000), 9, "karras", sigma_max_cap=math.inf))
+    assert torch.equal(sampler_sigmas("ddim", cosine, 9, sigma_max_cap=80.0), sampler_sigmas("ddim", cosine, 9))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffuse.denoiser import EpsDenoiser
+from diffuse.objectives import VP, make_denoiser
 from diffuse.diffusion import Schedule
 from diffuse.generate import Loaded, generate
 from diffuse.models import UNet
@@ -108,9 +108,9 @@ def test_guidance_batches_one_forward_and_w0_is_conditional():
     net.forward = spy
     y = torch.tensor([0, 2])
     x = torch.randn(2, 1, 8, 8)
-    den = EpsDenoiser(net, loaded.schedule, labels=y, guidance=2.0, null_label=3)
+    den = make_denoiser(net, VP(loaded.schedule), labels=y, guidance=2.0, null_label=3)
     out = den(x, torch.tensor(1.0))
     assert calls == [4]                                      # cond + uncond in one batch
-    cond = EpsDenoiser(net, loaded.schedule, labels=y)(x, torch.tensor(1.0))
-    uncond = EpsDenoiser(net, loaded.schedule, labels=torch.tensor([3, 3]))(x, torch.tensor(1.0))
+    cond = make_denoiser(net, VP(loaded.schedule), labels=y)(x, torch.tensor(1.0))
+    uncond = make_denoiser(net, VP(loaded.schedule), labels=torch.tensor([3, 3]))(x, torch.tensor(1.0))
     assert torch.allclose(out, 3 * cond - 2 * uncond, atol=1e-5)   # x0 is affine in eps

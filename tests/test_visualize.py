@@ -237,7 +237,10 @@ def test_trajectory_ends_at_the_generated_image(loaded, sampler, tmp_path):
     assert torch.equal(tr.final, ref[1:])
     assert len(tr.t) == len(tr.sigma) == tr.xt.shape[0] == tr.x0.shape[0] == record["nfe"]
     assert tr.xt.shape[1:] == (3, 1, 16, 16)
-    assert tr.t[0] == pytest.approx(999, abs=1e-3) and all(b <= a for a, b in zip(tr.sigma, tr.sigma[1:]))
+    # the walk starts at the run's first level: t = 999 on discrete spacings, the capped Karras sigma_max else
+    t_first = float(loaded.schedule.sigma_to_t(torch.tensor(record["sigma_max"], dtype=torch.float64)))
+    assert tr.sigma[0] == pytest.approx(record["sigma_max"]) and tr.t[0] == pytest.approx(t_first, abs=1e-3)
+    assert all(b <= a for a, b in zip(tr.sigma, tr.sigma[1:]))
     vis.save_trajectory(tr, tmp_path / "t.png", tmp_path / "t.gif", frames=3, gif_frames=4)
     with Image.open(tmp_path / "t.gif") as gif:
         assert gif.n_frames == min(4, len(tr.t)) + 1

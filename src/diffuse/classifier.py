@@ -154,6 +154,16 @@ def load_or_train(data_name: str, root: str | None, image_size: int, channels: i
     return Judge(net, list(train.class_names or []), acc, key)
 
 
+@torch.no_grad()
+def confident_fraction(judge: Judge, images: Tensor, threshold: float = 0.9, batch_size: int = 512) -> float:
+    """Fraction of images (uint8 [N, C, H, W]) whose top class the judge gives probability >= threshold: a
+    label-free quality score for unconditional samples (legible digits are confidently classified)."""
+    judge.net.eval()
+    device = next(judge.net.parameters()).device
+    top = [judge.net(c.to(device).float().div(127.5).sub(1)).softmax(1).amax(1).cpu() for c in images.split(batch_size)]
+    return float((torch.cat(top) >= threshold).float().mean()) if top else 0.0
+
+
 def accuracy_by_class(judge: Judge, images: Tensor, labels: Tensor) -> dict[str, Any]:
     """Fraction of images the judge assigns to the class they were generated for, overall and per class."""
     pred = judge.predict(images)

@@ -162,6 +162,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     _check_sample_out(args.out)                                 # before loading and sampling
     device, loaded, amp = _device_and_amp(args.device, args.precision, args.run)
+    _sampling_defaults(args, loaded)
     cls = parse_class(args.class_, loaded)
     labels, nrow, row_labels, n = None, args.nrow, None, args.n
     if cls == "all":
@@ -191,6 +192,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_defaults(args: argparse.Namespace, loaded) -> None:
+    """--sampler/--steps not given: the run's formulation's default (objectives.default_sampling:
+    heun 35 NFE for edm, dpmpp-2m 20 for vp); a given --sampler alone keeps 20 steps."""
+    from .objectives import default_sampling
+
+    sampler, steps = default_sampling(loaded.config.diffusion)
+    if args.sampler is None:
+        args.sampler = sampler
+        args.steps = args.steps or steps
+    args.steps = args.steps or 20
+
+
 def _check_sample_out(out: str) -> None:
     from .outputs import check_dir, check_file
 
@@ -206,6 +219,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt_io
     from .config import Config
     from .models import UNet, count_parameters
+    from .objectives import describe
 
     if args.run is None:
         return _machine_info(args)
@@ -228,7 +242,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"unet         base {m.base_channels}, mult {','.join(map(str, m.channel_mult))}, "
         f"{m.num_res_blocks} res blocks, {attention_where(m.attn_resolutions, m.image_size)}, "
         f"dropout {m.dropout}, groups {m.num_groups}",
-        f"diffusion    {d.schedule} schedule, T={d.timesteps}, predicts {d.prediction}",
+        f"diffusion    {describe(d)}",
         f"training     batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay}, seed {t.seed}",
         f"classes      {', '.join(header['class_names']) if header.get('class_names') else 'unconditional'}",
         f"written by   diffuse {header.get('diffuse_version')} (format {header.get('format_version')})",
@@ -679,10 +693,11 @@ def build_parser() -> Parser:
     sa = sub.add_parser("sample", parents=[common, threads], help="generate images from a run or checkpoint",
                         description="Generate images from a run's EMA weights with any sampler.")
     sa.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
-    sa.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLER_NAMES, metavar="NAME",
-                    help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m)")
-    sa.add_argument("--steps", type=_positive_int, default=20,
-                    help="network evaluations per image (default 20); heun uses (steps+1)//2 intervals")
+    sa.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, metavar="NAME",
+                    help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m; heun for edm runs)")
+    sa.add_argument("--steps", type=_positive_int, default=None,
+                    help="network evaluations per image (default 20; 35 for edm's heun); heun uses "
+                         "(steps+1)//2 intervals")
     sa.add_argument("--spacing", default=None, choices=SPACING_NAMES, metavar="NAME",
                     help=f"noise levels: {', '.join(SPACING_NAMES)} "
                          "(default karras for euler/heun/dpmpp-*, trailing for ddpm/ddim)")
@@ -698,7 +713,7 @@ def build_parser() -> Parser:
     sa.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
                     help="class index, name, comma list, or 'all' (one row per class)")
     sa.add_argument("--guidance", type=_float, default=None,
-                    help="classifier-free guidance w: eps = (1+w) eps_c - w eps_u (0 = plain conditional; "
+                    help="classifier-free guidance w: out = (1+w) out_c - w out_u (0 = plain conditional; "
                          "default: the run's --sample-guidance)")
     sa.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                     help="clamp predicted x0 to [-1, 1] at each step (default on)")
@@ -795,10 +810,10 @@ def build_parser() -> Parser:
                          "or a statistics .npz (from --save-stats)")
     ev.add_argument("-n", "--n", type=_positive_int, default=None,
                     help="images to generate (default 10000; under torchrun write -n)")
-    ev.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLER_NAMES, metavar="NAME",
-                    help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m, as for sample)")
-    ev.add_argument("--steps", type=_positive_int, default=20,
-                    help="network evaluations per image (default 20); heun uses (steps+1)//2 intervals")
+    ev.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, metavar="NAME",
+                    help=f"one of: {', '.join(SAMPLER_NAMES)} (default as for sample)")
+    ev.add_argument("--steps", type=_positive_int, default=None,
+                    help="network evaluations per image (default as for sample); heun uses (steps+1)//2 intervals")
     ev.add_argument("--spacing", default=None, choices=SPACING_NAMES, metavar="NAME",
                     help=f"noise levels: {', '.join(SPACING_NAMES)} (default: the sampler's)")
     ev.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")

@@ -70,7 +70,50 @@ class DiffusionConfig:
     timesteps: int = opt(1000, "number of diffusion steps T")
     beta_start: float = opt(1e-4, "first beta of the linear schedule")
     beta_end: float = opt(0.02, "last beta of the linear schedule")
-    prediction: str = opt("eps", "what the network predicts (eps; v and EDM are planned)", cli=False)
+    formulation: str = opt("vp", "vp (a discrete schedule above) or edm (Karras et al. 2022 preconditioning, "
+                                 "log-normal sigma, Heun sampling); see docs/objectives.md")
+    prediction: str | None = opt(None, "what a vp network predicts: eps, x0 or v (default eps; edm has its own)",
+                                 flag="objective")
+    loss_weight: str = opt("uniform", "per-sample loss weight: uniform (plain MSE on the objective), min-snr "
+                                      "or soft-min-snr (Hang et al. 2023)")
+    min_snr_gamma: float = opt(5.0, "gamma of --loss-weight min-snr / soft-min-snr")
+    zero_terminal_snr: bool = opt(False, "rescale a vp schedule to SNR 0 at t = T-1 (Lin et al. 2023); needs "
+                                         "--objective v or x0")
+    sigma_data: float = opt(0.5, "edm: the data's standard deviation in the preconditioning")
+    p_mean: float = opt(-1.2, "edm: mean of ln sigma during training")
+    p_std: float = opt(1.2, "edm: standard deviation of ln sigma during training")
+
+
+FORMULATIONS = ("vp", "edm")
+PREDICTIONS = ("eps", "x0", "v")
+LOSS_WEIGHTS = ("uniform", "min-snr", "soft-min-snr")
+
+
+def check_diffusion(d: DiffusionConfig) -> str | None:
+    """The reason a diffusion config cannot be trained or sampled, or None (see objectives.py)."""
+    if d.formulation not in FORMULATIONS:
+        return f"--formulation must be one of {', '.join(FORMULATIONS)}, got {d.formulation!r}"
+    if d.prediction is not None and d.prediction not in PREDICTIONS:
+        return f"--objective must be one of {', '.join(PREDICTIONS)}, got {d.prediction!r}"
+    if d.loss_weight not in LOSS_WEIGHTS:
+        return f"--loss-weight must be one of {', '.join(LOSS_WEIGHTS)}, got {d.loss_weight!r}"
+    if not d.min_snr_gamma > 0:
+        return f"--min-snr-gamma must be positive, got {d.min_snr_gamma}"
+    if d.formulation == "edm":
+        if d.prediction is not None:
+            return ("--objective applies to --formulation vp: an edm network's output is its own "
+                    "c_skip/c_out parametrisation (Karras et al. 2022, table 1)")
+        if d.zero_terminal_snr:
+            return "--zero-terminal-snr applies to --formulation vp (edm's sigma is continuous, at most 80)"
+        if not d.sigma_data > 0:
+            return f"--sigma-data must be positive, got {d.sigma_data}"
+        if not d.p_std > 0:
+            return f"--p-std must be positive, got {d.p_std}"
+    elif d.zero_terminal_snr and (d.prediction or "eps") == "eps":
+        return ("--zero-terminal-snr needs --objective v (or x0): at SNR 0 the input x_T is the noise itself, "
+                "so predicting eps there says nothing about x_0 (x_0 = (x_t - s eps)/alpha divides by alpha = 0; "
+                "Lin et al. 2023, sec. 3.2)")
+    return None
 
 
 @dataclass
@@ -393,9 +436,9 @@ def validate(cfg: Config) -> None:
          f"--head-channels {m.head_channels} splits the {mid}-channel middle attention into "
          f"{_heads(mid, m.head_channels)} heads, which do not divide it; use a head width that divides {mid}")
     need(d.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {d.schedule!r}")
-    need(d.prediction == "eps", f"prediction {d.prediction!r} is not supported: this version trains and samples "
-                                f"eps-prediction only")
     need(d.timesteps >= 2, f"--timesteps must be at least 2, got {d.timesteps}")
+    reason = check_diffusion(d)
+    need(reason is None, reason or "")
     need(0 < d.beta_start < d.beta_end < 1, f"need 0 < --beta-start < --beta-end < 1, got {d.beta_start}, {d.beta_end}"
          + (" (the linear betas scale with 1000/T: use --schedule cosine for small T)" if d.schedule == "linear"
             and d.timesteps < 1000 else ""))

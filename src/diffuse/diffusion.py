@@ -47,6 +47,19 @@ def make_betas(schedule: str, timesteps: int, beta_start: float = 1e-4, beta_end
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """Lin et al. 2023, alg. 1: shift and scale sqrt(abar_t) so that abar_{T-1} = 0 exactly (SNR 0 at
+    the last step: training then sees pure noise there, as sampling starts from) while abar_0 stays.
+
+    sqrt(abar)' = (sqrt(abar) - sqrt(abar_T)) sqrt(abar_0) / (sqrt(abar_0) - sqrt(abar_T)): an increasing
+    affine map of a decreasing sequence, so the SNRs keep their order. float64 [T] in and out.
+    """
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    return root ** 2
+
+
 def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
     """abar_t = prod_{s<=t} (1 - beta_s). float64 in, float64 out."""
     return torch.cumprod(1 - betas.double(), dim=0)
@@ -95,15 +108,35 @@ class Schedule:
     Holds no state beyond these arrays; every method is a pure function of its arguments.
     """
 
+    # With zero terminal SNR abar_{T-1} = 0 and sigma_{T-1} = inf; samplers (VE view) start from the
+    # largest finite level instead, abar = 2^-24 (sigma = 4096), as diffusers does for the same reason.
+    ZERO_SNR_ABAR_FLOOR = 2.0 ** -24
+
     def __init__(self, schedule: str = "linear", timesteps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 0.02):
+                 beta_end: float = 0.02, zero_terminal_snr: bool = False):
         if timesteps < 2:
             raise ValueError(f"timesteps must be at least 2, got {timesteps}")
         self.name = schedule
         self.timesteps = timesteps
+        self.zero_terminal_snr = zero_terminal_snr
         self.betas = make_betas(schedule, timesteps, beta_start, beta_end)          # [T] float64
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)                 # [T] float64
-        self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)               # [T] float64, increasing
+        if zero_terminal_snr:
+            self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
+            self.betas = 1 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        self.sigmas = sigmas_from_alphas_cumprod(                                   # [T] float64, increasing
+            self.alphas_cumprod.clamp(min=self.ZERO_SNR_ABAR_FLOOR) if zero_terminal_snr else self.alphas_cumprod)
+
+    @classmethod
+    def from_sigmas(cls, name: str, sigmas: Tensor) -> "Schedule":
+        """A grid of T increasing VE noise levels (e.g. EDM's) seen as a discrete schedule, so the
+        discrete spacings and the ancestral sampler can walk it: abar_t = 1 / (1 + sigma_t^2)."""
+        self = cls.__new__(cls)
+        self.name, self.timesteps, self.zero_terminal_snr = name, len(sigmas), False
+        self.sigmas = sigmas.double()
+        self.alphas_cumprod = 1 / (1 + self.sigmas ** 2)
+        self.betas = 1 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        return self
 
     @property
     def sigma_min(self) -> float:

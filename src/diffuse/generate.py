@@ -17,11 +17,12 @@ from torch import Tensor
 
 from . import checkpoint as ckpt_io
 from .config import Config, validate, validate_model_config
-from .denoiser import EpsDenoiser
+from .denoiser import Denoiser
 from .diffusion import Schedule
 from .errors import DiffuseError
 from .images import to_uint8
 from .models import UNet
+from .objectives import VP, Formulation, formulation_for, make_denoiser
 from .rng import ImageNoise, to_device
 from .samplers import SAMPLERS, run_sampler, sampler_sigmas
 
@@ -34,8 +35,13 @@ class Loaded:
     net: UNet                       # EMA weights, eval mode, on device
     config: Config
     header: dict[str, Any]          # format, step, class_names, ...
-    schedule: Schedule
+    schedule: Schedule              # the noise levels samplers walk (formulation.schedule)
     source: Path
+    formulation: Formulation | None = None   # None: vp / eps / uniform on ``schedule``
+
+    def __post_init__(self):
+        if self.formulation is None:
+            self.formulation = VP(self.schedule)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -58,8 +64,11 @@ def load(path: str | Path, device: torch.device, weights: str = "ema") -> Loaded
     file = src / f"{weights}.safetensors" if src.is_dir() else src
     ckpt_io.load_weights_into(net, ckpt_io.read_tensors(file), src)
     net.to(device).eval().requires_grad_(False)
-    d = cfg.diffusion
-    return Loaded(net, cfg, header, Schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end), src)
+    try:
+        formulation = formulation_for(cfg.diffusion)      # no formulation recorded: vp / eps / uniform
+    except ValueError as e:
+        raise DiffuseError(f"{src}: {e}") from None
+    return Loaded(net, cfg, header, formulation.schedule, src, formulation)
 
 
 def parse_class(spec: str | None, loaded: Loaded) -> list[int] | str | None:
@@ -103,7 +112,7 @@ def check_request(sampler: str, steps: int, timesteps: int, flag: str = "--steps
 @torch.no_grad()
 def sample_batch(loaded: Loaded, sampler: str, sigmas: Tensor, noise, *, labels: Tensor | None = None,
                  guidance: float = 0.0, clip_x0: bool = True, amp: torch.dtype | None = None,
-                 callback=None, levels: dict | None = None, **options) -> tuple[Tensor, EpsDenoiser]:
+                 callback=None, levels: dict | None = None, **options) -> tuple[Tensor, Denoiser]:
     """One batch: start from ``noise.randn`` (any object with randn/randn_like, e.g. ImageNoise),
     run ``sampler`` over ``sigmas``. labels: [B] long or None (the null class). Returns (x float
     [B, C, H, W], the denoiser, whose ``nfe`` counts the network calls)."""
@@ -111,10 +120,10 @@ def sample_batch(loaded: Loaded, sampler: str, sigmas: Tensor, noise, *, labels:
     device = next(loaded.net.parameters()).device
     z = noise.randn(m.in_channels, m.image_size, m.image_size)
     y = to_device(labels, device) if labels is not None else None
-    den = EpsDenoiser(loaded.net, loaded.schedule, labels=y, guidance=guidance if y is not None else 0.0,
-                      null_label=m.num_classes if m.class_cond else None, clip_x0=clip_x0, autocast_dtype=amp,
-                      levels=levels)
-    den.prepare(sigmas, device)                   # sigma, t and c_in of every step, on the device once
+    den = make_denoiser(loaded.net, loaded.formulation, labels=y, guidance=guidance,
+                        null_label=m.num_classes if m.class_cond else None, clip_x0=clip_x0, autocast_dtype=amp,
+                        levels=levels)
+    den.prepare(sigmas, device)                   # c_skip, c_out, c_in, c_noise of every step, on the device once
     stochastic = SAMPLERS[sampler][1]
     x = run_sampler(sampler, den, z, sigmas, noise=noise if stochastic or options.get("eta") else None,
                     callback=callback, **options)
@@ -126,7 +135,8 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m"
              spacing: str | None = None, eta: float | None = None, batch_size: int = 64,
              labels: Tensor | None = None, guidance: float = 0.0, clip_x0: bool = True,
              device: torch.device | None = None, amp: torch.dtype | None = None, first_index: int = 0,
-             progress: Callable[[int], None] | None = None) -> tuple[Tensor, dict[str, Any]]:
+             progress: Callable[[int], None] | None = None,
+             sigma_max_cap: float | None = None) -> tuple[Tensor, dict[str, Any]]:
     """Images uint8 [n, C, H, W] (on CPU) and a record {sampler, steps, nfe, seconds, ...}.
 
     ``steps`` is the network-evaluation budget per image (see ``samplers.sampler_sigmas``); the
@@ -148,7 +158,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m"
             raise DiffuseError(f"--eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like noise), got {eta}")
         options["eta"] = eta
     try:
-        sigmas = sampler_sigmas(sampler, loaded.schedule, steps, spacing)
+        sigmas = sampler_sigmas(sampler, loaded.schedule, steps, spacing, sigma_max_cap)
     except ValueError as e:
         raise DiffuseError(str(e)) from None
     device = device or next(loaded.net.parameters()).device
@@ -165,7 +175,8 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m"
         out.append(to_uint8(x))
         nfe = den.nfe                               # counted, not predicted: network calls per batch
     seconds = time.perf_counter() - t0
-    record = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe, "seed": seed, "n": n,
+    record = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe, "sigma_max": float(sigmas[0]),
+              "seed": seed, "n": n,
               "first_index": first_index, "guidance": guidance, "eta": options.get("eta"),
               "clip_x0": clip_x0, "seconds": round(seconds, 3), "images_per_sec": round(n / seconds, 3)}
     return torch.cat(out), record

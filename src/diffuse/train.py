@@ -1,4 +1,4 @@
-"""The training loop: eps-prediction DDPM training with AdamW, clipping, EMA, exact resume.
+"""The training loop: any formulation (objectives.py), AdamW, clipping, EMA, exact resume.
 
 Step k is a pure function of (config, weights and optimizer state after step k-1, k): its batch,
 timesteps, noise, flips, label dropout and dropout masks all come from generators seeded by
@@ -30,17 +30,21 @@ from .config import Config, validate, validate_resolution
 from .data import BatchStream, ImageSet, choose_placement, default_flip, fingerprint, is_standard, load_dataset
 from .device import (autocast_dtype, choose_precision, configure, keep_freed_cpu_memory,  # noqa: F401 (re-exported)
                      pick_device, use_channels_last)
-from .denoiser import EpsDenoiser
-from .diffusion import Schedule, eps_loss, q_sample
+from .diffusion import Schedule
 from .errors import DiffuseError
 from .fsutil import LOCK_NAME, MARKER, RunLock, atomic_write, is_run_dir, mark_run_dir
 from .images import save_grid, to_uint8
 from .models import UNet, batch_slice, count_parameters
+from .objectives import Formulation, describe, formulation_for, make_denoiser, same_function, weighted_mse
 from .outputs import check_dir
 from .rng import ImageNoise, derive_seed, generator
 from .samplers import run_sampler, sigmas_for
 from .threads import busy_note, set_threads, wait_policy_note
 
+# Diffusion settings that define what the network computes (flag names): --init-from cannot bridge
+# a change of these either (objectives.same_function).
+FORMULATION_FIELDS = {"formulation": "formulation", "prediction": "objective", "zero_terminal_snr": "zero-terminal-snr",
+                      "sigma_data": "sigma-data"}
 # Settings a resumed run may change; anything else must match the stored config.
 RESUMABLE = {"steps", "epochs", "time_limit", "log_every", "sample_every", "ckpt_every", "keep",
              "patience", "device", "threads", "grad_accum", "cache", "compile", "grad_checkpointing", "out", "fid_every",
@@ -101,7 +105,7 @@ def grid_labels(cfg: Config, n: int) -> tuple[Tensor | None, int | None]:
 
 
 @torch.no_grad()
-def sample_grid(net: nn.Module, cfg: Config, schedule: Schedule, device: torch.device, n: int,
+def sample_grid(net: nn.Module, cfg: Config, formulation: Formulation, device: torch.device, n: int,
                 steps: int, seed: int, amp: torch.dtype | None, guidance: float = 0.0) -> tuple[Tensor, Tensor | None, int | None]:
     """Fixed-noise DDIM grid from ``net`` (the EMA), uint8 [n, C, H, W]. Uses its own generators."""
     labels, nrow = grid_labels(cfg, n)
@@ -110,9 +114,10 @@ def sample_grid(net: nn.Module, cfg: Config, schedule: Schedule, device: torch.d
         labels = labels.to(device)
     was_training = net.training
     net.eval()
-    den = EpsDenoiser(net, schedule, labels=labels, guidance=guidance if labels is not None else 0.0,
-                      null_label=cfg.model.num_classes if labels is not None else None, clip_x0=True,
-                      autocast_dtype=amp)
+    den = make_denoiser(net, formulation, labels=labels, guidance=guidance,
+                        null_label=cfg.model.num_classes if labels is not None else None, clip_x0=True,
+                        autocast_dtype=amp)
+    schedule = formulation.schedule
     noise = ImageNoise(derive_seed(seed, "grid"), range(n), device)
     m = cfg.model
     z = noise.randn(m.in_channels, m.image_size, m.image_size)
@@ -190,25 +195,29 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 class TrainStep:
-    """One optimizer step of eps-prediction training (Ho et al. 2020, alg. 1), as the trainer runs it.
+    """One optimizer step of diffusion training (Ho et al. 2020, alg. 1, generalised), as the trainer runs it.
 
     ``step(x0, y, k)``: x0 [b, C, H, W] float in [-1, 1] on device, this process's ``rows`` of the
-    global batch of B = cfg.train.batch_size; y [b] long or None; k the global step. Draws
-    t ~ U{0..T-1}, eps ~ N(0, I) and label dropout for the whole global batch from the generator
-    seeded by (seed, k) and keeps ``rows``, and CPU dropout masks likewise (models.batch_slice),
-    so how the batch is split across ranks and micro-batches changes none of them. The rows run
-    as cfg.train.grad_accum micro-batches; with ``ddp`` (the DistributedDataParallel wrapper of
-    ``model``) gradients are all-reduced on the last one only (no_sync). Then clip, AdamW, EMA.
-    Returns (loss, grad_norm) as device tensors (no host sync); loss is this process's mean.
+    global batch of B = cfg.train.batch_size; y [b] long or None; k the global step. The
+    formulation (objectives.py) draws the noise level and eps for the whole global batch from the
+    generator seeded by (seed, k) and keeps ``rows``, and forms the network input, the target and
+    the per-sample weight; label dropout and CPU dropout masks are drawn for the global batch too
+    (models.batch_slice), so how the batch is split across ranks and micro-batches changes none of
+    them. The rows run as cfg.train.grad_accum micro-batches; with ``ddp`` (the
+    DistributedDataParallel wrapper of ``model``) gradients are all-reduced on the last one only
+    (no_sync). Then weighted MSE, clip, AdamW, EMA. Returns (loss, grad_norm) as device tensors
+    (no host sync); loss is this process's mean. A ``Schedule`` is taken as vp/eps/uniform.
     """
 
-    def __init__(self, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                 cfg: Config, *, device: torch.device, amp: torch.dtype | None, channels_last: bool,
-                 ddp: nn.Module | None = None, rows: slice | None = None):
+    def __init__(self, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+                 formulation: Formulation | Schedule, cfg: Config, *, device: torch.device,
+                 amp: torch.dtype | None, channels_last: bool, ddp: nn.Module | None = None,
+                 rows: slice | None = None):
+        from .objectives import VP
         self.model, self.ema, self.optimizer, self.ddp = model, ema, optimizer, ddp
         self.cfg, self.device, self.amp, self.channels_last = cfg, device, amp, channels_last
-        self.timesteps = schedule.timesteps
-        self.abar = schedule.alphas_cumprod.to(device)                    # float64 [T]
+        self.formulation = VP(formulation) if isinstance(formulation, Schedule) else formulation
+        self.abar = self.formulation.schedule.alphas_cumprod.to(device)   # float64 [T]
         self.null_label = cfg.model.num_classes if cfg.model.class_cond else None
         self.rows = rows or slice(0, cfg.train.batch_size)
         self.accum = cfg.train.grad_accum
@@ -221,17 +230,15 @@ class TrainStep:
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(step, self.cfg)
         gen = generator(t.seed, "step", step, device=device)
-        tt = torch.randint(0, self.timesteps, (B,), generator=gen, device=device)[rows]
-        noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[rows]
+        x_in, c_noise, target, weight = self.formulation.training_terms(x0, gen, self.abar, B, rows)
         if self.null_label is None:
             y = None
         elif y is not None:
             y = drop_labels(y, t.label_dropout, self.null_label, gen, rows, B)
-        x_t = q_sample(x0, tt, noise, self.abar)
         if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        mb = len(tt) // self.accum
+        mb = x_in.shape[0] // self.accum
         loss_sum = torch.zeros((), device=device)
         for j in range(self.accum):
             part = slice(j * mb, (j + 1) * mb)
@@ -241,8 +248,8 @@ class TrainStep:
             # batch_slice covers the backward too: gradient checkpointing redraws the masks there.
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), batch_slice(rows.start + j * mb, B):
                 with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                    eps_pred = self.forward(x_t[part], tt[part].float(), y[part] if y is not None else None)
-                loss = eps_loss(eps_pred, noise[part])
+                    out = self.forward(x_in[part], c_noise[part], y[part] if y is not None else None)
+                loss = weighted_mse(out, target[part], weight[part] if weight is not None else None)
                 # Mean over the global batch: DDP averages over ranks, 1/K over micro-batches.
                 (loss / self.accum if self.accum > 1 else loss).backward()
             loss_sum += loss.detach()
@@ -363,7 +370,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (MSE on eps)")
+    ax.set_ylabel("training loss (weighted MSE on the objective)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.set_title("training loss")
@@ -486,6 +493,9 @@ def load_resume_config(run: Path, overrides: dict[str, Any]) -> Config:
                 and not is_standard(str(current))
             if name in RESUMABLE or moved_folder:
                 setattr(getattr(cfg, section), name, value)
+            elif value != current and section == "diffusion" and name in FORMULATION_FIELDS:
+                raise DiffuseError(f"--resume: cannot change --{FORMULATION_FIELDS[name]} of an existing run (it was "
+                                   f"{current!r}): its network learned that formulation's output; train a new run")
             elif value != current:
                 raise DiffuseError(f"--resume: cannot change {name.replace('_', '-')} of an existing run "
                                    f"(it was {current!r}); start a new run with --init-from instead")
@@ -574,13 +584,19 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
             if not is_run_dir(out):
                 mark_run_dir(out)                     # a run made before the marker existed
     else:
+        if init_from:                                # refuse before touching --out
+            src = ckpt_io.resolve(init_from)
+            src_cfg = Config.from_dict(ckpt_io.read_header(src)["config"])
+            why = same_function(src_cfg.diffusion, cfg.diffusion)
+            if why:
+                raise DiffuseError(f"--init-from {init_from}: trained under another formulation ({why}); its "
+                                   f"weights compute a different function, so start from scratch or match it")
         if main:
             locks.append(prepare_out_dir(out, overwrite))
         dist.barrier()
         if init_from:
             # Start both the model and its EMA from the source's EMA weights: those are the
             # weights its samples came from, and the optimizer starts fresh anyway.
-            src = ckpt_io.resolve(init_from)
             weights = ckpt_io.read_tensors(src / "ema.safetensors" if src.is_dir() else src)
             ckpt_io.load_weights_into(model, weights, src)
             ckpt_io.load_weights_into(ema, weights, src)
@@ -589,8 +605,7 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
         atomic_write(out / "config.json", cfg.to_json())
         (out / "samples").mkdir(exist_ok=True)
 
-    schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.beta_start,
-                        cfg.diffusion.beta_end)
+    formulation = formulation_for(cfg.diffusion)
     placement, placement_why = choose_placement(data.images.numel(), device, cfg.data.placement,
                                                 device_fraction=cfg.data.placement_fraction)
     memmap_path = out / f"data-memmap{f'-rank{dist.rank()}' if dist.active() else ''}.u8"     # one per rank
@@ -599,7 +614,7 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
     if stream.placement != placement:
         placement, placement_why = stream.placement, "the data set is an on-disk cache (--data-cache)"
     ddp = wrap_ddp(model, device) if dist.active() else None        # after channels_last (build_training)
-    train_step = TrainStep(model, ema, optimizer, schedule, cfg, device=device, amp=amp,
+    train_step = TrainStep(model, ema, optimizer, formulation, cfg, device=device, amp=amp,
                            channels_last=channels_last, ddp=ddp, rows=split.rows)
 
     if main:
@@ -617,6 +632,7 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
               f"steps {st.step}->{steps_total} | out {out}{f' | {busy}' if busy else ''}")
     rep.line(header)
     rep.line(f"precision {precision.name}: {precision.reason}; data on {placement}: {placement_why}")
+    rep.line(f"objective: {describe(cfg.diffusion)}", echo=False)
     if resume:
         rep.line(f"resumed from step {st.step}")
     if getattr(data, "on_disk", False):
@@ -653,13 +669,13 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
     row_names = data.class_names if cfg.model.class_cond else None
 
     def write_grid(path: Path) -> None:
-        images, labels, nrow = sample_grid(ema, cfg, schedule, device, t.sample_n, t.sample_steps, t.seed, amp,
+        images, labels, nrow = sample_grid(ema, cfg, formulation, device, t.sample_n, t.sample_steps, t.seed, amp,
                                            guidance=t.sample_guidance)
         save_grid(images, path, nrow=nrow, row_labels=row_names)
         tb.add_image("samples", _tb_grid(images, nrow), st.step, dataformats="HWC")
 
     def measure_fid() -> None:
-        r = fid_eval(ema, schedule, row_names, amp)
+        r = fid_eval(ema, formulation, row_names, amp)
         row = {"step": st.step, "fid": r["fid"], "kid": r["kid"], "kid_std": r["kid_std"], "fid_n": r["n"],
                "fid_ref_n": r["n_ref"], "fid_seconds": r["seconds"]}
         metrics.write(json.dumps(row) + "\n")
@@ -867,14 +883,15 @@ class FidDuringTraining:
                                            channels=cfg.data.channels, progress=False)
         self.seed = derive_seed(t.seed, "fid")
 
-    def __call__(self, ema: nn.Module, schedule: Schedule, class_names: list[str] | None,
+    def __call__(self, ema: nn.Module, formulation: Formulation, class_names: list[str] | None,
                  amp: torch.dtype | None) -> dict[str, Any]:
         from . import fid
         from .generate import Loaded, cycle_labels, generate_shard
 
         t = self.cfg.train
         t0 = time.perf_counter()
-        loaded = Loaded(ema, self.cfg, {"class_names": class_names}, schedule, Path("<training EMA>"))
+        loaded = Loaded(ema, self.cfg, {"class_names": class_names}, formulation.schedule, Path("<training EMA>"),
+                        formulation)
         labels, guidance = None, 0.0
         if class_names:                            # class-balanced: image i gets class i mod K
             labels, guidance = cycle_labels(range(len(class_names)), t.fid_n), t.sample_guidance

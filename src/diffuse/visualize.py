@@ -34,11 +34,11 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .data import is_standard, load_dataset
-from .denoiser import EpsDenoiser
 from .diffusion import SCHEDULES, Schedule, q_sample
 from .errors import DiffuseError
 from .generate import Loaded, check_request, generate, sample_batch
 from .images import display_scale, make_grid, save_grid, to_uint8
+from .objectives import VP, make_denoiser, vp_x0_eps
 from .rng import ImageNoise, generator
 from .samplers import SAMPLERS, sampler_sigmas
 
@@ -424,7 +424,8 @@ def timestep_mse(loaded: Loaded, *, ts: list[int] | None = None, n: int = 256, s
     n = x0_all.shape[0]
     eps_all = torch.randn(x0_all.shape, generator=generator(seed, "timestep-mse", "eps"))
     device = next(loaded.net.parameters()).device
-    den = EpsDenoiser(loaded.net, loaded.schedule, autocast_dtype=amp)
+    den = make_denoiser(loaded.net, loaded.formulation, autocast_dtype=amp)
+    form = loaded.formulation
     abar = loaded.schedule.alphas_cumprod.to(device)
     per_t = torch.zeros(len(ts), n, dtype=torch.float64)                # [len(ts), n] per-image MSE
     for start in range(0, n, batch_size):
@@ -434,7 +435,15 @@ def timestep_mse(loaded: Loaded, *, ts: list[int] | None = None, n: int = 256, s
         for j, t in enumerate(ts):
             tt = torch.full((x0.shape[0],), t, device=device, dtype=torch.long)
             x_t = q_sample(x0, tt, eps, abar)
-            err = (den.eps(x_t, tt.float()) - eps).square().flatten(1).mean(1)
+            if isinstance(form, VP):          # the network's own output, read as eps (exact for eps nets)
+                a = abar[tt].view(-1, 1, 1, 1)
+                _, eps_hat = vp_x0_eps(form.prediction, den.forward(x_t, tt.float()), x_t,
+                                       a.sqrt().float(), (1 - a).sqrt().float())
+            else:                             # edm: eps from D on the VE view of the same x_t
+                sigma = loaded.schedule.sigmas[t]
+                x_ve = x0 + float(sigma) * eps
+                eps_hat = (x_ve - den(x_ve, torch.full((x0.shape[0],), float(sigma), dtype=torch.float64))) / float(sigma)
+            err = (eps_hat - eps).square().flatten(1).mean(1)
             per_t[j, start:start + x0.shape[0]] = err.double().cpu()
     mse = per_t.mean(1)
     std_err = per_t.std(1) / math.sqrt(n) if n > 1 else torch.zeros_like(mse)

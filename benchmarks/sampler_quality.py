@@ -1,0 +1,101 @@
+"""Sampler quality on one trained run: which sampler/step/spacing settings reach ddpm-1000's quality.
+
+For each cell (sampler, NFE budget, spacing, Karras sigma_max cap) it draws N images from the same
+seeds (image i from stream (seed, i)) and scores them by
+  - ``confident``: the fraction the held-out judge classifier (diffuse.classifier, trained once on
+    the data's train split) labels with probability >= 0.9: a label-free legibility score;
+  - ``fid``: FID against the data's test split at this N (optional: --fid; Inception on a CPU is
+    the slow part). FID at small N is biased upward: compare only cells of equal N.
+
+    PYTHONPATH=src python benchmarks/sampler_quality.py RUN --n 500 --out benchmarks/results/sampler_quality.json
+    PYTHONPATH=src python benchmarks/sampler_quality.py RUN --cells "dpmpp-2m:20:karras:inf,dpmpp-2m:20:karras:80"
+
+A cell is sampler:steps[:spacing[:cap[:noclip]]]; cap 'inf' = the schedule's own sigma_max (the old
+default); an empty field keeps the default; noclip turns off the per-step x0 clamp to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffuse import classifier, fid
+from diffuse.generate import generate, load
+from diffuse.inception import load_extractor
+
+DEFAULT_CELLS = ("ddpm:1000", "dpmpp-2m:20:karras:inf", "dpmpp-2m:20", "ddim:20", "euler:20", "heun:19",
+                 "ddim:50", "heun:35")
+
+
+def parse_cell(spec: str) -> dict:
+    parts = spec.split(":")
+    cell = {"sampler": parts[0], "steps": int(parts[1]), "spacing": parts[2] if len(parts) > 2 and parts[2] else None,
+            "sigma_max_cap": None, "clip_x0": True}
+    if len(parts) > 3 and parts[3]:
+        cell["sigma_max_cap"] = float(parts[3])            # float("inf") for the schedule's own sigma_max
+    if len(parts) > 4:
+        cell["clip_x0"] = parts[4] != "noclip"
+    return cell
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("--n", type=int, default=500, help="images per cell (default 500)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cells", default=",".join(DEFAULT_CELLS))
+    ap.add_argument("--fid", action="store_true", help="also FID against the test split at --n")
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="JSON file for the results")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    loaded = load(args.run, device)
+    cfg = loaded.config
+    judge = classifier.load_or_train(cfg.data.name, cfg.data.root, cfg.model.image_size, cfg.model.in_channels,
+                                     log=lambda m: print(m, file=sys.stderr))
+    ref = extractor = None
+    if args.fid:
+        extractor = load_extractor(None, device, "tf-bilinear")
+        ref = fid.reference_stats(cfg.data.name, "test", None, extractor=extractor, data_root=cfg.data.root,
+                                  image_size=cfg.data.image_size, channels=cfg.data.channels, progress=False)
+    rows = []
+    for spec in args.cells.split(","):
+        cell = parse_cell(spec)
+        t0 = time.perf_counter()
+        images, record = generate(loaded, n=args.n, seed=args.seed, sampler=cell["sampler"], steps=cell["steps"],
+                                  spacing=cell["spacing"], sigma_max_cap=cell["sigma_max_cap"], clip_x0=cell["clip_x0"],
+                                  batch_size=args.batch_size, device=device)
+        row = {"cell": spec, **cell, "spacing": record["spacing"], "nfe": record["nfe"], "n": args.n,
+               "confident": round(classifier.confident_fraction(judge, images), 4),
+               "sample_seconds": record["seconds"]}
+        if args.fid:
+            r = fid.compare(fid.stats_of_images(images, extractor), ref)
+            row["fid"] = round(r["fid"], 3)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"run": str(loaded.source), "step": loaded.header.get("step"), "data": cfg.data.name,
+              "objective": loaded.formulation.name, "n": args.n, "seed": args.seed,
+              "judge_test_accuracy": judge.test_accuracy, "confidence_threshold": 0.9,
+              "fid_reference": f"{cfg.data.name} test split" if args.fid else None,
+              "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "rows": rows}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"{'cell':<28} {'nfe':>5} {'confident':>9} {'fid':>8}")
+    for r in rows:
+        print(f"{r['cell']:<28} {r['nfe']:>5} {r['confident']:>9.3f} {r.get('fid', float('nan')):>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
