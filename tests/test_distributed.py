@@ -117,7 +117,7 @@ def test_ema_identical_on_both_ranks_and_only_rank0_wrote(runs):
     assert log.count("diffuse train |") == 1 and "2 ranks x 8 images x 1 micro-batch" in log
     assert log.count(f"finished at step {STEPS}") == 1
     assert runs["U_out"].stdout.count("done:") == 1
-    assert sorted(p.name for p in (tmp / "U").iterdir()) == ["checkpoints", "config.json", "final.png",
+    assert sorted(p.name for p in (tmp / "U").iterdir()) == [".diffuse-run", ".lock", "checkpoints", "config.json", "final.png",
                                                            "loss_curve.png", "metrics.jsonl", "samples", "tb", "train.log"]
 
 

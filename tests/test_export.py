@@ -358,9 +358,9 @@ def _save_folder(root: Path, unet: dict, sched: dict) -> Path:
     (lambda u, s: u.update(num_class_embeds=10), r"null \(no-class\) label"),
     (lambda u, s: u.update(out_channels=2), "learned variance|out_channels"),
     (lambda u, s: s.update(beta_schedule="scaled_linear"), "beta_schedule"),
-    (lambda u, s: s.update(prediction_type="v_prediction"), "prediction_type"),
+    (lambda u, s: s.update(prediction_type="flow"), "prediction_type"),
     (lambda u, s: s.update(trained_betas=[0.5] * 1000), "trained_betas"),
-    (lambda u, s: s.update(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
+    (lambda u, s: s.update(rescale_betas_zero_snr=True), "zero-terminal-snr needs --objective v"),
 ])
 def test_import_refuses_what_diffuse_cannot_express(tmp_path, edit, needle):
     unet = {**GOOGLE_UNET, "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
@@ -375,6 +375,19 @@ def test_import_refuses_what_diffuse_cannot_express(tmp_path, edit, needle):
     with pytest.raises(DiffuseError, match=needle):
         ex.import_diffusers(folder, tmp_path / "imp")
     assert not (tmp_path / "imp").exists()
+
+
+@pytest.mark.parametrize("prediction_type, objective", [("v_prediction", "v"), ("sample", "x0")])
+def test_import_takes_v_and_x0_prediction_as_the_objective(tmp_path, prediction_type, objective):
+    """diffusers' prediction_type becomes diffuse's --objective (objectives.py), and it samples."""
+    unet = {**GOOGLE_UNET, "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "sample_size": 8}
+    folder = _save_folder(tmp_path / "hf", unet, {**GOOGLE_SCHEDULER, "prediction_type": prediction_type})
+    ex.import_diffusers(folder, tmp_path / "imp")
+    loaded = load(tmp_path / "imp", torch.device("cpu"))
+    assert loaded.config.diffusion.prediction == objective
+    images, _ = generate(loaded, n=2, seed=0, sampler="ddim", steps=3, batch_size=2, device=torch.device("cpu"))
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ from scipy import stats
 
 from diffuse import generate as G
 from diffuse.data import BatchStream, load_dataset
-from diffuse.denoiser import EpsDenoiser
+from diffuse.denoiser import Denoiser
 from diffuse.device import HostSyncCheck
 from diffuse.diffusion import Schedule
 from diffuse.generate import Loaded, generate, sample_batch
 from diffuse.models import UNet
+from diffuse.objectives import VP
 from diffuse.rng import ImageNoise, counter_normal, derive_seed
 from diffuse.samplers import SAMPLERS, sampler_sigmas
 from diffuse.train import TrainStep, build_training, fill_model_from_data
@@ -111,8 +112,8 @@ def test_generate_with_bulk_noise_does_not_depend_on_batch_size(monkeypatch):
 def test_sigma_table_equals_the_per_call_computation():
     loaded = _loaded()
     x = torch.randn(3, 1, 16, 16)
-    table = EpsDenoiser(loaded.net, loaded.schedule)
-    direct = EpsDenoiser(loaded.net, loaded.schedule)
+    table = Denoiser(loaded.net, VP(loaded.schedule))
+    direct = Denoiser(loaded.net, VP(loaded.schedule))
     sigmas = sampler_sigmas("dpmpp-2m", loaded.schedule, 5)
     table.prepare(sigmas, CPU)
     for s in sigmas[:-1]:

@@ -138,31 +138,31 @@ def test_a_non_finite_step_is_skipped_leaving_weights_moments_and_ema(monkeypatc
     x0 = torch.rand(cfg.train.batch_size, 1, 16, 16) * 2 - 1   # TrainStep takes (its rows of) the global batch
     step(x0, None, 0)
     before = _snapshot(model, ema, opt)
-    real = T.eps_loss
-    monkeypatch.setattr(T, "eps_loss", lambda pred, noise: real(pred, noise) * float("nan"))
+    real = T.weighted_mse
+    monkeypatch.setattr(T, "weighted_mse", lambda out, target, weight: real(out, target, weight) * float("nan"))
     step(x0, None, 1)
     after = _snapshot(model, ema, opt)
     for a, b in zip(before[0] + before[1], after[0] + after[1]):
         assert torch.equal(a, b)                    # weights and EMA untouched, bit for bit
     for sa, sb in zip(before[2], after[2]):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)   # moments and AdamW's step count too
-    monkeypatch.setattr(T, "eps_loss", real)
+    monkeypatch.setattr(T, "weighted_mse", real)
     step(x0, None, 2)                               # a finite step trains again
     assert not all(torch.equal(a, b) for a, b in zip(before[0], model.parameters()))
 
 
 def test_bad_steps_are_counted_and_a_run_of_them_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
-    real = T.eps_loss
+    real = T.weighted_mse
     poisoned = {"from": 10**9, "at": set()}
     calls = [0]
 
-    def loss(pred, noise):
+    def loss(out, target, weight):
         k = calls[0]
         calls[0] += 1
         bad = k in poisoned["at"] or k >= poisoned["from"]
-        return real(pred, noise) * (float("nan") if bad else 1.0)
+        return real(out, target, weight) * (float("nan") if bad else 1.0)
 
-    monkeypatch.setattr(T, "eps_loss", loss)
+    monkeypatch.setattr(T, "weighted_mse", loss)
     poisoned["at"] = {1}
     run = train(tiny_config(tmp_path / "counted", steps=4, ckpt_every=100), progress=False)
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
@@ -286,7 +286,7 @@ def small_run(tmp_path_factory):
     (lambda c: c["config"]["model"].update(base_channels="wide"), "bad value 'wide' for base-channels"),
     (lambda c: c["config"]["model"].update(dropout=None), "dropout cannot be null"),
     (lambda c: c["config"]["diffusion"].update(timesteps=-5), "timesteps must be at least 2"),
-    (lambda c: c["config"]["diffusion"].update(prediction="v"), "prediction 'v' is not supported"),
+    (lambda c: c["config"]["diffusion"].update(prediction="score"), "--objective must be one of"),
     (lambda c: c["config"].update(extra={"x": 1}), "unknown section 'extra'"),
     (lambda c: c["config"]["model"].update(wings=2), "unknown setting model.wings"),
     (lambda c: c.update(config=[1, 2]), "config must be a JSON object"),
@@ -317,7 +317,7 @@ def _resolve(**sections):
     ({"model": {"class_cond": True}, "train": {"label_dropout": 0.0}}, "class-cond needs --label-dropout > 0"),
     ({"diffusion": {"schedule": "linear", "timesteps": 100, "beta_start": 1e-4, "beta_end": 0.02}}, "alpha-bar_T = 0.364"),
     ({"diffusion": {"schedule": "linear", "timesteps": 10}}, "use --schedule cosine for small T"),
-    ({"diffusion": {"prediction": "v"}}, "prediction 'v' is not supported"),
+    ({"diffusion": {"prediction": "score"}}, "--objective must be one of"),
 ])
 def test_values_that_trained_wrongly_or_crashed_late_are_refused(overrides, message):
     with pytest.raises(DiffuseError, match=message):

@@ -513,6 +513,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_file(args.save_stats, (".npz",), "--save-stats")    # before sampling and Inception
     device, loaded, amp = _device_and_amp(args.device, args.precision, args.run)
     if args.run:
+        _sampling_defaults(args, loaded)
         # Everything that can fail cheaply fails before the judge, the reference statistics and the sampling.
         check_request(args.sampler, args.steps, loaded.schedule.timesteps)
     judged = None

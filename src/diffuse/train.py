@@ -78,8 +78,13 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, skip: Tensor | No
     on the device without a host sync."""
     e = [p for p in ema.parameters()]
     m = [p.detach() for p in model.parameters()]
-    weight = 1.0 - decay if skip is None else torch.where(skip, 0.0, 1.0 - decay).to(e[0].dtype)
-    torch._foreach_lerp_(e, m, weight)
+    if skip is None:
+        torch._foreach_lerp_(e, m, 1.0 - decay)
+    else:
+        # One 0-dim weight per tensor (the TensorList overload): a single tensor weight is read
+        # back to the host by foreach_lerp_ on the CPU (a sync); the list form is not, and equal.
+        weight = torch.where(skip, 0.0, 1.0 - decay).to(e[0].dtype)
+        torch._foreach_lerp_(e, m, [weight] * len(e))
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
