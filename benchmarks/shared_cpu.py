@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffuse.device import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 SETTINGS = [  # (name, processes, threads each, OMP_WAIT_POLICY or None)
@@ -36,14 +38,6 @@ SETTINGS = [  # (name, processes, threads each, OMP_WAIT_POLICY or None)
 ]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_setting(procs: int, threads: int, policy: str | None, steps: int, workdir: Path) -> list[float]:
@@ -96,7 +90,7 @@ def main() -> None:
     summary = {name: {"per_process_median": statistics.median(x for rates in runs for x in rates),
                       "total_median": statistics.median(sum(rates) for rates in runs), "runs": runs}
                for name, runs in results.items()}
-    record = {"cpu": cpu_name(), "affinity_cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    record = {"cpu": cpu_model(), "affinity_cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
               "steps": a.steps, "repeats": a.repeats, "summary": summary, "loads": loads,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

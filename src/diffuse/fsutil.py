@@ -51,31 +51,6 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """``with atomic_open(p, "w") as f: ...`` writes p all at once or not at all.
-
-    The data goes to a hidden ``.NAME.*.part`` beside p; on leaving the block without an error it
-    is flushed, fsynced and renamed over p. On an error the temporary is removed and p is as
-    before. The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open writes whole files; mode {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
 def building(path: str | Path) -> Iterator[Path]:
     """``with building(p) as tmp: ...`` for files written in place (a memory map, another
     library's writer): ``tmp`` is a hidden sibling; on success it is fsynced and renamed over p in
@@ -94,6 +69,20 @@ def building(path: str | Path) -> Iterator[Path]:
         if os.path.exists(tmp):
             os.remove(tmp)
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """``with atomic_open(p, "w") as f: ...`` writes p all at once or not at all.
+
+    The data goes to a hidden ``.NAME.*.part`` beside p (``building``); on leaving the block without
+    an error it is fsynced and renamed over p. On an error the temporary is removed and p is as
+    before. The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files; mode {mode!r}")
+    with building(path) as tmp:
+        with open(tmp, mode) as f:
+            yield f
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
