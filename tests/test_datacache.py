@@ -80,3 +80,62 @@ def test_batches_from_the_disk_cache_equal_the_in_memory_stream(tmp_path, monkey
         run = train(cfg, progress=False)
     assert "on-disk uint8 cache" in (run / "train.log").read_text()
     assert (run / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+def _cgroup_tree(tmp_path, *, v1=None, v2=None, parent_v2=None):
+    """A fake /proc and /sys/fs/cgroup: this process in cgroup 'job/step' (v1 memory and/or v2)."""
+    proc, fs = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 25165824 kB\nMemAvailable: 20971520 kB\n")   # 20 GiB
+    (proc / "self" / "cgroup").write_text("4:memory:/job/step\n3:cpu,cpuacct:/job/step\n0::/job/step\n")
+    if v1 is not None:
+        d = fs / "memory" / "job" / "step"
+        d.mkdir(parents=True)
+        (d / "memory.limit_in_bytes").write_text(f"{v1[0]}\n")
+        (d / "memory.usage_in_bytes").write_text(f"{v1[1]}\n")
+        (d / "memory.stat").write_text(f"cache 9\ntotal_inactive_file {v1[2]}\n")
+    for rel, vals in (("job/step", v2), ("job", parent_v2)):
+        if vals is not None:
+            d = fs / rel
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "memory.max").write_text(f"{vals[0]}\n")
+            (d / "memory.current").write_text(f"{vals[1]}\n")
+            (d / "memory.stat").write_text(f"anon 5\ninactive_file {vals[2]}\n")
+    return proc, fs
+
+
+GiB = 1 << 30
+
+
+def test_available_ram_honours_memory_cgroups(tmp_path):
+    # No limit anywhere: /proc/meminfo's MemAvailable.
+    proc, fs = _cgroup_tree(tmp_path / "none", v1=((1 << 63) - 4096, GiB, 0), v2=("max", GiB, 0))
+    assert datacache.cgroup_memory_left(proc, fs) is None
+    assert datacache.available_ram(proc, fs) == 20 * GiB
+    # v1 limit 2 GiB, 1.5 GiB used of which 0.5 GiB is inactive page cache: 1 GiB left.
+    proc, fs = _cgroup_tree(tmp_path / "v1", v1=(2 * GiB, 3 * GiB // 2, GiB // 2))
+    assert datacache.available_ram(proc, fs) == GiB
+    # v2: the leaf is unlimited, its parent (the job) holds 3 GiB with 1 GiB used: the parent decides.
+    proc, fs = _cgroup_tree(tmp_path / "v2", v2=("max", GiB, 0), parent_v2=(3 * GiB, GiB, 0))
+    assert datacache.available_ram(proc, fs) == 2 * GiB
+    # At (or past) the limit: no room, which is not "unknown".
+    proc, fs = _cgroup_tree(tmp_path / "full", v2=(GiB, 2 * GiB, 0))
+    assert datacache.available_ram(proc, fs) == 0
+    (proc / "meminfo").unlink()
+    assert datacache.available_ram(proc, fs) == 0
+    proc, fs = _cgroup_tree(tmp_path / "unknown")
+    (proc / "meminfo").unlink()
+    assert datacache.available_ram(proc, fs) is None
+
+
+def test_auto_cache_goes_to_disk_under_a_container_memory_limit(tmp_path, monkeypatch):
+    """What decides --data-cache auto is the room the cgroup leaves, not the host's free memory."""
+    root = _folder(tmp_path / "imgs")
+    monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path / "cache"))
+    proc, fs = _cgroup_tree(tmp_path / "cg", v2=(30_000, 20_000, 0))               # 10 kB left
+    real = datacache.available_ram
+    monkeypatch.setattr(datacache, "available_ram", lambda: real(proc, fs))
+    assert load_dataset(str(root), None, "train", image_size=16, channels=3, cache="auto").on_disk
+    proc, fs = _cgroup_tree(tmp_path / "cg2", v2=(100 * GiB, GiB, 0))
+    monkeypatch.setattr(datacache, "available_ram", lambda: real(proc, fs))
+    assert not load_dataset(str(root), None, "train", image_size=16, channels=3, cache="auto").on_disk

@@ -379,7 +379,8 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, cache:
     if cache == "auto":
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         need = decoded_bytes(len(files), channels or 3, size) * ranks_here
-        cache = "disk" if available_ram() and need > available_ram() // 2 else "memory"
+        room = available_ram()
+        cache = "disk" if room is not None and need > room // 2 else "memory"
     if cache == "disk":
         images, label_t, classes, info = load_folder_cached(root, size, channels, cache_root=cache_dir(),
                                                             log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -230,15 +230,78 @@ def decoded_bytes(n: int, channels: int, size: int) -> int:
     return n * channels * size * size
 
 
-def available_ram() -> int:
-    """MemAvailable from /proc/meminfo in bytes (0 where unknown)."""
+def available_ram(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process could still allocate: MemAvailable from /proc/meminfo, lowered to what
+    its memory cgroup leaves (containers, Slurm jobs and systemd units limit memory that way while
+    /proc/meminfo still shows the whole host). None where unknown."""
+    avail: int | None = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in (proc / "meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    left = cgroup_memory_left(proc, cgroup_fs)
+    if left is not None:
+        avail = left if avail is None else min(avail, left)
+    return avail
+
+
+def cgroup_memory_left(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The least room under any memory limit on this process's cgroup or its ancestors (v1 and v2):
+    limit - (usage - inactive file cache), as ``docker stats`` counts it, since the kernel reclaims
+    that cache before it kills. None when no limit is set (or cgroups are not readable)."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    # (directory, limit file, usage file, inactive-file key in memory.stat)
+    places: list[tuple[Path, str, str, str]] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, rel = parts
+        rel = rel.strip().lstrip("/")
+        if hid == "0" and controllers == "":                          # v2 (unified, or hybrid's "unified" mount)
+            for base in (cgroup_fs, cgroup_fs / "unified"):
+                places.append((base / rel, "memory.max", "memory.current", "inactive_file"))
+        elif "memory" in controllers.split(","):                       # v1 memory controller
+            places.append((cgroup_fs / "memory" / rel, "memory.limit_in_bytes", "memory.usage_in_bytes",
+                           "total_inactive_file"))
+    best: int | None = None
+    for leaf, limit_name, usage_name, inactive_key in places:
+        d = leaf
+        while True:
+            left = _cgroup_dir_left(d, limit_name, usage_name, inactive_key)
+            if left is not None:
+                best = left if best is None else min(best, left)
+            if d == cgroup_fs or d.parent == d or cgroup_fs not in d.parents:
+                break
+            d = d.parent
+    return best
+
+
+def _cgroup_dir_left(d: Path, limit_name: str, usage_name: str, inactive_key: str) -> int | None:
+    try:
+        raw = (d / limit_name).read_text().strip()
+        if raw == "max":
+            return None
+        limit = int(raw)
+        if limit >= 1 << 60:                                           # v1's "unlimited" (page-rounded 2^63)
+            return None
+        usage = int((d / usage_name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for line in (d / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(0, limit - max(0, usage - inactive))
 
 
 class HostBatches:
