@@ -115,9 +115,11 @@ def test_available_ram_honours_memory_cgroups(tmp_path):
     # v1 limit 2 GiB, 1.5 GiB used of which 0.5 GiB is inactive page cache: 1 GiB left.
     proc, fs = _cgroup_tree(tmp_path / "v1", v1=(2 * GiB, 3 * GiB // 2, GiB // 2))
     assert datacache.available_ram(proc, fs) == GiB
+    assert datacache.cgroup_memory_limit(proc, fs) == 2 * GiB
     # v2: the leaf is unlimited, its parent (the job) holds 3 GiB with 1 GiB used: the parent decides.
     proc, fs = _cgroup_tree(tmp_path / "v2", v2=("max", GiB, 0), parent_v2=(3 * GiB, GiB, 0))
     assert datacache.available_ram(proc, fs) == 2 * GiB
+    assert datacache.cgroup_memory_limit(proc, fs) == 3 * GiB
     # At (or past) the limit: no room, which is not "unknown".
     proc, fs = _cgroup_tree(tmp_path / "full", v2=(GiB, 2 * GiB, 0))
     assert datacache.available_ram(proc, fs) == 0
@@ -139,3 +141,13 @@ def test_auto_cache_goes_to_disk_under_a_container_memory_limit(tmp_path, monkey
     proc, fs = _cgroup_tree(tmp_path / "cg2", v2=(100 * GiB, GiB, 0))
     monkeypatch.setattr(datacache, "available_ram", lambda: real(proc, fs))
     assert not load_dataset(str(root), None, "train", image_size=16, channels=3, cache="auto").on_disk
+
+
+def test_cpu_memory_for_data_placement_is_the_cgroup_limit_where_lower(monkeypatch):
+    from diffuse import data
+    ram = data.total_memory(torch.device("cpu"))
+    monkeypatch.setattr(datacache, "cgroup_memory_limit", lambda: GiB)
+    assert data.total_memory(torch.device("cpu")) == min(ram, GiB)
+    assert data.choose_placement(GiB // 2, torch.device("cpu"))[0] == "memmap"      # over 25% of the 1 GiB
+    monkeypatch.setattr(datacache, "cgroup_memory_limit", lambda: None)
+    assert data.total_memory(torch.device("cpu")) == ram

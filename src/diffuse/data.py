@@ -483,13 +483,18 @@ HOST_FRACTION = 0.5         # ... and in host memory while it is at most this sh
 
 
 def total_memory(device: torch.device) -> int:
-    """Bytes of memory on ``device`` (the GPU's, or the machine's RAM for the CPU)."""
+    """Bytes of memory on ``device`` (the GPU's, or for the CPU the machine's RAM, or the memory
+    cgroup's limit where that is lower: a container or a Slurm job)."""
+    from .datacache import cgroup_memory_limit
+
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        ram = 8 << 30
+    limit = cgroup_memory_limit()
+    return min(ram, limit) if limit else ram
 
 
 def choose_placement(nbytes: int, device: torch.device, setting: str = "auto", *,

@@ -251,10 +251,22 @@ def cgroup_memory_left(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/
     """The least room under any memory limit on this process's cgroup or its ancestors (v1 and v2):
     limit - (usage - inactive file cache), as ``docker stats`` counts it, since the kernel reclaims
     that cache before it kills. None when no limit is set (or cgroups are not readable)."""
+    lefts = [left for _, left in _cgroup_limits(proc, cgroup_fs)]
+    return min(lefts) if lefts else None
+
+
+def cgroup_memory_limit(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The smallest memory limit on this process's cgroup or its ancestors; None when unlimited."""
+    limits = [limit for limit, _ in _cgroup_limits(proc, cgroup_fs)]
+    return min(limits) if limits else None
+
+
+def _cgroup_limits(proc: Path, cgroup_fs: Path) -> list[tuple[int, int]]:
+    """(limit, room left) for every memory-limited cgroup from this process's up to the root."""
     try:
         lines = (proc / "self" / "cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return []
     # (directory, limit file, usage file, inactive-file key in memory.stat)
     places: list[tuple[Path, str, str, str]] = []
     for line in lines:
@@ -269,20 +281,20 @@ def cgroup_memory_left(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/
         elif "memory" in controllers.split(","):                       # v1 memory controller
             places.append((cgroup_fs / "memory" / rel, "memory.limit_in_bytes", "memory.usage_in_bytes",
                            "total_inactive_file"))
-    best: int | None = None
+    found: list[tuple[int, int]] = []
     for leaf, limit_name, usage_name, inactive_key in places:
         d = leaf
         while True:
-            left = _cgroup_dir_left(d, limit_name, usage_name, inactive_key)
-            if left is not None:
-                best = left if best is None else min(best, left)
+            got = _cgroup_dir_limit(d, limit_name, usage_name, inactive_key)
+            if got is not None:
+                found.append(got)
             if d == cgroup_fs or d.parent == d or cgroup_fs not in d.parents:
                 break
             d = d.parent
-    return best
+    return found
 
 
-def _cgroup_dir_left(d: Path, limit_name: str, usage_name: str, inactive_key: str) -> int | None:
+def _cgroup_dir_limit(d: Path, limit_name: str, usage_name: str, inactive_key: str) -> tuple[int, int] | None:
     try:
         raw = (d / limit_name).read_text().strip()
         if raw == "max":
@@ -301,7 +313,7 @@ def _cgroup_dir_left(d: Path, limit_name: str, usage_name: str, inactive_key: st
                 inactive = int(value)
     except (OSError, ValueError):
         pass
-    return max(0, limit - max(0, usage - inactive))
+    return limit, max(0, limit - max(0, usage - inactive))
 
 
 class HostBatches:
