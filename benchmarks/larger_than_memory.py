@@ -6,7 +6,8 @@ Makes (once) a synthetic folder of N random-RGB PNGs in class sub-folders, then 
 ``diffuse train --data FOLDER --data-cache auto`` inside a fresh memory cgroup (v2, or v1's memory
 controller) whose limit is below the decoded float32 set (N x 3 x S x S x 4 bytes) and, by default,
 below the decoded uint8 set too, with a fresh ``$DIFFUSE_CACHE``. ``auto`` must see the limit and
-pick the disk cache on its own; the run must finish (exit 0, no OOM kill). Reported (JSON, and a
+pick the disk cache on its own; the run must finish (exit 0, no OOM kill). ``--cache memory`` is the
+contrast: the same run decoding into memory, which the same limit should kill. Reported (JSON, and a
 line per figure): the decode rate from the cache sidecar, the cgroup's peak memory and OOM/failure
 counters, the training wall-clock, and the CPU. Nothing here is a timed test: it is a measurement.
 """
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--folder", default="/tmp/diffuse-ltm-folder")
     p.add_argument("--limit-gib", type=float, default=1.5)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cache", default="auto", choices=("auto", "disk", "memory"),
+                   help="--data-cache for the run (memory: the contrast, which the limit should kill)")
     p.add_argument("--out", default=str(HERE / "results" / "larger-than-memory.json"))
     a = p.parse_args(argv)
 
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
     cache = Path(tempfile.mkdtemp(prefix="diffuse-ltm-cache-"))
     run = Path(tempfile.mkdtemp(prefix="diffuse-ltm-run-"))
     cmd = [sys.executable, "-m", "diffuse", "train", "--data", str(folder), "--image-size", str(a.size),
-           "--data-cache", "auto", "--steps", str(a.steps), "--batch-size", "32", "--base-channels", "16",
+           "--data-cache", a.cache, "--steps", str(a.steps), "--batch-size", "32", "--base-channels", "16",
            "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--attn-resolutions", "", "--num-groups", "8",
            "--sample-every", str(10 ** 6), "--ckpt-every", str(10 ** 6), "--sample-n", "4", "--sample-steps", "2",
            "--log-every", "10", "--no-progress", "--out", str(run / "run")]
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     log = (run / "run" / "train.log").read_text() if (run / "run" / "train.log").is_file() else ""
     result = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "n_images": a.n, "size": a.size, "folder_made_seconds": round(made, 1),
-        "decoded_float32_bytes": floats, "decoded_uint8_bytes": u8, "cgroup": flavour, "limit_bytes": limit,
+        "data_cache": a.cache, "decoded_float32_bytes": floats, "decoded_uint8_bytes": u8, "cgroup": flavour, "limit_bytes": limit,
         "exit_code": r.returncode, "used_disk_cache": bool(sidecars), "decode_seconds": decode.get("decode_seconds"),
         "decode_images_per_sec": decode.get("images_per_sec"), "train_wall_seconds": round(wall, 1),
         "steps": a.steps, **figures, "stderr_tail": r.stderr[-1500:], "log_tail": log[-1500:],
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
           f"{decode.get('images_per_sec')} img/s ({decode.get('decode_seconds')} s); peak "
           f"{(figures['peak_bytes'] or 0) / gib:.2f} GiB; limit hits {figures['limit_hits']}, OOM kills "
           f"{figures['oom_kills']}; {wall:.0f} s in all; {result['cpu']}")
-    return 0 if r.returncode == 0 and sidecars else 1
+    return 0 if (r.returncode == 0 and sidecars) == (a.cache != "memory") else 1
 
 
 if __name__ == "__main__":

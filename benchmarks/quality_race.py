@@ -66,7 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer-sample-steps", type=int, default=None,
                    help="peers' sampling steps (default: their defaults, 1000 ancestral)")
-    p.add_argument("--venv", default=str(REPO / ".bench-venv"), help="benchmark venv for the peers")
+    p.add_argument("--venv", default=str(REPO / ".bench-venv"),
+                   help="benchmark venv: every recipe trains in it, ours included, so all share one torch build")
+    p.add_argument("--ours-python", default=None, help="train ours with this python instead (e.g. .venv/bin/python)")
     p.add_argument("--work", default=str(REPO / "runs" / "quality-race"))
     p.add_argument("--out", default=str(HERE / "results" / "quality_race.json"))
     p.add_argument("--threads", type=int, default=None)
@@ -170,17 +172,22 @@ def worker_peer(args, recipe: str, out: Path) -> None:
             ema.step(model.parameters())
 
         def sample(n):
-            from diffusers import DDPMPipeline
+            from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
             net = build_diffusers(w)
             ema.copy_to(net.parameters())
-            pipe = DDPMPipeline(unet=net.eval(), scheduler=sched)
+            if args.peer_sample_steps:        # the fast path diffusers documents: DDIM on the training schedule
+                pipe = DDIMPipeline(unet=net.eval(), scheduler=DDIMScheduler.from_config(sched.config))
+                how, extra = f"DDIMPipeline {args.peer_sample_steps} steps", {"eta": 0.0}
+            else:
+                pipe = DDPMPipeline(unet=net.eval(), scheduler=sched)
+                how, extra = "DDPMPipeline 1000 steps", {}
             outs = []
             for s in range(0, n, 250):
                 k = min(250, n - s)
                 res = pipe(batch_size=k, generator=torch.Generator().manual_seed(args.seed + s),
-                           num_inference_steps=args.peer_sample_steps or 1000, output_type="np")
+                           num_inference_steps=args.peer_sample_steps or 1000, output_type="np", **extra)
                 outs.append(torch.from_numpy((res.images * 255).round().clip(0, 255).astype("uint8")).permute(0, 3, 1, 2))
-            return torch.cat(outs), f"DDPMPipeline {args.peer_sample_steps or 1000} steps"
+            return torch.cat(outs), how
     else:
         from denoising_diffusion_pytorch import GaussianDiffusion, Unet
         from ema_pytorch import EMA
@@ -212,7 +219,8 @@ def worker_peer(args, recipe: str, out: Path) -> None:
                 torch.manual_seed(args.seed + s)
                 x = ema.ema_model.sample(batch_size=min(250, n - s))
                 outs.append((x * 255).round().clamp(0, 255).to(torch.uint8))
-            return torch.cat(outs), f"GaussianDiffusion.sample ({steps_s} steps)"
+            kind = "DDIM" if steps_s < 1000 else "ancestral"
+            return torch.cat(outs), f"GaussianDiffusion.sample ({steps_s} {kind} steps)"
 
     params = sum(p.numel() for p in (model if recipe == "diffusers" else unet).parameters())
     k, clock = 0, 0.0
@@ -239,13 +247,13 @@ def run_workers(args, recipes: list[str]) -> None:
     for r in recipes:
         out = work / r
         out.mkdir(parents=True, exist_ok=True)
-        py = sys.executable
-        if r in PEERS:
-            py = str(Path(args.venv) / "bin" / "python")
-            if not Path(py).is_file():
-                print(f"skip {r}: no benchmark venv at {args.venv} (python benchmarks/compare_peers.py --setup)",
-                      file=sys.stderr)
-                continue
+        py = str(Path(args.venv) / "bin" / "python")
+        if r not in PEERS and args.ours_python:
+            py = args.ours_python
+        if not Path(py).is_file():
+            print(f"skip {r}: no python at {py} (python benchmarks/compare_peers.py --setup builds the benchmark venv)",
+                  file=sys.stderr)
+            continue
         cmd = [py, __file__, "--worker", r, *sys.argv[1:]]
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
         if args.threads:
