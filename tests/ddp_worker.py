@@ -2,7 +2,8 @@
 
     ddp_worker.py train DUMP_DIR CLI_ARGS...   `diffuse train CLI_ARGS`, then each rank saves its
                                               final model and EMA to DUMP_DIR/rank{R}.safetensors
-                                              (outside the run dir, which only rank 0 may write).
+                                              (outside the run dir, which only rank 0 may write)
+                                              and the steps it trained to DUMP_DIR/rank{R}.json.
                                               FAIL_RANK=r FAIL_STEP=k: rank r raises at step k.
                                               SIGTERM_AT_STEP=k: rank 1 sends SIGTERM to torchrun.
     ddp_worker.py stats OUT.npz N [ARGS...]    FID statistics of N fixed images through
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -54,6 +56,14 @@ def train(dump: str, argv: list[str]) -> int:
         return made["model"], made["ema"], opt
 
     train_mod.build_training = build
+    drawn: list[int] = []                       # the global steps whose batch this rank drew
+    real_draw = data.BatchStream.batch
+
+    def drawing(self, step):
+        drawn.append(step)
+        return real_draw(self, step)
+
+    data.BatchStream.batch = drawing
     fail_rank, fail_step = os.environ.get("FAIL_RANK"), int(os.environ.get("FAIL_STEP", "1"))
     if fail_rank is not None and os.environ["RANK"] == fail_rank:
         real_batch = data.BatchStream.batch
@@ -80,7 +90,10 @@ def train(dump: str, argv: list[str]) -> int:
     if rc == 0 and "model" in made:
         tensors = {f"model.{k}": v.contiguous() for k, v in made["model"].state_dict().items()}
         tensors.update({f"ema.{k}": v.contiguous() for k, v in made["ema"].state_dict().items()})
-        save_file(tensors, os.path.join(dump, f"rank{os.environ.get('RANK', '0')}.safetensors"))
+        rank = os.environ.get("RANK", "0")
+        save_file(tensors, os.path.join(dump, f"rank{rank}.safetensors"))
+        with open(os.path.join(dump, f"rank{rank}.json"), "w") as f:
+            json.dump({"steps": len(drawn), "last_step": max(drawn, default=-1) + 1}, f)
     return rc
 
 
