@@ -43,8 +43,8 @@ from _worker import WORKLOADS  # noqa: E402  (pure data; the worker imports torc
 # The peer versions this comparison was set up with; --setup installs exactly these.
 PINS = {"torch": "2.14.1", "torchvision": "0.29.1", "diffusers": "0.42.1",
         "denoising-diffusion-pytorch": "2.3.4"}
-# What diffuse itself needs at import time in the benchmark venv (it is installed with --no-deps).
-OURS_RUNTIME = ["numpy", "pillow", "safetensors", "tqdm"]
+# What diffuse itself needs in the benchmark venv (installed with --no-deps; quality_race.py trains ours there).
+OURS_RUNTIME = ["numpy", "pillow", "safetensors", "tqdm", "matplotlib", "scikit-learn", "tensorboard", "scipy"]
 
 SETTINGS = {"fp32": ("fp32", False), "fp32-cl": ("fp32", True), "bf16": ("bf16", False), "bf16-cl": ("bf16", True)}
 DEFAULT_IMPLS = ("ours", "ours-bare", "diffusers", "lucidrains", "lucidrains-pm")

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -59,6 +58,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="mnist")
+    p.add_argument("--data-root", default=None, help="folder holding the data set (e.g. ../shared/data)")
     p.add_argument("--preset", default=None, help="diffuse preset (default: the data's)")
     p.add_argument("--budgets", default="5,10,20", help="cumulative training minutes per snapshot")
     p.add_argument("--recipes", default=",".join([*OURS, *PEERS]))
@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--work", default=str(REPO / "runs" / "quality-race"))
     p.add_argument("--out", default=str(HERE / "results" / "quality_race.json"))
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--score-only", action="store_true")
+    p.add_argument("--score-only", action="store_true", help="score the snapshots on disk (no training)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the table and plots from --out's JSON")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -100,6 +101,8 @@ def worker_ours(args, recipe: str, out: Path) -> None:
     add_config_flags(flags)
     overrides = config_overrides(flags.parse_args(OURS[recipe]))
     overrides.setdefault("data", {})["name"] = args.data
+    if args.data_root:
+        overrides["data"]["root"] = args.data_root
     overrides["train"] = {"steps": 10 ** 9, "sample_every": 10 ** 9, "ckpt_every": 10 ** 9, "log_every": 10,
                           "seed": args.seed, "out": str(out / "run")}
     cfg = resolve(args.preset, args.data, None, overrides)
@@ -136,7 +139,7 @@ def worker_peer(args, recipe: str, out: Path) -> None:
     from diffuse.models import UNet
 
     cfg = resolve(args.preset, args.data, None, {"data": {"name": args.data}})
-    data = load_dataset(args.data, None, "train")
+    data = load_dataset(args.data, args.data_root, "train")
     m = cfg.model
     m.image_size, m.in_channels = data.image_size, data.channels
     with torch.device("meta"):
@@ -231,6 +234,7 @@ def worker_peer(args, recipe: str, out: Path) -> None:
             k += 1
         clock += time.perf_counter() - t0
         t1 = time.perf_counter()
+        torch.save((ema.ema_model if recipe == "lucidrains" else ema).state_dict(), out / f"b{b:g}-ema.pt")
         with torch.no_grad():
             images, how = sample(args.fid_n)
         _save_snapshot(out / f"b{b:g}.npz", images, {
@@ -242,66 +246,130 @@ def worker_peer(args, recipe: str, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Orchestration and scoring (project venv)
 
-def run_workers(args, recipes: list[str]) -> None:
-    work = Path(args.work)
-    for r in recipes:
-        out = work / r
-        out.mkdir(parents=True, exist_ok=True)
-        py = str(Path(args.venv) / "bin" / "python")
-        if r not in PEERS and args.ours_python:
-            py = args.ours_python
-        if not Path(py).is_file():
-            print(f"skip {r}: no python at {py} (python benchmarks/compare_peers.py --setup builds the benchmark venv)",
-                  file=sys.stderr)
-            continue
-        cmd = [py, __file__, "--worker", r, *sys.argv[1:]]
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-        if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)
-        print(f"{r}: training to {args.budgets} minutes", file=sys.stderr, flush=True)
-        subprocess.run(cmd, env=env, check=True)
+def run_worker(args, r: str) -> bool:
+    out = Path(args.work) / r
+    out.mkdir(parents=True, exist_ok=True)
+    py = str(Path(args.venv) / "bin" / "python")
+    if r not in PEERS and args.ours_python:
+        py = args.ours_python
+    if not Path(py).is_file():
+        print(f"skip {r}: no python at {py} (python benchmarks/compare_peers.py --setup builds the benchmark venv)",
+              file=sys.stderr)
+        return False
+    cmd = [py, __file__, "--worker", r, *sys.argv[1:]]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    print(f"{r}: training to {args.budgets} minutes", file=sys.stderr, flush=True)
+    subprocess.run(cmd, env=env, check=True)
+    return True
 
 
-def score(args, recipes: list[str]) -> dict:
-    import numpy as np
-    import torch
+class Scorer:
+    """One judge for every snapshot: FID against the test split (TF-Inception) and the held-out
+    classifier's confident fraction. Built on first use (the reference statistics are cached)."""
 
-    from diffuse import classifier, fid
-    from diffuse.inception import load_extractor
+    def __init__(self, args):
+        self.args = args
+        self.extractor = self.ref = self.judge = None
 
-    extractor = load_extractor(None, torch.device("cpu"), "tf-bilinear")
-    ref = fid.reference_stats(args.data, "test", None, extractor=extractor, progress=False)
-    rows = []
-    judge = None
-    for r in recipes:
-        for b in map(float, args.budgets.split(",")):
-            path = Path(args.work) / r / f"b{b:g}.npz"
+    def score(self, recipe: str) -> list[dict]:
+        import numpy as np
+        import torch
+
+        from diffuse import classifier, fid
+        from diffuse.inception import load_extractor
+
+        a = self.args
+        if self.extractor is None:
+            self.extractor = load_extractor(None, torch.device("cpu"), "tf-bilinear")
+            self.ref = fid.reference_stats(a.data, "test", None, data_root=a.data_root, extractor=self.extractor,
+                                           progress=False)
+        rows = []
+        for b in map(float, a.budgets.split(",")):
+            path = Path(a.work) / recipe / f"b{b:g}.npz"
             if not path.is_file():
                 continue
             z = np.load(path)
             images = torch.from_numpy(z["images"]).permute(0, 3, 1, 2).contiguous()
             meta = json.loads(str(z["meta"]))
-            if judge is None:
-                judge = classifier.load_or_train(args.data, None, images.shape[-1], images.shape[1])
-            res = fid.compare(fid.stats_of_images(images, extractor), ref)
+            if self.judge is None:
+                self.judge = classifier.load_or_train(a.data, a.data_root, images.shape[-1], images.shape[1])
+            res = fid.compare(fid.stats_of_images(images, self.extractor), self.ref)
             rows.append({**meta, "n": len(images), "fid": round(res["fid"], 3),
-                         "confident": round(classifier.confident_fraction(judge, images, CONFIDENCE), 4)})
+                         "confident": round(classifier.confident_fraction(self.judge, images, CONFIDENCE), 4)})
             print(json.dumps(rows[-1]), flush=True)
+        return rows
+
+
+def merged(args, out: Path, recipe: str, rows: list[dict]) -> dict:
+    """The report on disk with ``recipe``'s rows replaced: recipes can be raced in several calls."""
+    import torch
+
+    from diffuse.device import cpu_model
+
+    try:
+        old = json.loads(out.read_text())
+        keep = [r for r in old["rows"] if r["recipe"] != recipe] if old.get("fid_n") == args.fid_n else []
+    except (OSError, ValueError, KeyError):
+        keep = []
     return {"data": args.data, "fid_reference": f"{args.data} test split", "fid_n": args.fid_n, "seed": args.seed,
-            "confidence_threshold": CONFIDENCE, "budgets_minutes": args.budgets,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+            "confidence_threshold": CONFIDENCE, "cpu": cpu_model(), "cores": os.cpu_count(),
+            "threads": args.threads or torch.get_num_threads(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "rows": keep + rows}
+
+
+def minutes_to_reach(points: list[tuple[float, float]], target: float) -> tuple[str, float]:
+    """(bound, minutes) at which a recipe's FID-vs-minutes curve first reaches ``target``: "~" by
+    log-log interpolation between the snapshots around it, "<=" the first snapshot's minutes if
+    that is already at or below the target, ">" the last one's if none reaches it."""
+    import math
+
+    pts = sorted(points)
+    if pts[0][1] <= target:
+        return "<=", pts[0][0]
+    for (t0, f0), (t1, f1) in zip(pts, pts[1:]):
+        if f1 <= target:
+            a = (math.log(target) - math.log(f0)) / (math.log(f1) - math.log(f0))
+            return "~", math.exp(math.log(t0) + a * (math.log(t1) - math.log(t0)))
+    return ">", pts[-1][0]
+
+
+def time_ratios(rows: list[dict]) -> list[dict]:
+    """Each of our recipes against the best peer: the FID that peer reached at its last budget, and
+    how long each recipe took to reach it, as a fraction of the peer's time."""
+    peers = {r["recipe"] for r in rows if r["recipe"] in PEERS}
+    if not peers:
+        return []
+    last = {p: max((r for r in rows if r["recipe"] == p), key=lambda r: r["minutes"]) for p in peers}
+    best = min(last.values(), key=lambda r: r["fid"])
+    out = []
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        if recipe in PEERS:
+            continue
+        bound, minutes = minutes_to_reach([(r["minutes"], r["fid"]) for r in rows if r["recipe"] == recipe], best["fid"])
+        out.append({"recipe": recipe, "peer": best["recipe"], "target_fid": best["fid"], "peer_minutes": best["minutes"],
+                    "bound": bound, "minutes": minutes, "ratio": minutes / best["minutes"]})
+    return out
 
 
 def report(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    lines = [f"FID (N={result['fid_n']}, vs {result['fid_reference']}) and judge-confident fraction; {result['cpu']}, "
-             f"{result['threads']} threads, {result['when']}", "",
+    lines = [f"FID (N={result['fid_n']}, vs {result['fid_reference']}) and judge-confident fraction; {result['cpu']} "
+             f"({result['cores']} cores), {result['threads']} threads, {result['when']}", "",
              "| recipe | budget (min) | images seen | steps | sampler | FID | confident |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['recipe']} | {r['minutes']:g} | {r['images_seen']:,} | {r['step']:,} | {r['sampler']} | "
                      f"{r['fid']:.2f} | {r['confident']:.3f} |")
+    ratios = time_ratios(result["rows"])
+    if ratios:
+        lines += ["", f"Time to reach the best peer's final FID ({ratios[0]['target_fid']:.2f}, {ratios[0]['peer']} at "
+                  f"{ratios[0]['peer_minutes']:g} min), wall-clock ratio to that peer (log-log interpolation between "
+                  "snapshots; <= where the first snapshot is already better, > where no snapshot reached it):", "",
+                  "| recipe | minutes to reach it | ratio to the peer |", "|---|---|---|"]
+        for q in ratios:
+            lines.append(f"| {q['recipe']} | {q['bound']} {q['minutes']:.2f} | {q['bound']} {q['ratio']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
@@ -331,11 +399,16 @@ def main(argv=None) -> int:
         out = Path(args.work) / args.worker
         (worker_peer if args.worker in PEERS else worker_ours)(args, args.worker, out)
         return 0
-    if not args.score_only:
-        run_workers(args, recipes)
-    result = score(args, recipes)
-    report(result, Path(args.out))
-    print(Path(args.out).with_suffix(".md").read_text())
+    scorer, out = Scorer(args), Path(args.out)
+    if args.report_only:
+        report(json.loads(out.read_text()), out)
+        print(out.with_suffix(".md").read_text())
+        return 0
+    for r in recipes:                       # scored as each finishes: partial results are on disk early
+        if not args.score_only and not run_worker(args, r):
+            continue
+        report(merged(args, out, r, scorer.score(r)), out)
+    print(out.with_suffix(".md").read_text())
     return 0
 
 

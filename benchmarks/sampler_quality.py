@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from diffuse import classifier, fid
+from diffuse.device import cpu_model
 from diffuse.generate import generate, load
 from diffuse.inception import load_extractor
 
@@ -53,15 +53,16 @@ def main() -> int:
     ap.add_argument("--fid", action="store_true", help="also FID against the test split at --n")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (sampling, Inception and the judge)")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     loaded = load(args.run, device)
     cfg = loaded.config
     judge = classifier.load_or_train(cfg.data.name, cfg.data.root, cfg.model.image_size, cfg.model.in_channels,
-                                     log=lambda m: print(m, file=sys.stderr))
+                                     device=device, log=lambda m: print(m, file=sys.stderr))
     ref = extractor = None
     if args.fid:
         extractor = load_extractor(None, device, "tf-bilinear")
@@ -87,7 +88,8 @@ def main() -> int:
               "objective": loaded.formulation.name, "n": args.n, "seed": args.seed,
               "judge_test_accuracy": judge.test_accuracy, "confidence_threshold": 0.9,
               "fid_reference": f"{cfg.data.name} test split" if args.fid else None,
-              "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "rows": rows}
+              "cpu": cpu_model(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

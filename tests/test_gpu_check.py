@@ -19,7 +19,7 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     env = {**os.environ, "GPU_CHECK_DRY": "1", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
     p = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
-    for stage in ("cuda-tests", "throughput", "throughput-compile", "peers", "train", "fid"):
+    for stage in ("cuda-tests", "throughput", "throughput-compile", "peers", "train", "fid", "ddp-overhead"):
         assert any(line.startswith(stage) for line in p.stdout.splitlines()), (stage, p.stdout)
     assert "-m cuda" in p.stdout and "train_throughput.py" in p.stdout and "--mfu" in p.stdout
     assert not (REPO / "gpu_check_out").exists() and not list(tmp_path.glob("gpu_check.*"))   # work dir removed

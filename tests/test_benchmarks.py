@@ -1,0 +1,54 @@
+"""The benchmark scripts' own logic: the race's time-to-FID arithmetic, and the DDP-overhead
+script that benchmarks/gpu_check.sh runs on a GPU (checked here on a tiny CPU run, so a GPU
+task does not spend its minutes finding a broken script)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import quality_race  # noqa: E402
+
+
+def test_minutes_to_reach_interpolates_in_log_log():
+    pts = [(2.0, 40.0), (4.0, 20.0), (8.0, 10.0)]
+    assert quality_race.minutes_to_reach(pts, 20.0) == ("~", pytest.approx(4.0))
+    # halfway in log FID between 40 and 20 is sqrt(800); in log time halfway between 2 and 4 is sqrt(8)
+    bound, minutes = quality_race.minutes_to_reach(pts, math.sqrt(800))
+    assert bound == "~" and minutes == pytest.approx(math.sqrt(8))
+    assert quality_race.minutes_to_reach(pts, 50.0) == ("<=", 2.0)
+    assert quality_race.minutes_to_reach(pts, 5.0) == (">", 8.0)
+    assert quality_race.minutes_to_reach(list(reversed(pts)), 20.0)[1] == pytest.approx(4.0)   # order-free
+
+
+def test_time_ratios_measure_ours_against_the_best_peer():
+    rows = [{"recipe": "diffusers", "minutes": m, "fid": f} for m, f in ((2, 90.0), (4, 60.0), (8, 30.0))]
+    rows += [{"recipe": "lucidrains", "minutes": m, "fid": f} for m, f in ((2, 80.0), (4, 50.0), (8, 40.0))]
+    rows += [{"recipe": "ours-default", "minutes": m, "fid": f} for m, f in ((2, 60.0), (4, 30.0), (8, 15.0))]
+    rows += [{"recipe": "ours-x0", "minutes": m, "fid": f} for m, f in ((2, 25.0), (4, 20.0))]
+    (ours, x0) = quality_race.time_ratios(rows)
+    assert ours["peer"] == "diffusers" and ours["target_fid"] == 30.0 and ours["peer_minutes"] == 8
+    assert ours["bound"] == "~" and ours["minutes"] == pytest.approx(4.0) and ours["ratio"] == pytest.approx(0.5)
+    assert x0["bound"] == "<=" and x0["ratio"] == pytest.approx(0.25)
+    assert quality_race.time_ratios([r for r in rows if r["recipe"].startswith("ours")]) == []
+
+
+def test_ddp_overhead_script_runs_plain_and_under_torchrun(tmp_path):
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "DIFFUSE_DIST_TIMEOUT": "60"}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ddp_overhead.py"), "--device", "cpu", "--data",
+                        "digits", "--steps", "6", "--batch-size", "8", "--log-every", "2", "--repeats", "1",
+                        "--threads", "1", "--out", str(out)], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert [x["kind"] for x in d["runs"]] == ["plain", "torchrun"]
+    assert all(x["img_per_sec"] > 0 and x["rows"] == 2 for x in d["runs"])
+    assert d["ddp_overhead_percent"] == pytest.approx(100 * (d["plain_img_per_sec"] / d["torchrun_img_per_sec"] - 1), abs=0.2)
