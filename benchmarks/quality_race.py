@@ -1,8 +1,10 @@
 """Time-to-quality race: FID and judge score against training wall-clock, per recipe, on one machine.
 
-    python benchmarks/quality_race.py --budgets 5,10,20 --fid-n 2000            # everything (hours on 2 cores)
+    python benchmarks/quality_race.py --data-root ../shared/data --budgets 2,4,8 --fid-n 2000 --peer-sample-steps 20 \
+        --recipes ours-default,diffusers,lucidrains,ours-v-minsnr,ours-edm   # benchmarks/results/quality_race.*: 1h40m, 2 cores
     python benchmarks/quality_race.py --budgets 1,2 --fid-n 500 --recipes ours-default,ours-v-minsnr  # a smoke run
     python benchmarks/quality_race.py --score-only                               # re-score what is on disk
+    python benchmarks/quality_race.py --report-only                              # table and plot from the JSON
 
 Each recipe trains once; when its cumulative *training* wall-clock reaches each budget (minutes), the
 worker pauses the clock, draws ``--fid-n`` images with the recipe's own sampler from image seeds
@@ -10,7 +12,8 @@ worker pauses the clock, draws ``--fid-n`` images with the recipe's own sampler 
 snapshot is scored in the project venv by the same judge: FID against the data's **test split** at
 the stated N (TF-Inception features, diffuse.fid) and the held-out classifier's confident fraction
 (top-class probability >= 0.9; diffuse.classifier). Output: ``--out`` JSON, a markdown table next to
-it, and two plots (FID vs wall-clock minutes, FID vs images seen), one line per recipe.
+it (with each of our recipes' time to reach the best peer's final FID), and one plot next to it
+(.png: FID against wall-clock minutes and against images seen, one line per recipe).
 
 Recipes (``--recipes``):
   ours-default     diffuse's preset for the data (mnist: eps, uniform, cosine; dpmpp-2m 20 NFE)
@@ -374,19 +377,28 @@ def report(result: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    for key, label, name in (("minutes", "training wall-clock (minutes)", "time"), ("images_seen", "images seen", "images")):
-        fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-        for recipe in dict.fromkeys(r["recipe"] for r in result["rows"]):
-            pts = [(r[key], r["fid"]) for r in result["rows"] if r["recipe"] == recipe]
-            ax.plot(*zip(*pts), marker="o", label=recipe)
+    import matplotlib.ticker
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=True)
+    recipes = list(dict.fromkeys(r["recipe"] for r in result["rows"]))
+    for ax, key, label in zip(axes, ("minutes", "images_seen"), ("training wall-clock (minutes)", "training images seen")):
+        for recipe in recipes:
+            pts = sorted((r[key], r["fid"]) for r in result["rows"] if r["recipe"] == recipe)
+            ax.plot(*zip(*pts), marker="o", label=recipe, linestyle="--" if recipe in PEERS else "-")
         ax.set_xlabel(label)
-        ax.set_ylabel(f"FID (N={result['fid_n']}, test split)")
+        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out.with_name(f"{out.stem}_fid_vs_{name}.png"))
-        plt.close(fig)
+        ax.grid(alpha=0.3, which="both")
+        if key == "minutes":                       # the budgets themselves as plain tick labels
+            ax.set_xticks(sorted({r["minutes"] for r in result["rows"]}), minor=False)
+            ax.set_xticks([], minor=True)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[0].set_ylabel(f"FID (N={result['fid_n']}, vs {result['fid_reference']})")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result['data']}: FID against training time and images; {result['cpu']}, {result['cores']} cores, "
+                 f"{result['threads']} threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"))
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
