@@ -53,7 +53,8 @@ def make_cgroup(limit: int) -> tuple[Path, str]:
     """A fresh memory cgroup with ``limit`` bytes; returns (its directory, its flavour)."""
     name = f"diffuse-ltm-{os.getpid()}"
     v2 = Path("/sys/fs/cgroup")
-    if "memory" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").is_file() else False:
+    controllers = v2 / "cgroup.controllers"
+    if controllers.is_file() and "memory" in controllers.read_text().split():
         d = v2 / name
         d.mkdir()
         (d / "memory.max").write_text(str(limit))
