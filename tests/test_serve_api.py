@@ -100,7 +100,7 @@ def test_images_equal_diffuse_sample_grid_and_single_pngs(client, served_runs, t
     body = r.json()
     assert [im["class"] for im in body["images"]] == [3, 5, 3, 5]
     assert [(im["seed"], im["index"]) for im in body["images"]] == [(11, i) for i in range(4)]
-    assert body["guidance"] == 1.0 and body["sampler"] == "dpmpp-2m" and body["nfe"] == 3
+    assert body["guidance"] == 1.0 and body["sampler"] == "dpmpp-2m-sde" and body["nfe"] == 3
     files = sorted((tmp_path / "dir").glob("*.png"))
     assert [f.name for f in files] == [f"{i:06d}_class{k}.png" for i, k in enumerate([3, 5, 3, 5])]
     for im, f in zip(body["images"], files):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .data import ImageSet, cache_dir, load_dataset
 from .errors import DiffuseError
 from .fsutil import atomic_write
+from .objectives import DEFAULT_VP_SAMPLER
 from .rng import generator
 
 ARCH_VERSION = 1
@@ -174,7 +175,7 @@ def accuracy_by_class(judge: Judge, images: Tensor, labels: Tensor) -> dict[str,
 
 
 def guidance_sweep(loaded, judge: Judge, guidances: list[float], *, n_per_class: int = 100,
-                   sampler: str = "dpmpp-2m", steps: int = 20, spacing: str | None = None, seed: int = 0,
+                   sampler: str = DEFAULT_VP_SAMPLER, steps: int = 20, spacing: str | None = None, seed: int = 0,
                    batch_size: int = 250, device: torch.device | None = None, amp: torch.dtype | None = None,
                    progress: Callable[[int], None] | None = None,
                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:

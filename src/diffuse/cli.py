@@ -194,7 +194,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _sampling_defaults(args: argparse.Namespace, loaded) -> None:
     """--sampler/--steps not given: the run's formulation's default (objectives.default_sampling:
-    heun 35 NFE for edm, dpmpp-2m 20 for vp); a given --sampler alone keeps 20 steps."""
+    heun 35 NFE for edm, dpmpp-2m-sde 20 for vp); a given --sampler alone keeps 20 steps."""
     from .objectives import default_sampling
 
     sampler, steps = default_sampling(loaded.config.diffusion)
@@ -695,7 +695,7 @@ def build_parser() -> Parser:
                         description="Generate images from a run's EMA weights with any sampler.")
     sa.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
     sa.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, metavar="NAME",
-                    help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m; heun for edm runs)")
+                    help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m-sde; heun for edm runs)")
     sa.add_argument("--steps", type=_positive_int, default=None,
                     help="network evaluations per image (default 20; 35 for edm's heun); heun uses "
                          "(steps+1)//2 intervals")

@@ -156,7 +156,7 @@ class TrainConfig:
     fid_n: int = opt(1000, "generated images per FID during training (small N biases FID upward)")
     fid_ref_n: int | None = opt(10_000, "real training images for the FID reference statistics (cached; "
                                         "0 = the whole training split)")
-    fid_sampler: str = opt("dpmpp-2m", "sampler for the FID images during training")
+    fid_sampler: str = opt("dpmpp-2m-sde", "sampler for the FID images during training (sample's VP default)")
     fid_steps: int = opt(20, "sampling steps for the FID images during training")
     out: str | None = opt(None, "run directory (default runs/<preset>-<time>)")
 

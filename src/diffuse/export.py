@@ -54,6 +54,7 @@ from .config import Config, ModelConfig
 from .diffusion import Schedule
 from .errors import DiffuseError
 from .fsutil import atomic_write, exchange, fsync_dir
+from .objectives import default_sampling
 from .outputs import check_dir, check_file
 
 DIFFUSERS_VERSION = "0.30.0"      # written as _diffusers_version: the oldest diffusers these folders target
@@ -398,7 +399,7 @@ def export_diffusers(source: str | Path, out: str | Path, *, overwrite: bool = F
 
 def _copy_grid(src: Path, cfg: Config, header: dict[str, Any], dest: Path, device: torch.device | None) -> str:
     """The run's own grid of the exported step if there is one, else 16 fresh EMA samples
-    (dpmpp-2m, 20 steps: `diffuse sample`'s default)."""
+    (`diffuse sample`'s default sampler and steps for the run's formulation)."""
     run, step = _run_dir(src), header.get("step")
     if run is not None and step is not None and (run / "samples" / f"step_{step:07d}.png").is_file():
         shutil.copyfile(run / "samples" / f"step_{step:07d}.png", dest)
@@ -407,10 +408,12 @@ def _copy_grid(src: Path, cfg: Config, header: dict[str, Any], dest: Path, devic
     from .images import save_grid
     loaded = load(src, device or torch.device("cpu"))
     labels = cycle_labels(range(cfg.model.num_classes), 16) if cfg.model.class_cond else None
-    images, _ = generate(loaded, n=16, seed=0, sampler="dpmpp-2m", steps=20, labels=labels,
+    sampler, steps = default_sampling(cfg.diffusion)
+    images, _ = generate(loaded, n=16, seed=0, sampler=sampler, steps=steps, labels=labels,
                          guidance=cfg.train.sample_guidance if labels is not None else 0.0)
     save_grid(images, dest, nrow=4)
-    return "16 images drawn at export (dpmpp-2m, 20 steps, seed 0" + (", classes cycled" if labels is not None else "") + ")"
+    return (f"16 images drawn at export ({sampler}, {steps} steps, seed 0"
+            + (", classes cycled" if labels is not None else "") + ")")
 
 
 def _read_eval(path: str | Path) -> dict[str, Any]:

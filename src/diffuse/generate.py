@@ -22,7 +22,7 @@ from .diffusion import Schedule
 from .errors import DiffuseError
 from .images import to_uint8
 from .models import UNet
-from .objectives import VP, Formulation, formulation_for, make_denoiser
+from .objectives import DEFAULT_VP_SAMPLER, VP, Formulation, formulation_for, make_denoiser
 from .rng import ImageNoise, to_device
 from .samplers import SAMPLERS, run_sampler, sampler_sigmas
 
@@ -131,7 +131,7 @@ def sample_batch(loaded: Loaded, sampler: str, sigmas: Tensor, noise, *, labels:
 
 
 @torch.no_grad()
-def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "dpmpp-2m", steps: int = 20,
+def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = DEFAULT_VP_SAMPLER, steps: int = 20,
              spacing: str | None = None, eta: float | None = None, batch_size: int = 64,
              labels: Tensor | None = None, guidance: float = 0.0, clip_x0: bool = True,
              device: torch.device | None = None, amp: torch.dtype | None = None, first_index: int = 0,

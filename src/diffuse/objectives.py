@@ -256,10 +256,18 @@ def make_denoiser(net: nn.Module, formulation: Formulation, *, labels: Tensor | 
                     null_label=null_label, clip_x0=clip_x0, autocast_dtype=autocast_dtype, levels=levels)
 
 
+DEFAULT_VP_SAMPLER = "dpmpp-2m-sde"
+
+
 def default_sampling(d: DiffusionConfig) -> tuple[str, int]:
     """(sampler, NFE budget) used when the user names none: EDM's own Heun with 18 intervals (35 NFE,
-    Karras et al. 2022, sec. 3 and table 2); dpmpp-2m at 20 NFE on VP schedules."""
-    return ("heun", 35) if d.formulation == "edm" else ("dpmpp-2m", 20)
+    Karras et al. 2022, sec. 3 and table 2); DPM-Solver++(2M) SDE at 20 NFE on VP schedules.
+
+    Stochastic on purpose: on the 8-minute MNIST model its FID at N = 2,000 is 11.3 against 27.9 for
+    the deterministic dpmpp-2m at the same 20 NFE, because the probability-flow ODE carries a small
+    model's score errors to the end while the SDE's fresh noise damps them (docs/objectives.md,
+    "Fast samplers"). Samples stay reproducible: the noise comes from the per-image seed streams."""
+    return ("heun", 35) if d.formulation == "edm" else (DEFAULT_VP_SAMPLER, 20)
 
 
 def describe(d: DiffusionConfig) -> str:

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..generate import Loaded, cycle_labels
 from ..images import grid_image, png_bytes, to_pil
+from ..objectives import DEFAULT_VP_SAMPLER
 from ..samplers import SAMPLERS, SPACINGS, sampler_sigmas
 from .guard import Guard
 from .jobs import TERMINAL, Job, QueueFull, Settings, Worker, new_job_id
@@ -79,7 +80,7 @@ def request_model(limits: Limits) -> type[BaseModel]:
         model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
         model: str | None = Field(None, max_length=100, description="model name from /api/models (default: the first)")
-        sampler: Literal[sampler_names] = Field("dpmpp-2m", description="sampler, as `diffuse sample --sampler`")
+        sampler: Literal[sampler_names] = Field(DEFAULT_VP_SAMPLER, description="sampler, as `diffuse sample --sampler`")
         steps: int = Field(min(20, limits.max_steps), ge=1, le=limits.max_steps,
                            description="network evaluations per image (also at most the model's T)")
         spacing: Literal[spacing_names] | None = Field(None, description="noise levels (default: the sampler's)")
@@ -270,7 +271,7 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
         return {"models": out,
                 "samplers": [{"name": k, "stochastic": v[1], "default_spacing": v[2]} for k, v in SAMPLERS.items()],
                 "spacings": list(SPACINGS),
-                "defaults": {"sampler": "dpmpp-2m", "steps": min(20, limits.max_steps), "n": min(16, limits.max_images)},
+                "defaults": {"sampler": DEFAULT_VP_SAMPLER, "steps": min(20, limits.max_steps), "n": min(16, limits.max_images)},
                 "limits": {"max_images": limits.max_images, "max_steps": limits.max_steps, "queue": limits.queue,
                            "max_body_bytes": limits.max_body, "max_guidance": limits.max_guidance,
                            "auth": token is not None}}
