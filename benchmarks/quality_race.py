@@ -5,6 +5,7 @@
     python benchmarks/quality_race.py --budgets 1,2 --fid-n 500 --recipes ours-default,ours-v-minsnr  # a smoke run
     python benchmarks/quality_race.py --score-only                               # re-score what is on disk
     python benchmarks/quality_race.py --report-only                              # table and plot from the JSON
+    python benchmarks/quality_race.py --resample --recipes ours-default          # new default sampler, same weights
 
 Each recipe trains once; when its cumulative *training* wall-clock reaches each budget (minutes), the
 worker pauses the clock, draws ``--fid-n`` images with the recipe's own sampler from image seeds
@@ -77,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--score-only", action="store_true", help="score the snapshots on disk (no training)")
     p.add_argument("--report-only", action="store_true", help="rebuild the table and plots from --out's JSON")
+    p.add_argument("--resample", action="store_true",
+                   help="ours recipes: redraw each snapshot from its kept checkpoint with the current default "
+                        "sampler, then score (no training)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -129,6 +133,32 @@ def worker_ours(args, recipe: str, out: Path) -> None:
             "train_call_seconds": round(call_seconds, 1), "step": state["step"],
             "images_seen": state["images_seen"], "sampler": f"{sampler} {record['nfe']} NFE",
             "sample_seconds": record["seconds"], "flags": OURS[recipe]})
+
+
+def resample_ours(args, recipe: str, out: Path) -> None:
+    """Redraw an ours recipe's snapshots with today's default sampler, from the checkpoints its worker
+    kept at each budget (the run keeps the newest 3: enough for 3 budgets). Training is not repeated,
+    so a change of sampler is measured on the very same weights."""
+    import numpy as np
+    import torch
+
+    from diffuse.generate import generate, load
+    from diffuse.objectives import default_sampling
+
+    for b in map(float, args.budgets.split(",")):
+        path = out / f"b{b:g}.npz"
+        if not path.is_file():
+            continue
+        meta = json.loads(str(np.load(path)["meta"]))
+        ckpt = out / "run" / "checkpoints" / f"step_{meta['step']:07d}"
+        if not ckpt.is_dir():
+            raise SystemExit(f"{recipe}: {ckpt} is gone (the run keeps its newest checkpoints only); race it again")
+        loaded = load(ckpt, torch.device("cpu"))
+        sampler, steps = default_sampling(loaded.config.diffusion)
+        images, record = generate(loaded, n=args.fid_n, seed=args.seed, sampler=sampler, steps=steps, batch_size=250)
+        _save_snapshot(path, images, {**meta, "sampler": f"{sampler} {record['nfe']} NFE",
+                                      "sample_seconds": record["seconds"]})
+        print(f"{recipe} {b:g} min (step {meta['step']}): redrawn with {sampler} {record['nfe']} NFE", flush=True)
 
 
 def worker_peer(args, recipe: str, out: Path) -> None:
@@ -417,7 +447,11 @@ def main(argv=None) -> int:
         print(out.with_suffix(".md").read_text())
         return 0
     for r in recipes:                       # scored as each finishes: partial results are on disk early
-        if not args.score_only and not run_worker(args, r):
+        if args.resample:
+            if r not in OURS:
+                continue                    # the peers sample with their own library's sampler
+            resample_ours(args, r, Path(args.work) / r)
+        elif not args.score_only and not run_worker(args, r):
             continue
         report(merged(args, out, r, scorer.score(r)), out)
     print(out.with_suffix(".md").read_text())

@@ -52,3 +52,43 @@ def test_ddp_overhead_script_runs_plain_and_under_torchrun(tmp_path):
     assert [x["kind"] for x in d["runs"]] == ["plain", "torchrun"]
     assert all(x["img_per_sec"] > 0 and x["rows"] == 2 for x in d["runs"])
     assert d["ddp_overhead_percent"] == pytest.approx(100 * (d["plain_img_per_sec"] / d["torchrun_img_per_sec"] - 1), abs=0.2)
+
+
+def test_race_resample_redraws_snapshots_from_the_kept_checkpoints(tmp_path):
+    """--resample: each snapshot is redrawn from the checkpoint of its own step with the current
+    default sampler (the same weights, not the run's last ones), its training metadata kept; a
+    snapshot whose checkpoint is gone stops the run with a one-line reason."""
+    import numpy as np
+    import torch
+
+    from diffuse.generate import generate, load
+    from diffuse.objectives import default_sampling
+    from diffuse.train import train
+
+    from .conftest import tiny_config
+
+    work = tmp_path / "race" / "ours-default"
+    train(tiny_config(work / "run", steps=4, ckpt_every=2, keep=0), progress=False)
+    ckpts = work / "run" / "checkpoints"
+    for b, step in ((1, 2), (2, 4)):
+        quality_race._save_snapshot(work / f"b{b}.npz", torch.zeros(3, 1, 8, 8, dtype=torch.uint8),
+                                    {"recipe": "ours-default", "minutes": b, "step": step, "images_seen": 8 * step,
+                                     "sampler": "dpmpp-2m 20 NFE", "sample_seconds": 1.0})
+    args = quality_race.parse_args(["--budgets", "1,2", "--fid-n", "3", "--seed", "5", "--work", str(tmp_path / "race")])
+    quality_race.resample_ours(args, "ours-default", work)
+
+    for b, step in ((1, 2), (2, 4)):
+        z = np.load(work / f"b{b}.npz")
+        meta = json.loads(str(z["meta"]))
+        loaded = load(ckpts / f"step_{step:07d}", torch.device("cpu"))
+        sampler, steps = default_sampling(loaded.config.diffusion)
+        want, _ = generate(loaded, n=3, seed=5, sampler=sampler, steps=steps, batch_size=250)
+        assert np.array_equal(z["images"], want.permute(0, 2, 3, 1).numpy())
+        assert meta["sampler"] == f"{sampler} {steps} NFE" and meta["step"] == step and meta["images_seen"] == 8 * step
+    a, b = (np.load(work / f"b{m}.npz")["images"] for m in (1, 2))
+    assert not np.array_equal(a, b)                            # step 2's weights, not the last ones
+
+    import shutil
+    shutil.rmtree(ckpts / "step_0000002")
+    with pytest.raises(SystemExit, match="step_0000002 is gone"):
+        quality_race.resample_ours(args, "ours-default", work)
