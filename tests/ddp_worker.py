@@ -113,8 +113,24 @@ def stats(out: str, n: int, then: list[str]) -> int:
     return cli.main(then) if then else 0          # cli.main joins the same group and shuts it down
 
 
+def disagreeing_probes(argv: list[str]) -> int:
+    """``diffuse ARGV`` where the ranks' --precision auto probes disagree: rank 1 measures bf16
+    faster, rank 0 slower (as two ranks on a loaded machine can)."""
+    from diffuse import cli, device
+    rank, real = int(os.environ["RANK"]), device.choose_precision
+
+    def probed(flag, dev):
+        if flag != "auto" or dev.type != "cpu":
+            return real(flag, dev)
+        return device.PrecisionChoice(torch.bfloat16 if rank == 1 else None, f"rank {rank}'s probe")
+    device.choose_precision = probed
+    return cli.main(argv)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "train":
         sys.exit(train(sys.argv[2], sys.argv[3:]))
+    if mode == "probes":
+        sys.exit(disagreeing_probes(sys.argv[2:]))
     sys.exit(stats(sys.argv[2], int(sys.argv[3]), sys.argv[4:]))

@@ -139,7 +139,8 @@ def test_killed_and_resumed_two_rank_run_continues_identically(runs):
     assert steps == list(range(1, int(STEPS) + 1))
 
 
-SAMPLE = ["sample", "-n", "5", "--sampler", "ddpm", "--steps", "3", "--class", "all", "--seed", "3", "--no-progress"]
+SAMPLE = ["sample", "-n", "5", "--sampler", "ddpm", "--steps", "3", "--class", "all", "--seed", "3", "--no-progress",
+          "--precision", "fp32"]       # pinned: each process's auto probe measures its own load
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,20 @@ def test_distributed_sampling_gives_the_same_images(sharded):
     two, one = np.load(sharded / "two.npz"), np.load(sharded / "one.npz")
     assert one["images"].shape[0] == 10                  # --class all: 10 classes x 1
     assert np.array_equal(two["images"], one["images"]) and np.array_equal(two["labels"], one["labels"])
+
+
+def test_ranks_sample_in_one_precision_when_their_probes_disagree(runs):
+    """--precision auto measures bf16 on each rank; when rank 0 finds it slower and rank 1 faster,
+    both shards must still be drawn in one precision (bf16, the rule training uses), so the job's
+    images equal one process's --precision bf16 images. Without the agreement rank 0's half comes
+    out in fp32 and differs."""
+    tmp, auto = runs["tmp"], [a for a in SAMPLE if a not in ("--precision", "fp32")]
+    ok(torchrun(WORKER, "probes", *auto, "--precision", "auto", str(tmp / "C"), "--out", str(tmp / "probes.npz")))
+    assert cli.main([*auto, "--precision", "bf16", str(tmp / "C"), "--out", str(tmp / "bf16.npz")]) == 0
+    assert cli.main([*auto, "--precision", "fp32", str(tmp / "C"), "--out", str(tmp / "fp32.npz")]) == 0
+    got, bf16, fp32 = (np.load(tmp / f"{k}.npz")["images"] for k in ("probes", "bf16", "fp32"))
+    assert not np.array_equal(bf16[:5], fp32[:5])              # the precisions do give different images here
+    assert np.array_equal(got, bf16)
 
 
 def test_distributed_fid_statistics_equal_one_process(sharded):

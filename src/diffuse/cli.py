@@ -145,7 +145,8 @@ def _device_and_amp(device_flag: str, precision: str, run: str | None = None):
     device = dist.init(device_flag) or pick_device(device_flag)
     configure(device)
     loaded = load(run, device) if run else None
-    amp = sampling_precision(precision, device, loaded.config.train.precision if loaded else None).dtype
+    choice = sampling_precision(precision, device, loaded.config.train.precision if loaded else None)
+    amp = dist.agree_precision(choice, precision).dtype          # every rank's shard in one precision
     if loaded is not None:
         prepare_for_inference(loaded.net, device, amp)
     return device, loaded, amp

@@ -142,6 +142,20 @@ def agree(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in t.tolist())
 
 
+def agree_precision(choice, flag: str):
+    """One autocast precision on every rank for ``--precision auto``: each rank's probe measures its
+    own cores under its own load and may decide differently, which would make one job's shards
+    (training steps or sampled images) differ in precision. bf16 if any rank measured it faster.
+    ``choice``: this rank's device.PrecisionChoice; returns the agreed one."""
+    from .device import PrecisionChoice
+    if not active() or flag != "auto":
+        return choice
+    (any_bf16,) = agree(choice.name == "bf16")
+    if any_bf16 and choice.name != "bf16":
+        return PrecisionChoice(torch.bfloat16, "another rank measured bf16 faster")
+    return choice
+
+
 _CONTROL: list = []
 
 

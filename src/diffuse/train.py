@@ -542,13 +542,7 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
         precision.reason = f"as when the run started (auto chose {t.resolved_precision})"
     else:
         precision = choose_precision(t.precision, device)
-    if dist.active() and t.precision == "auto":
-        # every rank must train in one precision; a probe may differ between ranks: bf16 if any measured it faster
-        (any_bf16,) = dist.agree(precision.name == "bf16")
-        if any_bf16 != (precision.name == "bf16"):
-            reason = "another rank measured bf16 faster" if any_bf16 else precision.reason
-            precision = choose_precision("bf16" if any_bf16 else "fp32", device)
-            precision.reason = reason
+    precision = dist.agree_precision(precision, t.precision)        # one precision on every rank
     t.resolved_precision = precision.name
     amp = precision.dtype
     channels_last = use_channels_last(t.channels_last, device, amp)
