@@ -15,11 +15,13 @@ the stated N (TF-Inception features, diffuse.fid) and the held-out classifier's 
 (top-class probability >= 0.9; diffuse.classifier). Output: ``--out`` JSON, a markdown table next to
 it (with each of our recipes' time to reach the best peer's final FID), and one plot next to it
 (.png: FID against wall-clock minutes and against images seen, one line per recipe).
+Ours sample with ``objectives.default_sampling`` (the default of ``diffuse sample``); after that
+default changes, ``--resample`` redraws their snapshots from the checkpoints kept at each budget.
 
 Recipes (``--recipes``):
-  ours-default     diffuse's preset for the data (mnist: eps, uniform, cosine; dpmpp-2m 20 NFE)
+  ours-default     diffuse's preset for the data (mnist: eps, uniform, cosine; dpmpp-2m-sde 20 NFE)
   ours-v-minsnr    the same with --objective v --loss-weight min-snr
-  ours-v-zsnr      --objective v --zero-terminal-snr (trailing ddim would also do; dpmpp-2m 20 NFE)
+  ours-v-zsnr      --objective v --zero-terminal-snr (trailing ddim would also do; dpmpp-2m-sde 20 NFE)
   ours-x0          --objective x0
   ours-edm         --formulation edm (heun 35 NFE)
   diffusers        diffusers' train_unconditional.py defaults: UNet2DModel + DDPMScheduler (eps, linear
