@@ -29,8 +29,8 @@ from diffuse.device import cpu_model
 from diffuse.generate import generate, load
 from diffuse.inception import load_extractor
 
-DEFAULT_CELLS = ("ddpm:1000", "dpmpp-2m:20:karras:inf", "dpmpp-2m:20", "ddim:20", "euler:20", "heun:19",
-                 "ddim:50", "heun:35")
+DEFAULT_CELLS = ("ddpm:1000", "dpmpp-2m-sde:20", "dpmpp-2m:20:karras:inf", "dpmpp-2m:20", "ddim:20", "euler:20",
+                 "heun:19", "ddim:50", "heun:35")
 
 
 def parse_cell(spec: str) -> dict:
