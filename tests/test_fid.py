@@ -552,8 +552,10 @@ def test_fid_during_training_logs_and_keeps_best(tmp_path, monkeypatch):
     ex = CountingExtractor()
     monkeypatch.setattr(inception, "load_extractor", lambda *args, **kwargs: ex)
     monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path / "cache"))
+    # fp32 pinned: with DIFFUSE_CACHE fresh, each run's --precision auto probes anew, and on a loaded
+    # machine two probes can choose differently (seen: bf16 1.56x, then 0.93x)
     cfg = tiny_config(tmp_path / "run", steps=6, fid_every=2, fid_n=6, fid_ref_n=30, fid_sampler="ddim",
-                      fid_steps=2, ckpt_every=100, keep=1)
+                      fid_steps=2, ckpt_every=100, keep=1, precision="fp32")
     out = T.train(cfg, progress=False)
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     fids = [r for r in rows if "fid" in r]
@@ -571,7 +573,7 @@ def test_fid_during_training_logs_and_keeps_best(tmp_path, monkeypatch):
     log = (out / "train.log").read_text()
     assert "biased upward at small N" in log and "N=6" in log
     # training itself is untouched by the FID measurements: same losses as a run without them
-    plain = T.train(tiny_config(tmp_path / "plain", steps=6, ckpt_every=100), progress=False)
+    plain = T.train(tiny_config(tmp_path / "plain", steps=6, ckpt_every=100, precision="fp32"), progress=False)
     losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses(out) == losses(plain)
 

@@ -131,7 +131,7 @@ def test_refused_combinations_are_one_line_errors(kwargs, needle, loaded):
     assert "\n" not in str(e.value)
 
 
-def test_cli_lists_the_registry_and_defaults_to_dpmpp_2m_20():
+def test_cli_lists_the_registry_and_defaults_to_dpmpp_2m_sde_20():
     assert cli.SAMPLER_NAMES == tuple(SAMPLERS)
     assert cli.SPACING_NAMES == SPACINGS
     args = cli.build_parser().parse_args(["sample", "run"])
@@ -139,7 +139,7 @@ def test_cli_lists_the_registry_and_defaults_to_dpmpp_2m_20():
     vp, edm = SimpleNamespace(config=Config()), SimpleNamespace(config=Config())
     edm.config.diffusion.formulation = "edm"
     cli._sampling_defaults(args, vp)
-    assert (args.sampler, args.steps) == ("dpmpp-2m", 20)
+    assert (args.sampler, args.steps) == ("dpmpp-2m-sde", 20)
     args = cli.build_parser().parse_args(["sample", "run"])
     cli._sampling_defaults(args, edm)
     assert (args.sampler, args.steps) == ("heun", 35)
