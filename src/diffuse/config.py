@@ -87,6 +87,10 @@ class DiffusionConfig:
 FORMULATIONS = ("vp", "edm")
 PREDICTIONS = ("eps", "x0", "v")
 LOSS_WEIGHTS = ("uniform", "min-snr", "soft-min-snr")
+# The sampler a VP run uses when none is named (objectives.default_sampling, FID during training,
+# serve): stochastic 2M at 20 NFE, measured best at that budget (docs/objectives.md, "Fast samplers").
+# Here, not in objectives, so that this torch-free module can use it as a flag default.
+DEFAULT_VP_SAMPLER = "dpmpp-2m-sde"
 
 
 def check_diffusion(d: DiffusionConfig) -> str | None:
@@ -156,7 +160,7 @@ class TrainConfig:
     fid_n: int = opt(1000, "generated images per FID during training (small N biases FID upward)")
     fid_ref_n: int | None = opt(10_000, "real training images for the FID reference statistics (cached; "
                                         "0 = the whole training split)")
-    fid_sampler: str = opt("dpmpp-2m-sde", "sampler for the FID images during training (sample's VP default)")
+    fid_sampler: str = opt(DEFAULT_VP_SAMPLER, "sampler for the FID images during training (sample's VP default)")
     fid_steps: int = opt(20, "sampling steps for the FID images during training")
     out: str | None = opt(None, "run directory (default runs/<preset>-<time>)")
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .device import PrecisionChoice
 from .errors import DiffuseError
 
 # The process-group timeout: a collective that waits longer than this fails with a message
@@ -142,12 +143,11 @@ def agree(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in t.tolist())
 
 
-def agree_precision(choice, flag: str):
+def agree_precision(choice: PrecisionChoice, flag: str) -> PrecisionChoice:
     """One autocast precision on every rank for ``--precision auto``: each rank's probe measures its
     own cores under its own load and may decide differently, which would make one job's shards
     (training steps or sampled images) differ in precision. bf16 if any rank measured it faster.
-    ``choice``: this rank's device.PrecisionChoice; returns the agreed one."""
-    from .device import PrecisionChoice
+    ``choice``: this rank's; returns the agreed one."""
     if not active() or flag != "auto":
         return choice
     (any_bf16,) = agree(choice.name == "bf16")

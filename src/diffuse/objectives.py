@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import LOSS_WEIGHTS, PREDICTIONS, DiffusionConfig, check_diffusion
+from .config import DEFAULT_VP_SAMPLER, LOSS_WEIGHTS, PREDICTIONS, DiffusionConfig, check_diffusion
 from .denoiser import Denoiser
 from .diffusion import Schedule, q_sample
 from .samplers import karras_sigmas
@@ -254,9 +254,6 @@ def make_denoiser(net: nn.Module, formulation: Formulation, *, labels: Tensor | 
     ``levels``: a dict shared by the batches of one sampling run (Denoiser.prepare fills it)."""
     return Denoiser(net, formulation, labels=labels, guidance=guidance if labels is not None else 0.0,
                     null_label=null_label, clip_x0=clip_x0, autocast_dtype=autocast_dtype, levels=levels)
-
-
-DEFAULT_VP_SAMPLER = "dpmpp-2m-sde"
 
 
 def default_sampling(d: DiffusionConfig) -> tuple[str, int]:
