@@ -202,9 +202,7 @@ def run_diffuse(sampler: str, net: UNet, schedule: Schedule, steps: int, spacing
 
 def _cases():
     out = []
-    # dpmpp-3m-sde weights its second difference differently from diffusers on purpose (see its
-    # docstring); tests/test_samplers_gaussian.py checks it against quadrature instead.
-    for sampler in (name for name in SAMPLERS if name != "dpmpp-3m-sde"):
+    for sampler in SAMPLERS:
         spacings = {"ddpm": ("trailing", "leading", "uniform"), "ddim": ("trailing", "leading")}.get(
             sampler, ("trailing", "leading", "uniform", "karras"))
         for spacing in spacings:

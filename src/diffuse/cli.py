@@ -26,7 +26,7 @@ EXIT_INTERRUPTED = 130
 
 # Copies of samplers.SAMPLERS / samplers.SPACINGS, so that parsing flags does not import torch;
 # tests/test_samplers_registry.py checks that they agree.
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde")
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde")
 SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
 PRECISION_HELP = ("sampling precision: auto (default: the run's training precision on CUDA; on the CPU bf16 only "
                   "where measured faster, see docs/hardware.md), fp32 or bf16")

@@ -252,54 +252,6 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise:
     return _dpmpp_2m(denoiser, x, sigmas, noise, callback)
 
 
-@torch.no_grad()
-def sample_dpmpp_3m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
-                        callback: Callback = None) -> Tensor:
-    """DPM-Solver++(3M) SDE: ``_dpmpp_2m``'s stochastic step with a third-order multistep estimate of
-    x0 along the step (Lu et al. 2022, "DPM-Solver++", sec. 4-5, taken one order further), one network
-    evaluation per step. In the VE view, a step s -> t with h = log(sigma_s/sigma_t) and E = 1 - e^{-2h} is
-        x_t = (sigma_t/sigma_s)^2 x_s + E D0 + P1 D1 + P2 D2 + sigma_t sqrt(E) n,
-        P1 = 1 - E/(2h),   P2 = 1 - 1/h + E/(2h^2),
-    the integral of 2 e^{-2(h-u)} x0(u) over u in [0, h] taken exactly for x0 quadratic in the log-SNR
-    offset u, with D0 = x0_i, D1 = h x0'(0) and D2 = h^2 x0''/2 from the last three x0 at their log-SNRs
-    (r0 = h_{i-1}/h, r1 = h_{i-2}/h):
-        D1_0 = (x0_i - x0_{i-1})/r0,   D1_1 = (x0_{i-1} - x0_{i-2})/r1,
-        D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1),   D2 = (D1_0 - D1_1)/(r0 + r1).
-    A deliberate deviation: k-diffusion's dpmpp_3m_sde weights D2 by P2/2 and diffusers' third-order
-    "sde-dpmsolver++" by P2/2 - 1, so neither integrates a quadratic x0 exactly (the test checks these
-    weights against quadrature). The first two steps are first and second order (no history yet); the
-    last, to sigma = 0, returns x0 as in ``_dpmpp_2m``.
-    """
-    if noise is None:
-        raise ValueError("dpmpp-3m-sde needs a noise source")
-    x0_1 = x0_2 = h_1 = h_2 = None                     # x0 and h of the previous two steps
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x0 = denoiser(x, sigmas[i])
-        if callback is not None:
-            callback(i, x, x0, sigma)
-        if sigma_next == 0:
-            x = x0
-            continue
-        h = math.log(sigma / sigma_next)
-        e = -math.expm1(-2 * h)                        # 1 - e^{-2h}, accurate for small h
-        x = (sigma_next / sigma) ** 2 * x + e * x0 + sigma_next * math.sqrt(e) * noise.randn_like(x)
-        if x0_1 is not None:
-            d1_0 = (x0 - x0_1) * (h / h_1)
-            p1 = 1 - e / (2 * h)
-            if x0_2 is None:
-                x = x + p1 * d1_0
-            else:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_1 = (x0_1 - x0_2) * (h / h_2)
-                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                p2 = 1 - 1 / h + e / (2 * h * h)
-                x = x + p1 * d1 + p2 * d2
-        x0_1, x0_2, h_1, h_2 = x0, x0_1, h, h_1
-    return x
-
-
 # name -> (function, stochastic, default spacing, NFE for a --steps budget). --steps is the NFE
 # budget: every sampler but heun spends one evaluation per sigma interval.
 # Karras spacing for the ODE solvers, capped at sigma 80 (KARRAS_SIGMA_MAX_CAP). Uncapped on the cosine
@@ -313,7 +265,6 @@ SAMPLERS: dict[str, tuple[Callable[..., Tensor], bool, str, Callable[[int], int]
     "heun": (sample_heun, False, "karras", lambda n: 2 * ((n + 1) // 2) - 1),
     "dpmpp-2m": (sample_dpmpp_2m, False, "karras", lambda n: n),
     "dpmpp-2m-sde": (sample_dpmpp_2m_sde, True, "karras", lambda n: n),
-    "dpmpp-3m-sde": (sample_dpmpp_3m_sde, True, "karras", lambda n: n),
 }
 
 # Spacings a sampler refuses: DDPM is the ancestral chain over trained timesteps (its variance is the
