@@ -10,8 +10,9 @@ seeds (image i from stream (seed, i)) and scores them by
     PYTHONPATH=src python benchmarks/sampler_quality.py RUN --n 500 --out benchmarks/results/sampler_quality.json
     PYTHONPATH=src python benchmarks/sampler_quality.py RUN --cells "dpmpp-2m:20:karras:inf,dpmpp-2m:20:karras:80"
 
-A cell is sampler:steps[:spacing[:cap[:noclip]]]; cap 'inf' = the schedule's own sigma_max (the old
-default); an empty field keeps the default; noclip turns off the per-step x0 clamp to [-1, 1].
+A cell is sampler:steps followed by any of :SPACING, :CAP (a number; 'inf' = the schedule's own
+sigma_max, the old default), :noclip (no per-step x0 clamp to [-1, 1]) and :eta=X (ddim, dpmpp-2m-sde);
+what is not given keeps the sampler's default. E.g. "dpmpp-2m-sde:20:eta=1", "dpmpp-2m:20:karras:inf".
 """
 
 from __future__ import annotations
@@ -28,19 +29,26 @@ from diffuse import classifier, fid
 from diffuse.device import cpu_model
 from diffuse.generate import generate, load
 from diffuse.inception import load_extractor
+from diffuse.samplers import SPACINGS
 
 DEFAULT_CELLS = ("ddpm:1000", "dpmpp-2m-sde:20", "dpmpp-2m:20:karras:inf", "dpmpp-2m:20", "ddim:20", "euler:20",
                  "heun:19", "ddim:50", "heun:35")
 
 
 def parse_cell(spec: str) -> dict:
+    """sampler:steps, then any of: a spacing name, a Karras cap (a number or 'inf'), 'noclip', 'eta=X'."""
     parts = spec.split(":")
-    cell = {"sampler": parts[0], "steps": int(parts[1]), "spacing": parts[2] if len(parts) > 2 and parts[2] else None,
-            "sigma_max_cap": None, "clip_x0": True}
-    if len(parts) > 3 and parts[3]:
-        cell["sigma_max_cap"] = float(parts[3])            # float("inf") for the schedule's own sigma_max
-    if len(parts) > 4:
-        cell["clip_x0"] = parts[4] != "noclip"
+    cell = {"sampler": parts[0], "steps": int(parts[1]), "spacing": None, "sigma_max_cap": None, "clip_x0": True,
+            "eta": None}
+    for token in filter(None, parts[2:]):
+        if token in SPACINGS:
+            cell["spacing"] = token
+        elif token == "noclip":
+            cell["clip_x0"] = False
+        elif token.startswith("eta="):
+            cell["eta"] = float(token[4:])
+        else:
+            cell["sigma_max_cap"] = float(token)          # float("inf") for the schedule's own sigma_max
     return cell
 
 
@@ -73,9 +81,9 @@ def main() -> int:
         cell = parse_cell(spec)
         t0 = time.perf_counter()
         images, record = generate(loaded, n=args.n, seed=args.seed, sampler=cell["sampler"], steps=cell["steps"],
-                                  spacing=cell["spacing"], sigma_max_cap=cell["sigma_max_cap"], clip_x0=cell["clip_x0"],
+                                  spacing=cell["spacing"], sigma_max_cap=cell["sigma_max_cap"], clip_x0=cell["clip_x0"], eta=cell["eta"],
                                   batch_size=args.batch_size, device=device)
-        row = {"cell": spec, **cell, "spacing": record["spacing"], "nfe": record["nfe"], "n": args.n,
+        row = {"cell": spec, **cell, "spacing": record["spacing"], "eta": record["eta"], "nfe": record["nfe"], "n": args.n,
                "confident": round(classifier.confident_fraction(judge, images), 4),
                "sample_seconds": record["seconds"]}
         if args.fid:

@@ -16,6 +16,7 @@ from .conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import quality_race  # noqa: E402
+import sampler_quality  # noqa: E402
 
 
 def test_minutes_to_reach_interpolates_in_log_log():
@@ -27,6 +28,17 @@ def test_minutes_to_reach_interpolates_in_log_log():
     assert quality_race.minutes_to_reach(pts, 50.0) == ("<=", 2.0)
     assert quality_race.minutes_to_reach(pts, 5.0) == (">", 8.0)
     assert quality_race.minutes_to_reach(list(reversed(pts)), 20.0)[1] == pytest.approx(4.0)   # order-free
+
+
+def test_sampler_quality_cells_parse_in_any_order_and_keep_old_specs():
+    parse = sampler_quality.parse_cell
+    assert parse("dpmpp-2m:20:karras:inf") == {"sampler": "dpmpp-2m", "steps": 20, "spacing": "karras",
+                                               "sigma_max_cap": math.inf, "clip_x0": True, "eta": None}
+    assert parse("heun:19") == {"sampler": "heun", "steps": 19, "spacing": None, "sigma_max_cap": None,
+                                "clip_x0": True, "eta": None}
+    assert parse("dpmpp-2m-sde:20:eta=1.5:80:noclip") == parse("dpmpp-2m-sde:20:karras::80:noclip:eta=1.5") | {"spacing": None}
+    cell = parse("dpmpp-2m-sde:20:eta=1.5:80:noclip")
+    assert (cell["eta"], cell["sigma_max_cap"], cell["clip_x0"]) == (1.5, 80.0, False)
 
 
 def test_time_ratios_measure_ours_against_the_best_peer():

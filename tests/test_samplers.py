@@ -121,7 +121,10 @@ def test_discrete_spacings_give_n_distinct_decreasing_timesteps_for_every_n():
     ({"sampler": "ddpm", "spacing": "karras"}, "--spacing karras does not apply to --sampler ddpm"),
     ({"sampler": "euler", "spacing": "cosine"}, "unknown spacing 'cosine'"),
     ({"sampler": "lms"}, "unknown sampler 'lms'"),
-    ({"sampler": "dpmpp-2m", "eta": 0.5}, "--eta applies to --sampler ddim only"),
+    ({"sampler": "dpmpp-2m", "eta": 0.5}, "--eta applies to --sampler ddim or dpmpp-2m-sde only"),
+    ({"sampler": "ddim", "eta": 1.5}, r"--eta for ddim must be in \[0, 1\]"),
+    ({"sampler": "dpmpp-2m-sde", "eta": float("nan")}, r"--eta for dpmpp-2m-sde must be in \[0, 10\]"),
+    ({"sampler": "dpmpp-2m-sde", "eta": -0.5}, r"--eta for dpmpp-2m-sde must be in \[0, 10\]"),
     ({"sampler": "heun", "steps": 1001}, "--steps must be between 1 and 1000"),
     ({"sampler": "dpmpp-2m", "steps": 0}, "--steps must be between 1 and 1000"),
 ])
@@ -148,6 +151,13 @@ def test_cli_lists_the_registry_and_defaults_to_dpmpp_2m_sde_20():
     assert (args.sampler, args.steps) == ("ddim", 20)
     for name in SAMPLERS:
         assert cli.build_parser().parse_args(["sample", "run", "--sampler", name]).sampler == name
+    # the torch-free CLI states the eta defaults and ranges as literals: they must be the samplers'
+    from diffuse.samplers import ETA_SAMPLERS
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    for command in ("sample", "eval"):
+        (eta,) = [a for a in commands[command]._actions if "--eta" in a.option_strings]
+        for name, (default, top, _) in ETA_SAMPLERS.items():
+            assert f"{name} 0..{top:g}" in eta.help and f"default {default:g}" in eta.help.split(name)[1], eta.help
 
 
 def test_cli_rejects_an_unknown_sampler_in_one_line(capsys):

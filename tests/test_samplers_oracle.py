@@ -15,7 +15,8 @@ How diffusers is configured to mean what diffuse means (each line is a conventio
 - DDPM: ``variance_type="fixed_small"`` (posterior variance); diffusers draws its noise in the
   sample's dtype, diffuse always in float32 per image, so the float64 run patches diffusers'
   ``randn_tensor`` to draw float32 from the same per-image generators.
-- DPM-Solver++(2M): ``algorithm_type="dpmsolver++"`` (or "sde-dpmsolver++"), ``solver_order=2``,
+- DPM-Solver++(2M): ``algorithm_type="dpmsolver++"`` (or "sde-dpmsolver++", which is diffuse's
+  dpmpp-2m-sde at eta 1, not its default 5), ``solver_order=2``,
   ``solver_type="midpoint"``, ``lower_order_final=True``, ``euler_at_final=False``,
   ``final_sigmas_type="zero"``.
 - Spacing names: our "uniform" is diffusers' DDPM/DDIM "linspace" (rounded integer timesteps).
@@ -196,7 +197,9 @@ def run_diffuse(sampler: str, net: UNet, schedule: Schedule, steps: int, spacing
     noise = ImageNoise(SEED, range(B))
     z = noise.randn(C, H, H)
     den = make_denoiser(net, VP(schedule), clip_x0=clip)
-    x = run_sampler(sampler, den, z.to(dtype), sigmas, noise=noise if SAMPLERS[sampler][1] else None)
+    # diffusers' "sde-dpmsolver++" is the reverse SDE itself: eta 1 (diffuse's default is 5, a deliberate deviation)
+    options = {"eta": 1.0} if sampler == "dpmpp-2m-sde" else {}
+    x = run_sampler(sampler, den, z.to(dtype), sigmas, noise=noise if SAMPLERS[sampler][1] else None, **options)
     return x, den.nfe, z, sigmas
 
 

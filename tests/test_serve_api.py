@@ -107,6 +107,17 @@ def test_images_equal_diffuse_sample_grid_and_single_pngs(client, served_runs, t
         assert base64.b64decode(im["png"]) == f.read_bytes()
 
 
+def test_eta_reaches_the_sde_sampler_and_the_record(client):
+    from diffuse.samplers import DPMPP_SDE_ETA
+    req = {"model": "uncond", "n": 2, "steps": 3, "seed": 5, "format": "json"}
+    default = client.post("/api/generate", json=req).json()
+    assert default["sampler"] == "dpmpp-2m-sde" and default["eta"] == DPMPP_SDE_ETA
+    given = client.post("/api/generate", json={**req, "eta": 1}).json()
+    assert given["eta"] == 1 and [im["png"] for im in given["images"]] != [im["png"] for im in default["images"]]
+    again = client.post("/api/generate", json={**req, "eta": DPMPP_SDE_ETA}).json()
+    assert [im["png"] for im in again["images"]] == [im["png"] for im in default["images"]]
+
+
 def test_same_request_same_bytes_and_first_index(client):
     req = {"model": "uncond", "n": 3, "steps": 2, "seed": 123, "sampler": "euler"}
     a = client.post("/api/generate", json=req).content
@@ -161,7 +172,8 @@ INVALID = [
     ({"first_index": -1}, ["first_index"]),
     ({"spacing": "log"}, ["spacing"]),
     ({"sampler": "ddpm", "spacing": "karras"}, ["spacing"]),
-    ({"eta": 0.5}, ["eta"]),                 # eta with dpmpp-2m
+    ({"sampler": "dpmpp-2m", "eta": 0.5}, ["eta"]),      # a sampler that takes no eta
+    ({"eta": 10.5}, ["eta"]),                # the default dpmpp-2m-sde's range is 0..10
     ({"sampler": "ddim", "eta": 1.5}, ["eta"]),
     ({"model": "cond", "class": "eleven"}, ["class"]),
     ({"model": "cond", "class": 10}, ["class"]),

@@ -27,6 +27,8 @@ EXIT_INTERRUPTED = 130
 # Copies of samplers.SAMPLERS / samplers.SPACINGS, so that parsing flags does not import torch;
 # tests/test_samplers_registry.py checks that they agree.
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde")
+# samplers.ETA_SAMPLERS in words (the CLI imports no torch; a test keeps the two equal)
+ETA_HELP = "sampler noise: ddim 0..1 (default 0 = DDIM, 1 = DDPM-like); dpmpp-2m-sde 0..10 (0 = ODE, 1 = reverse SDE, default 5)"
 SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
 PRECISION_HELP = ("sampling precision: auto (default: the run's training precision on CUDA; on the CPU bf16 only "
                   "where measured faster, see docs/hardware.md), fp32 or bf16")
@@ -703,7 +705,7 @@ def build_parser() -> Parser:
     sa.add_argument("--spacing", default=None, choices=SPACING_NAMES, metavar="NAME",
                     help=f"noise levels: {', '.join(SPACING_NAMES)} "
                          "(default karras for euler/heun/dpmpp-*, trailing for ddpm/ddim)")
-    sa.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")
+    sa.add_argument("--eta", type=_float, default=None, help=ETA_HELP)
     sa.add_argument("-n", "--n", type=_positive_int, default=64,
                     help="number of images (default 64; under torchrun write -n, which torchrun does not claim)")
     sa.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i)")
@@ -818,7 +820,7 @@ def build_parser() -> Parser:
                     help="network evaluations per image (default as for sample); heun uses (steps+1)//2 intervals")
     ev.add_argument("--spacing", default=None, choices=SPACING_NAMES, metavar="NAME",
                     help=f"noise levels: {', '.join(SPACING_NAMES)} (default: the sampler's)")
-    ev.add_argument("--eta", type=_float, default=None, help="DDIM noise: 0 deterministic, 1 = DDPM")
+    ev.add_argument("--eta", type=_float, default=None, help=ETA_HELP)
     ev.add_argument("--guidance", type=_float, default=None,
                     help="classifier-free guidance w (needs --class; default: the run's)")
     ev.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",

@@ -24,7 +24,7 @@ from .images import to_uint8
 from .models import UNet
 from .objectives import DEFAULT_VP_SAMPLER, VP, Formulation, formulation_for, make_denoiser
 from .rng import ImageNoise, to_device
-from .samplers import SAMPLERS, run_sampler, sampler_sigmas
+from .samplers import SAMPLERS, check_eta, eta_of, run_sampler, sampler_sigmas
 
 
 MAX_IMAGES = 10_000_000          # one call's --n: beyond this a typo, not a plan
@@ -152,10 +152,10 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = DEFAULT_VP
         raise DiffuseError(f"--batch-size must be a positive integer, got {batch_size}")
     options: dict[str, Any] = {}
     if eta is not None:
-        if sampler != "ddim":
-            raise DiffuseError("--eta applies to --sampler ddim only")
-        if not 0 <= eta <= 1:                     # also refuses NaN
-            raise DiffuseError(f"--eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like noise), got {eta}")
+        try:
+            check_eta(sampler, eta)
+        except ValueError as e:
+            raise DiffuseError(str(e)) from None
         options["eta"] = eta
     try:
         sigmas = sampler_sigmas(sampler, loaded.schedule, steps, spacing, sigma_max_cap)
@@ -177,7 +177,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = DEFAULT_VP
     seconds = time.perf_counter() - t0
     record = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe, "sigma_max": float(sigmas[0]),
               "seed": seed, "n": n,
-              "first_index": first_index, "guidance": guidance, "eta": options.get("eta"),
+              "first_index": first_index, "guidance": guidance, "eta": eta_of(sampler, eta),
               "clip_x0": clip_x0, "seconds": round(seconds, 3), "images_per_sec": round(n / seconds, 3)}
     return torch.cat(out), record
 

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..generate import Loaded, cycle_labels
 from ..images import grid_image, png_bytes, to_pil
 from ..objectives import DEFAULT_VP_SAMPLER
-from ..samplers import SAMPLERS, SPACINGS, sampler_sigmas
+from ..samplers import ETA_SAMPLERS, SAMPLERS, SPACINGS, check_eta, eta_of, sampler_sigmas
 from .guard import Guard
 from .jobs import TERMINAL, Job, QueueFull, Settings, Worker, new_job_id
 
@@ -94,7 +94,9 @@ def request_model(limits: Limits) -> type[BaseModel]:
                                                 description="several classes, image i gets classes[i mod len]")
         guidance: float | None = Field(None, ge=0, le=limits.max_guidance, allow_inf_nan=False,
                                        description="classifier-free guidance w (needs a class; default: the run's)")
-        eta: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="DDIM noise (sampler ddim only)")
+        eta: float | None = Field(None, ge=0, le=max(top for _, top, _ in ETA_SAMPLERS.values()), allow_inf_nan=False,
+                                   description="sampler noise, " + "; ".join(
+                                       f"{k}: 0..{top:g}, default {d:g} ({what})" for k, (d, top, what) in ETA_SAMPLERS.items()))
         clip: bool = Field(True, description="clamp predicted x0 to [-1, 1] at each step")
         format: Literal["png", "json"] | None = Field(
             None, description="png: one grid image; json: one base64 PNG per image. Default: by the Accept header")
@@ -119,8 +121,11 @@ class ServeApp:
         loaded = srv.loaded
         if req.steps > srv.max_steps:
             raise _invalid("steps", f"this model allows at most {srv.max_steps} steps (its T)")
-        if req.eta is not None and req.sampler != "ddim":
-            raise _invalid("eta", "eta applies to sampler ddim only")
+        if req.eta is not None:
+            try:
+                check_eta(req.sampler, req.eta)
+            except ValueError as e:
+                raise _invalid("eta", str(e).replace("--", "")) from None
         spacing = req.spacing or SAMPLERS[req.sampler][2]
         try:
             sampler_sigmas(req.sampler, loaded.schedule, req.steps, spacing)
@@ -269,7 +274,8 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
                         "max_steps": min(limits.max_steps, srv.max_steps), "step": srv.loaded.header.get("step"),
                         "device": str(srv.worker.device), "config": cfg.to_dict()})
         return {"models": out,
-                "samplers": [{"name": k, "stochastic": v[1], "default_spacing": v[2]} for k, v in SAMPLERS.items()],
+                "samplers": [{"name": k, "stochastic": v[1], "default_spacing": v[2], "default_eta": eta_of(k, None)}
+                             for k, v in SAMPLERS.items()],
                 "spacings": list(SPACINGS),
                 "defaults": {"sampler": DEFAULT_VP_SAMPLER, "steps": min(20, limits.max_steps), "n": min(16, limits.max_images)},
                 "limits": {"max_images": limits.max_images, "max_steps": limits.max_steps, "queue": limits.queue,

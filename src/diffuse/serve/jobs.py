@@ -31,7 +31,7 @@ from torch import Tensor
 from ..generate import Loaded, sample_batch
 from ..images import make_grid, png_bytes, to_pil, to_uint8
 from ..rng import ImageNoise
-from ..samplers import SAMPLERS, sampler_sigmas
+from ..samplers import SAMPLERS, eta_of, sampler_sigmas
 
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_PX = 32             # previews: each image average-pooled to at most this many pixels a side
@@ -295,6 +295,6 @@ class Worker:
                 job.step = job.total
                 job.record = {"sampler": s.sampler, "steps": s.steps, "spacing": s.spacing, "nfe": den.nfe,
                               "seed": job.seed, "first_index": job.first_index, "n": job.n,
-                              "guidance": s.guidance, "eta": s.eta, "clip_x0": s.clip_x0,
+                              "guidance": s.guidance, "eta": eta_of(s.sampler, s.eta), "clip_x0": s.clip_x0,
                               "batch_images": len(images), "seconds": round(seconds, 3)}
                 job.finish("done", step=job.total, total=job.total, seconds=round(seconds, 3))
