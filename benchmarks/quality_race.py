@@ -133,8 +133,14 @@ def worker_ours(args, recipe: str, out: Path) -> None:
         _save_snapshot(out / f"b{b:g}.npz", images, {
             "recipe": recipe, "minutes": b, "train_seconds": state.get("train_seconds"),
             "train_call_seconds": round(call_seconds, 1), "step": state["step"],
-            "images_seen": state["images_seen"], "sampler": f"{sampler} {record['nfe']} NFE",
+            "images_seen": state["images_seen"], "sampler": _sampler_label(sampler, record),
             "sample_seconds": record["seconds"], "flags": OURS[recipe]})
+
+
+def _sampler_label(sampler: str, record: dict) -> str:
+    """How ours drew a snapshot, for the table: name, counted NFE and eta where the sampler takes one."""
+    eta = record.get("eta")
+    return f"{sampler} {record['nfe']} NFE" + (f" eta {eta:g}" if eta is not None else "")
 
 
 def resample_ours(args, recipe: str, out: Path) -> None:
@@ -158,9 +164,9 @@ def resample_ours(args, recipe: str, out: Path) -> None:
         loaded = load(ckpt, torch.device("cpu"))
         sampler, steps = default_sampling(loaded.config.diffusion)
         images, record = generate(loaded, n=args.fid_n, seed=args.seed, sampler=sampler, steps=steps, batch_size=250)
-        _save_snapshot(path, images, {**meta, "sampler": f"{sampler} {record['nfe']} NFE",
+        _save_snapshot(path, images, {**meta, "sampler": _sampler_label(sampler, record),
                                       "sample_seconds": record["seconds"]})
-        print(f"{recipe} {b:g} min (step {meta['step']}): redrawn with {sampler} {record['nfe']} NFE", flush=True)
+        print(f"{recipe} {b:g} min (step {meta['step']}): redrawn with {_sampler_label(sampler, record)}", flush=True)
 
 
 def worker_peer(args, recipe: str, out: Path) -> None:

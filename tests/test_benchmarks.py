@@ -94,9 +94,9 @@ def test_race_resample_redraws_snapshots_from_the_kept_checkpoints(tmp_path):
         meta = json.loads(str(z["meta"]))
         loaded = load(ckpts / f"step_{step:07d}", torch.device("cpu"))
         sampler, steps = default_sampling(loaded.config.diffusion)
-        want, _ = generate(loaded, n=3, seed=5, sampler=sampler, steps=steps, batch_size=250)
+        want, record = generate(loaded, n=3, seed=5, sampler=sampler, steps=steps, batch_size=250)
         assert np.array_equal(z["images"], want.permute(0, 2, 3, 1).numpy())
-        assert meta["sampler"] == f"{sampler} {steps} NFE" and meta["step"] == step and meta["images_seen"] == 8 * step
+        assert meta["sampler"] == f"{sampler} {steps} NFE eta {record['eta']:g}" and meta["step"] == step and meta["images_seen"] == 8 * step
     a, b = (np.load(work / f"b{m}.npz")["images"] for m in (1, 2))
     assert not np.array_equal(a, b)                            # step 2's weights, not the last ones
 
