@@ -19,7 +19,7 @@ Ours sample with ``objectives.default_sampling`` (the default of ``diffuse sampl
 default changes, ``--resample`` redraws their snapshots from the checkpoints kept at each budget.
 
 Recipes (``--recipes``):
-  ours-default     diffuse's preset for the data (mnist: eps, uniform, cosine; dpmpp-2m-sde 20 NFE)
+  ours-default     diffuse's preset for the data (mnist: eps, uniform, cosine; dpmpp-2m-sde 20 NFE, eta 5)
   ours-v-minsnr    the same with --objective v --loss-weight min-snr
   ours-v-zsnr      --objective v --zero-terminal-snr (trailing ddim would also do; dpmpp-2m-sde 20 NFE)
   ours-x0          --objective x0
