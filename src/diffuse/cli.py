@@ -28,7 +28,8 @@ EXIT_INTERRUPTED = 130
 # tests/test_samplers_registry.py checks that they agree.
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde")
 # samplers.ETA_SAMPLERS in words (the CLI imports no torch; a test keeps the two equal)
-ETA_HELP = "sampler noise: ddim 0..1 (default 0 = DDIM, 1 = DDPM-like); dpmpp-2m-sde 0..10 (0 = ODE, 1 = reverse SDE, default 5)"
+ETA_HELP = ("sampler noise: ddim 0..1 (default 0 = DDIM, 1 = DDPM-like); "
+            "dpmpp-2m-sde 0..10 (0 = ODE, 1 = reverse SDE, default 5)")
 SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
 PRECISION_HELP = ("sampling precision: auto (default: the run's training precision on CUDA; on the CPU bf16 only "
                   "where measured faster, see docs/hardware.md), fp32 or bf16")

@@ -202,9 +202,9 @@ def _dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: ImageNoise |
     alpha_t to move to the VE view:
         x_t = (sigma_t/sigma_s) x_s + (1 - e^{-h}) D,        D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},
     r = h_{i-1} / h_i the ratio of the previous step's log-SNR length to this one's.
-    SDE (eta > 0, noise given): the family of reverse SDEs that add eta times the reverse SDE's
-    Langevin part (Karras et al. 2022, eq. 6, with beta(t) = 2 eta sigma'/sigma), its linear part
-    solved exactly and D frozen, as k-diffusion's dpmpp_2m_sde with that eta:
+    SDE (eta > 0, noise given): the family of SDEs with eta times the reverse SDE's Langevin part
+    (Karras et al. 2022, eq. 6, with beta(t) = eta sigma'(t)/sigma(t)), its linear part solved
+    exactly and D frozen, as k-diffusion's dpmpp_2m_sde with that eta:
         x_t = (sigma_t/sigma_s) e^{-eta h} x_s + (1 - e^{-(1+eta) h}) D' + sigma_t sqrt(1 - e^{-2 eta h}) n,
         D' = x0_i + (x0_i - x0_{i-1}) / (2r)   (the same midpoint D).
     eta = 1 is the reverse SDE itself (diffusers' "sde-dpmsolver++", midpoint). Every eta keeps the

@@ -96,7 +96,8 @@ def request_model(limits: Limits) -> type[BaseModel]:
                                        description="classifier-free guidance w (needs a class; default: the run's)")
         eta: float | None = Field(None, ge=0, le=max(top for _, top, _ in ETA_SAMPLERS.values()), allow_inf_nan=False,
                                    description="sampler noise, " + "; ".join(
-                                       f"{k}: 0..{top:g}, default {d:g} ({what})" for k, (d, top, what) in ETA_SAMPLERS.items()))
+                                       f"{k}: 0..{top:g}, default {d:g} ({what})"
+                                       for k, (d, top, what) in ETA_SAMPLERS.items()))
         clip: bool = Field(True, description="clamp predicted x0 to [-1, 1] at each step")
         format: Literal["png", "json"] | None = Field(
             None, description="png: one grid image; json: one base64 PNG per image. Default: by the Accept header")
@@ -274,8 +275,8 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
                         "max_steps": min(limits.max_steps, srv.max_steps), "step": srv.loaded.header.get("step"),
                         "device": str(srv.worker.device), "config": cfg.to_dict()})
         return {"models": out,
-                "samplers": [{"name": k, "stochastic": v[1], "default_spacing": v[2], "default_eta": eta_of(k, None)}
-                             for k, v in SAMPLERS.items()],
+                "samplers": [{"name": k, "stochastic": v[1], "default_spacing": v[2],
+                              "default_eta": eta_of(k, None)} for k, v in SAMPLERS.items()],
                 "spacings": list(SPACINGS),
                 "defaults": {"sampler": DEFAULT_VP_SAMPLER, "steps": min(20, limits.max_steps), "n": min(16, limits.max_images)},
                 "limits": {"max_images": limits.max_images, "max_steps": limits.max_steps, "queue": limits.queue,
