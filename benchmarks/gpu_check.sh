@@ -13,7 +13,7 @@
 #   4. mnist          a timed MNIST run (--time-limit, preset mnist), its sample grid, and FID at N=2,000
 #                     (skipped without MNIST under $DIFFUSE_DATA_ROOT or without the Inception weights)
 #   5. samplers       benchmarks/sampler_quality.py on that run: FID at N=2,000 and the judge's confident
-#                     fraction for ddpm 1000 against dpmpp-2m-sde 20 (the default), dpmpp-2m 20,
+#                     fraction for ddpm 1000 against dpmpp-2m-sde 20 (the default, eta 5, and eta 1), dpmpp-2m 20,
 #                     ddim/euler 20, heun 19, ddim 50 and heun 35
 #   6. ddp-overhead   benchmarks/ddp_overhead.py: torchrun --nproc-per-node 1 against a plain run (img/s)
 # Writes under $OUT (at most 10 files): summary.json (every stage: status, seconds, figures),
@@ -90,7 +90,7 @@ fi
 if [ "$HAVE_CUDA" = 1 ]; then
     DEV=cuda; PRESETS=digits,mnist,cifar10-small,cifar10-ddpm,64px; TP="--repeats 2 --min-seconds 1.5 --warmup 5"
     MINUTES=${MNIST_MINUTES:-1.5}; FID_N=2000; REF_N=10000; DATA=mnist; EXTRA=(); SLACK=30; L=1
-    CELLS=ddpm:1000,dpmpp-2m-sde:20,dpmpp-2m:20,ddim:20,euler:20,heun:19,ddim:50,heun:35; DDP_ARGS="--steps 400 --repeats 2"
+    CELLS=ddpm:1000,dpmpp-2m-sde:20,dpmpp-2m-sde:20:eta=1,dpmpp-2m:20,ddim:20,euler:20,heun:19,ddim:50,heun:35; DDP_ARGS="--steps 400 --repeats 2"
 else
     DEV=cpu; PRESETS=digits; TP="--repeats 1 --min-seconds 0.3 --warmup 1 --batch 16"
     MINUTES=${MNIST_MINUTES:-0.1}; FID_N=20; REF_N=40; DATA=digits; EXTRA=(--batch-size 16 --sample-n 16 --sample-steps 10); SLACK=90
