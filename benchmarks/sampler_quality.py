@@ -81,9 +81,11 @@ def main() -> int:
         cell = parse_cell(spec)
         t0 = time.perf_counter()
         images, record = generate(loaded, n=args.n, seed=args.seed, sampler=cell["sampler"], steps=cell["steps"],
-                                  spacing=cell["spacing"], sigma_max_cap=cell["sigma_max_cap"], clip_x0=cell["clip_x0"], eta=cell["eta"],
+                                  spacing=cell["spacing"], sigma_max_cap=cell["sigma_max_cap"], clip_x0=cell["clip_x0"],
+                                  eta=cell["eta"],
                                   batch_size=args.batch_size, device=device)
-        row = {"cell": spec, **cell, "spacing": record["spacing"], "eta": record["eta"], "nfe": record["nfe"], "n": args.n,
+        row = {"cell": spec, **cell, "spacing": record["spacing"], "eta": record["eta"], "nfe": record["nfe"],
+               "n": args.n,
                "confident": round(classifier.confident_fraction(judge, images), 4),
                "sample_seconds": record["seconds"]}
         if args.fid:

@@ -351,7 +351,8 @@ def test_bad_train_flags_get_one_line(flags, capsys):
 
 BAD_SAMPLE_FLAGS = [["--steps", "0"], ["--steps", "-3"], ["--steps", "999999"], ["--n", "0"], ["--n", "100000000000"],
                     ["--batch-size", "0"], ["--sampler", "ddim", "--eta", "-1"], ["--sampler", "ddim", "--eta", "nan"],
-                    ["--sampler", "dpmpp-2m", "--eta", "0.5"], ["--eta", "10.5"], ["--eta", "-1"], ["--guidance", "nan"], ["--guidance", "inf"], ["--seed", "1.5"],
+                    ["--sampler", "dpmpp-2m", "--eta", "0.5"], ["--eta", "10.5"], ["--eta", "-1"],
+                    ["--guidance", "nan"], ["--guidance", "inf"], ["--seed", "1.5"],
                     ["--sampler", "nope"], ["--class", "3"], ["--out", "x.gif"], ["--spacing", "log"]]
 
 

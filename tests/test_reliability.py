@@ -349,7 +349,8 @@ def test_eta_and_guidance_out_of_range_are_refused(small_run):
     from diffuse.generate import generate, load
     loaded = load(small_run, CPU)
     for kw, message in [({"sampler": "ddim", "eta": -0.1}, "eta for ddim must be in"),
-                        ({"eta": 10.5}, "eta for dpmpp-2m-sde must be in"), ({"sampler": "ddim", "eta": float("nan")}, "eta"),
+                        ({"eta": 10.5}, "eta for dpmpp-2m-sde must be in"),
+                        ({"sampler": "ddim", "eta": float("nan")}, "eta"),
                         ({"guidance": float("inf")}, "guidance must be a finite"), ({"n": 10**12}, "--n must be between")]:
         with pytest.raises(DiffuseError, match=message):
             generate(loaded, steps=2, **{"n": 1, **kw})
