@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse import datacache
+from diffuse import datacache, hostmem
 from diffuse.data import BatchStream, load_dataset
 from diffuse.train import train
 
@@ -110,24 +110,24 @@ GiB = 1 << 30
 def test_available_ram_honours_memory_cgroups(tmp_path):
     # No limit anywhere: /proc/meminfo's MemAvailable.
     proc, fs = _cgroup_tree(tmp_path / "none", v1=((1 << 63) - 4096, GiB, 0), v2=("max", GiB, 0))
-    assert datacache.cgroup_memory_left(proc, fs) is None
-    assert datacache.available_ram(proc, fs) == 20 * GiB
+    assert hostmem.cgroup_memory_left(proc, fs) is None
+    assert hostmem.available_ram(proc, fs) == 20 * GiB
     # v1 limit 2 GiB, 1.5 GiB used of which 0.5 GiB is inactive page cache: 1 GiB left.
     proc, fs = _cgroup_tree(tmp_path / "v1", v1=(2 * GiB, 3 * GiB // 2, GiB // 2))
-    assert datacache.available_ram(proc, fs) == GiB
-    assert datacache.cgroup_memory_limit(proc, fs) == 2 * GiB
+    assert hostmem.available_ram(proc, fs) == GiB
+    assert hostmem.cgroup_memory_limit(proc, fs) == 2 * GiB
     # v2: the leaf is unlimited, its parent (the job) holds 3 GiB with 1 GiB used: the parent decides.
     proc, fs = _cgroup_tree(tmp_path / "v2", v2=("max", GiB, 0), parent_v2=(3 * GiB, GiB, 0))
-    assert datacache.available_ram(proc, fs) == 2 * GiB
-    assert datacache.cgroup_memory_limit(proc, fs) == 3 * GiB
+    assert hostmem.available_ram(proc, fs) == 2 * GiB
+    assert hostmem.cgroup_memory_limit(proc, fs) == 3 * GiB
     # At (or past) the limit: no room, which is not "unknown".
     proc, fs = _cgroup_tree(tmp_path / "full", v2=(GiB, 2 * GiB, 0))
-    assert datacache.available_ram(proc, fs) == 0
+    assert hostmem.available_ram(proc, fs) == 0
     (proc / "meminfo").unlink()
-    assert datacache.available_ram(proc, fs) == 0
+    assert hostmem.available_ram(proc, fs) == 0
     proc, fs = _cgroup_tree(tmp_path / "unknown")
     (proc / "meminfo").unlink()
-    assert datacache.available_ram(proc, fs) is None
+    assert hostmem.available_ram(proc, fs) is None
 
 
 def test_auto_cache_goes_to_disk_under_a_container_memory_limit(tmp_path, monkeypatch):
@@ -135,19 +135,19 @@ def test_auto_cache_goes_to_disk_under_a_container_memory_limit(tmp_path, monkey
     root = _folder(tmp_path / "imgs")
     monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path / "cache"))
     proc, fs = _cgroup_tree(tmp_path / "cg", v2=(30_000, 20_000, 0))               # 10 kB left
-    real = datacache.available_ram
-    monkeypatch.setattr(datacache, "available_ram", lambda: real(proc, fs))
+    real = hostmem.available_ram
+    monkeypatch.setattr(hostmem, "available_ram", lambda: real(proc, fs))
     assert load_dataset(str(root), None, "train", image_size=16, channels=3, cache="auto").on_disk
     proc, fs = _cgroup_tree(tmp_path / "cg2", v2=(100 * GiB, GiB, 0))
-    monkeypatch.setattr(datacache, "available_ram", lambda: real(proc, fs))
+    monkeypatch.setattr(hostmem, "available_ram", lambda: real(proc, fs))
     assert not load_dataset(str(root), None, "train", image_size=16, channels=3, cache="auto").on_disk
 
 
 def test_cpu_memory_for_data_placement_is_the_cgroup_limit_where_lower(monkeypatch):
     from diffuse import data
     ram = data.total_memory(torch.device("cpu"))
-    monkeypatch.setattr(datacache, "cgroup_memory_limit", lambda: GiB)
+    monkeypatch.setattr(hostmem, "cgroup_memory_limit", lambda: GiB)
     assert data.total_memory(torch.device("cpu")) == min(ram, GiB)
     assert data.choose_placement(GiB // 2, torch.device("cpu"))[0] == "memmap"      # over 25% of the 1 GiB
-    monkeypatch.setattr(datacache, "cgroup_memory_limit", lambda: None)
+    monkeypatch.setattr(hostmem, "cgroup_memory_limit", lambda: None)
     assert data.total_memory(torch.device("cpu")) == ram

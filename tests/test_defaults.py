@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from diffuse.config import default_preset_for, fit_to_size, resolve
-from diffuse.data import load_dataset, peek_folder
+from diffuse.data import load_dataset
+from diffuse.imagefiles import peek_folder
 from diffuse.models import UNet, count_parameters
 
 

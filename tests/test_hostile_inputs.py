@@ -292,8 +292,8 @@ def _awkward_folder(root: Path) -> Path:
 
 
 def test_awkward_image_files_are_read_as_seen_or_skipped(tmp_path, monkeypatch):
-    from diffuse import data
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100 * 100)
+    from diffuse import data, imagefiles
+    monkeypatch.setattr(imagefiles, "MAX_IMAGE_PIXELS", 100 * 100)
     folder = _awkward_folder(tmp_path / "imgs")
     with pytest.warns(UserWarning, match="skipped 4 unreadable image file"):   # corrupt, zero, text, bomb
         ds = data.load_folder(folder, 16, None)

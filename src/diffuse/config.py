@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiffuseError
+from .imagefiles import STANDARD, peek_folder
 
 CONFIG_VERSION = 1
 
@@ -253,7 +254,7 @@ PRESET_NATIVE_SIZE = {"digits": 16, "mnist": 28, "cifar10-ddpm": 32, "cifar10-sm
 
 def default_preset_for(data_name: str, size: int | None = None, channels: int | None = None) -> str:
     """The preset used when only --data is given. Standard data sets have their own; a folder's
-    follows its resolution and channels (``size``/``channels``, from data.peek_folder): up to 32
+    follows its resolution and channels (``size``/``channels``, from imagefiles.peek_folder): up to 32
     pixels, grayscale -> mnist (1.6M params), colour -> cifar10-small (17M); larger -> 64px (65M)."""
     if data_name in DATA_DEFAULT_PRESET:
         return DATA_DEFAULT_PRESET[data_name]
@@ -360,13 +361,12 @@ def resolve(preset: str | None, data_name: str | None, file_overrides: dict | No
     """Build the run config: defaults < preset < config file < CLI flags.
 
     A folder of images (data_name not a standard set) gets its image size and, unless a preset is
-    named, its preset from its images (``data.peek_folder``, ``default_preset_for``, ``fit_to_size``)."""
+    named, its preset from its images (``imagefiles.peek_folder``, ``default_preset_for``, ``fit_to_size``)."""
     file_data = (file_overrides or {}).get("data")
     file_data = file_data if isinstance(file_data, dict) else {}     # a wrong type is reported below
     data_name = data_name or file_data.get("name") or "digits"
     if not isinstance(data_name, str):
         raise DiffuseError(f"--config: bad value {data_name!r} for data (expected a name or a folder)")
-    from .data import STANDARD, peek_folder       # lazy: data imports torch; config stays light
     folder_size = channels = None
     try:
         is_folder = data_name not in STANDARD and Path(data_name).expanduser().is_dir()

@@ -8,6 +8,9 @@ Data convention (stated once, used everywhere):
 Sources: ``digits`` (scikit-learn's bundled 8x8 digits, upscaled to 16x16, no network), ``mnist``,
 ``fashion-mnist`` (original idx.gz files), ``cifar10`` (the python tarball or its extracted
 batches), or a path to a folder of images (class sub-folders become labels).
+
+Neighbours, imported in one direction only: ``imagefiles`` (what a file and a folder hold, decoding),
+``hostmem`` (memory limits), ``datacache`` (the on-disk cache for folders larger than memory).
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import hostmem
+from .datacache import HostBatches, decoded_bytes, load_folder_cached
 from .errors import DiffuseError
-from .fsutil import atomic_open
+from .fsutil import atomic_open, cache_dir
+from .imagefiles import GRAY_MODES, IMAGE_EXTENSIONS, STANDARD, decode_file, is_standard, peek_folder, scan_folder
 from .rng import generator
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-STANDARD = ("digits", "mnist", "fashion-mnist", "cifar10")
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -95,16 +98,6 @@ class ImageSet:
 
 # ----------------------------------------------------------------------------------------------
 # Locations and downloads
-
-def cache_dir() -> Path:
-    """diffuse's cache (downloads, FID statistics, judge classifiers): $DIFFUSE_CACHE, else
-    $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse."""
-    env = os.environ.get("DIFFUSE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "diffuse"
-
 
 def default_data_root() -> Path:
     env = os.environ.get("DIFFUSE_DATA_ROOT")
@@ -282,94 +275,10 @@ def _to_channels(images: Tensor, channels: int) -> Tensor:
     return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
-def scan_folder(root: Path) -> tuple[list[Path], list[str] | None]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    subdirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-    top_level = [p for p in files if len(p.relative_to(root).parts) == 1]
-    # Class sub-folders become labels only when every image sits in one.
-    classes = subdirs if subdirs and not top_level else None
-    return files, classes
-
-
-MAX_IMAGE_PIXELS = 64 * 2 ** 20      # larger images are refused (decompression bombs): 64 MP, 8192^2
-
-
-def _normalise_mode(im):
-    """Any Pillow image -> "L" or "RGB" as a person would see it: EXIF orientation applied, 16-bit
-    gray scaled to 8 bits (not clipped to white), transparency composited on white, palette and
-    CMYK converted. Animated files give their first frame."""
-    from PIL import Image, ImageOps
-    import numpy as np
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im).astype(np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "1":
-        return im.convert("L")
-    if im.mode == "F":
-        return Image.fromarray(np.clip(np.nan_to_num(np.asarray(im)), 0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("L" if im.mode in ("LA", "La") else "RGB")
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB")                     # 1, CMYK, YCbCr, LAB, HSV, ...
-    return im
-
-
-FOLDER_MAX_OWN_SIZE = 64      # a folder's images keep their own size up to this; larger (or mixed) go to 64
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
-@dataclass
-class FolderShape:
-    """What a folder's image headers say, read without decoding the pixels."""
-    count: int                      # readable image files
-    sizes: set[tuple[int, int]]     # distinct (width, height)
-    gray: bool                      # every image is single-channel
-
-    @property
-    def default_size(self) -> int:
-        """The folder's default training size: the images' own (shorter side) when they all share
-        one size of at most FOLDER_MAX_OWN_SIZE pixels, else 64."""
-        if len(self.sizes) == 1:
-            own = min(next(iter(self.sizes)))
-            if own <= FOLDER_MAX_OWN_SIZE:
-                return own
-        return 64
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.gray else 3
-
-
-def peek_folder(root: Path) -> FolderShape:
-    """Sizes and modes of a folder's images from their headers (Pillow opens lazily: no decoding)."""
-    from PIL import Image, UnidentifiedImageError
-
-    files, _ = scan_folder(root)
-    sizes, gray, count = set(), True, 0
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                sizes.add(im.size)
-                gray = gray and im.mode in GRAY_MODES
-                count += 1
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            continue
-    return FolderShape(count, sizes, gray and count > 0)
-
-
 def load_folder(root: Path, image_size: int | None, channels: int | None, cache: str = "memory") -> ImageSet:
     """A folder of images (class sub-folders become labels), decoded into memory, or, for
     ``cache="disk"`` (or ``"auto"`` when the decoded set would take over half the available RAM
     across this machine's ranks), into a memory-mapped on-disk uint8 cache (datacache.py)."""
-    from .datacache import available_ram, decode_file, decoded_bytes, load_folder_cached
-
     if not root.is_dir():
         raise DiffuseError(f"data folder not found: {root}")
     files, classes = scan_folder(root)
@@ -379,7 +288,7 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, cache:
     if cache == "auto":
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         need = decoded_bytes(len(files), channels or 3, size) * ranks_here
-        room = available_ram()
+        room = hostmem.available_ram()
         cache = "disk" if room is not None and need > room // 2 else "memory"
     if cache == "disk":
         images, label_t, classes, info = load_folder_cached(root, size, channels, cache_root=cache_dir(),
@@ -404,10 +313,6 @@ def load_folder(root: Path, image_size: int | None, channels: int | None, cache:
     images = _to_channels(images, channels or (1 if gray else 3))
     label_t = torch.tensor(labels, dtype=torch.long) if classes is not None else None
     return ImageSet(images, label_t, classes, str(root), "train")
-
-
-def is_standard(name: str) -> bool:
-    return name in STANDARD
 
 
 def fingerprint(name: str, data: ImageSet) -> dict:
@@ -485,15 +390,13 @@ HOST_FRACTION = 0.5         # ... and in host memory while it is at most this sh
 def total_memory(device: torch.device) -> int:
     """Bytes of memory on ``device`` (the GPU's, or for the CPU the machine's RAM, or the memory
     cgroup's limit where that is lower: a container or a Slurm job)."""
-    from .datacache import cgroup_memory_limit
-
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         ram = 8 << 30
-    limit = cgroup_memory_limit()
+    limit = hostmem.cgroup_memory_limit()
     return min(ram, limit) if limit else ram
 
 
@@ -561,7 +464,6 @@ class BatchStream:
         self.rows = rows or slice(0, batch_size)
         self._host_batches = None
         if getattr(data, "on_disk", False):      # memory-mapped uint8 cache: gathered on the host, copied per batch
-            from .datacache import HostBatches
             placement = "disk-cache"
             self.images = data.images
             self._host_batches = HostBatches(data.images, device)

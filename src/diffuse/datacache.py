@@ -1,7 +1,7 @@
 """Image folders larger than memory: decode once, in parallel, into an on-disk uint8 cache.
 
 Layout (the data convention of ``data.py``, stored): one raw file of uint8 [N, C, S, S] in
-[0, 255], row i the i-th readable file of ``data.scan_folder`` order, read back with ``np.memmap``;
+[0, 255], row i the i-th readable file of ``imagefiles.scan_folder`` order, read back with ``np.memmap``;
 beside it a JSON sidecar (written last, atomically: its presence means the cache is complete)
 holding the key, N, the shape, the labels and class names. The key is a digest of the file list
 (relative path, size, mtime), the image size and the channel count, so changing any file, the
@@ -34,6 +34,7 @@ import numpy as np
 
 from .errors import DiffuseError
 from .fsutil import atomic_write, building
+from .imagefiles import decode_file, files_shape, scan_folder
 
 if TYPE_CHECKING:   # torch is imported where used: decode workers start without it (spawn is ~2 s faster)
     import torch
@@ -42,34 +43,6 @@ if TYPE_CHECKING:   # torch is imported where used: decode workers start without
 CACHE_FORMAT = "diffuse-uint8-cache"
 CACHE_VERSION = 1
 CHUNK = 256                       # files per worker task
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
-def decode_file(path: Path, size: int) -> tuple[np.ndarray, str] | None:
-    """One image file -> (uint8 [3, size, size] RGB, its mode after data._normalise_mode: "L" or
-    "RGB"), resized on the shorter side (bicubic) and center-cropped; None if unreadable or larger
-    than data.MAX_IMAGE_PIXELS (a decompression bomb is refused before a pixel is decoded).
-    ``data.load_folder`` and the on-disk cache both decode through here."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .data import MAX_IMAGE_PIXELS, _normalise_mode
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                return None
-            im.load()
-            im = _normalise_mode(im)
-            mode = im.mode
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = size / min(w, h)
-            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), mode
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError):
-        return None
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -91,19 +64,6 @@ def _decode_chunk(raw: str, shape: tuple[int, ...], files: list[str], start: int
     arr.flush()
     del arr
     return bad
-
-
-def _gray_folder(files: list[Path]) -> bool:
-    """True if every file is a grayscale image (header reads only: no pixel decoding)."""
-    from PIL import Image
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                if im.mode not in GRAY_MODES:
-                    return False
-        except Exception:  # noqa: BLE001 - unreadable files are skipped when decoding
-            continue
-    return True
 
 
 def cache_key(root: Path, files: list[Path], image_size: int, channels: int) -> dict[str, Any]:
@@ -171,15 +131,13 @@ def load_folder_cached(root: Path, image_size: int | None, channels: int | None,
     images_per_sec}). Concurrent callers (ranks on one machine) wait for one builder."""
     import fcntl
 
-    from .data import scan_folder
-
     if not root.is_dir():
         raise DiffuseError(f"data folder not found: {root}")
     files, classes = scan_folder(root)
     if not files:
         raise DiffuseError(f"no images found under {root}")
     size = image_size or 64
-    channels = channels or (1 if _gray_folder(files) else 3)
+    channels = channels or files_shape(files).channels
     key = cache_key(root, files, size, channels)
     raw, sidecar = cache_paths(key, cache_root)
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -228,92 +186,6 @@ def _read_sidecar(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 def decoded_bytes(n: int, channels: int, size: int) -> int:
     return n * channels * size * size
-
-
-def available_ram(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Bytes this process could still allocate: MemAvailable from /proc/meminfo, lowered to what
-    its memory cgroup leaves (containers, Slurm jobs and systemd units limit memory that way while
-    /proc/meminfo still shows the whole host). None where unknown."""
-    avail: int | None = None
-    try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    left = cgroup_memory_left(proc, cgroup_fs)
-    if left is not None:
-        avail = left if avail is None else min(avail, left)
-    return avail
-
-
-def cgroup_memory_left(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The least room under any memory limit on this process's cgroup or its ancestors (v1 and v2):
-    limit - (usage - inactive file cache), as ``docker stats`` counts it, since the kernel reclaims
-    that cache before it kills. None when no limit is set (or cgroups are not readable)."""
-    lefts = [left for _, left in _cgroup_limits(proc, cgroup_fs)]
-    return min(lefts) if lefts else None
-
-
-def cgroup_memory_limit(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The smallest memory limit on this process's cgroup or its ancestors; None when unlimited."""
-    limits = [limit for limit, _ in _cgroup_limits(proc, cgroup_fs)]
-    return min(limits) if limits else None
-
-
-def _cgroup_limits(proc: Path, cgroup_fs: Path) -> list[tuple[int, int]]:
-    """(limit, room left) for every memory-limited cgroup from this process's up to the root."""
-    try:
-        lines = (proc / "self" / "cgroup").read_text().splitlines()
-    except OSError:
-        return []
-    # (directory, limit file, usage file, inactive-file key in memory.stat)
-    places: list[tuple[Path, str, str, str]] = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hid, controllers, rel = parts
-        rel = rel.strip().lstrip("/")
-        if hid == "0" and controllers == "":                          # v2 (unified, or hybrid's "unified" mount)
-            for base in (cgroup_fs, cgroup_fs / "unified"):
-                places.append((base / rel, "memory.max", "memory.current", "inactive_file"))
-        elif "memory" in controllers.split(","):                       # v1 memory controller
-            places.append((cgroup_fs / "memory" / rel, "memory.limit_in_bytes", "memory.usage_in_bytes",
-                           "total_inactive_file"))
-    found: list[tuple[int, int]] = []
-    for leaf, limit_name, usage_name, inactive_key in places:
-        d = leaf
-        while True:
-            got = _cgroup_dir_limit(d, limit_name, usage_name, inactive_key)
-            if got is not None:
-                found.append(got)
-            if d == cgroup_fs or d.parent == d or cgroup_fs not in d.parents:
-                break
-            d = d.parent
-    return found
-
-
-def _cgroup_dir_limit(d: Path, limit_name: str, usage_name: str, inactive_key: str) -> tuple[int, int] | None:
-    try:
-        raw = (d / limit_name).read_text().strip()
-        if raw == "max":
-            return None
-        limit = int(raw)
-        if limit >= 1 << 60:                                           # v1's "unlimited" (page-rounded 2^63)
-            return None
-        usage = int((d / usage_name).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    inactive = 0
-    try:
-        for line in (d / "memory.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == inactive_key:
-                inactive = int(value)
-    except (OSError, ValueError):
-        pass
-    return limit, max(0, limit - max(0, usage - inactive))
 
 
 class HostBatches:

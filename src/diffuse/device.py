@@ -209,7 +209,7 @@ def probe_key() -> str:
 
 
 def probe_cache_file() -> Path:
-    from .data import cache_dir          # data sits above device in the import floors
+    from .fsutil import cache_dir
     return cache_dir() / "device" / "bf16-probe.json"
 
 

@@ -9,6 +9,8 @@ per run directory.
   a checkpoint directory can be replaced without a moment in which its name holds nothing.
 - ``MARKER``: the file diffuse puts in every run directory it creates; ``--overwrite`` deletes
   only directories holding it.
+- ``cache_dir``: where diffuse keeps what it can rebuild (downloads, FID statistics, judge
+  classifiers, the precision probe, decoded image folders).
 - ``RunLock``: an advisory ``fcntl.flock`` on ``RUN/.lock`` held for a training run's life. The
   kernel drops it when the process dies however it dies, so a stale lock never blocks.
 """
@@ -28,6 +30,16 @@ from .errors import DiffuseError
 
 MARKER = ".diffuse-run"
 LOCK_NAME = ".lock"
+
+
+def cache_dir() -> Path:
+    """diffuse's cache (downloads, FID statistics, judge classifiers): $DIFFUSE_CACHE, else
+    $XDG_CACHE_HOME/diffuse, else ~/.cache/diffuse."""
+    env = os.environ.get("DIFFUSE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diffuse"
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -38,6 +38,7 @@ from .models import UNet, batch_slice, count_parameters
 from .objectives import Formulation, describe, formulation_for, make_denoiser, same_function, weighted_mse
 from .outputs import check_dir
 from .rng import ImageNoise, derive_seed, generator
+from .runlog import read_metrics  # noqa: F401
 from .samplers import run_sampler, sigmas_for
 from .threads import busy_note, set_threads, wait_policy_note
 
@@ -382,18 +383,6 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue   # a line cut short by a crash
-    return rows
 
 
 def truncate_metrics(path: Path, step: int) -> None:
