@@ -16,6 +16,8 @@ import torch
 
 from diffuse import checkpoint as ckpt_io
 from diffuse import export as ex
+from diffuse.diffusion import Schedule
+from diffuse.export import card as card_mod
 from diffuse.config import PRESETS, Config, resolve, validate_resolution
 from diffuse.errors import DiffuseError
 from diffuse.generate import generate, load, sample_batch
@@ -174,7 +176,7 @@ def test_schedules_become_diffusers_betas_exactly():
         cfg.diffusion.schedule = schedule
         s = ex.scheduler_config(cfg)
         theirs = DDPMScheduler.from_config(s).betas
-        ours = ex.Schedule(schedule, 1000, 1e-4, 0.02).betas.float()
+        ours = Schedule(schedule, 1000, 1e-4, 0.02).betas.float()
         assert torch.equal(theirs, ours), schedule
         assert (s["trained_betas"] is None) == named
         # diffusers' own linear schedule (a float32 linspace) is not ours: the reason for trained_betas
@@ -254,8 +256,8 @@ def test_diffusers_pipelines_draw_our_samplers_images(exported, schedule, sample
 
 def test_unconditional_snippet_runs(exported, tmp_path, monkeypatch):
     _, folder = exported["linear"]
-    code = ex.UNCONDITIONAL_SNIPPET.format(folder=folder)
-    assert ex.UNCONDITIONAL_SNIPPET.format(folder="my-model") in (REPO / "docs" / "export.md").read_text()
+    code = card_mod.UNCONDITIONAL_SNIPPET.format(folder=folder)
+    assert card_mod.UNCONDITIONAL_SNIPPET.format(folder="my-model") in (REPO / "docs" / "export.md").read_text()
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "snippet", "exec"), {})
     from PIL import Image
@@ -272,11 +274,11 @@ def test_conditional_snippet_runs_and_draws_our_images(tmp_path):
     u = json.loads((tmp_path / "hf" / "unet" / "config.json").read_text())
     assert u["num_class_embeds"] == 11 and u["_diffuse"]["class_names"] == names and u["_diffuse"]["null_class"] == 10
     card = (tmp_path / "hf" / "README.md").read_text()
-    assert "10 = no class" in card and ex.CONDITIONAL_SNIPPET.format(folder=".", label=0, guidance=1.0) in card
+    assert "10 = no class" in card and card_mod.CONDITIONAL_SNIPPET.format(folder=".", label=0, guidance=1.0) in card
     docs = (REPO / "docs" / "export.md").read_text()
-    assert ex.CONDITIONAL_SNIPPET.format(folder="my-model", label=3, guidance=1.0) in docs
+    assert card_mod.CONDITIONAL_SNIPPET.format(folder="my-model", label=3, guidance=1.0) in docs
 
-    code = ex.CONDITIONAL_SNIPPET.format(folder=tmp_path / "hf", label=3, guidance=1.5)
+    code = card_mod.CONDITIONAL_SNIPPET.format(folder=tmp_path / "hf", label=3, guidance=1.5)
     scope: dict = {}
     exec(compile(code, "snippet", "exec"), scope)
     theirs = scope["images"]
@@ -424,6 +426,24 @@ def test_model_card_reports_the_run(tmp_path):
     assert "| FID | 123.40 at N = 500 generated images vs N_ref = 1,000" in card
     assert re.search(r"\| hardware \| cpu", card) and "| preset | digits |" in card
     assert (tmp_path / "hf" / "samples.png").read_bytes() == (run / "final.png").read_bytes()
+
+
+def test_exported_folder_carries_no_local_path(tmp_path):
+    """The folder is meant to be published as is: the run directory, the data root and where a
+    folder data set lived stay on the machine (only the data folder's own name goes out)."""
+    cfg = tiny_preset("digits")
+    cfg.train.out = str(tmp_path / "private-7f3a" / "runs" / "mine")
+    cfg.data.root = "/home/private-7f3a/datasets"
+    cfg.data.name = "/home/private-7f3a/pictures/handwriting"
+    ckpt = write_checkpoint(tmp_path / "ckpt", cfg, random_net(cfg))
+    ex.export_diffusers(ckpt, tmp_path / "hf")
+    texts = {p.relative_to(tmp_path / "hf").as_posix(): p.read_text()
+             for p in (tmp_path / "hf").rglob("*") if p.suffix in (".json", ".md")}
+    assert {"README.md", "model_index.json", "unet/config.json", "scheduler/scheduler_config.json"} <= set(texts)
+    assert [name for name, text in texts.items() if "private-7f3a" in text] == []
+    stored = json.loads(texts["unet/config.json"])["_diffuse"]["config"]
+    assert stored["train"]["out"] is None and stored["data"]["root"] is None
+    assert stored["data"]["name"] == "handwriting" and "# handwriting diffusion model" in texts["README.md"]
 
 
 def test_model_card_takes_fid_and_class_accuracy_from_eval_json(tmp_path):
