@@ -148,17 +148,34 @@ def test_every_module_has_a_floor():
     assert not twice, f"modules on two floors: {', '.join(twice)}"
 
 
+def upward_imports(graph: dict[str, list[tuple[str, int, str]]]) -> list[str]:
+    """One line per import that goes up a floor, naming its file, line and both modules."""
+    return [f"{rel}:{line}: {name} (floor {FLOOR[name]}) imports {target} (floor {FLOOR[target]})"
+            for name, edges in graph.items() if name in FLOOR
+            for target, line, rel in edges if target in FLOOR and FLOOR[target] > FLOOR[name]]
+
+
+def cycle_message(cycle: list[tuple[str, str, int, str]]) -> str:
+    return ("import cycle: " + " -> ".join([cycle[0][0]] + [edge[1] for edge in cycle]) + "\n"
+            + "\n".join(f"{rel}:{line}: {a} imports {b}" for a, b, line, rel in cycle))
+
+
 def test_no_import_goes_up_a_floor():
-    upward = [f"{rel}:{line}: {name} (floor {FLOOR[name]}) imports {target} (floor {FLOOR[target]})"
-              for name, edges in import_graph().items() if name in FLOOR
-              for target, line, rel in edges if target in FLOOR and FLOOR[target] > FLOOR[name]]
+    upward = upward_imports(import_graph())
     assert not upward, "imports that go up a floor:\n" + "\n".join(upward)
 
 
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
-    assert cycle is None, ("import cycle: " + " -> ".join([cycle[0][0]] + [edge[1] for edge in cycle]) + "\n"
-                           + "\n".join(f"{rel}:{line}: {a} imports {b}" for a, b, line, rel in cycle))
+    assert cycle is None, cycle_message(cycle)
+
+
+def test_failures_name_the_file_line_and_modules():
+    graph = {"config": [("data", 369, "src/diffuse/config.py")], "data": [("config", 12, "src/diffuse/data.py")]}
+    assert upward_imports(graph) == ["src/diffuse/config.py:369: config (floor 2) imports data (floor 3)"]
+    assert cycle_message(find_cycle(graph)) == ("import cycle: config -> data -> config\n"
+                                                 "src/diffuse/config.py:369: config imports data\n"
+                                                 "src/diffuse/data.py:12: data imports config")
 
 
 @pytest.mark.parametrize("edges, cycle", [({"a": ["b"], "b": ["c"], "c": ["a"]}, ["a", "b", "c"]),
@@ -167,3 +184,12 @@ def test_find_cycle_on_small_graphs(edges, cycle):
     graph = {k: [(t, 1, f"{k}.py") for t in v] for k, v in edges.items()}
     found = find_cycle(graph)
     assert (None if found is None else [edge[0] for edge in found]) == cycle
+
+
+def test_config_and_imagefiles_load_without_torch():
+    """A folder's defaults are read before torch is needed (docs/development.md, "Layer order")."""
+    import subprocess
+    import sys
+    code = "import sys, diffuse.config, diffuse.imagefiles; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert got == "[]"
