@@ -18,19 +18,13 @@ from typing import Any
 
 from . import __version__
 from .errors import DiffuseError
+from .sampling import ETA_HELP, SAMPLER_NAMES, SPACING_NAMES, SamplingSpec  # noqa: F401 (names the tests read)
 
 EXIT_USAGE = 2
 RUN_HELP = ("a run directory (its checkpoints/last), a checkpoint directory, or a model .safetensors file "
             "(a checkpoint's ema.safetensors, or one written by diffuse export)")
 EXIT_INTERRUPTED = 130
 
-# Copies of samplers.SAMPLERS / samplers.SPACINGS, so that parsing flags does not import torch;
-# tests/test_samplers_registry.py checks that they agree.
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde")
-# samplers.ETA_SAMPLERS in words (the CLI imports no torch; a test keeps the two equal)
-ETA_HELP = ("sampler noise: ddim 0..1 (default 0 = DDIM, 1 = DDPM-like); "
-            "dpmpp-2m-sde 0..10 (0 = ODE, 1 = reverse SDE, default 5)")
-SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
 PRECISION_HELP = ("sampling precision: auto (default: the run's training precision on CUDA; on the CPU bf16 only "
                   "where measured faster, see docs/hardware.md), fp32 or bf16")
 
@@ -160,13 +154,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import distributed as dist
-    from .generate import cycle_labels, generate_all, parse_class
+    from .generate import cycle_labels, generate_all, parse_class, settle
     from .images import save_images
     from .samplers import SAMPLERS
 
     _check_sample_out(args.out)                                 # before loading and sampling
     device, loaded, amp = _device_and_amp(args.device, args.precision, args.run)
-    _sampling_defaults(args, loaded)
     cls = parse_class(args.class_, loaded)
     labels, nrow, row_labels, n = None, args.nrow, None, args.n
     if cls == "all":
@@ -176,16 +169,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         n, nrow, row_labels = len(labels), per, loaded.class_names
     elif cls is not None:
         labels = cycle_labels(cls, n)
-    args.guidance = _guidance(args.guidance, loaded, labels)
-    nfe_of = SAMPLERS[args.sampler][3]
-    total = nfe_of(args.steps) * -(-len(dist.shard(n)) // args.batch_size)
-    with tqdm(total=total, unit="nfe", desc=f"{args.sampler} {args.steps} steps", file=sys.stderr,
+    spec = settle(loaded, spec_of(args), labels is not None)
+    total = SAMPLERS[spec.sampler][3](spec.steps) * -(-len(dist.shard(n)) // args.batch_size)
+    with tqdm(total=total, unit="nfe", desc=f"{spec.sampler} {spec.steps} steps", file=sys.stderr,
               disable=args.no_progress or not sys.stderr.isatty() or not dist.is_main()) as bar:
         # Under torchrun: each rank makes its block of the images (per-image seeds), all are gathered.
-        images, record = generate_all(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                                  spacing=args.spacing, eta=args.eta, batch_size=args.batch_size,
-                                  labels=labels, guidance=args.guidance, clip_x0=args.clip,
-                                  device=device, amp=amp, progress=bar.update)
+        images, record = generate_all(loaded, n=n, spec=spec, batch_size=args.batch_size, labels=labels,
+                                      device=device, amp=amp, progress=bar.update)
     if not dist.is_main():
         return 0
     out = Path(args.out)
@@ -196,16 +186,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling_defaults(args: argparse.Namespace, loaded) -> None:
-    """--sampler/--steps not given: the run's formulation's default (objectives.default_sampling:
-    heun 35 NFE for edm, dpmpp-2m-sde 20 for vp); a given --sampler alone keeps 20 steps."""
-    from .objectives import default_sampling
+def spec_of(args: argparse.Namespace) -> SamplingSpec:
+    """The sampling flags a command was given, as one SamplingSpec (None: the run's default)."""
+    return SamplingSpec(args.sampler, args.steps, args.spacing, args.eta, args.guidance, args.clip, args.seed)
 
-    sampler, steps = default_sampling(loaded.config.diffusion)
-    if args.sampler is None:
-        args.sampler = sampler
-        args.steps = args.steps or steps
-    args.steps = args.steps or 20
+
+def _sampling_defaults(args: argparse.Namespace, loaded) -> None:
+    """--sampler/--steps not given: the run's formulation's default (SamplingSpec.resolved)."""
+    spec = SamplingSpec(args.sampler, args.steps).resolved(loaded.config.diffusion)
+    args.sampler, args.steps = spec.sampler, spec.steps
 
 
 def _check_sample_out(out: str) -> None:
@@ -349,13 +338,11 @@ def _class_labels(args: argparse.Namespace, loaded, count: int):
 
 def _guidance(flag: float | None, loaded, labels) -> float:
     """--guidance, defaulting to the run's own (train --sample-guidance) when a class is asked for."""
-    if labels is None:
-        if flag:
-            if loaded.config.model.class_cond:
-                raise DiffuseError("--guidance needs --class (a class, a list, or all)")
-            raise DiffuseError("--guidance needs a class-conditional model (train with --class-cond)")
-        return 0.0
-    return loaded.config.train.sample_guidance if flag is None else flag
+    cfg = loaded.config
+    spec = SamplingSpec(guidance=flag).resolved(conditional=labels is not None,
+                                                default_guidance=cfg.train.sample_guidance)
+    spec.check_guidance(class_cond=cfg.model.class_cond, conditional=labels is not None)
+    return spec.guidance
 
 
 def _fid_score_fn(args: argparse.Namespace, loaded, device, amp=None):
@@ -502,8 +489,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import fid
     from .inception import load_extractor
 
-    from .generate import check_request
-
     if bool(args.run) == bool(args.fid_between):
         raise DiffuseError("give a RUN to evaluate, or --fid-between A B (not both)")
     if args.classifier_accuracy and args.fid_between:
@@ -519,7 +504,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.run:
         _sampling_defaults(args, loaded)
         # Everything that can fail cheaply fails before the judge, the reference statistics and the sampling.
-        check_request(args.sampler, args.steps, loaded.schedule.timesteps)
+        SamplingSpec(args.sampler, args.steps).check_sampler(loaded.schedule.timesteps)
     judged = None
     if args.classifier_accuracy:
         judged = _eval_classifier(args, loaded, device, amp)
@@ -569,10 +554,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   desc=f"{args.sampler} sampling", file=sys.stderr,
                   disable=not progress or not sys.stderr.isatty()) as bar:
             # Under torchrun: each rank samples and featurises its block; float64 sums are all-reduced.
-            images, idx, record = generate_shard(loaded, n=n, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                                      spacing=args.spacing, eta=args.eta, batch_size=args.batch_size, labels=labels,
-                                      guidance=args.guidance, clip_x0=args.clip, device=device, amp=amp,
-                                      progress=bar.update)
+            images, idx, record = generate_shard(loaded, n=n, spec=spec_of(args), batch_size=args.batch_size,
+                                                 labels=labels, device=device, amp=amp, progress=bar.update)
         seeds = {"seed": args.seed, "first_index": 0, "count": n,
                  "rule": "image i draws its noise from stream (seed, i)"}
         sample = {k: record[k] for k in ("sampler", "steps", "spacing", "nfe", "eta", "guidance", "clip_x0")}
