@@ -118,7 +118,8 @@ def runtime_parent(precision_note: str = "") -> argparse.ArgumentParser:
     """--device, --precision (sampling), --threads: every command that loads a model."""
     p = _parent()
     p.add_argument("--device", default="auto", help=config_help("train", "device") + " (default auto)")
-    p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"], help=PRECISION_HELP + precision_note)
+    p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
+                   help=PRECISION_HELP + precision_note)
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help=config_help("train", "threads"))
     return p
 

@@ -97,14 +97,16 @@ class SamplingSpec:
         """The sampler is registered and 1 <= steps <= T: cheap, before expensive work."""
         from .samplers import SAMPLERS
         if self.sampler not in SAMPLERS:
-            what = "unknown sampler" if prefix == "--" else f"{prefix}sampler"
-            raise SpecError("sampler", f"{what} {self.sampler!r}{'' if prefix == '--' else ' is not a sampler'}; "
-                                       f"choose one of {', '.join(SAMPLERS)}")
+            # a flag: "unknown sampler 'x'"; a config field (--fid-sampler): name the field
+            what = f"unknown sampler {self.sampler!r}" if prefix == "--" else \
+                f"{prefix}sampler {self.sampler!r} is not a sampler"
+            raise SpecError("sampler", f"{what}; choose one of {', '.join(SAMPLERS)}")
         if not 1 <= self.steps <= timesteps:
             raise SpecError("steps", f"{prefix}steps must be between 1 and {timesteps} for this model, "
                                      f"got {self.steps}")
 
     def check_guidance(self, *, class_cond: bool, conditional: bool) -> None:
+        """Guidance is finite and >= 0, and nonzero only with labels (``conditional``)."""
         g = self.guidance or 0.0
         if not (math.isfinite(g) and g >= 0):
             raise SpecError("guidance", f"--guidance must be a finite number >= 0, got {g}")

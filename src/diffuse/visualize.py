@@ -754,4 +754,5 @@ def schedule_lines(curves: dict[str, dict[str, np.ndarray]], out: str | Path) ->
     """The schedule view's summary: each schedule's end points."""
     return [f"wrote {out}"] + [
         f"{name:>7}: abar_T-1 = {c['alphas_cumprod'][-1]:.3g}, log SNR from {c['log_snr'][0]:.2f} "
-        f"to {c['log_snr'][-1]:.2f}, beta from {c['betas'][0]:.3g} to {c['betas'][-1]:.3g}" for name, c in curves.items()]
+        f"to {c['log_snr'][-1]:.2f}, beta from {c['betas'][0]:.3g} to {c['betas'][-1]:.3g}"
+        for name, c in curves.items()]
