@@ -24,16 +24,18 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # the config, the device, checkpoints, images, Inception, the denoiser interface, samplers
     # and the on-disk image cache
     2: ("config", "device", "checkpoint", "images", "inception", "denoiser", "samplers", "datacache"),
-    # data sets and the batch stream, the UNet, the objectives, the diffusers mapping and card
-    3: ("data", "models", "objectives", "export.mapping", "export.card"),
+    # data sets and the batch stream, the UNet, the objectives, the sampling request, the diffusers
+    # mapping and card
+    3: ("data", "models", "objectives", "sampling", "export.mapping", "export.card"),
     # FID statistics (of data sets and of images)
     4: ("fid",),
     # torchrun: sharded sampling and FID statistics
     5: ("distributed",),
     # checkpoint -> images
     6: ("generate",),
-    # what uses a trained model or trains one
-    7: ("train", "classifier", "visualize", "export", "serve.guard", "serve.jobs"),
+    # what uses a trained model or trains one: training, evaluation (FID of a model), the judge,
+    # visualize, `info`, export, serve's workers
+    7: ("train", "evaluation", "classifier", "visualize", "runinfo", "export", "serve.guard", "serve.jobs"),
     # the serve app, then its entry point
     8: ("serve.app",),
     9: ("serve",),

@@ -6,7 +6,6 @@ Image i always starts from (and draws its sampler noise from) its own stream see
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ from .images import to_uint8
 from .models import UNet
 from .objectives import DEFAULT_VP_SAMPLER, VP, Formulation, formulation_for, make_denoiser
 from .rng import ImageNoise, to_device
-from .samplers import SAMPLERS, check_eta, eta_of, run_sampler, sampler_sigmas
+from .samplers import SAMPLERS, run_sampler
+from .sampling import SamplingSpec
 
 
 MAX_IMAGES = 10_000_000          # one call's --n: beyond this a typo, not a plan
@@ -100,13 +100,39 @@ def cycle_labels(classes: list[int] | range, count: int) -> Tensor:
     return torch.as_tensor(list(classes), dtype=torch.long)[torch.arange(count) % len(classes)]
 
 
-def check_request(sampler: str, steps: int, timesteps: int, flag: str = "--steps") -> None:
-    """One-line errors for a sampler name or step count a model with ``timesteps`` cannot run,
-    for callers that want to fail before expensive work (reference statistics, training)."""
-    if sampler not in SAMPLERS:
-        raise DiffuseError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 1 <= steps <= timesteps:
-        raise DiffuseError(f"{flag} must be between 1 and {timesteps} for this model, got {steps}")
+def class_labels(loaded: Loaded, spec: str | None, count: int) -> Tensor | None:
+    """--class ``spec`` (``parse_class``) as labels [count]: None (unconditional), or image i gets
+    the i-th class of the cycle ('all': every class), as eval, FID and the visualize views use it."""
+    cls = parse_class(spec, loaded)
+    if cls is None:
+        return None
+    return cycle_labels(range(len(loaded.class_names)) if cls == "all" else cls, count)
+
+
+def open_model(run: str | Path | None, device_flag: str = "auto", precision: str = "auto"):
+    """(device, the loaded run or None, autocast dtype) for sampling commands. Under torchrun the
+    device is this rank's, after joining the process group; the precision follows
+    device.sampling_precision (--precision auto: the run's training precision on CUDA, the measured
+    rule on the CPU) and every rank agrees on it, so all shards sample alike."""
+    from . import distributed as dist
+    from .device import configure, pick_device, prepare_for_inference, sampling_precision
+
+    device = dist.init(device_flag) or pick_device(device_flag)
+    configure(device)
+    loaded = load(run, device) if run else None
+    choice = sampling_precision(precision, device, loaded.config.train.precision if loaded else None)
+    amp = dist.agree_precision(choice, precision).dtype
+    if loaded is not None:
+        prepare_for_inference(loaded.net, device, amp)
+    return device, loaded, amp
+
+
+def settle(loaded: Loaded, spec: SamplingSpec, conditional: bool) -> SamplingSpec:
+    """``spec`` with the run's defaults filled in (its formulation's sampler, its guidance when
+    ``conditional``: labels given) and checked against this model: a one-line SpecError otherwise."""
+    cfg = loaded.config
+    spec = spec.resolved(cfg.diffusion, conditional=conditional, default_guidance=cfg.train.sample_guidance)
+    return spec.check(loaded.schedule, class_cond=cfg.model.class_cond, conditional=conditional)
 
 
 @torch.no_grad()
@@ -136,31 +162,22 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = DEFAULT_VP
              labels: Tensor | None = None, guidance: float = 0.0, clip_x0: bool = True,
              device: torch.device | None = None, amp: torch.dtype | None = None, first_index: int = 0,
              progress: Callable[[int], None] | None = None,
-             sigma_max_cap: float | None = None) -> tuple[Tensor, dict[str, Any]]:
+             sigma_max_cap: float | None = None, spec: SamplingSpec | None = None) -> tuple[Tensor, dict[str, Any]]:
     """Images uint8 [n, C, H, W] (on CPU) and a record {sampler, steps, nfe, seconds, ...}.
 
-    ``steps`` is the network-evaluation budget per image (see ``samplers.sampler_sigmas``); the
-    record's ``nfe`` is what the denoiser actually counted per batch, at most ``steps``.
+    The sampling settings are ``spec`` (its None fields take the run's defaults, see ``settle``) or,
+    without one, the keyword arguments seed..sigma_max_cap. ``steps`` is the network-evaluation
+    budget per image (see ``samplers.sampler_sigmas``); the record's ``nfe`` is what the denoiser
+    actually counted per batch, at most ``steps``.
     """
-    check_request(sampler, steps, loaded.schedule.timesteps)
-    spacing = spacing or SAMPLERS[sampler][2]
+    if spec is None:
+        spec = SamplingSpec(sampler, steps, spacing, eta, guidance, clip_x0, seed, sigma_max_cap)
+    spec = settle(loaded, spec, labels is not None)
     if not 1 <= n <= MAX_IMAGES:
         raise DiffuseError(f"--n must be between 1 and {MAX_IMAGES:,}, got {n}")
-    if not (math.isfinite(guidance) and guidance >= 0):
-        raise DiffuseError(f"--guidance must be a finite number >= 0, got {guidance}")
     if batch_size < 1:
         raise DiffuseError(f"--batch-size must be a positive integer, got {batch_size}")
-    options: dict[str, Any] = {}
-    if eta is not None:
-        try:
-            check_eta(sampler, eta)
-        except ValueError as e:
-            raise DiffuseError(str(e)) from None
-        options["eta"] = eta
-    try:
-        sigmas = sampler_sigmas(sampler, loaded.schedule, steps, spacing, sigma_max_cap)
-    except ValueError as e:
-        raise DiffuseError(str(e)) from None
+    sigmas = spec.sigmas(loaded.schedule)
     device = device or next(loaded.net.parameters()).device
     cb = None
     if progress is not None:
@@ -170,15 +187,16 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = DEFAULT_VP
     for start in range(0, n, batch_size):
         idx = range(first_index + start, first_index + min(n, start + batch_size))
         y = labels[start:start + len(idx)] if labels is not None else None
-        x, den = sample_batch(loaded, sampler, sigmas, ImageNoise(seed, idx, device), labels=y, guidance=guidance,
-                              clip_x0=clip_x0, amp=amp, callback=cb, levels=levels, **options)
+        x, den = sample_batch(loaded, spec.sampler, sigmas, ImageNoise(spec.seed, idx, device), labels=y,
+                              guidance=spec.guidance, clip_x0=spec.clip_x0, amp=amp, callback=cb, levels=levels,
+                              **spec.sampler_options())
         out.append(to_uint8(x))
         nfe = den.nfe                               # counted, not predicted: network calls per batch
     seconds = time.perf_counter() - t0
-    record = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe, "sigma_max": float(sigmas[0]),
-              "seed": seed, "n": n,
-              "first_index": first_index, "guidance": guidance, "eta": eta_of(sampler, eta),
-              "clip_x0": clip_x0, "seconds": round(seconds, 3), "images_per_sec": round(n / seconds, 3)}
+    record = {"sampler": spec.sampler, "steps": spec.steps, "spacing": spec.spacing, "nfe": nfe,
+              "sigma_max": float(sigmas[0]), "seed": spec.seed, "n": n, "first_index": first_index,
+              "guidance": spec.guidance, "eta": spec.eta, "clip_x0": spec.clip_x0,
+              "seconds": round(seconds, 3), "images_per_sec": round(n / seconds, 3)}
     return torch.cat(out), record
 
 

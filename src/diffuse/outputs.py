@@ -65,3 +65,14 @@ def check_dir(path: str | Path, flag: str = "--out") -> Path:
         raise DiffuseError(f"{flag} {path} is a file; expected a directory")
     _probe_dir(_existing_parent(path, path), path)
     return path
+
+
+def check_sample_out(out: str | Path) -> Path:
+    """``diffuse sample --out``: a .png grid, an .npz of arrays, or a directory of PNGs, checked
+    before any model is loaded."""
+    out = Path(out)
+    if out.suffix == "" or out.is_dir():
+        return check_dir(out)
+    if out.suffix.lower() in (".png", ".npz"):
+        return check_file(out, (".png", ".npz"))
+    raise DiffuseError(f"--out {out}: use a .png (grid), a .npz (arrays) or a directory (one PNG per image)")

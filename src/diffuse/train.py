@@ -32,6 +32,7 @@ from .device import (autocast_dtype, choose_precision, configure, keep_freed_cpu
                      pick_device, use_channels_last)
 from .diffusion import Schedule
 from .errors import DiffuseError
+from .evaluation import FidDuringTraining  # noqa: F401 (the loop's --fid-every; importable from here)
 from .fsutil import LOCK_NAME, MARKER, RunLock, atomic_write, is_run_dir, mark_run_dir
 from .images import save_grid, to_uint8
 from .models import UNet, batch_slice, count_parameters
@@ -39,7 +40,8 @@ from .objectives import Formulation, describe, formulation_for, make_denoiser, s
 from .outputs import check_dir
 from .rng import ImageNoise, derive_seed, generator
 from .runlog import read_metrics  # noqa: F401
-from .samplers import run_sampler, sigmas_for
+from .samplers import run_sampler
+from .sampling import SamplingSpec
 from .threads import busy_note, set_threads, wait_policy_note
 
 # Diffusion settings that define what the network computes (flag names): --init-from cannot bridge
@@ -118,16 +120,19 @@ def sample_grid(net: nn.Module, cfg: Config, formulation: Formulation, device: t
     if labels is not None:
         n = len(labels)
         labels = labels.to(device)
+    schedule = formulation.schedule
+    spec = SamplingSpec("ddim", min(steps, schedule.timesteps), "trailing", guidance=guidance if labels is not None
+                        else 0.0, clip_x0=True, seed=derive_seed(seed, "grid")).resolved()
+    spec.check(schedule, class_cond=cfg.model.class_cond, conditional=labels is not None)
     was_training = net.training
     net.eval()
-    den = make_denoiser(net, formulation, labels=labels, guidance=guidance,
-                        null_label=cfg.model.num_classes if labels is not None else None, clip_x0=True,
+    den = make_denoiser(net, formulation, labels=labels, guidance=spec.guidance,
+                        null_label=cfg.model.num_classes if labels is not None else None, clip_x0=spec.clip_x0,
                         autocast_dtype=amp)
-    schedule = formulation.schedule
-    noise = ImageNoise(derive_seed(seed, "grid"), range(n), device)
+    noise = ImageNoise(spec.seed, range(n), device)
     m = cfg.model
     z = noise.randn(m.in_channels, m.image_size, m.image_size)
-    x = run_sampler("ddim", den, z, sigmas_for(schedule, min(steps, schedule.timesteps)))
+    x = run_sampler(spec.sampler, den, z, spec.sigmas(schedule), **spec.sampler_options())
     net.train(was_training)
     return to_uint8(x), labels, nrow
 
@@ -839,61 +844,6 @@ def _train(cfg: Config, locks: list[RunLock], *, resume: bool, init_from: str | 
     if interrupted:
         raise KeyboardInterrupt
     return out
-
-
-class FidDuringTraining:
-    """FID of EMA samples against the training data, for ``--fid-every``.
-
-    The extractor and the reference statistics (``--fid-ref-n`` real training images, no
-    augmentation, cached by fid.reference_stats) are prepared once, before training starts, so a
-    missing Inception file fails the run at once. Image i of every measurement draws its noise
-    from stream (seed, i) of its own seed, so FIDs along a run differ only by the weights, and no
-    training RNG is consumed. Under torchrun every rank samples and featurises its block of the
-    N images and the statistics are all-reduced in float64 (distributed.feature_stats): the same
-    FID as one process, to float64 rounding, in 1 / world of the time.
-    """
-
-    def __init__(self, cfg: Config, device: torch.device):
-        from . import fid
-        from .inception import load_extractor
-        from .samplers import SAMPLERS
-
-        t = cfg.train
-        if t.fid_sampler not in SAMPLERS:
-            raise DiffuseError(f"--fid-sampler {t.fid_sampler!r} is not a sampler; choose one of {', '.join(SAMPLERS)}")
-        if t.fid_steps > cfg.diffusion.timesteps:
-            raise DiffuseError(f"--fid-steps must be between 1 and {cfg.diffusion.timesteps}, got {t.fid_steps}")
-        self.cfg, self.device = cfg, device
-        self.extractor = load_extractor(None, device, "tf-bilinear")
-        with dist.main_first():                     # rank 0 fills the statistics cache, the others read it
-            self.ref = fid.reference_stats(cfg.data.name, "train", t.fid_ref_n or None, extractor=self.extractor,
-                                           data_root=cfg.data.root, image_size=cfg.data.image_size,
-                                           channels=cfg.data.channels, progress=False)
-        self.seed = derive_seed(t.seed, "fid")
-
-    def __call__(self, ema: nn.Module, formulation: Formulation, class_names: list[str] | None,
-                 amp: torch.dtype | None) -> dict[str, Any]:
-        from . import fid
-        from .generate import Loaded, cycle_labels, generate_shard
-
-        t = self.cfg.train
-        t0 = time.perf_counter()
-        loaded = Loaded(ema, self.cfg, {"class_names": class_names}, formulation.schedule, Path("<training EMA>"),
-                        formulation)
-        labels, guidance = None, 0.0
-        if class_names:                            # class-balanced: image i gets class i mod K
-            labels, guidance = cycle_labels(range(len(class_names)), t.fid_n), t.sample_guidance
-        was_training = ema.training
-        ema.eval()
-        try:
-            images, idx, _ = generate_shard(loaded, n=t.fid_n, seed=self.seed, sampler=t.fid_sampler,
-                                            steps=t.fid_steps, batch_size=min(t.fid_n, 250), labels=labels,
-                                            guidance=guidance, device=self.device, amp=amp)
-        finally:
-            ema.train(was_training)
-        r = fid.compare(dist.stats_of_images(images, idx, t.fid_n, self.extractor), self.ref)
-        r["seconds"] = time.perf_counter() - t0
-        return r
 
 
 def _tb_grid(images: Tensor, nrow: int | None):

@@ -36,11 +36,12 @@ from torch import Tensor
 from .data import is_standard, load_dataset
 from .diffusion import SCHEDULES, Schedule, q_sample
 from .errors import DiffuseError
-from .generate import Loaded, check_request, generate, sample_batch
+from .generate import Loaded, generate, sample_batch, settle
 from .images import display_scale, make_grid, save_grid, to_uint8
 from .objectives import VP, make_denoiser, vp_x0_eps
 from .rng import ImageNoise, generator
-from .samplers import SAMPLERS, sampler_sigmas
+from .samplers import SAMPLERS
+from .sampling import SamplingSpec
 
 NOISING_T = (0, 200, 400, 600, 800, 999)
 STEPS_LIST = (10, 20, 50, 100, 1000)
@@ -197,17 +198,20 @@ def _plt():
 # ----------------------------------------------------------------------------------------------
 # Sampling with hooks, exactly as generate.generate does it
 
-def _sample(loaded: Loaded, sampler: str, steps: int, noise, *, labels: Tensor | None = None,
-            guidance: float = 0.0, callback=None, amp: torch.dtype | None = None) -> Tensor:
-    """One batch through ``sampler``, set up exactly as ``generate.generate`` sets up a batch
+def _spec(loaded: Loaded, spec: SamplingSpec | None, labels: Tensor | None, **kw) -> SamplingSpec:
+    """The view's sampling settings, resolved and checked as ``generate`` does it (``generate.settle``):
+    ``spec`` if given, else one built from the view's sampler/steps/guidance arguments ``kw``."""
+    return settle(loaded, spec or SamplingSpec(**kw), labels is not None)
+
+
+def _sample(loaded: Loaded, spec: SamplingSpec, noise, *, labels: Tensor | None = None, callback=None,
+            amp: torch.dtype | None = None) -> Tensor:
+    """One batch through a settled ``spec``, set up exactly as ``generate.generate`` sets up a batch
     (same prior draw, denoiser, x0 clipping and noise hand-over), but from any noise object with
     ``randn``/``randn_like`` and with a per-step callback. Returns float [B, C, H, W]."""
-    try:
-        sigmas = sampler_sigmas(sampler, loaded.schedule, steps)
-    except ValueError as e:
-        raise DiffuseError(str(e)) from None
-    return sample_batch(loaded, sampler, sigmas, noise, labels=labels, guidance=guidance, callback=callback,
-                        amp=amp)[0]
+    return sample_batch(loaded, spec.sampler, spec.sigmas(loaded.schedule), noise, labels=labels,
+                        guidance=spec.guidance, clip_x0=spec.clip_x0, callback=callback, amp=amp,
+                        **spec.sampler_options())[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,18 +365,19 @@ class SlerpNoise:
 @torch.no_grad()
 def interpolate(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, rows: int = 4, frames: int = 10,
                 seed: int = 0, labels: Tensor | None = None, guidance: float = 0.0,
-                amp: torch.dtype | None = None) -> Tensor:
+                amp: torch.dtype | None = None, spec: SamplingSpec | None = None) -> Tensor:
     """Row p slerps from image 2p to image 2p + 1 of ``seed`` (as ``generate`` numbers them) in
     ``frames`` equal steps of alpha and decodes every frame with ``sampler``.
-    labels: [rows] long or None. Returns uint8 [rows, frames, C, H, W]."""
-    check_request(sampler, steps, loaded.schedule.timesteps)
+    labels: [rows] long or None; ``spec`` replaces sampler/steps/guidance/seed. Returns uint8
+    [rows, frames, C, H, W]."""
+    spec = _spec(loaded, spec, labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed)
     if rows < 1 or frames < 2:
         raise DiffuseError(f"need at least 1 row and 2 frames, got {rows} rows and {frames} frames")
     alphas = torch.linspace(0, 1, frames, dtype=torch.float64)
     device = next(loaded.net.parameters()).device
-    noise = SlerpNoise(seed, [(2 * p, 2 * p + 1) for p in range(rows)], alphas, device)
+    noise = SlerpNoise(spec.seed, [(2 * p, 2 * p + 1) for p in range(rows)], alphas, device)
     y = labels.repeat_interleave(frames) if labels is not None else None
-    x = _sample(loaded, sampler, steps, noise, labels=y, guidance=guidance, amp=amp)
+    x = _sample(loaded, spec, noise, labels=y, amp=amp)
     return to_uint8(x).view(rows, frames, *x.shape[1:])
 
 
@@ -486,13 +491,14 @@ class Trajectory:
 @torch.no_grad()
 def trajectory(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, n: int = 4, seed: int = 0,
                first_index: int = 0, labels: Tensor | None = None, guidance: float = 0.0,
-               amp: torch.dtype | None = None) -> Trajectory:
-    """Record every denoiser call of one run of ``sampler`` for images first_index.. of ``seed``."""
-    check_request(sampler, steps, loaded.schedule.timesteps)
+               amp: torch.dtype | None = None, spec: SamplingSpec | None = None) -> Trajectory:
+    """Record every denoiser call of one run of ``sampler`` for images first_index.. of ``seed``
+    (``spec`` replaces sampler/steps/guidance/seed)."""
+    spec = _spec(loaded, spec, labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed)
     if n < 1:
         raise DiffuseError(f"--n must be a positive integer, got {n}")
     device = next(loaded.net.parameters()).device
-    noise = ImageNoise(seed, range(first_index, first_index + n), device)
+    noise = ImageNoise(spec.seed, range(first_index, first_index + n), device)
     xs, x0s, sigmas = [], [], []
 
     def record(i: int, x: Tensor, x0: Tensor, sigma: float) -> None:
@@ -500,9 +506,9 @@ def trajectory(loaded: Loaded, *, sampler: str = "ddim", steps: int = 50, n: int
         x0s.append(to_uint8(x0))
         sigmas.append(float(sigma))
 
-    x = _sample(loaded, sampler, steps, noise, labels=labels, guidance=guidance, callback=record, amp=amp)
+    x = _sample(loaded, spec, noise, labels=labels, callback=record, amp=amp)
     t = loaded.schedule.sigma_to_t(torch.tensor(sigmas, dtype=torch.float64)).tolist()
-    return Trajectory(sampler, steps, t, sigmas, torch.stack(xs), torch.stack(x0s), to_uint8(x))
+    return Trajectory(spec.sampler, spec.steps, t, sigmas, torch.stack(xs), torch.stack(x0s), to_uint8(x))
 
 
 def _pick(count: int, k: int) -> list[int]:
@@ -729,3 +735,24 @@ def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats
                 title=f"same {shown} seeds in every cell", scale=display_scale(done[0].images.shape[-1])
                 ).save(out / "overview.png")
     return report
+
+
+# ----------------------------------------------------------------------------------------------
+# What `diffuse visualize` prints beside the pictures
+
+def noising_lines(strip: NoisingStrip, data: str, out: str | Path, *, schedule_given: bool) -> list[str]:
+    """The noising view's summary: where the strip went and abar_t, signal and noise scales per t."""
+    how = "" if schedule_given else f", the one the {strip.preset} preset trains with"
+    lines = [f"wrote {out}: {len(strip.row_labels)} {data} images x t = {', '.join(map(str, strip.ts))} "
+             f"({strip.schedule} schedule{how})",
+             "   t   abar_t   signal sqrt(abar)   noise sqrt(1-abar)"]
+    lines += [f"{t:>4}  {a:7.4f}   {a ** 0.5:17.4f}   {(1 - a) ** 0.5:18.4f}" for t, a in zip(strip.ts, strip.abar)]
+    return lines
+
+
+def schedule_lines(curves: dict[str, dict[str, np.ndarray]], out: str | Path) -> list[str]:
+    """The schedule view's summary: each schedule's end points."""
+    return [f"wrote {out}"] + [
+        f"{name:>7}: abar_T-1 = {c['alphas_cumprod'][-1]:.3g}, log SNR from {c['log_snr'][0]:.2f} "
+        f"to {c['log_snr'][-1]:.2f}, beta from {c['betas'][0]:.3g} to {c['betas'][-1]:.3g}"
+        for name, c in curves.items()]

@@ -32,10 +32,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..generate import Loaded, cycle_labels
+from ..generate import Loaded, cycle_labels, settle
 from ..images import grid_image, png_bytes, to_pil
 from ..objectives import DEFAULT_VP_SAMPLER
-from ..samplers import ETA_SAMPLERS, SAMPLERS, SPACINGS, check_eta, eta_of, sampler_sigmas
+from ..samplers import ETA_SAMPLERS, SAMPLERS, SPACINGS, eta_of
+from ..sampling import SamplingSpec, SpecError
 from .guard import Guard
 from .jobs import TERMINAL, Job, QueueFull, Settings, Worker, new_job_id
 
@@ -69,6 +70,14 @@ def _invalid(field: str | list, msg: str) -> HTTPException:
     """A 422 shaped like FastAPI's own validation errors, naming the field."""
     loc = ["body", *field] if isinstance(field, list) else ["body", field]
     return HTTPException(422, detail=[{"loc": loc, "msg": msg, "type": "value_error"}])
+
+
+def _api_text(e: SpecError, class_cond: bool) -> str:
+    """A refusal of the shared check (sampling.SamplingSpec.check) in the API's words: its fields,
+    not the CLI's flags."""
+    if e.field == "guidance" and "needs" in str(e):
+        return "guidance needs a class (class or classes)" if class_cond else "guidance needs a class-conditional model"
+    return str(e).replace("--", "")
 
 
 def request_model(limits: Limits) -> type[BaseModel]:
@@ -122,26 +131,19 @@ class ServeApp:
         loaded = srv.loaded
         if req.steps > srv.max_steps:
             raise _invalid("steps", f"this model allows at most {srv.max_steps} steps (its T)")
-        if req.eta is not None:
-            try:
-                check_eta(req.sampler, req.eta)
-            except ValueError as e:
-                raise _invalid("eta", str(e).replace("--", "")) from None
-        spacing = req.spacing or SAMPLERS[req.sampler][2]
-        try:
-            sampler_sigmas(req.sampler, loaded.schedule, req.steps, spacing)
-        except ValueError as e:
-            raise _invalid("spacing", str(e).replace("--", "")) from None
         labels = self._labels(req, loaded)
-        if labels is None and req.guidance:
-            raise _invalid("guidance", "guidance needs a class (class or classes)" if loaded.config.model.class_cond
-                           else "guidance needs a class-conditional model")
-        guidance = 0.0
-        if labels is not None:
-            guidance = loaded.config.train.sample_guidance if req.guidance is None else req.guidance
-        settings = Settings(name, req.sampler, req.steps, spacing, req.eta, float(guidance), labels is not None,
-                            bool(req.clip))
+        try:
+            spec = settle(loaded, self.spec_of(req), labels is not None)
+        except SpecError as e:
+            raise _invalid(e.field, _api_text(e, loaded.config.model.class_cond)) from None
+        settings = Settings(name, spec.sampler, spec.steps, spec.spacing, spec.eta, spec.guidance, labels is not None,
+                            spec.clip_x0)
         return srv, settings, labels
+
+    @staticmethod
+    def spec_of(req: Any) -> SamplingSpec:
+        """The request's sampling settings (its seed is per job: jobs that differ only by seed share a batch)."""
+        return SamplingSpec(req.sampler, req.steps, req.spacing, req.eta, req.guidance, bool(req.clip), req.seed)
 
     @staticmethod
     def _labels(req: Any, loaded: Loaded):

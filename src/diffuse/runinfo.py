@@ -1,0 +1,68 @@
+"""What ``diffuse info`` says: a run or checkpoint's contents, or this machine's device and precision.
+Imports no torch at import time (the CLI imports ``attention_where`` from here)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+
+def attention_where(attn_resolutions, image_size: int) -> str:
+    """Where the UNet has self-attention: the middle block always (models.UNet.mid_attn), plus the
+    levels whose feature-map size is listed in attn_resolutions."""
+    levels = [f"{r}x{r}" for r in attn_resolutions]
+    if not levels:
+        return "attention in the middle block only"
+    return f"attention at {', '.join(levels)} and in the middle block"
+
+
+def run_info(path: str | Path) -> dict[str, Any]:
+    """{source, step, params, class_names, config, diffuse_version, format_version} of a run dir,
+    checkpoint dir or .safetensors file (the header only; no weights are read)."""
+    from . import checkpoint as ckpt_io
+    from .models import UNet, count_parameters
+
+    src = ckpt_io.resolve(path)
+    header = ckpt_io.read_header(src)
+    cfg = Config.from_dict(header["config"])
+    return {"source": str(src), "step": header.get("step"), "params": count_parameters(UNet(cfg.model)),
+            "class_names": header.get("class_names"), "config": cfg.to_dict(),
+            "diffuse_version": header.get("diffuse_version"), "format_version": header.get("format_version")}
+
+
+def run_lines(info: dict[str, Any]) -> list[str]:
+    """``run_info`` as the aligned text ``diffuse info RUN`` prints."""
+    from .objectives import describe
+
+    cfg = Config.from_dict(info["config"])
+    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    return [
+        f"checkpoint   {info['source']}",
+        f"step         {info['step']} ({(info['step'] or 0) * t.batch_size:,} images seen)",
+        f"data         {cfg.data.name} ({m.in_channels}x{m.image_size}x{m.image_size})",
+        f"preset       {cfg.preset}",
+        f"parameters   {info['params']:,}",
+        f"unet         base {m.base_channels}, mult {','.join(map(str, m.channel_mult))}, "
+        f"{m.num_res_blocks} res blocks, {attention_where(m.attn_resolutions, m.image_size)}, "
+        f"dropout {m.dropout}, groups {m.num_groups}",
+        f"diffusion    {describe(d)}",
+        f"training     batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay}, seed {t.seed}",
+        f"classes      {', '.join(info['class_names']) if info['class_names'] else 'unconditional'}",
+        f"written by   diffuse {info['diffuse_version']} (format {info['format_version']})",
+    ]
+
+
+def machine_info(device) -> dict[str, Any]:
+    """This machine for ``diffuse info --json``: the device, the precision ``auto`` picks and why,
+    and the measured bf16/fp32 probe on the CPU."""
+    from . import device as dev
+
+    choice = dev.choose_precision("auto", device)
+    probe = choice.probe or (dev.probe_bf16() if device.type == "cpu" else None)
+    return {"device": str(device), "cpu": dev.cpu_model(), "amx": dev.cpu_has_amx(),
+            "avx512_bf16": dev.cpu_has_avx512_bf16(), "precision": choice.name, "reason": choice.reason,
+            "channels_last": dev.use_channels_last(None, device, choice.dtype),
+            "probe": {**asdict(probe), "speedup": probe.speedup} if probe else None}

@@ -1,0 +1,130 @@
+"""One sampling request: which sampler, how many network evaluations, which noise levels, how much
+fresh noise, guidance, x0 clipping and the seed. ``generate``, the training grids and FID,
+``visualize``, ``serve`` and the CLI all describe a run with a ``SamplingSpec`` and refuse a bad one
+with the same ``check``, so a rule (a range, a refused combination) is written once.
+
+Two steps, in this order:
+    spec.resolved(diffusion, conditional=..., default_guidance=...)   fills what the user left None
+    spec.check(schedule, class_cond=..., conditional=...)             one-line SpecError per bad field
+
+This module imports no torch at import time (the CLI's parsers use its names); ``resolved`` and
+``check`` import the sampler registry when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DiffuseError
+
+# Copies of samplers.SAMPLERS / samplers.SPACINGS / samplers.ETA_SAMPLERS in words, so that parsing
+# flags does not import torch; tests/test_samplers.py checks that they agree.
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde")
+SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
+ETA_HELP = ("sampler noise: ddim 0..1 (default 0 = DDIM, 1 = DDPM-like); "
+            "dpmpp-2m-sde 0..10 (0 = ODE, 1 = reverse SDE, default 5)")
+STEPS_WITHOUT_DEFAULT = 20          # --sampler given alone keeps 20 network evaluations
+
+
+class SpecError(DiffuseError):
+    """A refused sampling setting; ``field`` names it (sampler, steps, spacing, eta, guidance), so
+    the HTTP API can point at the request field while the CLI prints the one line."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What a sampling run needs beyond the model and the image indices. None = the run's default
+    (``resolved``). ``steps`` is the NFE budget per image (samplers.sampler_sigmas)."""
+    sampler: str | None = None
+    steps: int | None = None
+    spacing: str | None = None          # None: the sampler's own (samplers.SAMPLERS[name][2])
+    eta: float | None = None            # None: the sampler's default, if it takes one (samplers.eta_of)
+    guidance: float | None = None       # None: the run's --sample-guidance when labels are given, else 0
+    clip_x0: bool = True                # clamp predicted x0 to [-1, 1] at each step
+    seed: int = 0                       # image i draws from noise stream (seed, i)
+    sigma_max_cap: float | None = None  # karras only: samplers.sigmas_for
+
+    def replace(self, **changes: Any) -> SamplingSpec:
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self, diffusion: Any = None, *, conditional: bool = False,
+                 default_guidance: float = 0.0) -> SamplingSpec:
+        """Every None filled: sampler and steps from ``objectives.default_sampling(diffusion)`` (heun
+        35 for edm, dpmpp-2m-sde 20 for vp, and vp when ``diffusion`` is None; a sampler given alone
+        keeps 20), the sampler's spacing
+        and eta, guidance ``default_guidance`` when ``conditional`` (labels given) else 0. A value
+        given is kept as it is, bad or not: ``check`` judges it."""
+        from .config import DiffusionConfig
+        from .objectives import default_sampling
+        from .samplers import SAMPLERS, eta_of
+
+        sampler, steps = self.sampler, self.steps
+        if sampler is None:
+            sampler, default_steps = default_sampling(diffusion or DiffusionConfig())
+            steps = default_steps if steps is None else steps
+        steps = STEPS_WITHOUT_DEFAULT if steps is None else steps
+        spacing = self.spacing or (SAMPLERS[sampler][2] if sampler in SAMPLERS else None)
+        eta = eta_of(sampler, None) if self.eta is None and sampler in SAMPLERS else self.eta
+        guidance = self.guidance
+        if guidance is None:
+            guidance = default_guidance if conditional else 0.0
+        return self.replace(sampler=sampler, steps=steps, spacing=spacing, eta=eta, guidance=float(guidance))
+
+    def check(self, schedule: Any, *, class_cond: bool = False, conditional: bool = False,
+              prefix: str = "--") -> SamplingSpec:
+        """Raise a one-line SpecError for the first setting a model on ``schedule`` cannot run
+        (a resolved spec; ``conditional``: labels given, ``class_cond``: the model takes them);
+        ``prefix`` names the flags (``--fid-`` for the config's FID sampler). Returns self."""
+        self.check_sampler(schedule.timesteps, prefix)
+        self.check_guidance(class_cond=class_cond, conditional=conditional)
+        if self.eta is not None:
+            from .samplers import check_eta
+            try:
+                check_eta(self.sampler, self.eta)
+            except ValueError as e:
+                raise SpecError("eta", str(e)) from None
+        self.sigmas(schedule)
+        return self
+
+    def check_sampler(self, timesteps: int, prefix: str = "--") -> None:
+        """The sampler is registered and 1 <= steps <= T: cheap, before expensive work."""
+        from .samplers import SAMPLERS
+        if self.sampler not in SAMPLERS:
+            # a flag: "unknown sampler 'x'"; a config field (--fid-sampler): name the field
+            what = f"unknown sampler {self.sampler!r}" if prefix == "--" else \
+                f"{prefix}sampler {self.sampler!r} is not a sampler"
+            raise SpecError("sampler", f"{what}; choose one of {', '.join(SAMPLERS)}")
+        if not 1 <= self.steps <= timesteps:
+            raise SpecError("steps", f"{prefix}steps must be between 1 and {timesteps} for this model, "
+                                     f"got {self.steps}")
+
+    def check_guidance(self, *, class_cond: bool, conditional: bool) -> None:
+        """Guidance is finite and >= 0, and nonzero only with labels (``conditional``)."""
+        g = self.guidance or 0.0
+        if not (math.isfinite(g) and g >= 0):
+            raise SpecError("guidance", f"--guidance must be a finite number >= 0, got {g}")
+        if g and not conditional:
+            raise SpecError("guidance", "--guidance needs --class (a class, a list, or all)" if class_cond
+                            else "--guidance needs a class-conditional model (train with --class-cond)")
+
+    def sigmas(self, schedule: Any):
+        """The float64 [N + 1] sigma array this spec walks on ``schedule`` (samplers.sampler_sigmas);
+        refused spacings and step counts are SpecErrors."""
+        from .samplers import sampler_sigmas
+        try:
+            return sampler_sigmas(self.sampler, schedule, self.steps, self.spacing, self.sigma_max_cap)
+        except ValueError as e:
+            raise SpecError("spacing", str(e)) from None
+
+    def sampler_options(self) -> dict[str, Any]:
+        """Keyword options for samplers.run_sampler: eta for the samplers that take one."""
+        from .samplers import ETA_SAMPLERS
+        return {"eta": self.eta} if self.eta is not None and self.sampler in ETA_SAMPLERS else {}
+
