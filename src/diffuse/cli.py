@@ -111,9 +111,12 @@ def _positive_int(s: str) -> int:
 # ----------------------------------------------------------------------------------------------
 # Commands
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace):
+    """The Config ``diffuse train`` runs with for these parsed flags (also ``diffuse.fit``'s): a
+    resumed run's stored config with the allowed changes, else defaults < preset < --config < flags,
+    with --out defaulting to runs/<preset>-<time>."""
     from .config import load_config_file, resolve
-    from .train import load_resume_config, train
+    from .train import load_resume_config
 
     overrides = config_overrides(args)
     if args.resume:
@@ -127,6 +130,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resolve(args.preset, overrides.get("data", {}).get("name"), file_overrides, overrides)
         if cfg.train.out is None:
             cfg.train.out = str(Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = train_config(args)
     if args.dry_run:
         print(cfg.to_json())
         return 0
