@@ -4,10 +4,10 @@ Start here (docs/python.md has every function and runnable examples; `diffuse --
 
     import diffuse
     run = diffuse.fit(data="digits", steps=2000, out="runs/digits")  # train, as `diffuse train`
-    model = diffuse.load(run)                         # a run, checkpoint, .safetensors or diffusers folder
-    images = model.sample(16, seed=0)                 # uint8 [16, H, W, C], as `diffuse sample`
+    model = diffuse.load(run)                     # a run, checkpoint, .safetensors or diffusers folder
+    images = model.sample(16, seed=0)             # uint8 [16, H, W, C], as `diffuse sample`
     model.save_grid(images, "grid.png")
-    print(diffuse.fid_kid(images, run)["fid"])        # FID against the run's training data
+    print(diffuse.fid_kid(images, run)["fid"])    # FID against the run's training data
 
 Also: diffuse.train_config(**settings) (the config fit would use), diffuse.Model (what load
 returns: .sample, .save_grid, .config, .class_names, .image_size, .channels, .device) and

@@ -2,11 +2,11 @@
 
 ``import diffuse`` exposes these names lazily (``diffuse/__init__.py``): torch loads on first use.
 
-    run = diffuse.fit(data="digits", steps=2000, out="runs/digits")   # = diffuse train --data digits ...
-    model = diffuse.load(run)                                        # a run, checkpoint, .safetensors or diffusers folder
-    images = model.sample(16, seed=0)                                # uint8 [16, H, W, C], = diffuse sample --n 16 --seed 0
+    run = diffuse.fit(data="digits", steps=2000, out="runs/digits")  # train, as `diffuse train`
+    model = diffuse.load(run)                     # a run, checkpoint, .safetensors or diffusers folder
+    images = model.sample(16, seed=0)             # uint8 [16, H, W, C], as `diffuse sample`
     model.save_grid(images, "grid.png")
-    print(diffuse.fid_kid(images, run)["fid"])                       # against the run's training data
+    print(diffuse.fid_kid(images, run)["fid"])    # FID against the run's training data
 
 Why these names: ``diffuse.train``, ``diffuse.fid`` and ``diffuse.export`` are modules of the package,
 and a function of the same name would be replaced by the module the first time anything imports it,
@@ -69,6 +69,8 @@ def _train_args(settings: dict[str, Any]) -> argparse.Namespace:
                                  if a.default is not argparse.SUPPRESS})
     for key, value in settings.items():
         action = options.get(key)
+        if key == "dry_run":
+            raise DiffuseError("dry_run: call diffuse.train_config(...) for the config without training")
         if action is None:
             near = difflib.get_close_matches(key, options, n=3)
             hint = f"; did you mean {' or '.join(near)}?" if near else "; see `diffuse train --help`"
