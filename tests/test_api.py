@@ -248,7 +248,7 @@ DOC_SUBSTITUTIONS = (("steps=2000", f"steps=2, {TINY_ARGS}"), ("steps=3000", "st
                      ("fid_kid(images, run)", "fid_kid(images, run, n_ref=16)"))
 
 
-@pytest.mark.slow      # 3 tiny runs, an export, Inception: 2 min 15 s of CPU, 7 min on a busy 2-core machine
+@pytest.mark.slow      # 3 tiny runs, an export, Inception: 2-3 min of CPU, 7-8 min on a busy 2-core box
 def test_docs_python_md_runs(tmp_path):
     """Every python block of docs/python.md, in order, in one interpreter, in an empty folder."""
     text = "\n".join(python_blocks(REPO / "docs" / "python.md"))
