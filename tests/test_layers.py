@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "diffuse"
 # Floor -> the modules on it; lower floors never import higher ones.
 LAYERS: dict[int, tuple[str, ...]] = {
     # no diffuse imports: errors, maths on tensors, /proc and cgroup reads, the run's log files
-    0: ("__init__", "errors", "rng", "diffusion", "hostmem", "runlog"),
+    0: ("version", "errors", "rng", "diffusion", "hostmem", "runlog"),
     # files and the host: atomic writes, caches, output paths, threads, image files (torch-free)
     1: ("fsutil", "outputs", "threads", "imagefiles"),
     # the config, the device, checkpoints, images, Inception, the denoiser interface, samplers
@@ -41,6 +41,10 @@ LAYERS: dict[int, tuple[str, ...]] = {
     9: ("serve",),
     # the command line
     10: ("cli", "__main__"),
+    # the public Python API (it reads the train flags from the CLI's parser), then the package,
+    # which loads it lazily
+    11: ("api",),
+    12: ("__init__",),
 }
 FLOOR = {module: floor for floor, modules in LAYERS.items() for module in modules}
 

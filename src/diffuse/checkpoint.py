@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .errors import DiffuseError
 from .fsutil import atomic_write, exchange, fsync_dir
 

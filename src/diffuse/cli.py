@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .errors import DiffuseError
 from .runinfo import attention_where  # noqa: F401 (diffuse info's words; tests read it here)
 from .sampling import ETA_HELP, SAMPLER_NAMES, SPACING_NAMES, SamplingSpec  # noqa: F401 (names the tests read)
@@ -223,10 +223,12 @@ def add_train(sub) -> None:
     tr.set_defaults(func=cmd_train)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace):
+    """The Config ``diffuse train`` runs with for these parsed flags (also ``diffuse.fit``'s): a
+    resumed run's stored config with the allowed changes, else defaults < preset < --config < flags,
+    with --out defaulting to runs/<preset>-<time>."""
     from .config import load_config_file, resolve
-    from .distributed import is_main
-    from .train import load_resume_config, train
+    from .train import load_resume_config
 
     overrides = config_overrides(args)
     if args.resume:
@@ -239,6 +241,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resolve(args.preset, overrides.get("data", {}).get("name"), file_overrides, overrides)
         if cfg.train.out is None:
             cfg.train.out = str(Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import is_main
+    from .train import train
+
+    cfg = train_config(args)
     if args.dry_run:
         print(cfg.to_json())
         return 0

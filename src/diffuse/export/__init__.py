@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from .. import __version__
+from ..version import __version__
 from .. import checkpoint as ckpt_io
 from ..config import Config, ModelConfig
 from ..errors import DiffuseError
