@@ -161,6 +161,7 @@ def mixture_moments(name, sigmas, eta, n_mc: int = 20_000, seed: int = 0) -> tup
 KARRAS_LADDER = (160, 320, 640)          # NFE budgets; karras is not bounded by T
 DISCRETE_LADDER = (250, 500, 1000)       # up to every trained timestep
 DISCRETE_BOUND = 0.01                    # |error| at 1000 NFE; measured at most 7.6e-3 (ddpm, linear)
+MIXTURE_LADDER = (80, 160, 320)          # karras; each rung costs QUAD denoiser rows per NFE
 
 
 def cell_id(cell) -> str:
@@ -207,7 +208,8 @@ STOCHASTIC_CELLS = [c for c in CELLS if stochastic(c[0], c[2])]
 @pytest.mark.parametrize("cell", DETERMINISTIC_CELLS, ids=cell_id)
 def test_mixture_moments_converge_at_the_samplers_order(cell, schedule_name):
     """The bimodal mixture (a denoiser far from linear) through the deterministic samplers, moments
-    by quadrature: on karras the std error shrinks at the sampler's order, as for the Gaussian; on the
+    by quadrature: on karras the std error shrinks at the sampler's order from 80 to 320 NFE (the
+    Gaussian cells go to 640; the mixture costs QUAD rows per step), as for the Gaussian; on the
     discrete spacings (which the Gaussian cells walk up to 1000 NFE) it is below DISCRETE_BOUND at 250
     NFE (measured at most 8.5e-3, ddim/euler on linear)."""
     name, spacing, eta = cell
@@ -217,7 +219,7 @@ def test_mixture_moments_converge_at_the_samplers_order(cell, schedule_name):
         assert abs(ratio - 1) < DISCRETE_BOUND and abs(mean_error) < DISCRETE_BOUND, (mean_error, ratio)
         return
     std_errors = {}
-    for steps in KARRAS_LADDER:
+    for steps in MIXTURE_LADDER:
         _, ratio, _ = mixture_moments(name, sampler_sigmas(name, schedule, steps, spacing), eta)
         std_errors[steps] = ratio - 1
     assert_converges(std_errors, ORDER[name], spacing, f"{cell_id(cell)} {schedule_name} mixture std")
