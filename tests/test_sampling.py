@@ -38,11 +38,42 @@ def test_first_images_do_not_depend_on_n_or_batch_size(sampler):
 
 
 def test_ddpm_equals_ddim_eta_one():
+    """Through generate(): the names route to the same update (and --eta reaches ddim). That the
+    update is DDPM's posterior step is checked against Ho et al. eq. 7 below."""
     loaded = _loaded()
     a, ra = generate(loaded, n=3, seed=1, sampler="ddpm", steps=5)
     b, rb = generate(loaded, n=3, seed=1, sampler="ddim", steps=5, eta=1.0)
     assert torch.equal(a, b)
     assert ra["nfe"] == 5
+
+
+def test_ddpm_step_is_the_posterior_of_ho_et_al_eq_7():
+    """One ddpm step from timestep t to an earlier s (respaced: beta = 1 - abar_t/abar_s) draws from
+    q(x_s | x_t, x0) = N(mu~, beta~ I) (Ho et al. 2020, eqs. 6-7, written out here in the VP view):
+        mu~ = sqrt(abar_s) beta/(1 - abar_t) x0 + sqrt(1 - beta) (1 - abar_s)/(1 - abar_t) x_t,
+        beta~ = (1 - abar_s)/(1 - abar_t) beta,
+    with the same noise draw; x0 from a non-constant denoiser, so both mu~ terms are exercised."""
+    from diffuse.samplers import sample_ddpm
+
+    from .test_samplers_exact import RecordedNoise
+
+    sched = Schedule("linear", 1000)
+    ts = [999, 600, 250, 20]
+    abar = sched.alphas_cumprod[ts]
+    sigmas = sched.sigmas[ts]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 2, 2, generator=g, dtype=torch.float64) * float((1 + sigmas[0] ** 2).sqrt())
+    draws = [torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in ts[1:]]
+    den = lambda x_, sigma: 0.2 + 0.5 * x_ / (1 + float(sigma) ** 2)      # noqa: E731
+    ours = sample_ddpm(den, x, sigmas, noise=RecordedNoise(draws))
+    x_vp = abar[0].sqrt() * x
+    for i in range(len(ts) - 1):
+        a_t, a_s = abar[i], abar[i + 1]
+        x0 = den(x_vp / a_t.sqrt(), sigmas[i])
+        beta = 1 - a_t / a_s
+        mean = a_s.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_s) / (1 - a_t) * x_vp
+        x_vp = mean + ((1 - a_s) / (1 - a_t) * beta).sqrt() * draws[i]
+    torch.testing.assert_close(ours, x_vp / abar[-1].sqrt(), rtol=1e-10, atol=1e-10)
 
 
 def test_last_step_lands_exactly_on_the_denoised_image():
