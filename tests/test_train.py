@@ -227,6 +227,23 @@ def test_the_loop_fits_on_one_screen_and_no_training_function_is_long():
             assert sizes["_train"] <= 60
 
 
+def test_a_run_ended_by_an_error_leaves_no_memmap_and_no_lock(tmp_path, monkeypatch):
+    """open_run's teardown runs however the run ends: after a divergence (a DiffuseError raised
+    from the loop) this rank's data memmap is gone and the run directory can be locked again."""
+    from diffuse import train as T
+    from diffuse.fsutil import RunLock
+
+    real = T.weighted_mse
+    monkeypatch.setattr(T, "weighted_mse", lambda out, target, weight: real(out, target, weight) * float("nan"))
+    cfg = tiny_config(tmp_path / "run", steps=10, max_bad_steps=2)
+    cfg.data.placement = "memmap"
+    with pytest.raises(DiffuseError, match="2 consecutive steps"):
+        train(cfg, progress=False)
+    assert "data on memmap" in (tmp_path / "run" / "train.log").read_text()
+    assert not list((tmp_path / "run").glob("data-memmap*"))
+    RunLock(tmp_path / "run").acquire().release()
+
+
 def test_metrics_and_artifacts(tmp_path):
     run = train(tiny_config(tmp_path / "run", steps=4, sample_every=2), progress=False)
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

@@ -4,8 +4,8 @@
 data, builds the model, its EMA and AdamW, restores the state (``--resume``) or the weights
 (``--init-from``), and opens the logs (train.log and the terminal, TensorBoard, metrics.jsonl).
 It is the one place that knows which rank is 0: other ranks get silent logs, and write nothing.
-On leaving it closes the logs, removes this rank's data memmap and releases the lock, however the
-run ended. Nothing here draws from the training random generators except the seeded model init.
+However the run ends, on leaving it closes the logs, removes this rank's data memmap and releases
+the lock. Nothing here draws from the training random generators except the seeded model init.
 """
 
 from __future__ import annotations

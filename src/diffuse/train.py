@@ -321,7 +321,8 @@ def _train(cfg: Config, *, resume: bool, init_from: str | None, overwrite: bool,
         window = LossWindow(run.state, run.device)          # device-side loss sums, saved with the checkpoint
         ckpt = Checkpointer(run, window)
         stop = None
-        # SIGTERM (and Ctrl-C under torchrun) becomes an agreed stop while the loop runs.
+        # While the loop runs, SIGTERM stops it cleanly (so does Ctrl-C; under torchrun both are
+        # agreed at the end of a step, so every rank stops at the same one).
         with dist.StopSignals() as signals:
             # After each step, in order; the first that returns a Stop ends the loop.
             duties = [PaceNote(run), DivergenceGuard(run, window), LogRow(run, window), EpochEnd(run, window, ckpt),
