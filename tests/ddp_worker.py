@@ -46,16 +46,16 @@ def train(dump: str, argv: list[str]) -> int:
     from safetensors.torch import save_file
 
     from diffuse import cli, data
-    from diffuse import train as train_mod
+    from diffuse import run as run_mod           # open_run builds the model there
 
     made = {}
-    real_build = train_mod.build_training
+    real_build = run_mod.build_training
 
     def build(*a, **k):
         made["model"], made["ema"], opt = real_build(*a, **k)
         return made["model"], made["ema"], opt
 
-    train_mod.build_training = build
+    run_mod.build_training = build
     drawn: list[int] = []                       # the global steps whose batch this rank drew
     real_draw = data.BatchStream.batch
 

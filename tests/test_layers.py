@@ -31,8 +31,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     4: ("fid",),
     # torchrun: sharded sampling and FID statistics
     5: ("distributed",),
-    # checkpoint -> images
-    6: ("generate",),
+    # checkpoint -> images; a training run's setup and the duties between its steps
+    6: ("generate", "run", "duties"),
     # what uses a trained model or trains one: training, evaluation (FID of a model), the judge,
     # visualize, `info`, export, serve's workers
     7: ("train", "evaluation", "classifier", "visualize", "runinfo", "export", "serve.guard", "serve.jobs"),

@@ -185,6 +185,65 @@ def test_ema_warmup():
     assert ema_decay_at(10**7, 0.9999) == 0.9999
 
 
+def test_train_step_takes_its_lr_and_ema_decay_from_the_plan():
+    """The loop's one schedule: a plan of lr 0 and EMA decay 1 leaves weights and EMA exactly as they
+    were (AdamW's update and weight decay both scale with lr), and the optimizer runs at the plan's lr."""
+    from diffuse.train import Plan, TrainStep, build_training
+
+    class Frozen(Plan):
+        def lr(self, step):
+            return 0.0
+
+        def ema_decay(self, step):
+            return 1.0
+
+    cfg = tiny_config("unused")
+    cfg.model.image_size, cfg.model.in_channels = 16, 1
+    x0 = torch.rand(cfg.train.batch_size, 1, 16, 16) * 2 - 1
+    for plan, frozen in ((Frozen(cfg), True), (None, False)):
+        model, ema, opt = build_training(cfg, torch.device("cpu"), False)
+        torch.nn.init.normal_(model.conv_out.weight, std=0.02)   # zero-initialised: EMA and model would match
+        before = [p.detach().clone() for p in [*model.parameters(), *ema.parameters()]]
+        step = TrainStep(model, ema, opt, Schedule("cosine", 1000), cfg, device=torch.device("cpu"), amp=None,
+                         channels_last=False, plan=plan)
+        step(x0, None, 0)
+        after = [*model.parameters(), *ema.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after)) == frozen
+        assert opt.param_groups[0]["lr"] == (0.0 if frozen else Plan(cfg).lr(0))
+
+
+def test_the_loop_fits_on_one_screen_and_no_training_function_is_long():
+    """The loop (train._train) stays <= 60 lines and so does every function of the training
+    modules: a new feature becomes a duty or a stage of the run, not a branch inside the loop."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "diffuse"
+    for name in ("train.py", "run.py", "duties.py"):
+        tree = ast.parse((src / name).read_text())
+        sizes = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(tree)
+                 if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        assert not {f: n for f, n in sizes.items() if n > 60}, name
+        if name == "train.py":
+            assert sizes["_train"] <= 60
+
+
+def test_a_run_ended_by_an_error_leaves_no_memmap_and_no_lock(tmp_path, monkeypatch):
+    """open_run's teardown runs however the run ends: after a divergence (a DiffuseError raised
+    from the loop) this rank's data memmap is gone and the run directory can be locked again."""
+    from diffuse import train as T
+    from diffuse.fsutil import RunLock
+
+    real = T.weighted_mse
+    monkeypatch.setattr(T, "weighted_mse", lambda out, target, weight: real(out, target, weight) * float("nan"))
+    cfg = tiny_config(tmp_path / "run", steps=10, max_bad_steps=2)
+    cfg.data.placement = "memmap"
+    with pytest.raises(DiffuseError, match="2 consecutive steps"):
+        train(cfg, progress=False)
+    assert "data on memmap" in (tmp_path / "run" / "train.log").read_text()
+    assert not list((tmp_path / "run").glob("data-memmap*"))
+    RunLock(tmp_path / "run").acquire().release()
+
+
 def test_metrics_and_artifacts(tmp_path):
     run = train(tiny_config(tmp_path / "run", steps=4, sample_every=2), progress=False)
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
