@@ -8,10 +8,10 @@ parent parsers) and one ``cmd_<command>`` (a call into the library and what it p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -72,27 +72,23 @@ def class_parent() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
                    help="class index, name, comma list (cycled: image i gets the i-th), or 'all' (sample: one row "
                         "per class); default: unconditional (the null class for class-conditional models)")
-    p.add_argument("--guidance", type=_float, default=None,
-                   help="classifier-free guidance w: out = (1+w) out_c - w out_u (needs --class; 0 = plain "
-                        "conditional; default: the run's --sample-guidance)")
+    p.add_argument("--guidance", type=_float, default=None, help=field_help(SamplingSpec, "guidance"))
     return p
+
+
+# SamplingSpec's fields as flags: (field, add_argument keywords); help and default are the field's.
+SPEC_FLAGS = (("sampler", {"choices": SAMPLER_NAMES, "metavar": "NAME"}), ("steps", {"type": _positive_int}),
+              ("spacing", {"choices": SPACING_NAMES, "metavar": "NAME"}), ("eta", {"type": _float}),
+              ("seed", {"type": _int}), ("clip_x0", {"action": argparse.BooleanOptionalAction, "dest": "clip"}))
 
 
 def sampling_parent() -> argparse.ArgumentParser:
     """The fields of a SamplingSpec as flags (None: the run's default, SamplingSpec.resolved)."""
     p = _parent(class_parent())
-    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, metavar="NAME",
-                   help=f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m-sde; heun for edm runs)")
-    p.add_argument("--steps", type=_positive_int, default=None,
-                   help="network evaluations per image (default 20; 35 for edm's heun); heun uses "
-                        "(steps+1)//2 intervals")
-    p.add_argument("--spacing", default=None, choices=SPACING_NAMES, metavar="NAME",
-                   help=f"noise levels: {', '.join(SPACING_NAMES)} "
-                        "(default karras for euler/heun/dpmpp-*, trailing for ddpm/ddim)")
-    p.add_argument("--eta", type=_float, default=None, help=ETA_HELP)
-    p.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i)")
-    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
-                   help="clamp predicted x0 to [-1, 1] at each step (default on)")
+    fields = {f.name: f for f in dataclasses.fields(SamplingSpec)}
+    for name, kw in SPEC_FLAGS:
+        f = fields[name]
+        p.add_argument("--" + f.metadata.get("flag", name), default=f.default, help=f.metadata["help"], **kw)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -111,12 +107,6 @@ def reference_parent() -> argparse.ArgumentParser:
 def spec_of(args: argparse.Namespace) -> SamplingSpec:
     """The sampling flags a command was given, as one SamplingSpec (None: the run's default)."""
     return SamplingSpec(args.sampler, args.steps, args.spacing, args.eta, args.guidance, args.clip, args.seed)
-
-
-def _sampling_defaults(args: argparse.Namespace, loaded) -> None:
-    """--sampler/--steps not given: the run's formulation's default (SamplingSpec.resolved)."""
-    spec = SamplingSpec(args.sampler, args.steps).resolved(loaded.config.diffusion)
-    args.sampler, args.steps = spec.sampler, spec.steps
 
 
 def _class_labels(args: argparse.Namespace, loaded, count: int):
@@ -186,23 +176,17 @@ def add_sample(sub) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from . import distributed as dist
-    from .generate import generate_all, nfe_bar, parse_class, settle
+    from .generate import class_rows, generate_all, nfe_bar, settle
     from .images import save_images
     from .outputs import check_sample_out
 
     check_sample_out(args.out)                                  # before loading and sampling
     device, loaded, amp = _open(args)
-    n, nrow, row_labels = args.n, args.nrow, None
-    every_class = parse_class(args.class_, loaded) == "all"
-    if every_class:                                             # one row of `per` images per class
-        per = max(1, args.n // len(loaded.class_names)) if args.n_given else 8
-        n, nrow, row_labels = len(loaded.class_names) * per, per, loaded.class_names
-    labels = _class_labels(args, loaded, n)
-    if every_class:
-        labels = torch.arange(len(row_labels)).repeat_interleave(nrow)
+    rows = class_rows(loaded, args.class_, args.n if args.n_given else None)    # --class all: a row per class
+    n, nrow, row_labels = (len(rows[0]), rows[1], loaded.class_names) if rows else (args.n, args.nrow, None)
+    labels = _class_labels(args, loaded, n)                     # also settles args.guidance
+    labels = rows[0] if rows else labels
     spec = settle(loaded, spec_of(args), labels is not None)
     with nfe_bar(spec, len(dist.shard(n)), args.batch_size, f"{spec.sampler} {spec.steps} steps",
                   args.no_progress or not dist.is_main()) as bar:
@@ -263,9 +247,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     E.check_save_stats(args.save_stats)                         # before sampling and Inception
     device, loaded, amp = _open(args)
     if args.run:
-        _sampling_defaults(args, loaded)
         # Everything that can fail cheaply fails before the judge, the reference statistics and the sampling.
-        spec_of(args).check_sampler(loaded.schedule.timesteps)
+        spec_of(args).resolved(loaded.config.diffusion).check_sampler(loaded.schedule.timesteps)
     judged = _eval_classifier(args, loaded, device, amp) if args.classifier_accuracy else None
     if judged is not None and not args.fid:
         if args.json:
@@ -306,16 +289,11 @@ def _eval_fid(args: argparse.Namespace, loaded, device, amp) -> dict[str, Any]:
 def _eval_classifier(args: argparse.Namespace, loaded, device, amp) -> dict:
     """--classifier-accuracy: the judge's verdict per guidance of --guidance-sweep (a table unless --json)."""
     from . import evaluation as E
-    from .generate import nfe_bar
 
-    guidances = E.parse_guidances(args.guidance_sweep)
     spec = spec_of(args).resolved(loaded.config.diffusion)
-    k = len(loaded.class_names or ())
-    with nfe_bar(spec, args.n_per_class * k, args.batch_size, "guidance sweep", args.no_progress,
-                  times=len(guidances)) as bar:
-        out = E.class_accuracy(loaded, spec, guidances, n_per_class=args.n_per_class, data_root=args.data_root,
-                               batch_size=args.batch_size, device=device, amp=amp, progress=bar.update,
-                               log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+    out = E.accuracy_sweep(loaded, spec, args.guidance_sweep, n_per_class=args.n_per_class, data_root=args.data_root,
+                           batch_size=args.batch_size, device=device, amp=amp, progress=not args.no_progress,
+                           log=None if args.json else (lambda m: print(m, file=sys.stderr)))
     if not args.json:
         print("\n".join(E.accuracy_lines(out, spec, args.n_per_class)))
     return out
@@ -370,15 +348,9 @@ def add_info(sub) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import runinfo
+    from .runinfo import info_text
 
-    if args.run is not None:
-        info = runinfo.run_info(args.run)
-        print(json.dumps(info, indent=2) if args.json else "\n".join(runinfo.run_lines(info)))
-        return 0
-    from . import device as dev
-    device = dev.pick_device(args.device)
-    print(json.dumps(runinfo.machine_info(device), indent=2) if args.json else "\n".join(dev.info_lines(device)))
+    print(info_text(args.run, args.device, as_json=args.json))
     return 0
 
 
@@ -452,11 +424,6 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise DiffuseError("diffuse serve needs FastAPI and uvicorn: pip install 'diffuse[serve]'") from None
     from .serve import serve
 
     return serve(args.runs, host=args.host, port=args.port, max_images=args.max_images, max_steps=args.max_steps,

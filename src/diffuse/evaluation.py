@@ -261,6 +261,19 @@ def class_accuracy(loaded: Loaded, spec: SamplingSpec, guidances: list[float], *
             "default_guidance": cfg.train.sample_guidance, "sweep": sweep}
 
 
+def accuracy_sweep(loaded: Loaded, spec: SamplingSpec, sweep: str, *, n_per_class: int = 100,
+                   data_root: str | None = None, batch_size: int = 250, device: torch.device | None = None,
+                   amp: torch.dtype | None = None, progress: bool = False,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``diffuse eval --classifier-accuracy``: ``class_accuracy`` at each guidance of ``sweep``
+    ("0,0.5,1", ``parse_guidances``) with a bar over its network evaluations; ``spec`` is resolved."""
+    guidances = parse_guidances(sweep)
+    with nfe_bar(spec, n_per_class * len(loaded.class_names or ()), batch_size, "guidance sweep", not progress,
+                 times=len(guidances)) as bar:
+        return class_accuracy(loaded, spec, guidances, n_per_class=n_per_class, data_root=data_root,
+                              batch_size=batch_size, device=device, amp=amp, progress=bar.update, log=log)
+
+
 def accuracy_lines(out: dict[str, Any], spec: SamplingSpec, n_per_class: int) -> list[str]:
     """The text table of a ``class_accuracy`` result."""
     judge = out["judge"]

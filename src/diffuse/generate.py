@@ -109,6 +109,15 @@ def class_labels(loaded: Loaded, spec: str | None, count: int) -> Tensor | None:
     return cycle_labels(range(len(loaded.class_names)) if cls == "all" else cls, count)
 
 
+def class_rows(loaded: Loaded, spec: str | None, n: int | None) -> tuple[Tensor, int] | None:
+    """``diffuse sample --class all``: one grid row per class of ``n // classes`` images (at least 1;
+    8 when ``n`` is None), as (labels [classes * per], per); None for any other --class ``spec``."""
+    if parse_class(spec, loaded) != "all":
+        return None
+    per = max(1, n // len(loaded.class_names)) if n is not None else 8
+    return torch.arange(len(loaded.class_names)).repeat_interleave(per), per
+
+
 def labels_and_guidance(loaded: Loaded, spec: str | None, guidance: float | None,
                         count: int) -> tuple[Tensor | None, float]:
     """--class ``spec`` as labels [count] (``class_labels``) and the guidance w they sample with:
