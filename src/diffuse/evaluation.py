@@ -1,8 +1,9 @@
 """Evaluation as a library: FID and KID of a model's samples against a reference set, or between
 two image sets, with the TF Inception-v3 (2015-12-05) pool3 features (fid.py, inception.py).
 
-``diffuse eval``, FID during training (``FidDuringTraining``) and ``visualize compare-samplers
---fid-n`` all call ``evaluate``; ``eval --fid-between`` calls ``compare_sets``. Image i of an
+``diffuse eval`` (through ``evaluate_run``), FID during training (``FidDuringTraining``) and
+``visualize compare-samplers --fid-n`` all call ``evaluate``; ``eval --fid-between`` calls
+``compare_sets``, ``eval --classifier-accuracy`` ``accuracy_sweep``. Image i of an
 evaluation draws its noise from stream (spec.seed, i) (generate.py), so FIDs of one model differ
 only by the weights and the settings. Under torchrun every rank samples and featurises its block of
 the N images and the float64 statistics are all-reduced (distributed.stats_of_images).
