@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import TrainConfig, add_config_flags, field_help, overrides_from_flags
-from .config import float_arg as _float
-from .config import int_arg as _int
-from .config import positive_int_arg as _positive_int
+from .config import (TrainConfig, add_config_flags, field_help, float_arg, int_arg, overrides_from_flags,
+                     positive_int_arg)
 from .errors import DiffuseError
 from .runinfo import attention_where  # noqa: F401 (diffuse info's words; tests read it here)
 from .sampling import ETA_HELP, SAMPLER_NAMES, SPACING_NAMES, SamplingSpec  # noqa: F401 (names the tests read)
@@ -62,7 +60,7 @@ def runtime_parent(precision_note: str = "") -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=field_help(TrainConfig, "device") + " (default auto)")
     p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
                    help=PRECISION_HELP + precision_note)
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help=field_help(TrainConfig, "threads"))
+    p.add_argument("--threads", type=positive_int_arg, default=None, metavar="N", help=field_help(TrainConfig, "threads"))
     return p
 
 
@@ -72,14 +70,14 @@ def class_parent() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
                    help="class index, name, comma list (cycled: image i gets the i-th), or 'all' (sample: one row "
                         "per class); default: unconditional (the null class for class-conditional models)")
-    p.add_argument("--guidance", type=_float, default=None, help=field_help(SamplingSpec, "guidance"))
+    p.add_argument("--guidance", type=float_arg, default=None, help=field_help(SamplingSpec, "guidance"))
     return p
 
 
 # SamplingSpec's fields as flags: (field, add_argument keywords); help and default are the field's.
-SPEC_FLAGS = (("sampler", {"choices": SAMPLER_NAMES, "metavar": "NAME"}), ("steps", {"type": _positive_int}),
-              ("spacing", {"choices": SPACING_NAMES, "metavar": "NAME"}), ("eta", {"type": _float}),
-              ("seed", {"type": _int}), ("clip_x0", {"action": argparse.BooleanOptionalAction, "dest": "clip"}))
+SPEC_FLAGS = (("sampler", {"choices": SAMPLER_NAMES, "metavar": "NAME"}), ("steps", {"type": positive_int_arg}),
+              ("spacing", {"choices": SPACING_NAMES, "metavar": "NAME"}), ("eta", {"type": float_arg}),
+              ("seed", {"type": int_arg}), ("clip_x0", {"action": argparse.BooleanOptionalAction, "dest": "clip"}))
 
 
 def sampling_parent() -> argparse.ArgumentParser:
@@ -97,7 +95,7 @@ def reference_parent() -> argparse.ArgumentParser:
     """The FID reference set and the Inception network (eval, compare-samplers --fid-n)."""
     p = _parent()
     p.add_argument("--ref", default=None, metavar="DATA[:split]|STATS.npz", help=REF_HELP)
-    p.add_argument("--ref-n", type=_positive_int, default=None,
+    p.add_argument("--ref-n", type=positive_int_arg, default=None,
                    help="reference images (a seeded random subset; default: the whole split)")
     p.add_argument("--data-root", default=None, help="where the reference data set lives (as for train)")
     p.add_argument("--inception-weights", default=None, metavar="FILE", help=INCEPTION_HELP)
@@ -107,6 +105,13 @@ def reference_parent() -> argparse.ArgumentParser:
 def spec_of(args: argparse.Namespace) -> SamplingSpec:
     """The sampling flags a command was given, as one SamplingSpec (None: the run's default)."""
     return SamplingSpec(args.sampler, args.steps, args.spacing, args.eta, args.guidance, args.clip, args.seed)
+
+
+def _sampling_defaults(args: argparse.Namespace, loaded) -> SamplingSpec:
+    """--sampler/--steps not given: the run's formulation's default (SamplingSpec.resolved); returns the spec."""
+    spec = SamplingSpec(args.sampler, args.steps).resolved(loaded.config.diffusion)
+    args.sampler, args.steps = spec.sampler, spec.steps
+    return spec
 
 
 def _class_labels(args: argparse.Namespace, loaded, count: int):
@@ -165,13 +170,13 @@ def add_sample(sub) -> None:
                         help="generate images from a run or checkpoint",
                         description="Generate images from a run's EMA weights with any sampler.")
     sa.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
-    sa.add_argument("-n", "--n", type=_positive_int, default=64,
+    sa.add_argument("-n", "--n", type=positive_int_arg, default=64,
                     help="number of images (default 64; under torchrun write -n, which torchrun does not claim)")
-    sa.add_argument("--batch-size", type=_positive_int, default=64,
+    sa.add_argument("--batch-size", type=positive_int_arg, default=64,
                     help="images per forward pass (default 64; the images do not depend on it)")
     sa.add_argument("--out", default="samples.png",
                     help="FILE.png grid, FILE.npz arrays, or DIR of PNGs (default samples.png; checked before sampling)")
-    sa.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row")
+    sa.add_argument("--nrow", type=positive_int_arg, default=None, help="images per grid row")
     sa.set_defaults(func=cmd_sample)
 
 
@@ -220,14 +225,14 @@ def add_eval(sub) -> None:
                          "data labels as the class asked for, per guidance value of --guidance-sweep")
     ev.add_argument("--guidance-sweep", default="0,0.5,1,2,4", metavar="W,W,...",
                     help="guidance values for --classifier-accuracy (default 0,0.5,1,2,4)")
-    ev.add_argument("--n-per-class", type=_positive_int, default=100,
+    ev.add_argument("--n-per-class", type=positive_int_arg, default=100,
                     help="images per class and guidance value for --classifier-accuracy (default 100)")
     ev.add_argument("--fid-between", nargs=2, metavar=("A", "B"),
                     help="compare two sets, each a folder of images, an .npz of uint8 NHWC 'images', "
                          "or a statistics .npz (from --save-stats)")
-    ev.add_argument("-n", "--n", type=_positive_int, default=None,
+    ev.add_argument("-n", "--n", type=positive_int_arg, default=None,
                     help="images to generate (default 10000; under torchrun write -n)")
-    ev.add_argument("--batch-size", type=_positive_int, default=50, help="sampling and Inception batch size")
+    ev.add_argument("--batch-size", type=positive_int_arg, default=50, help="sampling and Inception batch size")
     ev.add_argument("--resize", default="tf-bilinear", choices=["tf-bilinear", "torch-bilinear"],
                     help="how images reach 299x299: TF1 bilinear as the reference FID (default), "
                          "or pytorch-fid's torch bilinear")
@@ -248,7 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device, loaded, amp = _open(args)
     if args.run:
         # Everything that can fail cheaply fails before the judge, the reference statistics and the sampling.
-        spec_of(args).resolved(loaded.config.diffusion).check_sampler(loaded.schedule.timesteps)
+        _sampling_defaults(args, loaded).check_sampler(loaded.schedule.timesteps)
     judged = _eval_classifier(args, loaded, device, amp) if args.classifier_accuracy else None
     if judged is not None and not args.fid:
         if args.json:
@@ -311,7 +316,7 @@ def add_visualize(sub) -> None:
     views = vi.add_subparsers(dest="view", metavar="VIEW", parser_class=Parser)
     views.required = True
     base = _parent(COMMON, runtime_parent())
-    base.add_argument("--seed", type=_int, default=0, help="image i uses noise stream (seed, i) (default 0)")
+    base.add_argument("--seed", type=int_arg, default=0, help="image i uses noise stream (seed, i) (default 0)")
     model = _parent(base)
     model.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
     model.add_argument("--out", required=True, metavar="DIR", help="directory for the outputs")
@@ -410,11 +415,11 @@ def add_serve(sub) -> None:
     se.add_argument("runs", nargs="+", metavar="RUN", help="run directory or checkpoint, optionally NAME=RUN")
     se.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1; 0.0.0.0 serves every network, with a warning)")
-    se.add_argument("--port", type=_int, default=8000, help="port (default 8000; 0 picks a free one)")
-    se.add_argument("--max-images", type=_positive_int, default=64, help="images per request (default 64)")
-    se.add_argument("--max-steps", type=_positive_int, default=1000,
+    se.add_argument("--port", type=int_arg, default=8000, help="port (default 8000; 0 picks a free one)")
+    se.add_argument("--max-images", type=positive_int_arg, default=64, help="images per request (default 64)")
+    se.add_argument("--max-steps", type=positive_int_arg, default=1000,
                     help="sampling steps per request (default 1000; also at most each model's T)")
-    se.add_argument("--queue", type=_positive_int, default=16,
+    se.add_argument("--queue", type=positive_int_arg, default=16,
                     help="requests waiting per device; more get 429 with Retry-After (default 16)")
     se.add_argument("--token", default=None,
                     help="require 'Authorization: Bearer TOKEN' on every API call (or set DIFFUSE_SERVE_TOKEN)")

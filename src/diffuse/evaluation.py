@@ -23,7 +23,6 @@ from . import distributed as dist
 from . import fid
 from .config import Config
 from .errors import DiffuseError
-from .inception import load_extractor
 from .generate import Loaded, class_labels, generate_shard, labels_and_guidance, nfe_bar
 from .objectives import Formulation
 from .rng import derive_seed
@@ -103,6 +102,8 @@ def evaluate_run(loaded: Loaded, n: int, spec: SamplingSpec, *, class_: str | No
     cycle (generate.labels_and_guidance, which also settles spec.guidance), against ``ref``
     (``reference``: None is the run's training data, train split; rank 0 fills the cache first).
     Returns evaluate's dict without the time, plus ref (its description), checkpoint and step."""
+    from .inception import load_extractor      # looked up when called: tests stand a counter in for it
+
     labels, guidance = labels_and_guidance(loaded, class_, spec.guidance, n)
     spec = spec.replace(guidance=guidance).resolved(loaded.config.diffusion)
     extractor = load_extractor(inception_weights, device, resize)
