@@ -100,15 +100,14 @@ def _save_snapshot(path: Path, images, meta: dict) -> None:
 def worker_ours(args, recipe: str, out: Path) -> None:
     import torch
 
-    from diffuse.cli import add_config_flags, config_overrides
-    from diffuse.config import resolve
+    from diffuse.config import add_config_flags, overrides_from_flags, resolve
     from diffuse.generate import generate, load
     from diffuse.objectives import default_sampling
     from diffuse.train import load_resume_config, train
 
     flags = argparse.ArgumentParser()
     add_config_flags(flags)
-    overrides = config_overrides(flags.parse_args(OURS[recipe]))
+    overrides = overrides_from_flags(flags.parse_args(OURS[recipe]))
     overrides.setdefault("data", {})["name"] = args.data
     if args.data_root:
         overrides["data"]["root"] = args.data_root

@@ -9,7 +9,7 @@ from diffuse import cli
 
 CLI = Path(cli.__file__)
 MAX_FUNCTION_LINES = 50
-MAX_FILE_LINES = 800
+MAX_FILE_LINES = 500
 
 
 def test_no_function_in_cli_is_long_and_the_file_is_bounded():

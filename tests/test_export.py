@@ -507,3 +507,16 @@ def test_cli_export_import_and_bad_input(exported, tmp_path, capsys):
     assert rc == 0 and "parameters" in out, err
     rc, out, err = _cli(capsys, "export", ckpt, folder, "--overwrite")       # an earlier export may be replaced
     assert rc == 0, err
+
+
+def test_export_refuses_the_other_formats_options_before_reading_the_run(tmp_path):
+    """export() (what `diffuse export` calls) picks the format by OUT and refuses, in one line and
+    before the run is read (here there is none), what only the other format takes."""
+    from diffuse.export import export
+    missing = tmp_path / "no-run"
+    with pytest.raises(DiffuseError, match="--eval and --license describe a diffusers folder"):
+        export(missing, tmp_path / "m.safetensors", license="apache-2.0")
+    with pytest.raises(DiffuseError, match="names a .safetensors file"):
+        export(missing, tmp_path / "m.safetensors", format="diffusers")
+    with pytest.raises(DiffuseError, match="--precision applies to --format safetensors"):
+        export(missing, tmp_path / "folder", precision="bf16")

@@ -36,8 +36,9 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # what uses a trained model or trains one: training, evaluation (FID of a model), the judge,
     # visualize, `info`, export, serve's workers
     7: ("train", "evaluation", "classifier", "visualize", "runinfo", "export", "serve.guard", "serve.jobs"),
-    # the serve app, then its entry point
-    8: ("serve.app",),
+    # the serve app, then its entry point; a training run's config from named settings (train's flags,
+    # the Python API); visualize's views as runs (a model loaded, files written)
+    8: ("serve.app", "runs", "views"),
     9: ("serve",),
     # the command line
     10: ("cli", "__main__"),

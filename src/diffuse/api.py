@@ -12,7 +12,7 @@ Why these names: ``diffuse.train``, ``diffuse.fid`` and ``diffuse.export`` are m
 and a function of the same name would be replaced by the module the first time anything imports it,
 so training is ``fit`` and scoring ``fid_kid`` (tests/test_api.py keeps the two name sets apart).
 
-Every function reuses the code path of its CLI command (``cli.train_config``, ``generate.load``,
+Every function reuses the code path of its CLI command (``runs.run_config``, ``generate.load``,
 ``generate.generate`` with one ``SamplingSpec``, ``evaluation``), so the same
 settings give the same run and the same seed the same images. Bad input raises ``DiffuseError`` with
 a one-line message.
@@ -88,10 +88,19 @@ def _train_args(settings: dict[str, Any]) -> argparse.Namespace:
     return args
 
 
+def _run_config(args: argparse.Namespace) -> Config:
+    """The config ``diffuse train`` builds from these flags (runs.run_config, as cmd_train calls it)."""
+    from .config import overrides_from_flags
+    from .runs import run_config
+
+    return run_config(overrides_from_flags(args), preset=args.preset, config=args.config, resume=args.resume,
+                      init_from=args.init_from)
+
+
 def train_config(**settings: Any) -> Config:
     """The resolved config ``fit(**settings)`` would train with, without training (``diffuse train
     --dry-run``). Defaults < ``preset`` < ``config`` file < the other settings."""
-    return cli.train_config(_train_args(settings))
+    return _run_config(_train_args(settings))
 
 
 def fit(**settings: Any) -> Path:
@@ -108,7 +117,7 @@ def fit(**settings: Any) -> Path:
     from .train import train
 
     args = _train_args(settings)
-    cfg = cli.train_config(args)
+    cfg = _run_config(args)
     return Path(train(cfg, resume=bool(args.resume), init_from=args.init_from, overwrite=args.overwrite,
                       progress=not args.no_progress))
 

@@ -7,6 +7,7 @@ can always be rebuilt from its directory alone.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -189,6 +190,71 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line flags from the fields: one --flag per field, its help the field's (opt above)
+
+def int_arg(s: str) -> int:
+    """An argparse type: an integer, else a one-line usage error."""
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
+def float_arg(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def positive_int_arg(s: str) -> int:
+    v = int_arg(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _flag_type(f: dataclasses.Field):
+    typ = str(f.type)
+    if typ.startswith("tuple"):
+        return str          # "1,2,2": parsed by _coerce
+    return int_arg if typ.startswith("int") else float_arg if typ.startswith("float") else str
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text a dataclass field carries (``opt``), so a flag says what the field says."""
+    return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field (dest 'section.field', absent unless given), from the dataclasses."""
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(f"{section} settings")
+        for f in fields(cls):
+            if not f.metadata.get("cli", True):
+                continue
+            flag, dest = "--" + f.metadata.get("flag", f.name.replace("_", "-")), f"{section}.{f.name}"
+            if str(f.type).startswith("bool"):
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+            else:
+                group.add_argument(flag, dest=dest, type=_flag_type(f), default=argparse.SUPPRESS,
+                                   metavar=f.name.upper(), help=f.metadata.get("help", ""))
+
+
+def overrides_from_flags(args: argparse.Namespace | dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The config flags given ({'section.field': value}, as ``add_config_flags`` parses them) as
+    overrides {section: {field: value}} for ``resolve``; other names are not config and are skipped."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in (args if isinstance(args, dict) else vars(args)).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
 
 # Presets: each reproduces a published configuration (source noted) or is sized for a compute
 # budget. Values not named here keep the dataclass defaults.

@@ -1,8 +1,9 @@
 """Evaluation as a library: FID and KID of a model's samples against a reference set, or between
 two image sets, with the TF Inception-v3 (2015-12-05) pool3 features (fid.py, inception.py).
 
-``diffuse eval``, FID during training (``FidDuringTraining``) and ``visualize compare-samplers
---fid-n`` all call ``evaluate``; ``eval --fid-between`` calls ``compare_sets``. Image i of an
+``diffuse eval`` (through ``evaluate_run``), FID during training (``FidDuringTraining``) and
+``visualize compare-samplers --fid-n`` all call ``evaluate``; ``eval --fid-between`` calls
+``compare_sets``, ``eval --classifier-accuracy`` ``accuracy_sweep``. Image i of an
 evaluation draws its noise from stream (spec.seed, i) (generate.py), so FIDs of one model differ
 only by the weights and the settings. Under torchrun every rank samples and featurises its block of
 the N images and the float64 statistics are all-reduced (distributed.stats_of_images).
@@ -10,6 +11,7 @@ the N images and the float64 statistics are all-reduced (distributed.stats_of_im
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +23,7 @@ from . import distributed as dist
 from . import fid
 from .config import Config
 from .errors import DiffuseError
-from .generate import Loaded, class_labels, generate_shard
+from .generate import Loaded, class_labels, generate_shard, labels_and_guidance, nfe_bar
 from .objectives import Formulation
 from .rng import derive_seed
 from .sampling import SamplingSpec
@@ -91,6 +93,42 @@ def evaluate(loaded: Loaded, n: int, spec: SamplingSpec, *, reference: fid.Stats
     return result
 
 
+def evaluate_run(loaded: Loaded, n: int, spec: SamplingSpec, *, class_: str | None = None, ref: str | None = None,
+                 ref_n: int | None = None, data_root: str | None = None, inception_weights: str | None = None,
+                 resize: str = "tf-bilinear", batch_size: int = 50, save_stats: str | Path | None = None,
+                 device: torch.device | None = None, amp: torch.dtype | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """``diffuse eval RUN``: ``evaluate`` of n images, image i of class i of the --class ``class_``
+    cycle (generate.labels_and_guidance, which also settles spec.guidance), against ``ref``
+    (``reference``: None is the run's training data, train split; rank 0 fills the cache first).
+    Returns evaluate's dict without the time, plus ref (its description), checkpoint and step."""
+    from .inception import load_extractor      # looked up when called: tests stand a counter in for it
+
+    labels, guidance = labels_and_guidance(loaded, class_, spec.guidance, n)
+    spec = spec.replace(guidance=guidance).resolved(loaded.config.diffusion)
+    extractor = load_extractor(inception_weights, device, resize)
+    with dist.main_first():                  # rank 0 fills the statistics cache, the others read it
+        ref_stats, ref_desc = reference(ref, loaded.config, extractor, ref_n=ref_n, data_root=data_root,
+                                        batch_size=batch_size, progress=progress)
+    with nfe_bar(spec, len(dist.shard(n)), batch_size, f"{spec.sampler} sampling", not progress) as bar:
+        result = evaluate(loaded, n, spec, reference=ref_stats, extractor=extractor, labels=labels,
+                          batch_size=batch_size, stats_batch_size=batch_size, device=device, amp=amp,
+                          progress=bar.update, stats_progress=progress, save_stats=save_stats,
+                          note={"class": class_})
+    result.pop("seconds")
+    result.update(ref=ref_desc, checkpoint=str(loaded.source), step=loaded.header.get("step"))
+    return result
+
+
+def check_save_stats(path: str | None) -> None:
+    """--save-stats: a writable FILE.npz, refused in one line before any sampling or Inception."""
+    if path:
+        from .outputs import check_file
+        if Path(path).suffix != ".npz":
+            raise DiffuseError(f"--save-stats {path}: statistics files end in .npz")
+        check_file(path, (".npz",), "--save-stats")
+
+
 def fid_score_fn(loaded: Loaded, n: int, *, reference: fid.Stats, extractor, labels=None, guidance: float = 0.0,
                  seed: int = 0, batch_size: int = 50, device=None, amp=None) -> Callable[..., dict[str, float]]:
     """For ``visualize.compare_samplers``: score(images, sampler, steps) -> {fid, kid} of n images
@@ -109,6 +147,7 @@ def compare_sets(a: str | Path, b: str | Path, extractor: Callable[[], Any], *, 
     statistics .npz (fid.load_set). ``extractor()`` gives the Inception extractor, called only when
     a set holds images. ``save_stats``: write A's statistics there. Returns fid.compare's dict + a, b."""
     names = (str(a), str(b))
+    extractor = functools.cache(extractor)          # loaded once, for either set or both
     sets = [fid.load_set(p) for p in names]
     stats = [s if isinstance(s, fid.Stats) else
              fid.stats_of_images(s, extractor(), batch_size=batch_size, progress=progress, meta={"source": p})
@@ -222,6 +261,19 @@ def class_accuracy(loaded: Loaded, spec: SamplingSpec, guidances: list[float], *
     return {"judge": {"data": cfg.data.name, "test_accuracy": round(judge.test_accuracy, 4)},
             "checkpoint": str(loaded.source), "step": loaded.header.get("step"),
             "default_guidance": cfg.train.sample_guidance, "sweep": sweep}
+
+
+def accuracy_sweep(loaded: Loaded, spec: SamplingSpec, sweep: str, *, n_per_class: int = 100,
+                   data_root: str | None = None, batch_size: int = 250, device: torch.device | None = None,
+                   amp: torch.dtype | None = None, progress: bool = False,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``diffuse eval --classifier-accuracy``: ``class_accuracy`` at each guidance of ``sweep``
+    ("0,0.5,1", ``parse_guidances``) with a bar over its network evaluations; ``spec`` is resolved."""
+    guidances = parse_guidances(sweep)
+    with nfe_bar(spec, n_per_class * len(loaded.class_names or ()), batch_size, "guidance sweep", not progress,
+                 times=len(guidances)) as bar:
+        return class_accuracy(loaded, spec, guidances, n_per_class=n_per_class, data_root=data_root,
+                              batch_size=batch_size, device=device, amp=amp, progress=bar.update, log=log)
 
 
 def accuracy_lines(out: dict[str, Any], spec: SamplingSpec, n_per_class: int) -> list[str]:

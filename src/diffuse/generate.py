@@ -109,6 +109,37 @@ def class_labels(loaded: Loaded, spec: str | None, count: int) -> Tensor | None:
     return cycle_labels(range(len(loaded.class_names)) if cls == "all" else cls, count)
 
 
+def class_rows(loaded: Loaded, spec: str | None, n: int | None) -> tuple[Tensor, int] | None:
+    """``diffuse sample --class all``: one grid row per class of ``n // classes`` images (at least 1;
+    8 when ``n`` is None), as (labels [classes * per], per); None for any other --class ``spec``."""
+    if parse_class(spec, loaded) != "all":
+        return None
+    per = max(1, n // len(loaded.class_names)) if n is not None else 8
+    return torch.arange(len(loaded.class_names)).repeat_interleave(per), per
+
+
+def labels_and_guidance(loaded: Loaded, spec: str | None, guidance: float | None,
+                        count: int) -> tuple[Tensor | None, float]:
+    """--class ``spec`` as labels [count] (``class_labels``) and the guidance w they sample with:
+    ``guidance``, or when None the run's --sample-guidance if labels are given, else 0
+    (SamplingSpec.resolved); a bad one is a one-line SpecError (SamplingSpec.check_guidance)."""
+    labels, cfg = class_labels(loaded, spec, count), loaded.config
+    settled = SamplingSpec(guidance=guidance).resolved(conditional=labels is not None,
+                                                       default_guidance=cfg.train.sample_guidance)
+    settled.check_guidance(class_cond=cfg.model.class_cond, conditional=labels is not None)
+    return labels, settled.guidance
+
+
+def nfe_bar(spec: SamplingSpec, images: int, batch_size: int, desc: str, quiet: bool, times: int = 1):
+    """A tqdm bar over the network evaluations of ``images`` sampled in batches of ``batch_size``,
+    ``times`` over (stderr; hidden when ``quiet`` or stderr is not a terminal). ``spec`` is resolved."""
+    import sys
+
+    from tqdm import tqdm
+    total = SAMPLERS[spec.sampler][3](spec.steps) * -(-images // batch_size) * times
+    return tqdm(total=total, unit="nfe", desc=desc, file=sys.stderr, disable=quiet or not sys.stderr.isatty())
+
+
 def open_model(run: str | Path | None, device_flag: str = "auto", precision: str = "auto"):
     """(device, the loaded run or None, autocast dtype) for sampling commands. Under torchrun the
     device is this rank's, after joining the process group; the precision follows

@@ -55,6 +55,18 @@ def run_lines(info: dict[str, Any]) -> list[str]:
     ]
 
 
+def info_text(run: str | Path | None, device_flag: str = "auto", *, as_json: bool = False) -> str:
+    """What ``diffuse info`` prints: ``run``'s contents (``run_info``), or without a run this machine
+    (``machine_info`` on --device ``device_flag``); as indented JSON when ``as_json``."""
+    import json
+    if run is not None:
+        info = run_info(run)
+        return json.dumps(info, indent=2) if as_json else "\n".join(run_lines(info))
+    from . import device as dev
+    device = dev.pick_device(device_flag)
+    return json.dumps(machine_info(device), indent=2) if as_json else "\n".join(dev.info_lines(device))
+
+
 def machine_info(device) -> dict[str, Any]:
     """This machine for ``diffuse info --json``: the device, the precision ``auto`` picks and why,
     and the measured bf16/fp32 probe on the CPU."""

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .config import opt
 from .errors import DiffuseError
 
 # Copies of samplers.SAMPLERS / samplers.SPACINGS / samplers.ETA_SAMPLERS in words, so that parsing
@@ -41,14 +42,19 @@ class SpecError(DiffuseError):
 @dataclass(frozen=True)
 class SamplingSpec:
     """What a sampling run needs beyond the model and the image indices. None = the run's default
-    (``resolved``). ``steps`` is the NFE budget per image (samplers.sampler_sigmas)."""
-    sampler: str | None = None
-    steps: int | None = None
-    spacing: str | None = None          # None: the sampler's own (samplers.SAMPLERS[name][2])
-    eta: float | None = None            # None: the sampler's default, if it takes one (samplers.eta_of)
-    guidance: float | None = None       # None: the run's --sample-guidance when labels are given, else 0
-    clip_x0: bool = True                # clamp predicted x0 to [-1, 1] at each step
-    seed: int = 0                       # image i draws from noise stream (seed, i)
+    (``resolved``). ``steps`` is the NFE budget per image (samplers.sampler_sigmas). Each field's
+    help is its flag's in ``diffuse sample``, ``eval`` and ``visualize`` (cli.sampling_parent)."""
+    sampler: str | None = opt(None, f"one of: {', '.join(SAMPLER_NAMES)} (default dpmpp-2m-sde; heun for edm runs)")
+    steps: int | None = opt(None, "network evaluations per image (default 20; 35 for edm's heun); heun uses "
+                                  "(steps+1)//2 intervals")
+    # None: the sampler's own (samplers.SAMPLERS[name][2])
+    spacing: str | None = opt(None, f"noise levels: {', '.join(SPACING_NAMES)} "
+                                    "(default karras for euler/heun/dpmpp-*, trailing for ddpm/ddim)")
+    eta: float | None = opt(None, ETA_HELP)     # None: the sampler's default, if it takes one (samplers.eta_of)
+    guidance: float | None = opt(None, "classifier-free guidance w: out = (1+w) out_c - w out_u (needs --class; "
+                                       "0 = plain conditional; default: the run's --sample-guidance)")
+    clip_x0: bool = opt(True, "clamp predicted x0 to [-1, 1] at each step (default on)", flag="clip")
+    seed: int = opt(0, "image i uses noise stream (seed, i)")
     sigma_max_cap: float | None = None  # karras only: samplers.sigmas_for
 
     def replace(self, **changes: Any) -> SamplingSpec:

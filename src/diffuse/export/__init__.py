@@ -8,6 +8,9 @@ Three conversions, none of which imports diffusers (its folders are JSON + safet
   taking a run accepts (``generate.load``).
 - ``import_diffusers``: the reverse, into a diffuse checkpoint directory.
 
+``export`` picks the first two by OUT (``diffuse export``); ``export_lines`` / ``import_lines`` are
+what the commands print.
+
 The pieces: ``mapping`` (our config and parameter names as diffusers', both ways), ``card`` (the
 model card and the config a published folder carries); here, the entry points and their files.
 """
@@ -209,6 +212,33 @@ def export_safetensors(source: str | Path, out: str | Path, *, precision: str = 
 
 
 
+def export(source: str | Path, out: str | Path, *, format: str | None = None, precision: str = "fp32",
+           eval_json: str | Path | None = None, license: str = "mit", overwrite: bool = False) -> dict[str, Any]:
+    """``diffuse export``: a diffusers folder (``export_diffusers``) or one slim file
+    (``export_safetensors``); ``format`` None picks by OUT (.safetensors: the file). Options of the
+    other format are refused, one line each. Returns the summary with its "format"."""
+    fmt = format or ("safetensors" if Path(out).suffix == ".safetensors" else "diffusers")
+    if fmt == "safetensors":
+        if eval_json or license != "mit":
+            raise DiffuseError("--eval and --license describe a diffusers folder's model card; not --format safetensors")
+        return {"format": fmt, **export_safetensors(source, out, precision=precision, overwrite=overwrite)}
+    if Path(out).suffix == ".safetensors":
+        raise DiffuseError(f"--format diffusers writes a folder, but {out} names a .safetensors file")
+    if precision != "fp32":
+        raise DiffuseError("--precision applies to --format safetensors (diffusers folders hold fp32 weights)")
+    return {"format": fmt, **export_diffusers(source, out, overwrite=overwrite, eval_json=eval_json, license=license)}
+
+
+def export_lines(r: dict[str, Any]) -> list[str]:
+    """What ``diffuse export`` prints about ``export``'s summary ``r``."""
+    if r["format"] == "safetensors":
+        return [f"wrote {r['out']} ({r['params']:,} parameters, {r['precision']}, {r['bytes'] / 2**20:.1f} MiB)"]
+    return [f"wrote {r['out']}: UNet2DModel ({r['params']:,} parameters) + DDPMScheduler ({r['betas']}), "
+            f"README.md model card, samples.png",
+            f"load it: DDIMPipeline.from_pretrained({str(r['out'])!r}); upload: huggingface-cli upload USER/NAME "
+            f"{r['out']}"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Import
 
@@ -245,6 +275,17 @@ def import_diffusers(folder: str | Path, out: str | Path, *, overwrite: bool = F
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "params": header["params"], "config": cfg, "own_export": bool(own)}
+
+
+def import_lines(r: dict[str, Any]) -> list[str]:
+    """What ``diffuse import`` prints about ``import_diffusers``' summary ``r``."""
+    cfg = r["config"]
+    m = cfg.model
+    return [f"wrote {r['out']}: {r['params']:,} parameters, {m.in_channels}x{m.image_size}x{m.image_size}, "
+            f"{cfg.diffusion.schedule} schedule (T={cfg.diffusion.timesteps})"
+            f"{', diffuse config restored from the export' if r['own_export'] else ''}",
+            f"sample it: diffuse sample {r['out']}; fine-tune: diffuse train --config "
+            f"{Path(r['out']) / 'model_config.json'} --init-from {r['out']} --data DATA ..."]
 
 
 def _read_folder_configs(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:

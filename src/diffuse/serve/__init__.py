@@ -57,7 +57,11 @@ def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_ima
           max_steps: int = 1000, queue: int = 16, token: str | None = None, device: str = "auto",
           precision: str = "auto", preview: bool = True) -> int:
     """Load every run once, start one worker per device, serve until interrupted."""
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise DiffuseError("diffuse serve needs FastAPI and uvicorn: pip install 'diffuse[serve]'") from None
 
     from ..generate import load
     from ..threads import busy_note
