@@ -98,6 +98,54 @@ def test_corrupt_cache_is_measured_over(cache, content):
     assert timer.calls == 1
 
 
+GOOD_ENTRY = {**{k: SLOW_BF16[k] for k in ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")},
+              "seconds": 0.5, "spread": 1.05}
+BAD_ENTRIES = {"rate 0": {**GOOD_ENTRY, "matmul_fp32": 0}, "negative": {**GOOD_ENTRY, "conv_bf16": -60.0},
+               "NaN as a string": {**GOOD_ENTRY, "conv_fp32": "NaN"}, "NaN": {**GOOD_ENTRY, "conv_fp32": float("nan")},
+               "inf as a string": {**GOOD_ENTRY, "matmul_bf16": "inf"}, "a number as a string": {**GOOD_ENTRY, "matmul_bf16": "69"},
+               "missing key": {k: v for k, v in GOOD_ENTRY.items() if k != "conv_fp32"},
+               "wrong type": {**GOOD_ENTRY, "matmul_fp32": [125.0]}, "a bool": {**GOOD_ENTRY, "matmul_fp32": True},
+               "negative spread": {**GOOD_ENTRY, "spread": -1.0}, "entry a list": list(GOOD_ENTRY.values())}
+
+
+@pytest.mark.parametrize("entry", BAD_ENTRIES, ids=list(BAD_ENTRIES))
+def test_hand_edited_cache_entry_is_measured_over_and_replaced(cache, monkeypatch, entry):
+    """A cached entry is checked like a fresh measurement: a rate of 0 once raised ZeroDivisionError and
+    a negative one 'math domain error' in choose_precision('auto'), stopping every command."""
+    monkeypatch.setattr(D, "cpu_has_amx", lambda: False)
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"version": D.PROBE_VERSION, "entries": {D.probe_key(): BAD_ENTRIES[entry]}}))
+    timer = Timer(SLOW_BF16)
+    monkeypatch.setattr(D, "_time_ops", timer)
+    c = D.choose_precision("auto", torch.device("cpu"))
+    assert c.dtype is None and timer.calls == 1 and c.probe.matmul_fp32 == 125.0
+    stored = json.loads(cache.read_text())["entries"][D.probe_key()]
+    assert {k: stored[k] for k in ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")} == \
+        {k: SLOW_BF16[k] for k in ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")}
+    D.choose_precision("auto", torch.device("cpu"))
+    assert timer.calls == 1                                     # the replaced entry is used
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps([GOOD_ENTRY]), json.dumps({"version": D.PROBE_VERSION,
+                                                                                           "entries": [GOOD_ENTRY]})])
+def test_hand_edited_cache_file_is_measured_over(cache, monkeypatch, content):
+    monkeypatch.setattr(D, "cpu_has_amx", lambda: False)
+    cache.parent.mkdir(parents=True)
+    cache.write_text(content)
+    timer = Timer(SLOW_BF16)
+    monkeypatch.setattr(D, "_time_ops", timer)
+    assert D.choose_precision("auto", torch.device("cpu")).dtype is None and timer.calls == 1
+    assert json.loads(cache.read_text())["entries"][D.probe_key()]["conv_bf16"] == 60.0
+
+
+def test_a_good_cache_entry_is_used_as_written(cache):
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"version": D.PROBE_VERSION, "entries": {D.probe_key(): {**GOOD_ENTRY, "matmul_fp32": 7}}}))
+    timer = Timer(FAST_BF16)
+    r = D.probe_bf16(timer=timer)
+    assert timer.calls == 0 and r.matmul_fp32 == 7.0 and r.seconds == 0.5
+
+
 def test_noisy_probe_is_not_cached(cache, monkeypatch):
     timer = Timer({**FAST_BF16, "spread": 3.0})
     D.probe_bf16(timer=timer)

@@ -67,3 +67,40 @@ def test_sigma_to_t_exact_on_grid_and_inverse():
     assert torch.allclose(s.sigma_to_t(s.t_to_sigma(tf)), tf, atol=1e-9)
     # sigma_t = sqrt((1 - abar)/abar) and log SNR = -2 log sigma
     assert torch.allclose(log_snr(s.alphas_cumprod), -2 * s.sigmas.log(), atol=1e-10)
+
+
+# Zero terminal SNR puts sigma_{T-1} at infinity; the finite level standing in for it must stay above
+# every other level, or samplers walk zero-length intervals and never ask the network about t = T-1.
+@pytest.mark.parametrize("zero_snr", (False, True))
+@pytest.mark.parametrize("T", (2, 10, 50, 100, 1000, 4000))
+@pytest.mark.parametrize("name", ("linear", "cosine"))
+def test_sigmas_strictly_increase_and_the_top_level_is_t_minus_1(name, T, zero_snr):
+    # the default betas and, for linear, the 1000/T-scaled ones a run trains with (config.scale_linear_betas)
+    betas = [(1e-4, 0.02)] + ([(1e-4 * 1000 / T, 0.02 * 1000 / T)] if name == "linear" and 0.02 * 1000 / T < 1 else [])
+    for start, end in betas:
+        s = Schedule(name, T, start, end, zero_terminal_snr=zero_snr)
+        assert s.sigmas.shape == (T,) and bool(torch.isfinite(s.sigmas).all())
+        assert bool((s.sigmas.diff() > 0).all()), s.sigmas[-5:].tolist()
+        assert s.sigma_to_t(s.sigmas[-1:]).item() == T - 1
+        assert torch.equal(s.sigma_to_t(s.sigmas), torch.arange(T, dtype=torch.float64))
+
+
+def test_edm_grid_sigmas_strictly_increase():
+    from diffuse.objectives import EDM
+
+    for T in (2, 10, 1000, 4000):
+        s = EDM(T).schedule
+        assert bool((s.sigmas.diff() > 0).all()) and s.sigma_to_t(s.sigmas[-1:]).item() == T - 1
+
+
+def test_a_repeated_noise_level_never_reaches_a_sampler():
+    """A schedule whose levels repeat (as the zero-SNR linear one's top four once did) is refused in
+    one line where the sigma array is built: DPM-Solver++(2M) divided by the zero step length."""
+    from diffuse.samplers import sampler_sigmas
+
+    sched = Schedule.from_sigmas("flat-top", torch.tensor([0.1, 1.0, 10.0, 10.0]))
+    for sampler in ("dpmpp-2m", "dpmpp-2m-sde", "ddim"):
+        with pytest.raises(ValueError, match="repeat a noise level") as e:
+            sampler_sigmas(sampler, sched, 4, "trailing")
+        assert "\n" not in str(e.value)
+    assert sampler_sigmas("dpmpp-2m", sched, 2, "trailing").tolist() == [10.0, 1.0, 0.0]   # distinct: fine

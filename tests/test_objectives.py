@@ -145,8 +145,15 @@ def test_zero_terminal_snr_rescale(name):
     r = plain.alphas_cumprod.sqrt()
     ref = ((r - r[-1]) * r[0] / (r[0] - r[-1])) ** 2
     torch.testing.assert_close(zero.alphas_cumprod, ref, rtol=1e-12, atol=0)
-    assert torch.isfinite(zero.sigmas).all() and zero.sigma_max == pytest.approx(math.sqrt(2 ** 24 - 1))
     assert zero.betas[-1].item() == 1.0
+    # sigmas: every level below the top is the rescaled abar's own; the top (sigma = inf at abar = 0)
+    # is diffusers' abar = 2^-24 (sigma 4096) unless the level below is already past it (linear:
+    # sigma_998 ~ 1.5e4), then twice that level, so the levels stay distinct and increasing
+    below = ((1 - zero.alphas_cumprod[:-1]) / zero.alphas_cumprod[:-1]).sqrt()
+    torch.testing.assert_close(zero.sigmas[:-1], below, rtol=1e-12, atol=0)
+    assert zero.sigma_max == pytest.approx(max(math.sqrt(2 ** 24 - 1), 2 * below[-1].item()), rel=1e-12)
+    assert {"linear": below[-1].item() > 4096, "cosine": below[-1].item() < 4096}[name]   # both branches taken
+    assert bool((zero.sigmas.diff() > 0).all()) and zero.sigma_to_t(zero.sigmas[-1:]).item() == 999
 
 
 def test_config_refusals_say_why():
@@ -269,6 +276,27 @@ def test_cli_edm_defaults_to_heun_35(cli_runs, tmp_path, capsys):
     assert "heun, 35 NFE" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def linear_zero_snr_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("linear-zero-snr") / "run"
+    assert cli.main(["train", "--out", str(out), "--steps", "1", "--batch-size", "4", "--sample-n", "1", "--sample-steps",
+                     "1", "--no-progress", "--precision", "fp32", "--schedule", "linear", "--timesteps", "1000",
+                     "--objective", "v", "--zero-terminal-snr", *TINY_FLAGS]) == 0
+    return out
+
+
+@pytest.mark.parametrize("spacing", ("trailing", "uniform"))
+@pytest.mark.parametrize("sampler", ("dpmpp-2m", "dpmpp-2m-sde"))
+def test_cli_zero_snr_multistep_samplers_walk_500_distinct_levels(linear_zero_snr_run, sampler, spacing, tmp_path):
+    """The linear zero-SNR schedule once clamped t = 996..999 to one level: over ~334 steps the
+    multistep solvers met a zero-length interval (ZeroDivisionError in h_prev / h)."""
+    out = tmp_path / "s.npz"
+    assert cli.main(["sample", str(linear_zero_snr_run), "--sampler", sampler, "--spacing", spacing,
+                     "--steps", "500", "--n", "1", "--out", str(out), "--no-progress"]) == 0
+    import numpy as np
+    assert np.load(out)["images"].shape[0] == 1
+
+
 def test_cli_zero_snr_refuses_leading_spacing(cli_runs, tmp_path, capsys):
     code = cli.main(["sample", str(cli_runs["vp-v-zero-snr"]), "--sampler", "ddim", "--spacing", "leading",
                      "--steps", "3", "--n", "1", "--out", str(tmp_path / "s.png"), "--no-progress"])
@@ -293,3 +321,15 @@ def test_init_from_across_formulations_is_refused(cli_runs, tmp_path, capsys):
     assert cli.main(["train", "--out", str(tmp_path / "ft2"), "--init-from", str(cli_runs["edm"]), "--steps", "1",
                      "--batch-size", "4", "--sample-n", "2", "--sample-steps", "2", "--class-cond", "--no-progress",
                      "--formulation", "edm", *TINY_FLAGS]) == 0
+
+
+def test_zero_snr_top_level_feeds_the_network_pure_noise_whatever_its_value():
+    """The finite top level stands in for sigma = inf: at x = sqrt(1 + sigma^2) z (samplers.prior) the
+    network's input c_in x is z exactly, as in training at abar = 0, and v's D = c_skip x + c_out F
+    is within O(1/sigma) of the abar = 0 one, -F."""
+    for name in ("linear", "cosine"):
+        top = torch.tensor(Schedule(name, 1000, zero_terminal_snr=True).sigma_max, dtype=torch.float64)
+        c_skip, c_out, c_in = vp_coefficients("v", top)
+        scale = (1 + top ** 2).sqrt()                                 # x = scale z
+        assert float(c_in * scale) == pytest.approx(1.0, rel=1e-12)
+        assert float(c_skip * scale) <= 1 / float(top) and abs(float(c_out) + 1) <= 1 / float(top) ** 2

@@ -312,6 +312,51 @@ def test_token_is_required_on_every_api_call(loaded):
         worker.stop()
 
 
+@pytest.mark.parametrize("token", ("s3cret", "s\u00e9same-\u5bc6\u94a5"), ids=("ascii", "non-ascii"))
+def test_the_token_matches_as_the_utf8_bytes_the_client_sends(loaded, token):
+    """A client sends the header's bytes; a non-ASCII token once never matched (the header was read
+    as latin-1, then compared as UTF-8): every request got 401."""
+    c, worker = make_client(loaded, token=token)
+    try:
+        good = {"Authorization": b"Bearer " + token.encode("utf-8")}
+        assert c.get("/api/models", headers=good).status_code == 200
+        sent = b"Bearer " + token.encode("utf-8")
+        for bad in (sent[:-1], sent + b"x", token.encode("utf-8"), b"Bearer wrong",
+                    *([sent.decode("latin-1").encode("utf-8")] if not token.isascii() else [])):    # mojibake
+            assert c.get("/api/models", headers={"Authorization": bad}).status_code == 401, bad
+    finally:
+        worker.stop()
+
+
+@pytest.fixture(scope="module")
+def zero_snr_run(tmp_path_factory):
+    """A tiny v-prediction run with zero terminal SNR on the linear schedule, T = 1000 (2 steps)."""
+    from diffuse.config import resolve
+    from diffuse.train import train
+
+    from .conftest import TINY_MODEL
+    out = tmp_path_factory.mktemp("zero-snr") / "run"
+    cfg = resolve("digits", None, None, {"model": dict(TINY_MODEL), "diffusion": {"prediction": "v", "zero_terminal_snr": True,
+                                                                                   "schedule": "linear", "timesteps": 1000},
+                                         "train": {"steps": 2, "batch_size": 8, "sample_n": 2, "sample_steps": 1,
+                                                   "out": str(out), "warmup_steps": 0}})
+    return load(train(cfg, progress=False), CPU)
+
+
+@pytest.mark.parametrize("sampler", ("dpmpp-2m", "dpmpp-2m-sde"))
+def test_zero_snr_model_samples_500_steps_with_multistep_solvers(zero_snr_run, sampler):
+    """Once a 500 (a server error: t = 996..999 shared one sigma, a zero-length step divided by zero)."""
+    c, worker = make_client({"zero": zero_snr_run})
+    try:
+        for spacing in ("trailing", "uniform"):
+            r = c.post("/api/generate", json={"model": "zero", "n": 1, "steps": 500, "sampler": sampler,
+                                              "spacing": spacing, "format": "json"})
+            assert r.status_code == 200, r.text
+            assert r.json()["nfe"] == 500
+    finally:
+        worker.stop()
+
+
 def test_page_and_static_files_load_nothing_from_elsewhere(client):
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

@@ -139,6 +139,19 @@ def test_keep_prunes_old_checkpoints_but_not_last(tmp_path):
     assert steps == ["step_0000005", "step_0000006"]
 
 
+def test_prune_orders_step_dirs_by_number_past_seven_digits(tmp_path):
+    """Step names are zero-padded to 7 digits, so step_10000000 sorts before step_9999000 as text: prune
+    once deleted the newest checkpoints past step 9,999,999 and kept old ones."""
+    root = tmp_path / "checkpoints"
+    steps = (9_998_000, 9_999_000, 10_000_000, 10_001_000, 100_000_000)
+    for step in steps:
+        (root / ckpt_io.step_dir_name(step)).mkdir(parents=True)
+    ckpt_io.point(root, "best", ckpt_io.step_dir_name(9_998_000))
+    ckpt_io.prune(root, keep=2)
+    left = {p.name for p in root.glob("step_*") if not p.is_symlink()}
+    assert left == {"step_9998000", "step_10001000", "step_100000000"}       # the newest 2, and best
+
+
 def test_early_stopping_keeps_best(tmp_path):
     # lr 0 never improves: patience 2 stops after the first epoch plus 2 more.
     cfg = tiny_config(tmp_path / "run", steps=10_000, batch_size=500, lr=1e-12, patience=2, ckpt_every=10_000)

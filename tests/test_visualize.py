@@ -86,6 +86,16 @@ def test_noising_starts_at_the_images_and_ends_in_standard_noise(schedule, tmp_p
         assert im.width > 6 * 64 and im.height > 8 * 64                    # 16 px images upscaled x4
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_noising_at_another_T_draws_the_schedule_training_uses(schedule):
+    """At T != 1000 training scales linear betas by 1000/T (improved-diffusion); the strip once drew the
+    unscaled 1e-4..0.02, whose abar at T = 100 never falls below 0.36: not the process the model learns."""
+    strip = vis.noising(data="digits", schedule=schedule, timesteps=100, ts=[0, 50, 99], n=2, seed=0)
+    trained = Schedule(schedule, 100, 1e-3, 0.2) if schedule == "linear" else Schedule("cosine", 100)
+    assert strip.abar == [float(trained.alphas_cumprod[t]) for t in (0, 50, 99)]
+    assert strip.abar[-1] < 1e-4                                          # near pure noise at t = T-1
+
+
 def test_noising_is_seeded(tmp_path):
     a = vis.noising(n=3, seed=1)
     b = vis.noising(n=3, seed=1, ts=[999, 0])

@@ -218,7 +218,9 @@ def prune(ckpt_root: Path, keep: int) -> None:
     if keep <= 0:
         return
     protected = {pointed(ckpt_root, "last"), pointed(ckpt_root, "best")}
-    steps = sorted(p for p in ckpt_root.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.is_symlink())
+    # by step number: the names are padded to 7 digits only, so as text step_10000000 < step_9999000
+    steps = sorted((p for p in ckpt_root.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.is_symlink()
+                    and p.name[len(STEP_PREFIX):].isdigit()), key=lambda p: int(p.name[len(STEP_PREFIX):]))
     for p in steps[:-keep]:
         if p.name not in protected:
             # hide it first: a crash mid-delete must not leave half a checkpoint under a real name

@@ -224,28 +224,45 @@ def _read_cache(path: Path) -> dict[str, Any]:
     return d["entries"]
 
 
+RATES = ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")
+
+
+def _numbers(values: Any, positive: tuple[str, ...], nonnegative: tuple[str, ...] = ()) -> dict[str, float] | None:
+    """{k: float} if ``values`` is a dict whose every named field is a finite number (an int or a
+    float: not a bool, not a string), > 0 for ``positive`` and >= 0 for ``nonnegative``; else None.
+    The speedup divides by the rates and takes a square root, so anything else cannot be used."""
+    if not isinstance(values, dict):
+        return None
+    out = {}
+    for k in positive + nonnegative:
+        v = values.get(k)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not number or v < 0 or (v == 0 and k in positive):
+            return None
+        out[k] = float(v)
+    return out
+
+
 def probe_bf16(*, timer: Callable[[], dict[str, float]] | None = None, refresh: bool = False,
                store: bool | None = None) -> ProbeResult:
     """The probe's rates for this machine: from the cache if it has this machine's key, else
     measured now (about a second) and stored, unless its repeats varied so much (``spread``) that
-    other processes were competing for the cores (``store`` True/False overrides that). A corrupt cache is measured over, never fatal;
-    an unwritable cache dir only costs a re-probe next time."""
+    other processes were competing for the cores (``store`` True/False overrides that). A corrupt
+    cache, or an entry that is not what a measurement writes (a rate that is 0, negative, not finite,
+    missing or not a number), is measured over and replaced, never fatal; an unwritable cache dir
+    only costs a re-probe next time."""
     key = probe_key()
     path = probe_cache_file()
     entries = _read_cache(path)
-    if not refresh and key in entries:
-        try:
-            e = entries[key]
-            return ProbeResult(**{k: float(e[k]) for k in ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16",
-                                                         "seconds", "spread")}, key=key)
-        except (KeyError, TypeError, ValueError):
-            pass                                           # a damaged entry: measure again
+    cached = None if refresh else _numbers(entries.get(key), RATES + ("spread",), ("seconds",))
+    if cached is not None:
+        return ProbeResult(**cached, key=key)
     t0 = time.perf_counter()
     rates = (timer or _time_ops)()
-    r = ProbeResult(**{k: float(rates[k]) for k in ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")},
-                    seconds=round(time.perf_counter() - t0, 3), spread=float(rates.get("spread", 1.0)), key=key)
-    if not all(math.isfinite(v) and v > 0 for v in (r.matmul_fp32, r.matmul_bf16, r.conv_fp32, r.conv_bf16)):
+    measured = _numbers({"spread": 1.0, **rates}, RATES + ("spread",))
+    if measured is None:
         raise DiffuseError(f"bf16 probe gave unusable rates {rates}")
+    r = ProbeResult(**measured, seconds=round(time.perf_counter() - t0, 3), key=key)
     if store is False or (store is None and (r.spread > NOISY_SPREAD or _busy())):
         return r                        # timed under load: use it this once, measure again next time
     entries[key] = {k: v for k, v in asdict(r).items() if k != "key"}

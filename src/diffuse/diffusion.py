@@ -108,8 +108,12 @@ class Schedule:
     Holds no state beyond these arrays; every method is a pure function of its arguments.
     """
 
-    # With zero terminal SNR abar_{T-1} = 0 and sigma_{T-1} = inf; samplers (VE view) start from the
-    # largest finite level instead, abar = 2^-24 (sigma = 4096), as diffusers does for the same reason.
+    # With zero terminal SNR abar_{T-1} = 0 and sigma_{T-1} = inf; samplers (VE view) need a finite
+    # start. diffusers sets abar_{T-1} = 2^-24 (sigma 4096) at t = T-1 only; on the linear schedule
+    # the levels below are already past it (T = 1000: sigma_998 ~ 1.5e4), so the top becomes twice the
+    # level below there: levels stay distinct and increasing, and the top maps to t = T-1. Its value
+    # hardly matters: at x = sqrt(1 + sigma^2) z the network's input c_in x is z exactly, as in training
+    # at abar = 0, and a v or x0 estimate differs from the sigma = inf one by O(1/sigma).
     ZERO_SNR_ABAR_FLOOR = 2.0 ** -24
 
     def __init__(self, schedule: str = "linear", timesteps: int = 1000, beta_start: float = 1e-4,
@@ -124,8 +128,10 @@ class Schedule:
         if zero_terminal_snr:
             self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
             self.betas = 1 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
-        self.sigmas = sigmas_from_alphas_cumprod(                                   # [T] float64, increasing
-            self.alphas_cumprod.clamp(min=self.ZERO_SNR_ABAR_FLOOR) if zero_terminal_snr else self.alphas_cumprod)
+        self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)              # [T] float64, increasing
+        if zero_terminal_snr:                                                       # sigma_{T-1} = inf until here
+            floor = sigmas_from_alphas_cumprod(torch.tensor(self.ZERO_SNR_ABAR_FLOOR, dtype=torch.float64))
+            self.sigmas[-1] = torch.maximum(floor, 2 * self.sigmas[-2])
 
     @classmethod
     def from_sigmas(cls, name: str, sigmas: Tensor) -> "Schedule":

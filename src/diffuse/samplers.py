@@ -89,7 +89,11 @@ def sigmas_for(schedule: Schedule, n: int, spacing: str = "trailing", sigma_max_
         sig = karras_sigmas(schedule.sigma_min, min(schedule.sigma_max, cap if cap is not None else math.inf), n)
     else:
         sig = schedule.sigmas[discrete_timesteps(schedule.timesteps, n, spacing)]
-    return torch.cat([sig, sig.new_zeros(1)])
+    sig = torch.cat([sig, sig.new_zeros(1)])
+    if not bool((sig.diff() < 0).all()):             # h = 0: DPM-Solver++'s r = h_prev / h divides by it
+        raise ValueError(f"{n} {spacing}-spaced steps repeat a noise level of this schedule (a zero-length step); "
+                         f"use fewer steps or another spacing")
+    return sig
 
 
 @torch.no_grad()

@@ -245,17 +245,20 @@ def noising(*, data: str = "digits", data_root: str | None = None, schedule: str
     ``schedule`` and ``timesteps`` default to those of the preset ``data`` trains with (what
     ``diffuse train --data DATA`` would use), so the strip shows the process that model learns."""
     from .config import default_preset_for, resolve
+    from .objectives import formulation_for
 
-    preset = default_preset_for(data)
-    if schedule is None or timesteps is None:
-        d = resolve(preset, data, None, {}).diffusion
-        schedule, timesteps = schedule or d.schedule, timesteps or d.timesteps
-    if schedule not in SCHEDULES:
+    if schedule is not None and schedule not in SCHEDULES:
         raise DiffuseError(f"--schedule must be {' or '.join(SCHEDULES)}, got {schedule!r}")
     if n < 1:
         raise DiffuseError(f"--n must be a positive integer, got {n}")
     path = png_path(out) if out is not None else None
-    sched = Schedule(schedule, timesteps)
+    preset = default_preset_for(data)
+    # the run config `diffuse train --data DATA [--schedule S --timesteps T]` resolves to, built as training
+    # builds it (linear betas scaled by 1000/T, config.scale_linear_betas)
+    given = {k: v for k, v in (("schedule", schedule), ("timesteps", timesteps)) if v is not None}
+    d = resolve(preset, data, None, {"diffusion": given}).diffusion
+    schedule, timesteps = d.schedule, d.timesteps
+    sched = formulation_for(d).schedule
     ts = check_timesteps(list(ts), timesteps)
     ds = load_dataset(data, data_root, "train")
     pick = torch.randperm(len(ds), generator=generator(seed, "noising"))[:n]

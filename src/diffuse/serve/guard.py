@@ -10,7 +10,7 @@ server's address. So, in this order:
    /api call and on every method other than GET/HEAD; so is one that the browser marks
    Sec-Fetch-Site cross-site or same-site on /api (that covers <img src> and form GETs, which carry
    no Origin).
-3. With a token, every /api call must carry ``Authorization: Bearer TOKEN``.
+3. With a token, every /api call must carry ``Authorization: Bearer TOKEN``, TOKEN as UTF-8 bytes.
 4. Bodies over ``max_body`` bytes get 413 before the app reads them.
 """
 
@@ -62,8 +62,10 @@ class Guard:
         if api and headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             return await _error(send, 403, "cross-site request refused")
         if api and self.token is not None:
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            # compare bytes: the header as sent (latin-1 decoding above maps each byte to one char, so
+            # encoding back gives them unchanged) against the token's UTF-8, which a client sends
+            given = headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, f"Bearer {self.token}".encode("utf-8")):
                 return await _error(send, 401, "this server needs 'Authorization: Bearer TOKEN' (diffuse serve --token)",
                                     {"www-authenticate": "Bearer"})
         length = headers.get("content-length")
