@@ -403,3 +403,16 @@ def test_real_cli(run, tmp_path):
 
     p = _diffuse("compare-samplers", tmp_path / "nowhere", "--out", tmp_path / "c2")
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [f"error: no such run or checkpoint: {tmp_path / 'nowhere'}"]
+
+
+def test_schedule_curves_at_another_t_use_the_betas_training_uses():
+    # training scales linear betas by 1000/T (config.scale_linear_betas): the view must draw those
+    from diffuse.config import resolve
+    from diffuse.objectives import formulation_for
+
+    curves = vis.schedule_curves(100)
+    for name in ("linear", "cosine"):
+        d = resolve("digits", "digits", None, {"diffusion": {"schedule": name, "timesteps": 100}}).diffusion
+        np.testing.assert_allclose(curves[name]["alphas_cumprod"], formulation_for(d).schedule.alphas_cumprod.numpy(),
+                                   rtol=1e-12)
+    assert curves["linear"]["betas"][-1] == pytest.approx(0.2)      # 0.02 * 1000 / 100

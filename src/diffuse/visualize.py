@@ -279,10 +279,17 @@ def noising(*, data: str = "digits", data_root: str | None = None, schedule: str
 # schedules: beta, abar and log SNR
 
 def schedule_curves(timesteps: int = 1000) -> dict[str, dict[str, np.ndarray]]:
-    """{schedule: {'betas', 'alphas_cumprod', 'log_snr'}} as float64 numpy arrays of length T."""
+    """{schedule: {'betas', 'alphas_cumprod', 'log_snr'}} as float64 numpy arrays of length T, for the
+    schedules training builds at this T (linear betas scaled by 1000/T, config.scale_linear_betas)."""
+    from .config import Config, DiffusionConfig, scale_linear_betas
+
     out = {}
     for name in SCHEDULES:
-        s = Schedule(name, timesteps)
+        cfg = Config()
+        cfg.diffusion = DiffusionConfig(schedule=name, timesteps=timesteps)
+        scale_linear_betas(cfg, set())
+        d = cfg.diffusion
+        s = Schedule(name, timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
         abar = s.alphas_cumprod
         out[name] = {"betas": s.betas.numpy(), "alphas_cumprod": abar.numpy(),
                      "log_snr": (abar.log() - (-abar).log1p()).numpy()}
