@@ -259,12 +259,18 @@ def test_cli_trains_samples_guides_every_formulation(cli_runs, name, tmp_path, c
     d = header["config"]["diffusion"]
     assert (d["formulation"], d["prediction"]) == {"vp-x0": ("vp", "x0"), "vp-v-zero-snr": ("vp", "v"),
                                                    "edm": ("edm", None)}[name]
+    import numpy as np
     for sampler in cli.SAMPLER_NAMES:
-        out = tmp_path / f"{sampler}.npz"
-        assert cli.main(["sample", str(run), "--sampler", sampler, "--steps", "3", "--n", "2", "--class", "0,1",
-                         "--guidance", "1.5", "--out", str(out), "--no-progress"]) == 0
-        import numpy as np
-        assert np.load(out)["images"].shape[0] == 2
+        images = {}
+        for w in ("1.5", "0"):
+            out = tmp_path / f"{sampler}-{w}.npz"
+            assert cli.main(["sample", str(run), "--sampler", sampler, "--steps", "3", "--n", "2", "--class", "0,1",
+                             "--guidance", w, "--out", str(out), "--no-progress"]) == 0
+            images[w] = np.load(out)["images"]
+        assert images["1.5"].shape[0] == 2
+        # the guidance reaches this formulation's denoiser: same seeds, other weight, other images
+        assert not np.array_equal(images["1.5"], images["0"]), f"{name}/{sampler}: --guidance had no effect"
+        assert images["1.5"].std() > 0
     capsys.readouterr()
     assert cli.main(["info", str(run)]) == 0
     assert {"vp-x0": "predicts x0", "vp-v-zero-snr": "zero terminal SNR", "edm": "EDM"}[name] in capsys.readouterr().out
