@@ -59,8 +59,12 @@ def test_fit_trains_the_config_the_cli_resolves(runs, tmp_path):
     assert model.step == 2 and model.config.model.class_cond and model.class_names == [str(k) for k in range(10)]
     assert (model.image_size, model.channels, model.device.type) == (16, 1, "cpu")
     assert model.precision in ("fp32", "bf16") and diffuse.load(runs["cond"], precision="fp32").precision == "fp32"
-    diffuse.load(runs["cond"], threads=1)
-    assert torch.get_num_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        diffuse.load(runs["cond"], threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)          # the rest of the session keeps its threads
 
 
 @pytest.mark.parametrize("kind, kw, flags", [
