@@ -277,6 +277,25 @@ def small_run(tmp_path_factory):
     return train(tiny_config(tmp_path_factory.mktemp("small") / "run", steps=1), progress=False)
 
 
+def test_of_several_bad_values_validate_reports_the_earliest_stage():
+    # config.validate runs finite, limits, model, diffusion, train, data in that order.
+    from diffuse.config import Config, validate
+    cfg = Config()
+    validate(cfg)                                       # the defaults pass
+    cfg.data.placement, cfg.train.lr, cfg.diffusion.timesteps, cfg.model.dropout = "nowhere", -1.0, 1, 2.0
+    cfg.model.base_channels, cfg.train.ema_decay = 10_000, float("nan")
+    for message, fix in [("--ema-decay must be a finite number", lambda: setattr(cfg.train, "ema_decay", 0.9)),
+                         ("--base-channels 10000 is too large", lambda: setattr(cfg.model, "base_channels", 32)),
+                         ("--dropout must be in", lambda: setattr(cfg.model, "dropout", 0.1)),
+                         ("--timesteps must be at least 2", lambda: setattr(cfg.diffusion, "timesteps", 1000)),
+                         ("--lr must be positive", lambda: setattr(cfg.train, "lr", 1e-4)),
+                         ("--data-placement must be", lambda: setattr(cfg.data, "placement", "auto"))]:
+        with pytest.raises(DiffuseError, match=re.escape(message)):
+            validate(cfg)
+        fix()
+    validate(cfg)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["config"]["model"].update(head_channels=3), "head-channels 3 splits the 16-channel"),
     (lambda c: c["config"]["model"].update(image_size=0), "not a trained model's"),

@@ -463,18 +463,34 @@ def resolve(preset: str | None, data_name: str | None, file_overrides: dict | No
 
 
 def validate(cfg: Config) -> None:
-    """Reject values that cannot work, each with a one-line reason."""
-    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    """Reject values that cannot work, each with a one-line reason. The stages run in this order, so
+    of several bad values the first one met here is the one reported."""
+    _validate_finite(cfg)
+    _validate_limits(cfg)
+    _validate_model(cfg.model)
+    _validate_diffusion(cfg.diffusion)
+    _validate_train(cfg)
+    _validate_data(cfg.data)
 
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise DiffuseError(msg)
 
-    for section in (cfg.data, m, d, t):            # NaN and inf pass the range checks below unnoticed
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise DiffuseError(msg)
+
+
+def _validate_finite(cfg: Config) -> None:
+    # NaN and inf pass the range checks of the other stages unnoticed.
+    for section in (cfg.data, cfg.model, cfg.diffusion, cfg.train):
         for f in fields(section):
             v = getattr(section, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise DiffuseError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+
+
+def _validate_limits(cfg: Config) -> None:
+    """Values too large to run in any time or memory (sizes, counts, intervals), the seed's range
+    and the guidance's sign."""
+    m, d, t = cfg.model, cfg.diffusion, cfg.train
     for name, value, most in (("base-channels", m.base_channels, 4096), ("num-res-blocks", m.num_res_blocks, 64),
                               ("timesteps", d.timesteps, 100_000), ("batch-size", t.batch_size, 1 << 20),
                               ("sample-n", t.sample_n, 100_000), ("fid-n", t.fid_n, 1_000_000),
@@ -482,79 +498,94 @@ def validate(cfg: Config) -> None:
                               ("head-channels", m.head_channels, 1 << 16), ("steps", t.steps or 0, 1 << 40),
                               ("sample-steps", t.sample_steps, 100_000), ("fid-steps", t.fid_steps, 100_000),
                               ("threads", t.threads or 0, 4096)):
-        need(value <= most, f"--{name} {value} is too large (at most {most:,})")
-    need(len(m.channel_mult) <= 8 and all(c <= 64 for c in m.channel_mult),
-         f"--channel-mult {','.join(map(str, m.channel_mult))} is too large (at most 8 levels, each at most 64)")
-    need(0 <= t.seed < 2 ** 63, f"--seed must be in [0, 2^63), got {t.seed}")
+        _need(value <= most, f"--{name} {value} is too large (at most {most:,})")
+    _need(len(m.channel_mult) <= 8 and all(c <= 64 for c in m.channel_mult),
+          f"--channel-mult {','.join(map(str, m.channel_mult))} is too large (at most 8 levels, each at most 64)")
+    _need(0 <= t.seed < 2 ** 63, f"--seed must be in [0, 2^63), got {t.seed}")
     for name in ("log_every", "sample_every", "ckpt_every", "fid_every", "patience", "max_bad_steps", "keep",
                  "warmup_steps", "fid_ref_n"):
         v = getattr(t, name)
-        need(v is None or v <= 1 << 40, f"--{name.replace('_', '-')} {v} is too large (at most {1 << 40:,})")
-    need(t.sample_guidance >= 0, f"--sample-guidance must be >= 0, got {t.sample_guidance}")
-    need(m.base_channels > 0, f"--base-channels must be positive, got {m.base_channels}")
-    need(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult), "--channel-mult must be positive integers, e.g. 1,2,2")
-    need(m.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {m.num_res_blocks}")
-    need(0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}")
-    need(m.num_groups >= 1, f"--num-groups must be at least 1, got {m.num_groups}")
-    need(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
-    need(m.downsample_padding in (0, 1), f"model.downsample_padding must be 0 or 1, got {m.downsample_padding}")
+        _need(v is None or v <= 1 << 40, f"--{name.replace('_', '-')} {v} is too large (at most {1 << 40:,})")
+    _need(t.sample_guidance >= 0, f"--sample-guidance must be >= 0, got {t.sample_guidance}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _need(m.base_channels > 0, f"--base-channels must be positive, got {m.base_channels}")
+    _need(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult), "--channel-mult must be positive integers, e.g. 1,2,2")
+    _need(m.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {m.num_res_blocks}")
+    _need(0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}")
+    _need(m.num_groups >= 1, f"--num-groups must be at least 1, got {m.num_groups}")
+    _need(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+    _need(m.downsample_padding in (0, 1), f"model.downsample_padding must be 0 or 1, got {m.downsample_padding}")
     for c in {m.base_channels * k for k in m.channel_mult}:
-        need(c % m.num_groups == 0, f"--num-groups {m.num_groups} must divide every level's channels (got {c})")
-    need(m.head_channels >= 1, f"--head-channels must be at least 1, got {m.head_channels}")
+        _need(c % m.num_groups == 0, f"--num-groups {m.num_groups} must divide every level's channels (got {c})")
+    _need(m.head_channels >= 1, f"--head-channels must be at least 1, got {m.head_channels}")
     mid = m.base_channels * m.channel_mult[-1]
-    need(mid % _heads(mid, m.head_channels) == 0,
-         f"--head-channels {m.head_channels} splits the {mid}-channel middle attention into "
-         f"{_heads(mid, m.head_channels)} heads, which do not divide it; use a head width that divides {mid}")
-    need(d.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {d.schedule!r}")
-    need(d.timesteps >= 2, f"--timesteps must be at least 2, got {d.timesteps}")
+    _need(mid % _heads(mid, m.head_channels) == 0,
+          f"--head-channels {m.head_channels} splits the {mid}-channel middle attention into "
+          f"{_heads(mid, m.head_channels)} heads, which do not divide it; use a head width that divides {mid}")
+
+
+def _validate_diffusion(d: DiffusionConfig) -> None:
+    _need(d.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {d.schedule!r}")
+    _need(d.timesteps >= 2, f"--timesteps must be at least 2, got {d.timesteps}")
     reason = check_diffusion(d)
-    need(reason is None, reason or "")
-    need(0 < d.beta_start < d.beta_end < 1, f"need 0 < --beta-start < --beta-end < 1, got {d.beta_start}, {d.beta_end}"
-         + (" (the linear betas scale with 1000/T: use --schedule cosine for small T)" if d.schedule == "linear"
-            and d.timesteps < 1000 else ""))
+    _need(reason is None, reason or "")
+    _need(0 < d.beta_start < d.beta_end < 1, f"need 0 < --beta-start < --beta-end < 1, got {d.beta_start}, {d.beta_end}"
+          + (" (the linear betas scale with 1000/T: use --schedule cosine for small T)" if d.schedule == "linear"
+             and d.timesteps < 1000 else ""))
     if d.schedule == "linear":
         # Sampling starts from pure noise, so x_T must hold (almost) no signal: sqrt(abar_T) is the
         # fraction of x_0 left in x_T (Ho et al. 2020, eq. 4). DDPM's betas at T=1000 give 4e-5.
         abar_T = linear_abar_T(d.beta_start, d.beta_end, d.timesteps)
-        need(abar_T <= MAX_ABAR_T, f"linear betas {d.beta_start:g}..{d.beta_end:g} over T={d.timesteps} leave "
-                                   f"alpha-bar_T = {abar_T:.3g} (x_T keeps {abar_T ** 0.5:.1%} of the image) but "
-                                   f"sampling starts from pure noise; raise --beta-end or --timesteps, or use "
-                                   f"--schedule cosine")
-    need(t.steps is None or t.steps >= 1, f"--steps must be a positive integer, got {t.steps}")
-    need(t.epochs is None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}")
-    need(t.batch_size >= 1, f"--batch-size must be a positive integer, got {t.batch_size}")
-    need(t.grad_accum >= 1, f"--grad-accum must be a positive integer, got {t.grad_accum}")
-    need(cfg.data.cache in ("auto", "memory", "disk"), f"--data-cache must be auto, memory or disk, got {cfg.data.cache!r}")
-    need(t.threads is None or t.threads >= 1, f"--threads must be a positive integer, got {t.threads}")
-    need(t.lr > 0, f"--lr must be positive, got {t.lr}")
-    need(t.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {t.warmup_steps}")
-    need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
-    need(t.grad_clip >= 0, f"--grad-clip must be >= 0, got {t.grad_clip}")
-    need(0 <= t.ema_decay < 1, f"--ema-decay must be in [0, 1), got {t.ema_decay}")
-    need(0 <= t.label_dropout < 1, f"--label-dropout must be in [0, 1), got {t.label_dropout}")
-    need(not m.class_cond or t.label_dropout > 0,
-         "--class-cond needs --label-dropout > 0: the null class (guidance and unconditional samples) is "
-         "trained only on dropped labels")
-    need(t.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {t.max_bad_steps}")
-    need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"--device must be auto, cpu or cuda, got {t.device!r}")
-    need(t.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, got {t.precision!r}")
-    need(t.time_limit is None or t.time_limit > 0, f"--time-limit must be positive minutes, got {t.time_limit}")
-    need(t.log_every >= 1, f"--log-every must be at least 1, got {t.log_every}")
+        _need(abar_T <= MAX_ABAR_T, f"linear betas {d.beta_start:g}..{d.beta_end:g} over T={d.timesteps} leave "
+                                    f"alpha-bar_T = {abar_T:.3g} (x_T keeps {abar_T ** 0.5:.1%} of the image) but "
+                                    f"sampling starts from pure noise; raise --beta-end or --timesteps, or use "
+                                    f"--schedule cosine")
+
+
+def _validate_train(cfg: Config) -> None:
+    # Takes the whole config for --data-cache, checked among train's flags as it always was (the
+    # order decides which of several bad values is reported).
+    t = cfg.train
+    _need(t.steps is None or t.steps >= 1, f"--steps must be a positive integer, got {t.steps}")
+    _need(t.epochs is None or t.epochs > 0, f"--epochs must be positive, got {t.epochs}")
+    _need(t.batch_size >= 1, f"--batch-size must be a positive integer, got {t.batch_size}")
+    _need(t.grad_accum >= 1, f"--grad-accum must be a positive integer, got {t.grad_accum}")
+    _need(cfg.data.cache in ("auto", "memory", "disk"), f"--data-cache must be auto, memory or disk, got {cfg.data.cache!r}")
+    _need(t.threads is None or t.threads >= 1, f"--threads must be a positive integer, got {t.threads}")
+    _need(t.lr > 0, f"--lr must be positive, got {t.lr}")
+    _need(t.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {t.warmup_steps}")
+    _need(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
+    _need(t.grad_clip >= 0, f"--grad-clip must be >= 0, got {t.grad_clip}")
+    _need(0 <= t.ema_decay < 1, f"--ema-decay must be in [0, 1), got {t.ema_decay}")
+    _need(0 <= t.label_dropout < 1, f"--label-dropout must be in [0, 1), got {t.label_dropout}")
+    _need(not cfg.model.class_cond or t.label_dropout > 0,
+          "--class-cond needs --label-dropout > 0: the null class (guidance and unconditional samples) is "
+          "trained only on dropped labels")
+    _need(t.max_bad_steps >= 1, f"--max-bad-steps must be at least 1, got {t.max_bad_steps}")
+    _need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"--device must be auto, cpu or cuda, got {t.device!r}")
+    _need(t.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, got {t.precision!r}")
+    _need(t.time_limit is None or t.time_limit > 0, f"--time-limit must be positive minutes, got {t.time_limit}")
+    _need(t.log_every >= 1, f"--log-every must be at least 1, got {t.log_every}")
     for name in ("sample_every", "ckpt_every", "patience"):
         v = getattr(t, name)
-        need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    need(t.sample_steps >= 1, f"--sample-steps must be at least 1, got {t.sample_steps}")
-    need(t.sample_n >= 1, f"--sample-n must be at least 1, got {t.sample_n}")
-    need(t.keep >= 0, f"--keep must be >= 0, got {t.keep}")
-    need(t.fid_every is None or t.fid_every >= 1, f"--fid-every must be at least 1, got {t.fid_every}")
-    need(t.fid_n >= 2, f"--fid-n must be at least 2 (a covariance needs two images), got {t.fid_n}")
-    need(t.fid_ref_n is None or t.fid_ref_n >= 0, f"--fid-ref-n must be >= 0, got {t.fid_ref_n}")
-    need(t.fid_steps >= 1, f"--fid-steps must be at least 1, got {t.fid_steps}")
-    need(cfg.data.image_size is None or cfg.data.image_size >= 4, f"--image-size must be at least 4, got {cfg.data.image_size}")
-    need(cfg.data.channels in (None, 1, 3), f"--channels must be 1 or 3, got {cfg.data.channels}")
-    need(cfg.data.placement in ("auto", "device", "host", "memmap"),
-         f"--data-placement must be auto, device, host or memmap, got {cfg.data.placement!r}")
-    need(0 < cfg.data.placement_fraction <= 1, f"--placement-fraction must be in (0, 1], got {cfg.data.placement_fraction}")
+        _need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    _need(t.sample_steps >= 1, f"--sample-steps must be at least 1, got {t.sample_steps}")
+    _need(t.sample_n >= 1, f"--sample-n must be at least 1, got {t.sample_n}")
+    _need(t.keep >= 0, f"--keep must be >= 0, got {t.keep}")
+    _need(t.fid_every is None or t.fid_every >= 1, f"--fid-every must be at least 1, got {t.fid_every}")
+    _need(t.fid_n >= 2, f"--fid-n must be at least 2 (a covariance needs two images), got {t.fid_n}")
+    _need(t.fid_ref_n is None or t.fid_ref_n >= 0, f"--fid-ref-n must be >= 0, got {t.fid_ref_n}")
+    _need(t.fid_steps >= 1, f"--fid-steps must be at least 1, got {t.fid_steps}")
+
+
+def _validate_data(data: DataConfig) -> None:
+    _need(data.image_size is None or data.image_size >= 4, f"--image-size must be at least 4, got {data.image_size}")
+    _need(data.channels in (None, 1, 3), f"--channels must be 1 or 3, got {data.channels}")
+    _need(data.placement in ("auto", "device", "host", "memmap"),
+          f"--data-placement must be auto, device, host or memmap, got {data.placement!r}")
+    _need(0 < data.placement_fraction <= 1, f"--placement-fraction must be in (0, 1], got {data.placement_fraction}")
 
 
 MAX_ABAR_T = 1e-3      # x_T may keep at most 3% of the image's amplitude (DDPM's T=1000 betas: 0.6%)

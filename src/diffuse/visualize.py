@@ -656,9 +656,29 @@ def _fmt(v: float) -> str:
 
 def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats: int, device: torch.device,
                      source: str, score_note: str | None = None) -> dict[str, Any]:
+    """Write the comparison of ``cells`` into ``out``: grids/ (one PNG per cell), report.json,
+    report.md, and, when a cell ran, time_vs_steps.png, fid_vs_nfe.png (if FID was scored) and
+    overview.png. Returns the report that report.json holds."""
+    rows = _comparison_rows(cells, out, n)
+    report = {"source": source, "n": n, "batch_size": n, "seed": seed, "repeats": repeats, "device": str(device),
+              "torch": torch.__version__, "score_note": score_note, "cells": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(_comparison_markdown(cells, rows, n=n, seed=seed, repeats=repeats, device=device,
+                                                        source=source, score_note=score_note))
+    done = [c for c in cells if not c.skipped]
+    if done:
+        _plot_time_vs_steps(done, out / "time_vs_steps.png", n, device)
+        scored = [c for c in done if "fid" in c.scores]
+        if scored:
+            _plot_fid_vs_nfe(scored, out / "fid_vs_nfe.png", score_note)
+        _comparison_overview(cells, n, display_scale(done[0].images.shape[-1])).save(out / "overview.png")
+    return report
+
+
+def _comparison_rows(cells: list[Cell], out: Path, n: int) -> list[dict[str, Any]]:
+    """One report row per cell; each cell that ran also gets its grid written to out/grids/."""
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
-    score_names = list(dict.fromkeys(k for c in cells for k in c.scores))
     rows = []
     for c in cells:
         row: dict[str, Any] = {"sampler": c.sampler, "steps": c.steps}
@@ -672,10 +692,13 @@ def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats
                         "images_per_sec": n / c.mean_seconds, "grid": str(grid.relative_to(out)),
                         "scores": c.scores})
         rows.append(row)
-    report = {"source": source, "n": n, "batch_size": n, "seed": seed, "repeats": repeats, "device": str(device),
-              "torch": torch.__version__, "score_note": score_note, "cells": rows}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return rows
 
+
+def _comparison_markdown(cells: list[Cell], rows: list[dict[str, Any]], *, n: int, seed: int, repeats: int,
+                         device: torch.device, source: str, score_note: str | None) -> str:
+    """report.md: a header naming the model and seeds, then one table row per cell."""
+    score_names = list(dict.fromkeys(k for c in cells for k in c.scores))
     head = ["sampler", "steps", "NFE", "spacing", "s/batch", "images/s", *score_names, "grid"]
     lines = ["# Sampler comparison", "",
              f"Model `{source}`; {n} images per batch (seeds {seed}:0..{n - 1}, the same in every cell); "
@@ -691,60 +714,65 @@ def write_comparison(cells: list[Cell], out: Path, *, n: int, seed: int, repeats
         scores = [(_fmt(c.scores[k]) if k in c.scores else "–") for k in score_names]
         lines.append("| " + " | ".join([c.sampler, str(c.steps), str(c.nfe), c.spacing, secs,
                                          _fmt(r["images_per_sec"]), *scores, f"[png]({r['grid']})"]) + " |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
-    done = [c for c in cells if not c.skipped]
-    if done:
-        plt = _plt()
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
-        for name in dict.fromkeys(c.sampler for c in done):
-            cs = [c for c in done if c.sampler == name]
-            axes[0].plot([c.steps for c in cs], [c.mean_seconds for c in cs], marker="o", label=name)
-            axes[1].plot([c.steps for c in cs], [n / c.mean_seconds for c in cs], marker="o", label=name)
-        for ax, ylabel in zip(axes, ["seconds per batch", "images / second"]):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("sampling steps")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend()
-        axes[0].set_title(f"wall time, batch of {n} ({device.type})")
-        axes[1].set_title("throughput")
-        fig.tight_layout()
-        fig.savefig(out / "time_vs_steps.png")
-        plt.close(fig)
 
-        scored = [c for c in done if "fid" in c.scores]
-        if scored:
-            fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
-            for name in dict.fromkeys(c.sampler for c in scored):
-                cs = [c for c in scored if c.sampler == name]
-                ax.plot([c.nfe for c in cs], [c.scores["fid"] for c in cs], marker="o", label=name)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("network evaluations per image (NFE)")
-            ax.set_ylabel("FID (lower is better)")
-            note = "\n" + textwrap.fill(score_note, 90) if score_note else ""      # long: wrap, never clip
-            ax.set_title("FID against sampling cost" + note, fontsize=7 if note else 9)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(out / "fid_vs_nfe.png")
-            plt.close(fig)
+def _plot_time_vs_steps(done: list[Cell], path: Path, n: int, device: torch.device) -> None:
+    """Two log-log panels over sampling steps, one line per sampler: seconds per batch, images/s."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
+    for name in dict.fromkeys(c.sampler for c in done):
+        cs = [c for c in done if c.sampler == name]
+        axes[0].plot([c.steps for c in cs], [c.mean_seconds for c in cs], marker="o", label=name)
+        axes[1].plot([c.steps for c in cs], [n / c.mean_seconds for c in cs], marker="o", label=name)
+    for ax, ylabel in zip(axes, ["seconds per batch", "images / second"]):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    axes[0].set_title(f"wall time, batch of {n} ({device.type})")
+    axes[1].set_title("throughput")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
-        names = list(dict.fromkeys(c.sampler for c in cells))
-        steps = list(dict.fromkeys(c.steps for c in cells))
-        by = {(c.sampler, c.steps): c for c in cells}
-        shown = min(n, 16)
-        cols = math.ceil(math.sqrt(shown))
-        table = [[(make_grid(by[s, k].images[:shown], cols) if not by[s, k].skipped else f"skipped: {by[s, k].skipped}")
-                  if (s, k) in by else None for k in steps] for s in names]
-        table = [[c.repeat(3, axis=-1) if isinstance(c, np.ndarray) and c.shape[-1] == 1 else c for c in row]
-                 for row in table]
-        compose(table, col_labels=[f"{k} steps" for k in steps], row_labels=names,
-                title=f"same {shown} seeds in every cell", scale=display_scale(done[0].images.shape[-1])
-                ).save(out / "overview.png")
-    return report
+
+def _plot_fid_vs_nfe(scored: list[Cell], path: Path, score_note: str | None) -> None:
+    """FID over NFE (log-log), one line per sampler, titled with the scoring note."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    for name in dict.fromkeys(c.sampler for c in scored):
+        cs = [c for c in scored if c.sampler == name]
+        ax.plot([c.nfe for c in cs], [c.scores["fid"] for c in cs], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per image (NFE)")
+    ax.set_ylabel("FID (lower is better)")
+    note = "\n" + textwrap.fill(score_note, 90) if score_note else ""      # long: wrap, never clip
+    ax.set_title("FID against sampling cost" + note, fontsize=7 if note else 9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _comparison_overview(cells: list[Cell], n: int, scale: int) -> Image.Image:
+    """A sampler x steps table of the first (at most 16) images of each cell, the same seeds in
+    every cell; a skipped cell shows why."""
+    names = list(dict.fromkeys(c.sampler for c in cells))
+    steps = list(dict.fromkeys(c.steps for c in cells))
+    by = {(c.sampler, c.steps): c for c in cells}
+    shown = min(n, 16)
+    cols = math.ceil(math.sqrt(shown))
+    table = [[(make_grid(by[s, k].images[:shown], cols) if not by[s, k].skipped else f"skipped: {by[s, k].skipped}")
+              if (s, k) in by else None for k in steps] for s in names]
+    table = [[c.repeat(3, axis=-1) if isinstance(c, np.ndarray) and c.shape[-1] == 1 else c for c in row]
+             for row in table]
+    return compose(table, col_labels=[f"{k} steps" for k in steps], row_labels=names,
+                   title=f"same {shown} seeds in every cell", scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------

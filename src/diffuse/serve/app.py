@@ -241,23 +241,37 @@ PAGE_HEADERS = {
 def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | None, token: str | None = None) -> FastAPI:
     """The ASGI app. ``hosts``: the Host names this server answers to (None: any, for 0.0.0.0)."""
     state = ServeApp(served, limits)
-    GenerateRequest = request_model(limits)
     app = FastAPI(title="diffuse serve", version="1", docs_url=None, redoc_url=None,
                   description="Generate images from diffuse models. Limits are in GET /api/models.")
     app.state.serve = state
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    # Routes are added in the order the schema lists them (the page and /static first).
+    _add_page_routes(app)
+    _add_info_routes(app, state, auth=token is not None)
+    _add_job_routes(app, state, request_model(limits))
+    app.add_middleware(Guard, hosts=hosts, token=token, max_body=limits.max_body)
+    return app
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's default echoes the offending input, which may not be JSON (NaN, bytes): a 500.
-        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                  for e in exc.errors()]
-        return JSONResponse({"detail": detail}, status_code=422)
 
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default echoes the offending input, which may not be JSON (NaN, bytes): a 500.
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    """GET / (the page) and /static/ (its script and style), outside the schema."""
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(str(STATIC / "index.html"), headers=PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+
+def _add_info_routes(app: FastAPI, state: ServeApp, *, auth: bool) -> None:
+    """GET /healthz and GET /api/models: what this server runs, never waiting on generation."""
+    served, limits = state.served, state.limits
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -283,7 +297,12 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
                 "defaults": {"sampler": DEFAULT_VP_SAMPLER, "steps": min(20, limits.max_steps), "n": min(16, limits.max_images)},
                 "limits": {"max_images": limits.max_images, "max_steps": limits.max_steps, "queue": limits.queue,
                            "max_body_bytes": limits.max_body, "max_guidance": limits.max_guidance,
-                           "auth": token is not None}}
+                           "auth": auth}}
+
+
+def _add_job_routes(app: FastAPI, state: ServeApp, GenerateRequest: type[BaseModel]) -> None:
+    """POST /api/generate and /api/jobs, then GET|DELETE /api/jobs/{id}, its result and its events."""
+    served = state.served
 
     @app.post("/api/jobs", status_code=202, responses={429: {"description": "queue full; see Retry-After"}})
     async def submit(req: Annotated[GenerateRequest, Body()]) -> dict[str, Any]:
@@ -299,7 +318,7 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
                 srv.worker.cancel(job)
                 break
             await asyncio.sleep(0.02)
-        return _result(job, srv, _wants_json(req.format, request))
+        return _result(state, job, srv, _wants_json(req.format, request))
 
     @app.get("/api/jobs/{job_id}")
     async def job_status(job_id: str) -> dict[str, Any]:
@@ -314,18 +333,7 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
     @app.get("/api/jobs/{job_id}/result", responses=PNG_OR_JSON)
     async def result(job_id: str, request: Request, format: Literal["png", "json"] | None = None) -> Response:
         job, srv = state.get(job_id)
-        return _result(job, srv, _wants_json(format, request))
-
-    def _result(job: Job, srv: Served, as_json: bool) -> Response:
-        if job.state != "done":
-            detail = {"state": job.state, "error": job.error,
-                      "message": f"job {job.id} is {job.state}" + (f": {job.error}" if job.error else "")}
-            # running: not yet (409); cancelled: gone (410); failed: the server's fault, not the input's (500)
-            code = {"queued": 409, "running": 409, "cancelled": 410}.get(job.state, 500)
-            return JSONResponse(detail, status_code=code)
-        if as_json:
-            return JSONResponse(state.images_json(job, srv), headers={"X-Diffuse-Job": job.id})
-        return _png_response(job)
+        return _result(state, job, srv, _wants_json(format, request))
 
     @app.get("/api/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
     async def events(job_id: str) -> StreamingResponse:
@@ -333,32 +341,42 @@ def create_app(served: dict[str, Served], limits: Limits, *, hosts: set[str] | N
         return StreamingResponse(_event_stream(job, srv), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    async def _event_stream(job: Job, srv: Served):
-        """queued (position), started, progress (step, total, preview when a new one exists), then
-        done | failed | cancelled; a comment line every 10 s keeps proxies from closing the stream."""
-        sent, sent_preview, last_position, beat = 0, 0, None, time.monotonic()
-        while True:
-            new, preview, preview_step, st = srv.worker.snapshot(job, sent)
-            for ev in new:
-                if ev["event"] == "progress" and preview and preview_step > sent_preview:
-                    ev = {**ev, "preview": preview}
-                    sent_preview = preview_step
-                yield f"event: {ev['event']}\ndata: {json.dumps(ev)}\n\n"
-            sent += len(new)
-            if st in TERMINAL and not new:
-                return
-            if st == "queued":
-                pos = srv.worker.position(job)
-                if pos is not None and pos != last_position and last_position is not None:
-                    yield f"event: queued\ndata: {json.dumps({'event': 'queued', 'id': job.id, 'position': pos})}\n\n"
-                last_position = pos
-            if time.monotonic() - beat > 10:
-                beat = time.monotonic()
-                yield ": keep-alive\n\n"
-            await asyncio.sleep(0.05)
 
-    app.add_middleware(Guard, hosts=hosts, token=token, max_body=limits.max_body)
-    return app
+def _result(state: ServeApp, job: Job, srv: Served, as_json: bool) -> Response:
+    if job.state != "done":
+        detail = {"state": job.state, "error": job.error,
+                  "message": f"job {job.id} is {job.state}" + (f": {job.error}" if job.error else "")}
+        # running: not yet (409); cancelled: gone (410); failed: the server's fault, not the input's (500)
+        code = {"queued": 409, "running": 409, "cancelled": 410}.get(job.state, 500)
+        return JSONResponse(detail, status_code=code)
+    if as_json:
+        return JSONResponse(state.images_json(job, srv), headers={"X-Diffuse-Job": job.id})
+    return _png_response(job)
+
+
+async def _event_stream(job: Job, srv: Served):
+    """queued (position), started, progress (step, total, preview when a new one exists), then
+    done | failed | cancelled; a comment line every 10 s keeps proxies from closing the stream."""
+    sent, sent_preview, last_position, beat = 0, 0, None, time.monotonic()
+    while True:
+        new, preview, preview_step, st = srv.worker.snapshot(job, sent)
+        for ev in new:
+            if ev["event"] == "progress" and preview and preview_step > sent_preview:
+                ev = {**ev, "preview": preview}
+                sent_preview = preview_step
+            yield f"event: {ev['event']}\ndata: {json.dumps(ev)}\n\n"
+        sent += len(new)
+        if st in TERMINAL and not new:
+            return
+        if st == "queued":
+            pos = srv.worker.position(job)
+            if pos is not None and pos != last_position and last_position is not None:
+                yield f"event: queued\ndata: {json.dumps({'event': 'queued', 'id': job.id, 'position': pos})}\n\n"
+            last_position = pos
+        if time.monotonic() - beat > 10:
+            beat = time.monotonic()
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(0.05)
 
 
 def device_workers(loaded: dict[str, Loaded], amps: dict[str, torch.dtype | None], limits: Limits,
