@@ -75,7 +75,7 @@ def test_fit_to_size_mnist(size, fitted, attn):
 def test_pace_estimate_skips_the_first_step_and_reports_once(monkeypatch):
     import torch
 
-    from diffuse import train as T
+    from diffuse import duties as T
     clock = iter([100.0, 101.0, 103.0, 103.5])
     monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
     pace = T.PaceEstimate(0, torch.device("cpu"))
