@@ -291,6 +291,7 @@ class Bench:
 
         def train_step(k, x0):
             if self._step is None:
+                cfg.train.batch_size = x0.shape[0]      # the step draws noise for the configured batch
                 self._step = tr.TrainStep(self.model, self.ema, self.opt, self.schedule, cfg, device=self.device,
                                           amp=self.amp, channels_last=self.cl)
             return self._step(x0, None, k)[0]
