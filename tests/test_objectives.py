@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -260,11 +261,23 @@ def test_cli_trains_samples_guides_every_formulation(cli_runs, name, tmp_path, c
     assert (d["formulation"], d["prediction"]) == {"vp-x0": ("vp", "x0"), "vp-v-zero-snr": ("vp", "v"),
                                                    "edm": ("edm", None)}[name]
     import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    # After two training steps the zero-initialised output layer is still ~5e-5, so the network's
+    # output barely depends on anything and guidance cannot move a uint8 pixel; a copy of the
+    # checkpoint with a random class embedding and output layer makes the check below able to fail.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run / "checkpoints" / "last", ckpt)
+    weights = load_file(ckpt / "ema.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for key, scale in (("class_emb.weight", 3.0), ("conv_out.weight", 0.05)):
+        weights[key] = torch.randn(weights[key].shape, generator=gen) * scale
+    save_file(weights, ckpt / "ema.safetensors")
     for sampler in cli.SAMPLER_NAMES:
         images = {}
         for w in ("1.5", "0"):
             out = tmp_path / f"{sampler}-{w}.npz"
-            assert cli.main(["sample", str(run), "--sampler", sampler, "--steps", "3", "--n", "2", "--class", "0,1",
+            assert cli.main(["sample", str(ckpt), "--sampler", sampler, "--steps", "3", "--n", "2", "--class", "0,1",
                              "--guidance", w, "--out", str(out), "--no-progress"]) == 0
             images[w] = np.load(out)["images"]
         assert images["1.5"].shape[0] == 2
