@@ -442,7 +442,8 @@ def open_run(cfg: Config, *, resume: bool, init_from: str | None, overwrite: boo
 
     ``evaluator(cfg, device)`` builds the --fid-every measurer before any step (so a missing
     Inception file fails the run at once); ``truncate(metrics path, step)`` drops the rows a
-    resumed run will make again. (Both live in train.py, which imports this module.)"""
+    resumed run will make again. (train passes them in: the evaluator, evaluation.FidDuringTraining,
+    sits a floor above this module, see tests/test_layers.py.)"""
     run, locks = Run(cfg, resume), []
     try:
         run.out = check_dir(cfg.train.out)          # before any work: a run that cannot write is refused now
