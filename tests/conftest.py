@@ -65,6 +65,22 @@ def tiny_config(out: Path | str, **train) -> Config:
     return resolve("digits", None, None, {"model": dict(TINY_MODEL), "train": t})
 
 
+def tiny_loaded():
+    """An untrained 8x8 one-channel UNet (seed 0) as a loaded model on the linear schedule, for
+    sampling tests; its zero-initialised output layer is randomised so the output depends on x."""
+    from diffuse.diffusion import Schedule
+    from diffuse.generate import Loaded
+    from diffuse.models import UNet
+
+    cfg = resolve("digits", None, None, {"model": {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1,
+                                                   "attn_resolutions": (), "num_groups": 4}})
+    cfg.model.image_size, cfg.model.in_channels = 8, 1
+    torch.manual_seed(0)
+    net = UNet(cfg.model)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    return Loaded(net.eval(), cfg, {}, Schedule("linear", 1000), "test")
+
+
 @pytest.fixture(scope="session")
 def served_runs(tmp_path_factory) -> dict[str, Path]:
     """Two tiny trained runs for the serve tests (2 steps each): class-conditional and unconditional."""

@@ -3,15 +3,12 @@ FID during training."""
 
 import numpy as np
 import pytest
-import torch
 
 from diffuse import evaluation, fid, train
-from diffuse.diffusion import Schedule
 from diffuse.generate import Loaded, generate
-from diffuse.models import UNet
 from diffuse.sampling import SamplingSpec
 
-from .conftest import resolve
+from .conftest import tiny_loaded
 
 META = {"extractor": {"name": "test", "hash": "h", "resize": "tf-bilinear"}}
 
@@ -28,13 +25,7 @@ class PixelFeatures:
 
 @pytest.fixture(scope="module")
 def loaded() -> Loaded:
-    cfg = resolve("digits", None, None, {"model": {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1,
-                                                   "attn_resolutions": (), "num_groups": 4}})
-    cfg.model.image_size, cfg.model.in_channels = 8, 1
-    torch.manual_seed(0)
-    net = UNet(cfg.model)
-    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
-    return Loaded(net.eval(), cfg, {}, Schedule("linear", 1000), "test")
+    return tiny_loaded()
 
 
 def test_compare_sets_of_statistics_needs_no_extractor_and_saves_a(tmp_path):

@@ -13,11 +13,10 @@ from diffuse.config import Config
 from diffuse.diffusion import Schedule
 from diffuse.errors import DiffuseError
 from diffuse.generate import Loaded, generate
-from diffuse.models import UNet
 from diffuse.samplers import (KARRAS_SIGMA_MAX_CAP, SAMPLERS, SPACINGS, discrete_timesteps, intervals_for,
                               sampler_sigmas)
 
-from .conftest import resolve
+from .conftest import tiny_loaded
 
 
 @pytest.fixture(autouse=True)
@@ -30,19 +29,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _loaded() -> Loaded:
-    cfg = resolve("digits", None, None, {"model": {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1,
-                                                   "attn_resolutions": (), "num_groups": 4}})
-    cfg.model.image_size, cfg.model.in_channels = 8, 1
-    torch.manual_seed(0)
-    net = UNet(cfg.model)
-    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
-    return Loaded(net.eval(), cfg, {}, Schedule("linear", 1000), "test")
-
-
 @pytest.fixture(scope="module")
 def loaded() -> Loaded:
-    return _loaded()
+    return tiny_loaded()
 
 
 def test_heun_budget():

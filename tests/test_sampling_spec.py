@@ -13,22 +13,17 @@ from diffuse.config import DiffusionConfig
 from diffuse.diffusion import Schedule
 from diffuse.errors import DiffuseError
 from diffuse.generate import Loaded, generate
-from diffuse.models import UNet
 from diffuse.samplers import DPMPP_SDE_ETA, ETA_SAMPLERS
 from diffuse.sampling import SamplingSpec, SpecError
 
-from .conftest import resolve
+from .conftest import tiny_loaded
 
 LINEAR = Schedule("linear", 1000)
 
 
 @pytest.fixture(scope="module")
 def loaded() -> Loaded:
-    cfg = resolve("digits", None, None, {"model": {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1,
-                                                   "attn_resolutions": (), "num_groups": 4}})
-    cfg.model.image_size, cfg.model.in_channels = 8, 1
-    torch.manual_seed(0)
-    return Loaded(UNet(cfg.model).eval(), cfg, {}, LINEAR, "test")
+    return tiny_loaded()
 
 
 def test_resolved_fills_the_formulations_defaults():
