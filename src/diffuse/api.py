@@ -215,7 +215,7 @@ class Model:
         guidance: classifier-free guidance w, needs class_ (default: the run's). clip: clamp the
         predicted x0 to [-1, 1] each step.
         """
-        from .generate import cycle_labels, generate, parse_class, settle
+        from .generate import class_labels, class_rows, generate, settle
         from .sampling import SamplingSpec
 
         _check_int("n", n, 1)
@@ -224,14 +224,10 @@ class Model:
         _check_int("batch_size", batch_size, 1)
         _check_number("eta", eta)
         _check_number("guidance", guidance)
-        cls = parse_class(_class_spec(class_), self._loaded)
-        labels = None
-        if cls == "all":
-            per = max(1, n // len(self.class_names))
-            labels = torch.arange(len(self.class_names)).repeat_interleave(per)
-            n = len(labels)
-        elif cls is not None:
-            labels = cycle_labels(cls, n)
+        classes = _class_spec(class_)
+        rows = class_rows(self._loaded, classes, n)             # "all": n // K of each class, as the CLI
+        labels = rows[0] if rows else class_labels(self._loaded, classes, n)
+        n = len(labels) if rows else n
         spec = settle(self._loaded, SamplingSpec(sampler, steps, spacing, eta, guidance, clip, seed), labels is not None)
         bar = _progress_bar(progress, f"{spec.sampler} {spec.steps} steps")
         try:
