@@ -468,9 +468,10 @@ def _run(args: argparse.Namespace, who: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .threads import prefer_passive_wait
-    prefer_passive_wait()                            # before torch loads: a busy machine's threads sleep when idle
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)          # torch-free: --help and bad flags cost no CPU reading
+    if args.command not in ("export", "import"):
+        prefer_passive_wait()                        # before torch loads: a busy machine's threads sleep when idle
     debug = getattr(args, "debug", False)
     if args.command == "sample":
         args.n_given = any(a in ("--n", "-n") or a.startswith(("--n=", "-n")) for a in argv)
