@@ -45,7 +45,8 @@ def _cpu_times(path: str, cpus: set[int] | None) -> tuple[int, int] | None:
     busy = total = 0
     for fields in lines:
         name = fields[0]
-        if (name != "cpu") if cpus is None else (name == "cpu" or int(name[3:]) not in cpus):
+        ours = name == "cpu" if cpus is None else name != "cpu" and int(name[3:]) in cpus
+        if not ours:
             continue
         # user nice system idle iowait irq softirq steal (guest time is already inside user/nice)
         ticks = [int(v) for v in fields[1:9]]
