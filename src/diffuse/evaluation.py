@@ -180,9 +180,7 @@ class FidDuringTraining:
         self.cfg, self.device = cfg, device
         self.extractor = load_extractor(None, device, "tf-bilinear")
         with dist.main_first():                     # rank 0 fills the statistics cache, the others read it
-            self.ref = fid.reference_stats(cfg.data.name, "train", t.fid_ref_n or None, extractor=self.extractor,
-                                           data_root=cfg.data.root, image_size=cfg.data.image_size,
-                                           channels=cfg.data.channels, progress=False)
+            self.ref, _ = reference(None, cfg, self.extractor, ref_n=t.fid_ref_n or None)   # eval's default
 
     def __call__(self, ema: nn.Module, formulation: Formulation, class_names: list[str] | None,
                  amp: torch.dtype | None) -> dict[str, Any]:
