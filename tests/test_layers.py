@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "diffuse"
 # Floor -> the modules on it; lower floors never import higher ones.
 LAYERS: dict[int, tuple[str, ...]] = {
     # no diffuse imports: errors, maths on tensors, /proc and cgroup reads, the run's log files
-    0: ("version", "errors", "rng", "diffusion", "hostmem", "runlog"),
+    0: ("version", "errors", "rng", "diffusion", "hostmem", "runlog", "budget"),
     # files and the host: atomic writes, caches, output paths, threads, image files (torch-free)
     1: ("fsutil", "outputs", "threads", "imagefiles"),
     # the config, the device, checkpoints, images, Inception, the denoiser interface, samplers

@@ -363,6 +363,7 @@ STATE_TYPES: dict[str, tuple[type, ...]] = {
     "step": (int,), "best_loss": (int, float), "best_fid": (int, float, type(None)), "bad_epochs": (int,),
     "epoch_loss_sum": (int, float), "epoch_loss_n": (int,), "train_seconds": (int, float),
     "images_seen": (int,), "optimizer": (dict,), "bad_steps": (int,), "data_fingerprint": (dict, type(None)),
+    "budget_used_s": (int, float),
 }
 
 

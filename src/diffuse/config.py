@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .budget import DEFAULT_EMA_STD
 from .errors import DiffuseError
 from .imagefiles import STANDARD, peek_folder
 
@@ -148,7 +149,18 @@ class TrainConfig:
                                     "affinity mask); on a shared machine, fewer threads each is faster")
     grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass: less memory, "
                                           "more compute (docs/speed.md)")
-    time_limit: float | None = opt(None, "stop cleanly after this many minutes of training")
+    time_limit: float | None = opt(None, "minutes of training. Alone (no --steps/--epochs): a budget plan, whose "
+                                         "learning rate and EMA end with the budget and whose model is sized for it "
+                                         "(docs/budgets.md); on --resume, the minutes to add. With --steps: a "
+                                         "stop-only cap")
+    plan: str | None = opt(None, "how the run's length was set: steps (--steps/--epochs given), budget "
+                                 "(--time-limit alone) or preset (neither: the preset's steps, or a "
+                                 "default budget where those would take over a day)", cli=False)
+    ema_std: float | None = opt(None, "power-function EMA (Karras et al. 2024) of this relative width: the EMA "
+                                      "averages about the last this-fraction of the run, however long; default "
+                                      f"{DEFAULT_EMA_STD} in a budget plan, else the fixed --ema-decay")
+    size_model: bool | None = opt(None, "in a budget plan, choose the UNet size this machine can train in the "
+                                        "budget (default: yes unless --preset or a model flag is given)")
     log_every: int = opt(50, "steps between metric log lines")
     sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run, at least 100 steps apart)")
     sample_steps: int = opt(50, "DDIM steps for the grids written during training")
@@ -446,6 +458,7 @@ def resolve(preset: str | None, data_name: str | None, file_overrides: dict | No
         except (TypeError, ValueError):
             raise DiffuseError(f"bad value {size_flag!r} for image-size (expected an integer)") from None
         channels = cli_overrides.get("data", {}).get("channels") or shape.channels
+    named_preset = bool(preset or (file_overrides or {}).get("preset"))
     preset = preset or (file_overrides or {}).get("preset") or default_preset_for(data_name, folder_size, channels)
     if not isinstance(preset, str) or preset not in PRESETS:
         raise DiffuseError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -458,8 +471,32 @@ def resolve(preset: str | None, data_name: str | None, file_overrides: dict | No
     apply_overrides(cfg, cli_overrides, source="command line")
     given = set(((file_overrides or {}).get("diffusion") or {})) | set(cli_overrides.get("diffusion", {}))
     scale_linear_betas(cfg, given)
+    choose_plan(cfg, file_overrides or {}, cli_overrides, preset_named=named_preset)
     validate(cfg)
     return cfg
+
+
+def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, preset_named: bool) -> None:
+    """How long the run is (``train.plan``), from what the user gave rather than what the preset says:
+    --steps or --epochs -> "steps" (a --time-limit beside them only caps it); --time-limit alone ->
+    "budget" (the preset's step count is dropped: the budget decides); neither -> "preset". A budget
+    plan gets the power EMA (``ema_std``) and, unless the user named a preset or a model flag, a
+    model sized for the budget (``size_model``)."""
+    t = cfg.train
+    if t.plan is not None:                    # a stored config (resume, --config of a run): as it was
+        return
+    given = {section: set(((file_overrides.get(section) or {}) if isinstance(file_overrides.get(section), dict)
+                           else {})) | set(cli_overrides.get(section, {})) for section in SECTIONS}
+    if given["train"] & {"steps", "epochs"}:
+        t.plan = "steps"
+    elif "time_limit" in given["train"]:
+        t.plan, t.steps, t.epochs = "budget", None, None
+    else:
+        t.plan = "preset"
+    if t.plan == "budget" and t.ema_std is None:
+        t.ema_std = DEFAULT_EMA_STD
+    if t.size_model is None:
+        t.size_model = t.plan != "steps" and not preset_named and not (given["model"] - {"class_cond"})
 
 
 def validate(cfg: Config) -> None:
@@ -567,6 +604,9 @@ def _validate_train(cfg: Config) -> None:
     _need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"--device must be auto, cpu or cuda, got {t.device!r}")
     _need(t.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, got {t.precision!r}")
     _need(t.time_limit is None or t.time_limit > 0, f"--time-limit must be positive minutes, got {t.time_limit}")
+    _need(t.ema_std is None or 0 < t.ema_std < 0.28,
+          f"--ema-std must be in (0, 0.28) (a fraction of the run; 0.05-0.15 is usual), got {t.ema_std}")
+    _need(t.plan in (None, "steps", "budget", "preset"), f"plan must be steps, budget or preset, got {t.plan!r}")
     _need(t.log_every >= 1, f"--log-every must be at least 1, got {t.log_every}")
     for name in ("sample_every", "ckpt_every", "patience"):
         v = getattr(t, name)

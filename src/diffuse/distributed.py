@@ -136,11 +136,27 @@ def _comm_device() -> torch.device:
 def agree(*flags: bool) -> tuple[bool, ...]:
     """Each flag true on every rank if it is true on any rank: one all-reduce (MAX) of a few ints,
     over the CPU control group (so on GPUs it does not wait for the queued kernels)."""
+    return tuple(bool(v) for v in agree_max(*(1.0 if f else 0.0 for f in flags)))
+
+
+def agree_max(*values: float) -> tuple[float, ...]:
+    """Each value's maximum over the ranks (flags as 0/1, a clock's seconds): one all-reduce of
+    float64 over the CPU control group."""
     if not active():
-        return tuple(bool(f) for f in flags)
-    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
+        return tuple(float(v) for v in values)
+    t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group())
-    return tuple(bool(v) for v in t.tolist())
+    return tuple(t.tolist())
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a decision one rank measures for all, e.g. the model size
+    for a budget): one broadcast of a picklable object over the CPU control group."""
+    if not active():
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0, group=_control_group())
+    return box[0]
 
 
 def agree_precision(choice: PrecisionChoice, flag: str) -> PrecisionChoice:

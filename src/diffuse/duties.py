@@ -136,7 +136,60 @@ class Checkpointer:
 
 def _row_step(run: Run, step: int) -> bool:
     """Whether a metrics row is written after ``step`` steps: every --log-every and at the last."""
-    return step % run.cfg.train.log_every == 0 or step == run.steps_total
+    return step % run.cfg.train.log_every == 0 or run.done()
+
+
+class ClockTick:
+    """First after every step: this rank's clock and signals, agreed across ranks (one all-reduce).
+
+    In a budget plan the budget's clock (``run.clock``) takes the slowest rank's reading, so every
+    rank's learning rate, grids, checkpoints and last step follow the same fraction used; the
+    reading is also ``state.budget_used_s``, which checkpoints carry. ``AgreedStop`` acts on the
+    signal and the stop-only time limit (a --time-limit beside --steps) agreed here."""
+
+    def __init__(self, run: Run, signals: dist.StopSignals):
+        self.run, self.signals = run, signals
+        tc = run.cfg.train
+        self.t_start = time.perf_counter()
+        self.limit_s = tc.time_limit * 60 if tc.time_limit and run.clock is None else None
+        self.signalled = self.over_time = False
+        if run.clock is not None:
+            run.clock.start()
+
+    def due(self, step: int) -> bool:
+        return True
+
+    def __call__(self) -> None:
+        clock = self.run.clock
+        used = clock.tick() if clock is not None else 0.0
+        over = self.limit_s is not None and time.perf_counter() - self.t_start >= self.limit_s
+        signalled, over, used = dist.agree_max(float(self.signals.raised), float(over), used)
+        self.signalled, self.over_time = bool(signalled), bool(over)
+        if clock is not None:
+            clock.set_used(used)
+            self.run.state.budget_used_s = used
+
+
+class Cadence:
+    """When a periodic duty falls due after a step: every ``every`` steps, or, in a budget plan
+    with no period given, each time the budget used crosses the next 1/``parts`` of it; never at
+    the last step (the loop's end does that one). Ask once per step: a crossing is used up."""
+
+    def __init__(self, run: Run, every: int | None, parts: int):
+        self.run, self.every, self.parts = run, every, parts
+        fraction = run.clock.fraction if run.clock is not None else 0.0
+        self.next = math.floor(fraction * parts) + 1          # a resumed run: the next mark after its own
+
+    def __call__(self, step: int) -> bool:
+        if self.run.done():
+            return False
+        if self.every is not None or self.run.clock is None:
+            return step % (self.every or 1) == 0
+        fraction = self.run.clock.fraction
+        if fraction * self.parts < self.next:
+            return False
+        self.next = math.floor(fraction * self.parts) + 1
+        return True
 
 
 class PaceEstimate:
@@ -186,10 +239,19 @@ class PaceNote:
     def __call__(self) -> None:
         run, step = self.run, self.run.state.step
         estimate = self.pace.after_step(step, None)
-        if estimate is not None:
-            run.logs.rep.line(f"pace: {format_seconds(estimate * 1000)} per 1,000 steps at batch "
-                              f"{run.cfg.train.batch_size} (measured over steps {self.pace.first + 1}-{step}); "
-                              f"this run: about {format_seconds(estimate * (run.steps_total - step))} more")
+        if estimate is None:
+            return
+        head = (f"pace: {format_seconds(estimate * 1000)} per 1,000 steps at batch {run.cfg.train.batch_size} "
+                f"(measured over steps {self.pace.first + 1}-{step}); ")
+        if run.clock is None:
+            run.logs.rep.line(head + f"this run: about {format_seconds(estimate * (run.steps_total - step))} more")
+            return
+        left = run.clock.budget_s - run.clock.used_s
+        run.steps_total = step + max(0, round(left / estimate))         # the progress bar's new end
+        run.logs.rep.set_total(run.steps_total)
+        run.logs.rep.line(head + f"the budget's {format_seconds(left)} left: about {run.steps_total - step:,} "
+                                 f"more steps ({run.steps_total * run.cfg.train.batch_size / len(run.data):.1f} "
+                                 f"epochs in all)")
 
 
 class DivergenceGuard:
@@ -242,7 +304,9 @@ class LogRow:
             if stats[k] is not None:
                 run.logs.tb.add_scalar(f"train/{k}", stats[k], st.step)
         if mean_loss is not None:
-            run.logs.rep.progress(st.step, stats, (run.steps_total - st.step) * elapsed / n, run.steps_total)
+            left = (run.clock.budget_s - run.clock.used_s if run.clock is not None
+                    else (run.steps_total - st.step) * elapsed / n)
+            run.logs.rep.progress(st.step, stats, left, run.steps_total)
         if st.step % run.cfg.train.log_every == 0:        # a run's last row off the grid keeps the window open
             w.close_row()
         self.since, self.t_log = st.step, time.perf_counter()
@@ -300,48 +364,49 @@ class FidEvery:
 
 
 class GridEvery:
-    """Every sample-every steps before the last (rank 0): the EMA's fixed-noise grid, via ``write(run, path)``."""
+    """Every sample-every steps (in a budget plan without --sample-every: at each tenth of the budget)
+    before the last, on rank 0: the EMA's fixed-noise grid, via ``write(run, path)``."""
 
     def __init__(self, run: Run, write: Callable[[Run, Path], None]):
         self.run, self.write = run, write
+        self.cadence = Cadence(run, run.sample_every, parts=10)
 
     def due(self, step: int) -> bool:
-        return step % self.run.sample_every == 0 and step < self.run.steps_total and self.run.main
+        return self.cadence(step) and self.run.main
 
     def __call__(self) -> None:
         self.write(self.run, self.run.out / "samples" / f"step_{self.run.state.step:07d}.png")
 
 
 class CheckpointEvery:
-    """Every ckpt-every steps before the last (the last is saved when the loop ends)."""
+    """Every ckpt-every steps (in a budget plan without --ckpt-every: at each fifth of the budget)
+    before the last (the last is saved when the loop ends)."""
 
     def __init__(self, run: Run, ckpt: Checkpointer):
         self.run, self.ckpt = run, ckpt
+        self.cadence = Cadence(run, run.ckpt_every, parts=5)
 
     def due(self, step: int) -> bool:
-        return step % self.run.ckpt_every == 0 and step < self.run.steps_total
+        return self.cadence(step)
 
     def __call__(self) -> None:
         self.ckpt.save()
 
 
 class AgreedStop:
-    """After every step: the time limit and SIGTERM (Ctrl-C under torchrun). What one rank sees
-    alone (its clock, a signal) is agreed, so all ranks stop at the same step."""
+    """Last after every step: stop on a signal (SIGTERM; Ctrl-C under torchrun) or a stop-only time
+    limit, as ``ClockTick`` agreed them, so all ranks stop at the same step. (A budget plan ends
+    when its clock is spent: ``Run.done``.)"""
 
-    def __init__(self, run: Run, signals: dist.StopSignals):
-        self.run, self.signals = run, signals
-        self.t_start = time.perf_counter()
-        self.limit_s = run.cfg.train.time_limit * 60 if run.cfg.train.time_limit else None
+    def __init__(self, run: Run, tick: ClockTick):
+        self.run, self.tick = run, tick
 
     def due(self, step: int) -> bool:
         return True
 
     def __call__(self) -> Stop | None:
-        over_time = self.limit_s is not None and time.perf_counter() - self.t_start >= self.limit_s
-        signalled, over_time = dist.agree(self.signals.raised, over_time)
-        if signalled:
+        if self.tick.signalled:
             return Stop("interrupted", interrupted=True)
-        if over_time:
+        if self.tick.over_time:
             return Stop(f"time limit of {self.run.cfg.train.time_limit:g} min reached")
         return None

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from . import distributed as dist
+from .budget import DEFAULT_EMA_STD, WARMUP_FRACTION, BudgetClock
 from .config import Config, validate_resolution
 from .data import BatchStream, ImageSet, choose_placement, default_flip, fingerprint, load_dataset
 from .device import PrecisionChoice, choose_precision, configure, pick_device, use_channels_last
@@ -143,8 +144,14 @@ class Reporter:
             else:
                 print(msg, file=sys.stderr, flush=True)
 
+    def set_total(self, total: int) -> None:
+        """A new end for the bar (a budget plan's step count, re-estimated from the measured pace)."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def progress(self, step: int, stats: dict[str, Any], eta_s: float, total: int) -> None:
-        msg = (f"step {step}/{total} | loss {stats['loss']:.4f} | {stats['img_per_sec']:.0f} img/s | "
+        msg = (f"step {step}/{total or '?'} | loss {stats['loss']:.4f} | {stats['img_per_sec']:.0f} img/s | "
                f"lr {stats['lr']:.2e} | eta {format_seconds(eta_s)}")
         if self.bar is not None:
             self.bar.n = step
@@ -205,18 +212,27 @@ class RunState:
     log_loss_n: int = 0                       # last --log-every row, so a resumed run logs the same rows
     train_seconds: float = 0.0
     bad_steps: int = 0               # steps skipped for a non-finite loss or gradient
+    budget_used_s: float = 0.0       # a budget plan: seconds of the budget used (agreed over ranks)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def total_steps(cfg: Config, n_images: int) -> int:
+    """The run's steps; in a budget plan 0 until a measured rate estimates them (they are only shown)."""
     tc = cfg.train
     if tc.epochs is not None:
         return max(1, math.ceil(tc.epochs * n_images / tc.batch_size))
     if tc.steps is None:
-        raise DiffuseError("give --steps or --epochs")
+        if is_budget(cfg):
+            return 0
+        raise DiffuseError("give --steps, --epochs or --time-limit")
     return tc.steps
+
+
+def is_budget(cfg: Config) -> bool:
+    """A run planned for a wall-clock budget (--time-limit alone), schedules ending with it."""
+    return cfg.train.plan == "budget" and cfg.train.time_limit is not None
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> RunLock:
@@ -305,6 +321,8 @@ class Run:
         self.cfg, self.resumed = cfg, resumed
         self.stream: BatchStream | None = None
         self.logs: Logs | None = None
+        self.clock: BudgetClock | None = None         # a budget plan's clock (budget.py), else None
+        self.sized: Any = None                        # the model size chosen for the budget, if any
 
     @property
     def class_names(self) -> list[str] | None:
@@ -312,6 +330,9 @@ class Run:
         return self.data.class_names if self.cfg.model.class_cond else None
 
     def done(self) -> bool:
+        """The run's end: its steps done, or in a budget plan its budget spent."""
+        if self.clock is not None:
+            return self.clock.spent
         return self.state.step >= self.steps_total
 
     @property
@@ -357,9 +378,51 @@ def _load_data(run: Run, cfg: Config) -> None:
     # About 10 grids per run, but at least 100 steps apart: a grid (64 images x 50 steps) costs
     # about as much as 1,000 training images, so a 60-step run would otherwise spend most of its
     # time drawing grids.
-    run.sample_every = tc.sample_every or max(100, run.steps_total // 10)
-    run.ckpt_every = tc.ckpt_every or max(1, run.steps_total // 5)
+    if is_budget(cfg):                              # at tenths and fifths of the budget unless given
+        run.sample_every, run.ckpt_every = tc.sample_every, tc.ckpt_every
+    else:
+        run.sample_every = tc.sample_every or max(100, run.steps_total // 10)
+        run.ckpt_every = tc.ckpt_every or max(1, run.steps_total // 5)
     run.data_fp = fingerprint(cfg.data.name, run.data)
+
+
+# A run whose length the user left to diffuse never takes longer than this on the machine it runs
+# on; where the preset's steps would, it trains for DEFAULT_BUDGET_MIN instead.
+DAY_S = 24 * 3600.0
+DEFAULT_BUDGET_MIN = 60.0
+
+
+def _plan_length(run: Run, cfg: Config) -> str | None:
+    """A fresh run's length and model where the user left them to diffuse; returns the start
+    line's note (or None). The measurements are rank 0's, sent to every rank.
+
+    - ``plan == "preset"`` (neither --steps nor --time-limit): the preset's steps, unless at this
+      machine's measured rate they would take over a day; then a DEFAULT_BUDGET_MIN budget plan.
+    - a budget plan with ``size_model``: the UNet size from ``sizing.choose`` for the budget."""
+    tc, notes = cfg.train, []
+    if tc.plan == "preset":
+        from .sizing import preset_rate
+        rate = dist.from_rank0(preset_rate(cfg, run.device, run.amp, run.channels_last)
+                               if run.main else None)
+        need_s = run.steps_total * tc.batch_size / rate
+        if need_s <= DAY_S:
+            return None
+        notes.append(f"the {cfg.preset} preset's {run.steps_total:,} steps would take about "
+                     f"{format_seconds(need_s)} here ({rate:.0f} img/s measured), over a day: training for a "
+                     f"{DEFAULT_BUDGET_MIN:g}-min budget instead (--time-limit MIN to choose one, --steps N to insist)")
+        tc.plan, tc.steps, tc.epochs, tc.time_limit = "budget", None, None, DEFAULT_BUDGET_MIN
+        tc.ema_std = tc.ema_std or DEFAULT_EMA_STD
+        run.steps_total, run.sample_every, run.ckpt_every = 0, tc.sample_every, tc.ckpt_every
+    if is_budget(cfg) and tc.size_model:
+        from .sizing import choose
+        choice = dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
+                                               run.channels_last) if run.main else None)
+        for name, value in choice.model.items():
+            setattr(cfg.model, name, value)
+        run.sized = choice
+        run.steps_total = int(choice.images // tc.batch_size)
+        notes.append(choice.reason)
+    return "; ".join(notes) or None
 
 
 def _resume(run: Run, locks: list[RunLock], truncate: Callable[[Path, int], None]) -> RunState:
@@ -418,14 +481,25 @@ def _open_stream(run: Run) -> str:
     return why
 
 
-def _header(run: Run, threads: int, busy: str | None, placement_why: str) -> None:
+def _header(run: Run, threads: int, busy: str | None, placement_why: str, plan_note: str | None) -> None:
     cfg, tc, data, st, rep = run.cfg, run.cfg.train, run.data, run.state, run.logs.rep
+    if run.clock is not None:
+        length = (f"budget {tc.time_limit:g} min ({format_seconds(run.clock.used_s)} used at step {st.step}"
+                  f"{f', about {run.steps_total:,} steps' if run.steps_total else ''})")
+    else:
+        length = f"steps {st.step}->{run.steps_total}"
+    model = "model sized for the budget" if run.sized is not None else f"preset {cfg.preset}"
     rep.line(f"diffuse train | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x"
-             f"{data.image_size}{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | preset "
-             f"{cfg.preset} | {run.n_params / 1e6:.2f}M params | {run.device.type}"
+             f"{data.image_size}{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | {model} | "
+             f"{run.n_params / 1e6:.2f}M params | {run.device.type}"
              f"{' bf16' if run.amp else ' fp32'}{' channels_last' if run.channels_last else ''} | {threads} threads"
              f"{' per rank' if dist.active() else ''} | batch {tc.batch_size}{run.split.describe()} | "
-             f"steps {st.step}->{run.steps_total} | out {run.out}{f' | {busy}' if busy else ''}")
+             f"{length} | out {run.out}{f' | {busy}' if busy else ''}")
+    if plan_note:
+        rep.line(f"plan: {plan_note}")
+    if run.clock is not None:
+        rep.line(f"plan: learning rate warms up over {WARMUP_FRACTION:.0%} of the budget, then decays linearly to 0 "
+                 f"when it is spent; power EMA of width {tc.ema_std:g} of the run (docs/budgets.md)", echo=False)
     rep.line(f"precision {run.precision.name}: {run.precision.reason}; data on {run.placement}: {placement_why}")
     rep.line(f"objective: {describe(cfg.diffusion)}", echo=False)
     if run.resumed:
@@ -449,9 +523,12 @@ def open_run(cfg: Config, *, resume: bool, init_from: str | None, overwrite: boo
         run.out = check_dir(cfg.train.out)          # before any work: a run that cannot write is refused now
         threads, busy = _choose_hardware(run, cfg, resume)
         _load_data(run, cfg)
+        plan_note = None if resume or init_from else _plan_length(run, cfg)
         run.model, run.ema, run.optimizer = build_training(cfg, run.device, run.channels_last)
         run.n_params = count_parameters(run.model)
         run.state = _resume(run, locks, truncate) if resume else _start_fresh(run, locks, init_from, overwrite)
+        if is_budget(cfg):
+            run.clock = BudgetClock(cfg.train.time_limit * 60, used_s=run.state.budget_used_s)
         run.fid = evaluator(cfg, run.device) if cfg.train.fid_every else None     # fails early
         if run.main:
             atomic_write(run.out / "config.json", cfg.to_json())
@@ -460,7 +537,7 @@ def open_run(cfg: Config, *, resume: bool, init_from: str | None, overwrite: boo
         placement_why = _open_stream(run)
         run.ddp = wrap_ddp(run.model, run.device) if dist.active() else None   # after channels_last (build_training)
         run.logs = Logs(run.out, run.main, run.steps_total, run.state.step, resume, progress)
-        _header(run, threads, busy, placement_why)
+        _header(run, threads, busy, placement_why, plan_note)
         yield run
     finally:
         if run.logs is not None:

@@ -25,11 +25,12 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
 from . import distributed as dist
+from .budget import BudgetClock, ema_gamma, lr_factor, power_ema_decay
 from .config import Config, validate
 from .data import is_standard
 from .device import autocast_dtype, keep_freed_cpu_memory  # noqa: F401 (re-exported)
 from .diffusion import Schedule
-from .duties import (AgreedStop, CheckpointEvery, Checkpointer, DivergenceGuard, EpochEnd, FidEvery, GridEvery,
+from .duties import (AgreedStop, CheckpointEvery, Checkpointer, ClockTick, DivergenceGuard, EpochEnd, FidEvery, GridEvery,
                      LogRow, LossWindow, PaceEstimate, PaceNote, Stop)  # noqa: F401 (PaceEstimate re-exported)
 from .errors import DiffuseError
 from .evaluation import FidDuringTraining  # noqa: F401 (the loop's --fid-every; importable from here)
@@ -88,16 +89,24 @@ def lr_at(step: int, cfg: Config) -> float:
 class Plan:
     """The learning rate and the EMA decay at each step: the one schedule ``TrainStep`` asks.
 
-    Today both depend on the step alone (``lr_at``: linear warm-up to --lr; ``ema_decay_at``); a
-    plan that follows the fraction of a wall-clock budget spent replaces this object, not the loop."""
+    Without a ``clock`` the learning rate depends on the step alone (``lr_at``: linear warm-up to
+    --lr, then constant); with one (a budget plan, budget.py) it follows the fraction of the budget
+    used: warm-up, then linear decay to 0 when the budget is spent. The EMA decay is the fixed
+    --ema-decay (warmed up, ``ema_decay_at``), or with --ema-std the power EMA whose width is that
+    fraction of the run so far (``budget.power_ema_decay``)."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, clock: BudgetClock | None = None):
+        self.cfg, self.clock = cfg, clock
+        self.gamma = ema_gamma(cfg.train.ema_std) if cfg.train.ema_std else None
 
     def lr(self, step: int) -> float:
-        return lr_at(step, self.cfg)
+        if self.clock is None:
+            return lr_at(step, self.cfg)
+        return self.cfg.train.lr * lr_factor(self.clock.fraction, step, self.cfg.train.warmup_steps)
 
     def ema_decay(self, step: int) -> float:
+        if self.gamma is not None:
+            return power_ema_decay(step + 1, self.gamma)
         return ema_decay_at(step, self.cfg.train.ema_decay)
 
 
@@ -182,7 +191,7 @@ class TrainStep:
     @classmethod
     def for_run(cls, run: Run) -> TrainStep:
         return cls(run.model, run.ema, run.optimizer, run.formulation, run.cfg, device=run.device, amp=run.amp,
-                   channels_last=run.channels_last, ddp=run.ddp, rows=run.split.rows)
+                   channels_last=run.channels_last, ddp=run.ddp, rows=run.split.rows, plan=Plan(run.cfg, run.clock))
 
     def __call__(self, x0: Tensor, y: Tensor | None, step: int) -> tuple[Tensor, Tensor | None]:
         tc, device, rows = self.cfg.train, self.device, self.rows
@@ -273,6 +282,7 @@ def load_resume_config(run: Path, overrides: dict[str, Any]) -> Config:
     if not isinstance(stored, dict):
         raise DiffuseError(f"--resume {run}: config.json must hold a JSON object")
     cfg = Config.from_dict(stored)
+    extend = overrides.get("train", {}).get("time_limit") if cfg.train.plan == "budget" else None
     for section, values in overrides.items():
         for name, value in values.items():
             current = getattr(getattr(cfg, section), name)
@@ -288,8 +298,19 @@ def load_resume_config(run: Path, overrides: dict[str, Any]) -> Config:
             elif value != current:
                 raise DiffuseError(f"--resume: cannot change {name.replace('_', '-')} of an existing run "
                                    f"(it was {current!r}); start a new run with --init-from instead")
+    if extend is not None:
+        # A budget plan's --time-limit on resume adds minutes to the plan (config.json keeps the total).
+        cfg.train.time_limit = _budget_used_s(run) / 60 + extend
     validate(cfg)
     return cfg
+
+
+def _budget_used_s(run: Path) -> float:
+    """The seconds of its budget a run had used at its last checkpoint (0 without one)."""
+    last = run / "checkpoints" / "last"
+    if not last.exists():
+        return 0.0
+    return float(ckpt_io.read_state(last.resolve() / "state.json").get("budget_used_s", 0.0))
 
 
 def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, overwrite: bool = False,
@@ -318,9 +339,10 @@ def _train(cfg: Config, *, resume: bool, init_from: str | None, overwrite: bool,
         # agreed at the end of a step, so every rank stops at the same one).
         with dist.StopSignals() as signals:
             # After each step, in order; the first that returns a Stop ends the loop.
-            duties = [PaceNote(run), DivergenceGuard(run, window), LogRow(run, window), EpochEnd(run, window, ckpt),
-                      FidEvery(run, ckpt), GridEvery(run, write_grid), CheckpointEvery(run, ckpt),
-                      AgreedStop(run, signals)]
+            tick = ClockTick(run, signals)
+            duties = [tick, PaceNote(run), DivergenceGuard(run, window), LogRow(run, window),
+                      EpochEnd(run, window, ckpt), FidEvery(run, ckpt), GridEvery(run, write_grid),
+                      CheckpointEvery(run, ckpt), AgreedStop(run, tick)]
             try:
                 run.model.train()
                 while stop is None and not run.done():

@@ -1,0 +1,176 @@
+"""Budget plans (budget.py and the loop's use of it): the learning rate and EMA that end with the
+budget, the clock that agrees it, grids and checkpoints at fractions, resume and extension.
+
+The loop tests run on a fake wall clock (``budget.wall_clock`` advances one second per reading),
+so a budget of B seconds is exactly B steps and every figure below is exact, not timed."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from diffuse import budget
+from diffuse.budget import (WARMUP_FRACTION, BudgetClock, ema_gamma, ema_std_of_gamma, lr_factor,
+                            power_ema_decay)
+from diffuse.checkpoint import point, read_tensors
+from diffuse.config import resolve
+from diffuse.train import load_resume_config, train
+
+from .conftest import TINY_MODEL
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedules, against their definitions
+
+def test_lr_warms_up_then_decays_linearly_to_zero():
+    w = WARMUP_FRACTION
+    assert lr_factor(0.0, 0) == 0.0
+    assert lr_factor(w / 2, 100) == pytest.approx(0.5)
+    assert lr_factor(w, 100) == pytest.approx(1.0)
+    # linear decay from 1 at the warm-up's end to 0 at the budget's end
+    assert lr_factor(w + (1 - w) / 4, 100) == pytest.approx(0.75)
+    assert lr_factor(1.0, 100) == 0.0
+    assert lr_factor(1.7, 100) == 0.0 and lr_factor(-1.0, 0) == 0.0      # clamped
+    # a step warm-up (--warmup-steps, for stability) holds the rate down longer when slower
+    assert lr_factor(0.5, 9, warmup_steps=100) == pytest.approx(0.1)
+    # ...but never past the decay
+    assert lr_factor(0.99, 1, warmup_steps=1000) <= (1 - 0.99) / (1 - w) + 1e-12
+
+
+def test_ema_width_matches_the_edm2_values():
+    # Karras et al. 2024, sec. 3.1: sigma_rel 0.05 <-> gamma 16.97, sigma_rel 0.10 <-> gamma 6.94
+    assert ema_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert ema_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    for std in (0.02, 0.1, 0.2, 0.28):
+        assert ema_std_of_gamma(ema_gamma(std)) == pytest.approx(std, rel=1e-9)
+    with pytest.raises(ValueError):
+        ema_gamma(0.3)                  # wider than any tau^gamma profile (1/sqrt(12) at gamma 0)
+
+
+def test_power_ema_weights_have_the_closed_form_and_the_stated_width():
+    gamma, t_end = ema_gamma(0.1), 400
+    # the EMA of the sequence x_tau = one-hot(tau): its entries are the weights of each step
+    ema = torch.zeros(t_end, dtype=torch.float64)
+    for t in range(1, t_end + 1):
+        x = torch.zeros(t_end, dtype=torch.float64)
+        x[t - 1] = 1
+        beta = power_ema_decay(t, gamma)
+        ema = beta * ema + (1 - beta) * x
+    tau = torch.arange(1, t_end + 1, dtype=torch.float64)
+    closed = (tau ** (gamma + 1) - (tau - 1) ** (gamma + 1)) / t_end ** (gamma + 1)
+    assert torch.allclose(ema, closed, rtol=1e-9, atol=1e-15)
+    assert float(ema.sum()) == pytest.approx(1.0, abs=1e-12)
+    # its spread, relative to the run's length, is the width asked for (the discrete profile
+    # approaches the continuous one as t grows)
+    mean = float((ema * tau).sum())
+    std = math.sqrt(float((ema * (tau - mean) ** 2).sum()))
+    assert std / t_end == pytest.approx(0.1, rel=0.02)
+    assert power_ema_decay(1, gamma) == 0.0          # the first step's EMA is the model itself
+
+
+def test_clock_counts_from_a_resumed_reading():
+    ticks = iter([10.0, 12.5, 14.0])
+    clock = BudgetClock(20.0, used_s=3.0, now=lambda: next(ticks))
+    clock.start()
+    assert clock.tick() == 5.5                  # 3 s before the resume + 2.5 s since
+    clock.set_used(clock.tick())
+    assert clock.used_s == 7.0 and clock.fraction == pytest.approx(0.35) and not clock.spent
+    clock.set_used(25.0)
+    assert clock.fraction == 1.0 and clock.spent
+    with pytest.raises(ValueError):
+        BudgetClock(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans chosen from what the user gave
+
+def _resolve(train: dict, model: dict | None = None, preset: str | None = None):
+    cli = {"train": train, **({"model": model} if model else {})}
+    return resolve(preset, None, None, cli)
+
+
+def test_time_limit_alone_is_a_budget_plan():
+    cfg = _resolve({"time_limit": 15.0})
+    assert (cfg.train.plan, cfg.train.steps, cfg.train.ema_std, cfg.train.size_model) == ("budget", None, 0.1, True)
+    cfg = _resolve({"time_limit": 15.0, "steps": 100})          # beside --steps: a stop-only cap
+    assert (cfg.train.plan, cfg.train.steps, cfg.train.ema_std) == ("steps", 100, None)
+    cfg = _resolve({})
+    assert (cfg.train.plan, cfg.train.steps) == ("preset", 1500)
+    # a named preset or a model flag pins the model; --class-cond does not
+    assert not _resolve({"time_limit": 5.0}, preset="digits").train.size_model
+    assert not _resolve({"time_limit": 5.0}, model={"base_channels": 16}).train.size_model
+    assert _resolve({"time_limit": 5.0}, model={"class_cond": True}).train.size_model
+    assert _resolve({"time_limit": 5.0, "ema_std": 0.05}).train.ema_std == 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop on a fake clock: one second per reading, so a 30 s budget is 30 steps
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    t = iter(float(i) for i in range(10**6))
+    monkeypatch.setattr(budget, "wall_clock", lambda: next(t))
+
+
+def budget_config(out, minutes=0.5, **train):
+    t = {"time_limit": minutes, "batch_size": 8, "log_every": 1, "sample_n": 4, "sample_steps": 2,
+         "out": str(out), "lr": 1e-3, "warmup_steps": 0, "keep": 0, **train}
+    return resolve("digits", None, None, {"model": dict(TINY_MODEL), "train": t})
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_budget_run_follows_the_clock(tmp_path, fake_clock):
+    out = train(budget_config(tmp_path / "run"), progress=False)
+    rows = [r for r in _rows(out) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 31))            # 30 one-second steps, then the end
+    # step k ran at the fraction agreed after step k-1, (k-1)/30
+    for r in rows:
+        assert r["lr"] == pytest.approx(1e-3 * lr_factor((r["step"] - 1) / 30, r["step"] - 1))
+    assert rows[-1]["lr"] < 1e-3 * 0.05 and max(r["lr"] for r in rows) == pytest.approx(1e-3, rel=0.05)
+    # grids at each tenth of the budget, checkpoints at each fifth, the last at the end
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"step_{k:07d}.png" for k in range(3, 31, 3)]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == \
+        [f"step_{k:07d}" for k in (6, 12, 18, 24, 30)]
+    state = json.loads((out / "checkpoints" / "step_0000012" / "state.json").read_text())
+    assert state["budget_used_s"] == 12.0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["train"]["plan"], cfg["train"]["steps"], cfg["train"]["time_limit"]) == ("budget", None, 0.5)
+    assert "budget 0.5 min" in (out / "train.log").read_text()
+
+
+def _restart_from(out, step):
+    point(out / "checkpoints", "last", f"step_{step:07d}")
+
+
+def test_resumed_budget_run_continues_the_same_plan(tmp_path, fake_clock, monkeypatch):
+    whole = train(budget_config(tmp_path / "whole"), progress=False)
+    part = tmp_path / "part"
+    shutil.copytree(whole, part, symlinks=True)
+    _restart_from(part, 12)
+    t = iter(float(i) for i in range(10**6))                        # a new process: its clock starts anew
+    monkeypatch.setattr(budget, "wall_clock", lambda: next(t))
+    cfg = load_resume_config(part, {"train": {"out": str(part)}})
+    train(cfg, resume=True, progress=False)
+    for name in ("model", "ema"):
+        a = read_tensors(whole / "checkpoints" / "step_0000030" / f"{name}.safetensors")
+        b = read_tensors(part / "checkpoints" / "step_0000030" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["lr"] for r in _rows(part) if "loss" in r] == [r["lr"] for r in _rows(whole) if "loss" in r]
+
+
+def test_time_limit_on_resume_adds_minutes(tmp_path, fake_clock):
+    out = train(budget_config(tmp_path / "run"), progress=False)          # 30 s, spent
+    _restart_from(out, 12)
+    cfg = load_resume_config(out, {"train": {"time_limit": 0.5, "out": str(out)}})
+    assert cfg.train.time_limit == pytest.approx(0.7)                    # 12 s used + 30 s more
+    train(cfg, resume=True, progress=False)
+    steps = [r["step"] for r in _rows(out) if "loss" in r]
+    assert steps[-1] == 42
+    assert json.loads((out / "config.json").read_text())["train"]["time_limit"] == pytest.approx(0.7)
