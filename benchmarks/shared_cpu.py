@@ -8,8 +8,9 @@ from elsewhere does not land on one setting. Each process's img/s is the median 
 
 Settings: threads per process (2 = torch's default on 2 cores, 1 = one core each) and
 OMP_WAIT_POLICY (default: libgomp's, idle threads spin 300,000 times before sleeping, pinned with
-GOMP_SPINCOUNT so that diffuse's own busy-machine choice stays out; PASSIVE: they sleep at once),
-set in the child's environment before torch is imported.
+GOMP_SPINCOUNT so that diffuse's own busy-machine choice stays out; PASSIVE: they sleep at once;
+GOMP_SPINCOUNT=10000: a bounded spin, sleeping after 10,000), set in the child's environment before
+torch is imported.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ SETTINGS = [  # (name, processes, threads each, OMP_WAIT_POLICY or None)
     ("two at once, 2 threads each", 2, 2, None),
     ("two at once, 2 threads each, PASSIVE", 2, 2, "PASSIVE"),
     ("two at once, 1 thread each", 2, 1, None),
+    ("alone, 2 threads, GOMP_SPINCOUNT=10000", 1, 2, "spin:10000"),
+    ("two at once, 2 threads each, GOMP_SPINCOUNT=10000", 2, 2, "spin:10000"),
 ]
 
 
@@ -42,7 +45,9 @@ SETTINGS = [  # (name, processes, threads each, OMP_WAIT_POLICY or None)
 
 def run_setting(procs: int, threads: int, policy: str | None, steps: int, workdir: Path) -> list[float]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
-    if policy:
+    if policy and policy.startswith("spin:"):      # a bounded spin: libgomp sleeps after N spins
+        env["GOMP_SPINCOUNT"] = policy.split(":", 1)[1]
+    elif policy:
         env["OMP_WAIT_POLICY"] = policy
     else:       # libgomp's own default spin, stated, so that diffuse's busy-machine PASSIVE stays out
         env["GOMP_SPINCOUNT"] = "300000"

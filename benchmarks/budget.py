@@ -1,0 +1,216 @@
+"""Time budgets: FID after B minutes of training, per recipe, on this machine.
+
+    python benchmarks/budget.py --data mnist --data-root ../shared/data --budgets 2,8 --fid-n 2000 \
+        --recipes budget,budget-preset,cut --out benchmarks/results/budget-mnist.json
+    python benchmarks/budget.py --data EMOJI_DIR --class-cond --budgets 15 --fid-n 500 --ref-n 2000 \
+        --recipes budget,cut --out benchmarks/results/budget-emoji.json      # benchmarks/emoji_set.py builds it
+    python benchmarks/budget.py --report-only --out benchmarks/results/budget-mnist.json
+
+Recipes (``--recipes``), each a fresh ``diffuse train`` per budget B:
+  budget          ``--time-limit B`` alone: diffuse's budget plan (model sized for B on this machine,
+                  learning rate and power EMA that end with B; docs/budgets.md)
+  budget-preset   the same schedules on the data's preset model (``--preset P --size-model`` off): what
+                  the schedules give without the sizing
+  cut             today's default before budgets, cut by time: the preset's model and step count with
+                  ``--steps S --time-limit B`` (constant learning rate, fixed EMA decay, stopped at B)
+
+Scoring, the same for every run: ``--fid-n`` images from the final EMA with the run's default sampler
+(``diffuse sample``'s), image i from seed stream (--seed, i); FID against the data's test split (standard
+sets) or ``--ref-n`` images of the folder itself; for class-conditional runs the images cycle through
+the classes with the run's guidance; where a judge classifier exists (standard sets), its confident
+fraction. Training runs one at a time, each with the whole machine; the JSON records the CPU (model
+and family) and thread count, and a plot of FID against the budget per recipe is written next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+
+RECIPES = ("budget", "budget-preset", "cut")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--class-cond", action="store_true")
+    p.add_argument("--budgets", default="2,8", help="minutes, comma-separated")
+    p.add_argument("--recipes", default="budget,budget-preset,cut")
+    p.add_argument("--fid-n", type=int, default=2000)
+    p.add_argument("--ref-n", type=int, default=None, help="reference images for a folder (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="runs/budget-bench")
+    p.add_argument("--out", default="benchmarks/results/budget.json")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--score-only", action="store_true", help="score the runs already in --work")
+    return p.parse_args(argv)
+
+
+def cpu_description() -> str:
+    """The CPU as lscpu names it, with its family (figures differ between families)."""
+    try:
+        info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
+                                                                  check=True).stdout.splitlines() if ":" in line)
+        return f"{info.get('Model name', '?').strip()}, family {info.get('CPU family', '?').strip()}, " \
+               f"{os.cpu_count()} cores"
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+
+
+def train_flags(args, recipe: str, minutes: float, out: Path) -> list[str]:
+    from diffuse.config import PRESETS, default_preset_for
+    from diffuse.imagefiles import STANDARD, peek_folder
+
+    size = channels = None
+    if args.data not in STANDARD:
+        shape = peek_folder(Path(args.data))
+        size, channels = shape.default_size, shape.channels
+    preset = default_preset_for(args.data, size, channels)
+    flags = ["--data", args.data, "--out", str(out), "--overwrite", "--seed", str(args.seed), "--log-every", "50"]
+    if args.data_root:
+        flags += ["--data-root", args.data_root]
+    if args.class_cond:
+        flags += ["--class-cond"]
+    if recipe == "budget":
+        return flags + ["--time-limit", f"{minutes:g}"]
+    if recipe == "budget-preset":
+        return flags + ["--time-limit", f"{minutes:g}", "--preset", preset]
+    if recipe == "cut":
+        return flags + ["--preset", preset, "--steps", str(PRESETS[preset]["train"]["steps"]),
+                        "--time-limit", f"{minutes:g}"]
+    raise SystemExit(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+
+
+def run_train(args, recipe: str, minutes: float, out: Path) -> float:
+    cmd = [sys.executable, "-m", "diffuse", "train", *train_flags(args, recipe, minutes, out)]
+    print(f"{recipe} {minutes:g} min: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+class Scorer:
+    """FID (and the judge where one exists) of a run's final EMA, all runs against one reference."""
+
+    def __init__(self, args):
+        self.args, self.extractor, self.ref, self.judge = args, None, None, None
+
+    def reference(self, cfg):
+        import torch
+
+        from diffuse import fid
+        from diffuse.imagefiles import STANDARD
+        from diffuse.inception import load_extractor
+
+        if self.extractor is None:
+            a = self.args
+            self.extractor = load_extractor(None, torch.device("cpu"), "tf-bilinear")
+            split = "test" if a.data in STANDARD else "train"
+            self.ref = fid.reference_stats(a.data, split, a.ref_n, data_root=a.data_root, extractor=self.extractor,
+                                           image_size=cfg.data.image_size, channels=cfg.model.in_channels,
+                                           progress=False)
+        return self.ref
+
+    def score(self, run: Path) -> dict:
+        import torch
+
+        from diffuse import classifier, fid
+        from diffuse.generate import generate, labels_and_guidance, load
+        from diffuse.imagefiles import STANDARD
+        from diffuse.objectives import default_sampling
+
+        a = self.args
+        loaded = load(run, torch.device("cpu"))
+        sampler, steps = default_sampling(loaded.config.diffusion)
+        labels, guidance = labels_and_guidance(loaded, "all" if a.class_cond else None, None, a.fid_n)
+        images, record = generate(loaded, n=a.fid_n, seed=a.seed, sampler=sampler, steps=steps, batch_size=250,
+                                  labels=labels, guidance=guidance)
+        ref = self.reference(loaded.config)
+        res = fid.compare(fid.stats_of_images(images, self.extractor), ref)
+        row = {"fid": round(res["fid"], 3), "n": a.fid_n, "n_ref": res.get("n_ref"),
+               "sampler": f"{record['sampler']} {record['nfe']} NFE", "sample_seconds": round(record["seconds"], 1)}
+        if a.data in STANDARD:
+            if self.judge is None:
+                self.judge = classifier.load_or_train(a.data, a.data_root, images.shape[-1], images.shape[1])
+            row["confident"] = round(classifier.confident_fraction(self.judge, images, 0.9), 4)
+        return row
+
+
+def run_facts(run: Path) -> dict:
+    cfg = json.loads((run / "config.json").read_text())
+    state = json.loads((run / "checkpoints" / "last" / "state.json").read_text())
+    head = (run / "train.log").read_text().splitlines()
+    return {"params_m": _params(head[0]),
+            "model": {k: cfg["model"][k] for k in ("base_channels", "channel_mult", "num_res_blocks",
+                                                   "attn_resolutions")},
+            "image_size": cfg["model"]["image_size"], "batch": cfg["train"]["batch_size"],
+            "steps": state["step"], "images_seen": state["images_seen"],
+            "train_seconds": round(state.get("train_seconds", 0.0), 1),
+            "plan": [line for line in head if line.startswith("plan: ")]}
+
+
+def _params(header: str) -> float:
+    field = next(w for w in header.split(" | ") if w.endswith("M params"))
+    return float(field.split("M")[0])
+
+
+def report(result: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for recipe in result["recipes"]:
+        rows = sorted((r for r in result["rows"] if r["recipe"] == recipe), key=lambda r: r["minutes"])
+        if rows:
+            ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=recipe)
+    ax.set_xlabel("training budget (minutes, wall-clock)")
+    ax.set_ylabel(f"FID (N = {result['fid_n']:,})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title(f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"))
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    if not args.report_only:
+        recipes = args.recipes.split(",")
+        result.update(data=args.data, fid_n=args.fid_n, ref_n=args.ref_n, seed=args.seed, cpu=cpu_description(),
+                      threads=os.cpu_count(), recipes=sorted(set(result.get("recipes", [])) | set(recipes)))
+        scorer = Scorer(args)
+        for minutes in map(float, args.budgets.split(",")):
+            for recipe in recipes:
+                run = Path(args.work) / f"{recipe}-{minutes:g}"
+                call_s = None if args.score_only else run_train(args, recipe, minutes, run)
+                row = {"recipe": recipe, "minutes": minutes, **run_facts(run), "train_call_seconds":
+                       round(call_s, 1) if call_s else None, **scorer.score(run)}
+                result["rows"] = [r for r in result["rows"] if (r["recipe"], r["minutes"]) != (recipe, minutes)]
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
