@@ -61,6 +61,17 @@ def test_the_digits_and_mnist_presets_are_rungs():
     assert S.count_params(S.model_config(mnist, cfg, 1, 28)) == 1_191_233
 
 
+def test_the_ladders_parameter_counts_are_the_documented_ones():
+    """The figures in the comment above sizing.LADDER."""
+    def millions(size):
+        return [float(f"{p / 1e6:.3g}") for p in _params(_cfg(size))]
+    assert millions(16) == [0.0727, 0.287, 0.643, 1.19, 2.67, 6.95, 15.6, 27.7, 43.3]
+    assert millions(32) == [0.0727, 0.287, 0.672, 1.19, 2.67, 6.95, 15.6, 27.7, 43.3]
+    assert millions(64) == [0.100, 0.397, 0.917, 1.63, 3.65, 9.59, 21.6, 38.3]
+    for size in (16, 32, 64):
+        assert all(0 < c3 - c1 < 6000 for c1, c3 in zip(_params(_cfg(size, 1)), _params(_cfg(size, 3))))
+
+
 @pytest.mark.parametrize("size", [2, 30, 36, 100])
 def test_a_size_the_levels_cannot_halve_is_refused(size):
     with pytest.raises(ValueError, match=f"image size {size} is not a multiple of"):
@@ -128,6 +139,11 @@ def test_the_largest_rung_when_every_rung_qualifies():
     c = S.choose(cfg, 3800, _threshold(params[-1]) * 2, CPU, None, False, measure=fake)
     assert c.params == params[-1] and fake.calls == params
     assert c.reason.endswith("; the largest rung of the ladder")
+
+
+def test_figures_in_the_reason():
+    assert [S._figure(x) for x in (0.4213, 38.46, 99.94, 1234.5, 60_000)] == ["0.421", "38.5", "99.9", "1,234", "60,000"]
+    assert [S._millions(p) for p in (72_689, 1_191_233, 38_307_000)] == ["0.0727M", "1.19M", "38.3M"]
 
 
 def test_longer_budgets_pick_larger_rungs():
@@ -267,6 +283,24 @@ CHANGES = {"batch": dict(batch=16), "precision": dict(amp=torch.bfloat16), "chan
            "grad checkpointing": dict(grad_checkpointing=True), "image size": dict(size=12),
            "channels": dict(channels=3), "a rung field": dict(fields={**SMALLEST, "num_res_blocks": 2}),
            "class conditioning": dict(class_cond=True)}
+
+
+def test_an_unwritable_cache_costs_only_a_measurement(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path / "a-file" / "cache"))      # no folder can be made there
+    monkeypatch.setattr(D, "_busy", lambda: False)
+    steps = Steps()
+    monkeypatch.setattr(S, "_time_steps", steps)
+    assert _measure() == 16.0 and _measure() == 16.0 and steps.calls == 2
+
+
+def test_a_gpu_rate_is_keyed_by_the_gpu_not_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 80GB")
+    cfg = _cfg(16, 1, batch=8)
+    m = S.model_config(SMALLEST, cfg, 1, 16)
+    machine = json.loads(S.rate_key(m, 8, torch.device("cuda"), torch.bfloat16, True, False))["machine"]
+    assert machine == f"Fake GPU 80GB | torch {torch.__version__}"
+    assert json.loads(_key())["machine"] == D.probe_key()
 
 
 @pytest.mark.parametrize("change", CHANGES, ids=list(CHANGES))
