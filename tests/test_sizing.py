@@ -72,6 +72,14 @@ def test_the_ladders_parameter_counts_are_the_documented_ones():
         assert all(0 < c3 - c1 < 6000 for c1, c3 in zip(_params(_cfg(size, 1)), _params(_cfg(size, 3))))
 
 
+def test_a_rung_keeps_the_runs_other_model_settings():
+    cfg = _cfg(16)
+    cfg.model.dropout, cfg.model.class_cond, cfg.model.num_classes, cfg.model.scale_shift = 0.1, True, 10, False
+    m = S.model_config(S.ladder(32)[3], cfg, 3, 32)
+    assert (m.dropout, m.class_cond, m.num_classes, m.scale_shift) == (0.1, True, 10, False)
+    assert (m.image_size, m.in_channels, m.base_channels, m.attn_resolutions) == (32, 3, 32, (8,))
+
+
 @pytest.mark.parametrize("size", [2, 30, 36, 100])
 def test_a_size_the_levels_cannot_halve_is_refused(size):
     with pytest.raises(ValueError, match=f"image size {size} is not a multiple of"):
@@ -142,7 +150,8 @@ def test_the_largest_rung_when_every_rung_qualifies():
 
 
 def test_figures_in_the_reason():
-    assert [S._figure(x) for x in (0.4213, 38.46, 99.94, 1234.5, 60_000)] == ["0.421", "38.5", "99.9", "1,234", "60,000"]
+    figures = [S._figure(x) for x in (0.4213, 38.46, 99.94, 1234.5, 60_000)]
+    assert figures == ["0.421", "38.5", "99.9", "1,234", "60,000"]
     assert [S._millions(p) for p in (72_689, 1_191_233, 38_307_000)] == ["0.0727M", "1.19M", "38.3M"]
 
 

@@ -29,6 +29,7 @@ import torch
 from . import device as dev
 from .config import PRESETS, Config, ModelConfig
 from .errors import DiffuseError
+from .fsutil import cache_dir
 from .models import UNet, count_parameters
 from .objectives import weighted_mse
 
@@ -48,7 +49,8 @@ THROUGHPUT_VERSION = 1      # of the cache file's layout
 RUNG_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "num_groups", "head_channels")
 
 
-def _rung(base: int, mult: tuple[int, ...], blocks: int, attn: tuple[int, ...], groups: int, head: int) -> dict[str, Any]:
+def _rung(base: int, mult: tuple[int, ...], blocks: int, attn: tuple[int, ...], groups: int,
+          head: int) -> dict[str, Any]:
     return dict(zip(RUNG_FIELDS, (base, mult, blocks, attn, groups, head)))
 
 
@@ -101,7 +103,7 @@ def model_config(fields: dict[str, Any], cfg: Config, n_channels: int, image_siz
 
 
 def count_params(mcfg: ModelConfig) -> int:
-    """The UNet's parameter count, built on the meta device (no memory, no initialisation)."""
+    """The UNet's parameter count, built on the meta device (shapes only: nothing allocated)."""
     with torch.device("meta"):
         return count_parameters(UNet(mcfg))
 
@@ -110,7 +112,6 @@ def count_params(mcfg: ModelConfig) -> int:
 # The throughput probe
 
 def rate_cache_file() -> Path:
-    from .fsutil import cache_dir
     return cache_dir() / "device" / "throughput-probe.json"
 
 
@@ -176,10 +177,10 @@ def _time_steps(mcfg: ModelConfig, batch: int, device: torch.device, amp: torch.
 def measure_rate(model_fields: dict[str, Any], cfg: Config, n_channels: int, image_size: int, batch: int,
                  device: torch.device, amp: torch.dtype | None, channels_last: bool) -> float:
     """Training images per second of one rung on this machine: the cached rate for this
-    ``rate_key``, else measured now (``_time_steps``: batch / the median step time, the slower of
-    two) and cached,
-    unless the steps' median / best time exceeds device.NOISY_SPREAD or the machine is busy
-    (other processes competing for the cores: use the rate this once, measure again next time).
+    ``rate_key``, else measured now (``_time_steps``: batch / the median step time, of two the
+    slower) and cached, unless the steps' median / best time exceeds device.NOISY_SPREAD or the
+    machine is busy (other processes competing for the cores: use the rate this once, measure
+    again next time).
     A cached entry that is not what a measurement writes (a rate of 0 or below, not finite, not a
     number, a key missing, a file that is not JSON) is measured over and replaced, never fatal."""
     mcfg = model_config(model_fields, cfg, n_channels, image_size)
