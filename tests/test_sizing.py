@@ -269,6 +269,12 @@ def test_a_bad_cache_entry_is_measured_over_and_replaced(cache, monkeypatch, bad
     assert _measure() == 16.0 and steps.calls == 1
 
 
+def test_of_two_timed_steps_the_slower_sets_the_rate(cache, monkeypatch):
+    monkeypatch.setattr(S, "_time_steps", Steps((0.4, 0.5)))
+    assert _measure() == 16.0                            # 8 images / 0.5 s
+    assert json.loads(cache.read_text())["entries"][_key()]["spread"] == pytest.approx(1.25)
+
+
 def test_a_good_cache_entry_is_used(cache, monkeypatch):
     cache.parent.mkdir(parents=True)
     cache.write_text(json.dumps({"version": S.THROUGHPUT_VERSION, "entries": {_key(): GOOD}}))
