@@ -29,8 +29,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: ("data", "models", "objectives", "sampling", "export.mapping", "export.card"),
     # FID statistics (of data sets and of images)
     4: ("fid",),
-    # torchrun: sharded sampling and FID statistics
-    5: ("distributed",),
+    # torchrun: sharded sampling and FID statistics; a model size from a time budget (measured UNet rungs)
+    5: ("distributed", "sizing"),
     # checkpoint -> images; a training run's setup and the duties between its steps
     6: ("generate", "run", "duties"),
     # what uses a trained model or trains one: training, evaluation (FID of a model), the judge,

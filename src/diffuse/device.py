@@ -213,15 +213,26 @@ def probe_cache_file() -> Path:
     return cache_dir() / "device" / "bf16-probe.json"
 
 
-def _read_cache(path: Path) -> dict[str, Any]:
-    """The cache's entries, or {} if the file is missing, unreadable or not what we wrote."""
+def _read_cache(path: Path, version: int = PROBE_VERSION) -> dict[str, Any]:
+    """The cache's entries, or {} if the file is missing, unreadable or not what we wrote (another
+    ``version``: the bf16 probe's here, sizing.py's throughput probe for its own file)."""
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(d, dict) or d.get("version") != PROBE_VERSION or not isinstance(d.get("entries"), dict):
+    if not isinstance(d, dict) or d.get("version") != version or not isinstance(d.get("entries"), dict):
         return {}
     return d["entries"]
+
+
+def _write_cache(path: Path, version: int, entries: dict[str, Any]) -> None:
+    """Replace the cache file in one step (atomic_write); an unwritable cache dir only costs a
+    measurement next time."""
+    try:
+        from .fsutil import atomic_write
+        atomic_write(path, json.dumps({"version": version, "entries": entries}, indent=1))
+    except OSError:
+        pass
 
 
 RATES = ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")
@@ -266,11 +277,7 @@ def probe_bf16(*, timer: Callable[[], dict[str, float]] | None = None, refresh: 
     if store is False or (store is None and (r.spread > NOISY_SPREAD or _busy())):
         return r                        # timed under load: use it this once, measure again next time
     entries[key] = {k: v for k, v in asdict(r).items() if k != "key"}
-    try:
-        from .fsutil import atomic_write
-        atomic_write(path, json.dumps({"version": PROBE_VERSION, "entries": entries}, indent=1))
-    except OSError:
-        pass
+    _write_cache(path, PROBE_VERSION, entries)
     return r
 
 

@@ -1,0 +1,287 @@
+"""A model size from a time budget and this machine (issue 23): a ladder of UNet sizes, a measured
+throughput probe per rung, and the rule that picks the largest rung the budget can train.
+
+- ``LADDER``: per image-size class (up to 16 px, up to 32 px, above 32 px) UNet rungs from about
+  0.1M to about 40M parameters, strictly increasing; the digits and mnist presets' models are
+  rungs. A rung is a dict of ModelConfig fields (``RUNG_FIELDS``) whose attention resolutions are
+  written at its class's reference size (16, 32, 64 px); ``ladder(image_size)`` scales them to an
+  image size. Level attention sits only at the lowest feature size (the middle block always has one).
+- ``measure_rate``: img/s of a few real training steps of one rung on random data (autocast, MSE,
+  backward, fused AdamW), the first step left out as warm-up; about ``PROBE_SECONDS`` of timed
+  steps per rung (at least ``MIN_TIMED_STEPS``). Cached per machine and setting in
+  ``cache_dir()/device/throughput-probe.json``, read and written with device.py's cache helpers.
+- ``choose``: measures the rungs from small to large and keeps the largest whose planned images
+  seen reach ``IMAGES_PER_PARAM`` per parameter; it stops at the first rung that falls short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import device as dev
+from .config import PRESETS, Config, ModelConfig
+from .errors import DiffuseError
+from .fsutil import cache_dir
+from .models import UNet, count_parameters
+from .objectives import weighted_mse
+
+# The provisional rule: a rung qualifies when the budget shows it at least this many training
+# images per parameter. The 8-minute MNIST race model (1.19M params, 174k images seen: 0.146 per
+# parameter) reached FID 8.47; to be refitted from benchmarks/budget.py's measurements.
+IMAGES_PER_PARAM = 0.1
+# The share of the budget that trains; sample grids and checkpoints take the rest.
+PLANNED_SHARE = 0.9
+
+PROBE_SECONDS = 1.0         # timed steps run until this much time is spent...
+MIN_TIMED_STEPS = 2         # ...but at least this many (a spread needs two; a rung whose step takes
+                            # seconds then costs three steps, the warm-up's included)
+MAX_TIMED_STEPS = 50        # ...and at most this many (tiny rungs on a GPU)
+THROUGHPUT_VERSION = 1      # of the cache file's layout
+
+RUNG_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "num_groups", "head_channels")
+
+
+def _rung(base: int, mult: tuple[int, ...], blocks: int, attn: tuple[int, ...], groups: int,
+          head: int) -> dict[str, Any]:
+    return dict(zip(RUNG_FIELDS, (base, mult, blocks, attn, groups, head)))
+
+
+# Reference size -> rungs, small to large. Up to 32 px three levels (1,2,2), as the digits, mnist and
+# cifar10-small presets (28 px halves cleanly twice, not three times); above, four (1,2,2,2). Two
+# residual blocks per level from 64 base channels on. Parameters at 1 channel (3 add under 6,000):
+# 16 and 32 px: 0.0727, 0.287, 0.643 / 0.672, 1.19, 2.67, 6.95, 15.6, 27.7, 43.3M; 64 px: 0.100, 0.397,
+# 0.917, 1.63, 3.65, 9.59, 21.6, 38.3M.
+LADDER: dict[int, tuple[dict[str, Any], ...]] = {
+    16: (_rung(8, (1, 2, 2), 1, (), 4, 16), _rung(16, (1, 2, 2), 1, (), 8, 32),
+         dict(PRESETS["digits"]["model"]),
+         _rung(32, (1, 2, 2), 1, (4,), 8, 32), _rung(48, (1, 2, 2), 1, (4,), 16, 48),
+         _rung(64, (1, 2, 2), 2, (4,), 32, 64), _rung(96, (1, 2, 2), 2, (4,), 32, 64),
+         _rung(128, (1, 2, 2), 2, (4,), 32, 64), _rung(160, (1, 2, 2), 2, (4,), 32, 64)),
+    32: (_rung(8, (1, 2, 2), 1, (), 4, 16), _rung(16, (1, 2, 2), 1, (), 8, 32),
+         _rung(24, (1, 2, 2), 1, (8,), 8, 48),
+         {**PRESETS["mnist"]["model"], "attn_resolutions": (8,)},      # its 7 at 28 px is 8 at 32
+         _rung(48, (1, 2, 2), 1, (8,), 16, 48),
+         _rung(64, (1, 2, 2), 2, (8,), 32, 64), _rung(96, (1, 2, 2), 2, (8,), 32, 64),
+         _rung(128, (1, 2, 2), 2, (8,), 32, 64), _rung(160, (1, 2, 2), 2, (8,), 32, 64)),
+    64: (_rung(8, (1, 2, 2, 2), 1, (), 4, 16), _rung(16, (1, 2, 2, 2), 1, (), 8, 32),
+         _rung(24, (1, 2, 2, 2), 1, (8,), 8, 48), _rung(32, (1, 2, 2, 2), 1, (8,), 8, 32),
+         _rung(48, (1, 2, 2, 2), 1, (8,), 16, 48), _rung(64, (1, 2, 2, 2), 2, (8,), 32, 64),
+         _rung(96, (1, 2, 2, 2), 2, (8,), 32, 64), _rung(128, (1, 2, 2, 2), 2, (8,), 32, 64)),
+}
+
+
+def ladder_size(image_size: int) -> int:
+    """The LADDER key of an image size: 16 up to 16 px, 32 up to 32 px, else 64."""
+    return 16 if image_size <= 16 else 32 if image_size <= 32 else 64
+
+
+def ladder(image_size: int) -> list[dict[str, Any]]:
+    """The rungs for ``image_size``, small to large, attention resolutions scaled from the class's
+    reference size (mnist's 8 at 32 px is 7 at 28). ValueError when the size does not halve cleanly
+    through the class's levels (a multiple of 4 up to 32 px, of 8 above): fit it first."""
+    ref = ladder_size(image_size)
+    rungs = LADDER[ref]
+    factor = 2 ** (len(rungs[0]["channel_mult"]) - 1)       # every rung of a class has as many levels
+    if image_size < factor or image_size % factor:
+        raise ValueError(f"image size {image_size} is not a multiple of {factor}, which the {ref} px ladder's "
+                         f"UNet levels need")
+    return [{**r, "attn_resolutions": tuple(a * image_size // ref for a in r["attn_resolutions"])} for r in rungs]
+
+
+def model_config(fields: dict[str, Any], cfg: Config, n_channels: int, image_size: int) -> ModelConfig:
+    """cfg.model with a rung's fields, the image size and channels: the rest (class conditioning,
+    dropout, scale-shift) stays the run's."""
+    return dataclasses.replace(cfg.model, **fields, image_size=image_size, in_channels=n_channels)
+
+
+def count_params(mcfg: ModelConfig) -> int:
+    """The UNet's parameter count, built on the meta device (shapes only: nothing allocated)."""
+    with torch.device("meta"):
+        return count_parameters(UNet(mcfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# The throughput probe
+
+def rate_cache_file() -> Path:
+    return cache_dir() / "device" / "throughput-probe.json"
+
+
+def rate_key(mcfg: ModelConfig, batch: int, device: torch.device, amp: torch.dtype | None,
+             channels_last: bool, grad_checkpointing: bool) -> str:
+    """What a measured rate depends on: the machine (the CPU model, torch's version and the thread
+    count, as the bf16 probe's key; or the GPU's name and torch's version), the precision, the
+    memory layout, gradient checkpointing, the batch and the whole model config (the rung's fields,
+    image size, channels, classes, dropout)."""
+    machine = (f"{torch.cuda.get_device_name(device)} | torch {torch.__version__}" if device.type == "cuda"
+               else dev.probe_key() if device.type == "cpu" else f"{device.type} | torch {torch.__version__}")
+    precision = "fp32" if amp is None else "bf16" if amp is torch.bfloat16 else str(amp)
+    return json.dumps({"machine": machine, "precision": precision, "channels_last": channels_last,
+                       "grad_checkpointing": grad_checkpointing, "batch": batch,
+                       "model": dataclasses.asdict(mcfg)}, sort_keys=True)
+
+
+def _repeat(step: Callable[[], None], seconds: float = PROBE_SECONDS,
+            clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds per call of ``step`` after one warm-up call (oneDNN and cuDNN pick kernels, AdamW
+    allocates its moments then): timed calls until ``seconds`` are spent, at least MIN_TIMED_STEPS,
+    at most MAX_TIMED_STEPS."""
+    step()
+    times: list[float] = []
+    while len(times) < MIN_TIMED_STEPS or (sum(times) < seconds and len(times) < MAX_TIMED_STEPS):
+        t0 = clock()
+        step()
+        times.append(clock() - t0)
+    return times
+
+
+def _time_steps(mcfg: ModelConfig, batch: int, device: torch.device, amp: torch.dtype | None,
+                channels_last: bool, grad_checkpointing: bool) -> list[float]:
+    """Seconds per training step of a freshly built ``mcfg`` UNet (``_repeat``): x [batch, C, H, W]
+    and the target from N(0, 1), t uniform in [0, 1000), labels uniform over the classes and the
+    null one; forward under autocast, MSE, backward, fused AdamW. The caller's random state is
+    left as it was (fork_rng)."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        model = UNet(mcfg).to(device).train()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.grad_checkpointing = grad_checkpointing
+        # fused as the training run's optimizer (run.build_training); other devices have no fused kernel
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+        x = torch.randn(batch, mcfg.in_channels, mcfg.image_size, mcfg.image_size, device=device)
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        target, t = torch.randn_like(x), torch.randint(0, 1000, (batch,), device=device).float()
+        y = torch.randint(0, mcfg.num_classes + 1, (batch,), device=device) if mcfg.class_cond else None
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = model(x, t, y)
+            weighted_mse(out, target, None).backward()
+            opt.step()
+            if cuda:
+                torch.cuda.synchronize(device)                  # time the GPU's work, not its queueing
+
+        return _repeat(step)
+
+
+def measure_rate(model_fields: dict[str, Any], cfg: Config, n_channels: int, image_size: int, batch: int,
+                 device: torch.device, amp: torch.dtype | None, channels_last: bool) -> float:
+    """Training images per second of one rung on this machine: the cached rate for this
+    ``rate_key``, else measured now (``_time_steps``: batch / the median step time, of two the
+    slower) and cached, unless the steps' median / best time exceeds device.NOISY_SPREAD or the
+    machine is busy (other processes competing for the cores: use the rate this once, measure
+    again next time).
+    A cached entry that is not what a measurement writes (a rate of 0 or below, not finite, not a
+    number, a key missing, a file that is not JSON) is measured over and replaced, never fatal."""
+    mcfg = model_config(model_fields, cfg, n_channels, image_size)
+    key = rate_key(mcfg, batch, device, amp, channels_last, cfg.train.grad_checkpointing)
+    path = rate_cache_file()
+    entries = dev._read_cache(path, THROUGHPUT_VERSION)
+    cached = dev._numbers(entries.get(key), ("img_per_s", "spread"), ("seconds",))
+    if cached is not None:
+        return cached["img_per_s"]
+    t0 = time.perf_counter()
+    times = _time_steps(mcfg, batch, device, amp, channels_last, cfg.train.grad_checkpointing)
+    median = sorted(times)[len(times) // 2]
+    rate, spread = batch / median, median / min(times)
+    if spread <= dev.NOISY_SPREAD and not dev._busy():
+        entries[key] = {"img_per_s": rate, "spread": spread, "seconds": round(time.perf_counter() - t0, 3)}
+        dev._write_cache(path, THROUGHPUT_VERSION, entries)
+    return rate
+
+
+# ----------------------------------------------------------------------------------------------
+# The choice
+
+@dataclass(frozen=True)
+class SizeChoice:
+    model: dict[str, Any]           # the chosen rung's RUNG_FIELDS at this image size
+    params: int
+    img_per_s: float                # measured (or cached) training rate of the chosen rung
+    images: int                     # planned images seen: img_per_s * budget_s * PLANNED_SHARE
+    epochs: float                   # images / the data set's size
+    reason: str                     # one line for the run's start line
+    candidates: tuple[tuple[int, float, int], ...]   # (params, img/s, images) per measured rung, small first
+
+
+@dataclass(frozen=True)
+class _Rung:
+    fields: dict[str, Any]
+    params: int
+    rate: float | None              # None: did not fit in memory
+    images: int
+
+
+def _probe(cfg: Config, budget_s: float, device: torch.device, amp: torch.dtype | None, channels_last: bool,
+           measure: Callable[..., float]) -> tuple[list[_Rung], _Rung | None]:
+    """(the rungs that qualify, the first that does not or None), measured from small to large."""
+    size, channels = cfg.model.image_size, cfg.model.in_channels
+    passed: list[_Rung] = []
+    for fields in ladder(size):
+        params = count_params(model_config(fields, cfg, channels, size))
+        try:
+            rate = measure(fields, cfg, channels, size, cfg.train.batch_size, device, amp, channels_last)
+        except torch.OutOfMemoryError:
+            return passed, _Rung(fields, params, None, 0)
+        rung = _Rung(fields, params, rate, int(rate * budget_s * PLANNED_SHARE))
+        if rung.images < IMAGES_PER_PARAM * params:
+            return passed, rung     # larger rungs are slower and larger still: they fall short too
+        passed.append(rung)
+    return passed, None
+
+
+def choose(cfg: Config, n_images: int, budget_s: float, device: torch.device, amp: torch.dtype | None,
+           channels_last: bool, *, measure: Callable[..., float] = measure_rate) -> SizeChoice:
+    """The largest rung of ``ladder(cfg.model.image_size)`` whose planned images seen
+    (img/s * budget_s * PLANNED_SHARE) reach IMAGES_PER_PARAM * its parameters; the smallest rung
+    when none does. cfg.model.image_size and in_channels must be set from the data (the size fitted
+    to the ladder's levels); the batch is cfg.train.batch_size. Rungs are measured (``measure``,
+    measure_rate's signature) from small to large up to the first that falls short or does not fit
+    in GPU memory; none above it is measured. DiffuseError when even the smallest does not fit."""
+    if not (n_images >= 1 and budget_s > 0 and math.isfinite(budget_s)):
+        raise ValueError(f"choose needs images >= 1 and a finite budget > 0, got {n_images} and {budget_s}")
+    passed, failed = _probe(cfg, budget_s, device, amp, channels_last, measure)
+    if not passed and failed is not None and failed.rate is None:
+        raise DiffuseError(f"even the smallest model ({_millions(failed.params)} params) does not fit in "
+                           f"{device.type} memory at batch {cfg.train.batch_size}; lower --batch-size")
+    chosen = passed[-1] if passed else failed
+    measured = passed + ([failed] if failed is not None and failed.rate is not None else [])
+    return SizeChoice(model=chosen.fields, params=chosen.params, img_per_s=chosen.rate, images=chosen.images,
+                      epochs=chosen.images / n_images,
+                      reason=_reason(budget_s, chosen, failed if passed else None, n_images, cfg.train.batch_size),
+                      candidates=tuple((r.params, r.rate, r.images) for r in measured))
+
+
+def _reason(budget_s: float, chosen: _Rung, next_: _Rung | None, n_images: int, batch: int) -> str:
+    """One line: the budget, the chosen size and its plan, and why not the next rung up."""
+    line = (f"model sized for {budget_s / 60:.3g} min on this machine: {_millions(chosen.params)} params, "
+            f"{_figure(chosen.images / n_images)} epochs planned ({_figure(chosen.rate)} img/s measured)")
+    short = f"(< {IMAGES_PER_PARAM:g})"
+    if chosen.images < IMAGES_PER_PARAM * chosen.params:
+        return (f"{line}; the smallest rung, and it sees only {chosen.images / chosen.params:.2g} images "
+                f"per parameter {short}")
+    if next_ is None:
+        return f"{line}; the largest rung of the ladder"
+    if next_.rate is None:
+        return f"{line}; the next rung, {_millions(next_.params)} params, does not fit in memory at batch {batch}"
+    return (f"{line}; the next rung, {_millions(next_.params)} params, would see "
+            f"{next_.images / next_.params:.2g} images per parameter {short}")
+
+
+def _millions(params: int) -> str:
+    return f"{params / 1e6:.3g}M"
+
+
+def _figure(x: float) -> str:
+    """3 significant digits below 100 ('0.42', '38.5'), whole numbers with commas above ('1,230')."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
