@@ -35,10 +35,12 @@ def test_lr_warms_up_then_decays_linearly_to_zero():
     assert lr_factor(w + (1 - w) / 4, 100) == pytest.approx(0.75)
     assert lr_factor(1.0, 100) == 0.0
     assert lr_factor(1.7, 100) == 0.0 and lr_factor(-1.0, 0) == 0.0      # clamped
-    # a step warm-up (--warmup-steps, for stability) holds the rate down longer when slower
-    assert lr_factor(0.5, 9, warmup_steps=100) == pytest.approx(0.1)
-    # ...but never past the decay
-    assert lr_factor(0.99, 1, warmup_steps=1000) <= (1 - 0.99) / (1 - w) + 1e-12
+    # with --warmup-steps the warm-up ends at whichever comes first, those steps or the fraction
+    assert lr_factor(w / 4, 9, warmup_steps=100) == pytest.approx(0.25)          # the fraction's is ahead
+    assert lr_factor(w / 4, 49, warmup_steps=100) == pytest.approx(0.5)          # the steps' is ahead
+    assert lr_factor(w / 4, 99, warmup_steps=100) == pytest.approx(1.0)
+    # and the decay never waits for either
+    assert lr_factor(0.99, 1, warmup_steps=1000) == pytest.approx((1 - 0.99) / (1 - w))
 
 
 def test_ema_width_matches_the_edm2_values():

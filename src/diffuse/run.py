@@ -414,9 +414,14 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
         tc.ema_std = tc.ema_std or DEFAULT_EMA_STD
         run.steps_total, run.sample_every, run.ckpt_every = 0, tc.sample_every, tc.ckpt_every
     if is_budget(cfg) and tc.size_model:
-        from .sizing import choose
+        from .sizing import choose, ladder
+        try:
+            ladder(cfg.model.image_size)
+        except ValueError as e:            # a size the ladder's UNets cannot halve: keep the preset's model
+            notes.append(f"model: the preset's ({e})")
+            return "; ".join(notes)
         choice = dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
-                                               run.channels_last) if run.main else None)
+                                        run.channels_last) if run.main else None)
         for name, value in choice.model.items():
             setattr(cfg.model, name, value)
         run.sized = choice

@@ -285,3 +285,17 @@ def _millions(params: int) -> str:
 def _figure(x: float) -> str:
     """3 significant digits below 100 ('0.42', '38.5'), whole numbers with commas above ('1,230')."""
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+# The batch the preset-length check measures at (at most): a big preset's step takes seconds on a
+# CPU, and the check only has to tell a day from months.
+PRESET_PROBE_BATCH = 16
+
+
+def preset_rate(cfg: Config, device: torch.device, amp: torch.dtype | None, channels_last: bool) -> float:
+    """Training images per second of the run's own (preset) model on this machine, measured at
+    min(batch, PRESET_PROBE_BATCH) and cached like any rung: what ``run`` uses to tell whether the
+    preset's steps would take over a day here. cfg.model's size and channels must be set from the data."""
+    fields = {name: getattr(cfg.model, name) for name in RUNG_FIELDS}
+    return measure_rate(fields, cfg, cfg.model.in_channels, cfg.model.image_size,
+                        min(cfg.train.batch_size, PRESET_PROBE_BATCH), device, amp, channels_last)
