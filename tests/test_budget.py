@@ -145,6 +145,8 @@ def test_budget_run_follows_the_clock(tmp_path, fake_clock):
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["train"]["plan"], cfg["train"]["steps"], cfg["train"]["time_limit"]) == ("budget", None, 0.5)
     assert "budget 0.5 min" in (out / "train.log").read_text()
+    from diffuse.runinfo import info_text
+    assert "lr 0.001 decaying to 0 over a 0.5-min budget, power EMA of width 0.1" in info_text(out)
 
 
 def _restart_from(out, step):
@@ -176,3 +178,56 @@ def test_time_limit_on_resume_adds_minutes(tmp_path, fake_clock):
     steps = [r["step"] for r in _rows(out) if "loss" in r]
     assert steps[-1] == 42
     assert json.loads((out / "config.json").read_text())["train"]["time_limit"] == pytest.approx(0.7)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the run decides where the user left it to diffuse (measurements replaced by fakes)
+
+def test_budget_plan_sizes_the_model_with_the_rule(tmp_path, fake_clock, monkeypatch):
+    from diffuse import sizing
+    cfg = budget_config(tmp_path / "run")
+    cfg.train.size_model = True
+    fields = sizing.ladder(16)
+    params = [sizing.count_params(sizing.model_config(f, cfg, 1, 16)) for f in fields]
+    # a constant rate that affords the second rung and not the third: images = rate * 30 s * 0.9
+    rate = (params[1] + params[2]) / 2 * sizing.IMAGES_PER_PARAM / (30 * sizing.PLANNED_SHARE)
+    real = sizing.choose
+    monkeypatch.setattr(sizing, "choose", lambda *a, **k: real(*a, measure=lambda *_: rate, **k))
+    out = train(cfg, progress=False)
+    stored = json.loads((out / "config.json").read_text())["model"]
+    assert {k: stored[k] for k in ("base_channels", "num_res_blocks")} == \
+        {k: fields[1][k] for k in ("base_channels", "num_res_blocks")}
+    log = (out / "train.log").read_text()
+    assert "model sized for the budget" in log and f"{params[1] / 1e6:.3f}M params" in log
+    assert "the next rung" in log
+
+
+def test_a_preset_that_would_take_over_a_day_becomes_a_budget_plan(tmp_path, fake_clock, monkeypatch):
+    from diffuse import run as run_mod
+    from diffuse import sizing
+    monkeypatch.setattr(run_mod, "DEFAULT_BUDGET_MIN", 0.2)                    # 12 fake seconds
+    t = {"batch_size": 8, "log_every": 1, "sample_n": 4, "sample_steps": 2, "out": str(tmp_path / "slow"),
+         "keep": 0}
+    cfg = resolve("digits", None, None, {"model": dict(TINY_MODEL), "train": t})
+    assert cfg.train.plan == "preset" and not cfg.train.size_model      # the preset was named
+    # 1,500 steps x 8 images at 0.1 img/s: 33 hours
+    monkeypatch.setattr(sizing, "preset_rate", lambda *a: 0.1)
+    out = train(cfg, progress=False)
+    stored = json.loads((out / "config.json").read_text())["train"]
+    assert (stored["plan"], stored["steps"], stored["time_limit"], stored["ema_std"]) == ("budget", None, 0.2, 0.1)
+    assert [r["step"] for r in _rows(out) if "loss" in r][-1] == 12
+    assert "digits preset's 1,500 steps would take about 33h20m here (0.1 img/s measured), over a day" in \
+        (out / "train.log").read_text()
+    # the same preset where it fits in a day keeps its steps
+    monkeypatch.setattr(sizing, "preset_rate", lambda *a: 1e6)
+    cfg = resolve("digits", None, None, {"model": dict(TINY_MODEL), "train": {**t, "out": str(tmp_path / "fast")}})
+    cfg.train.steps = 3                                       # (as the preset's; kept short for the test)
+    out = train(cfg, progress=False)
+    stored = json.loads((out / "config.json").read_text())["train"]
+    assert (stored["plan"], stored["steps"], stored["time_limit"]) == ("preset", 3, None)
+
+
+def test_train_config_of_the_api_plans_a_budget():
+    from diffuse.api import train_config
+    cfg = train_config(data="digits", time_limit=3)
+    assert (cfg.train.plan, cfg.train.steps, cfg.train.time_limit, cfg.train.size_model) == ("budget", None, 3.0, True)

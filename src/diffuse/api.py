@@ -108,7 +108,7 @@ def fit(**settings: Any) -> Path:
 
     Settings are ``diffuse train``'s flags with ``_`` for ``-``: ``data`` ("digits", "mnist",
     "fashion-mnist", "cifar10" or a folder of images), ``preset``, ``steps``, ``epochs``,
-    ``time_limit`` (minutes), ``out``, ``batch_size``, ``lr``, ``class_cond``, ``seed``, ``device``,
+    ``time_limit`` (minutes; without ``steps``/``epochs`` a budget plan, docs/budgets.md), ``out``, ``batch_size``, ``lr``, ``class_cond``, ``seed``, ``device``,
     ``config`` (a JSON file), ``resume`` (a run to continue), ``init_from``, ``overwrite``,
     ``no_progress`` and every other field in ``diffuse train --help``. An unknown name raises
     ``DiffuseError`` naming the nearest valid ones. Without ``out`` the run goes to

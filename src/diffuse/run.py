@@ -408,7 +408,7 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
         if need_s <= DAY_S:
             return None
         notes.append(f"the {cfg.preset} preset's {run.steps_total:,} steps would take about "
-                     f"{format_seconds(need_s)} here ({rate:.0f} img/s measured), over a day: training for a "
+                     f"{format_seconds(need_s)} here ({rate:.3g} img/s measured), over a day: training for a "
                      f"{DEFAULT_BUDGET_MIN:g}-min budget instead (--time-limit MIN to choose one, --steps N to insist)")
         tc.plan, tc.steps, tc.epochs, tc.time_limit = "budget", None, None, DEFAULT_BUDGET_MIN
         tc.ema_std = tc.ema_std or DEFAULT_EMA_STD

@@ -49,10 +49,18 @@ def run_lines(info: dict[str, Any]) -> list[str]:
         f"{m.num_res_blocks} res blocks, {attention_where(m.attn_resolutions, m.image_size)}, "
         f"dropout {m.dropout}, groups {m.num_groups}",
         f"diffusion    {describe(d)}",
-        f"training     batch {t.batch_size}, lr {t.lr:g}, EMA {t.ema_decay}, seed {t.seed}",
+        f"training     batch {t.batch_size}, lr {t.lr:g}{_schedule(t)}, seed {t.seed}",
         f"classes      {', '.join(info['class_names']) if info['class_names'] else 'unconditional'}",
         f"written by   diffuse {info['diffuse_version']} (format {info['format_version']})",
     ]
+
+
+def _schedule(t) -> str:
+    """How the run's learning rate and EMA were planned, for ``info``."""
+    ema = f"power EMA of width {t.ema_std:g}" if t.ema_std else f"EMA {t.ema_decay}"
+    if t.plan == "budget" and t.time_limit:
+        return f" decaying to 0 over a {t.time_limit:g}-min budget, {ema}"
+    return f", {ema}"
 
 
 def info_text(run: str | Path | None, device_flag: str = "auto", *, as_json: bool = False) -> str:
