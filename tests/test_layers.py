@@ -25,8 +25,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # and the on-disk image cache
     2: ("config", "device", "checkpoint", "images", "inception", "denoiser", "samplers", "datacache"),
     # data sets and the batch stream, the UNet, the objectives, the sampling request, the diffusers
-    # mapping and card
-    3: ("data", "models", "objectives", "sampling", "export.mapping", "export.card"),
+    # mapping and card, consistency tuning's math (distill)
+    3: ("data", "models", "objectives", "sampling", "distill", "export.mapping", "export.card"),
     # FID statistics (of data sets and of images)
     4: ("fid",),
     # torchrun: sharded sampling and FID statistics; a model size from a time budget (measured UNet rungs)

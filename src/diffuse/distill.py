@@ -1,0 +1,241 @@
+"""Consistency tuning: a trained run's denoiser turned into a consistency function, the ECT training
+terms, one training step, and few-step sampling. Pure functions of tensors and callables.
+
+Papers (the symbols below are theirs):
+- CM: Song, Dhariwal, Chen & Sutskever 2023, "Consistency models": f(x, sigma) maps any point of a
+  probability-flow ODE trajectory to its end, with the boundary condition f(x, eps) = x (eq. 5, with
+  f = c_skip x + c_out F, c_skip(eps) = 1, c_out(eps) = 0); multistep sampling (alg. 1).
+- iCT: Song & Dhariwal 2023, "Improved techniques for training consistency models": the
+  pseudo-Huber metric d(a, b) = sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(d) (sec. 3.3),
+  the weight lambda = 1 / (sigma_{i+1} - sigma_i) (sec. 3.4), lognormal noise levels (sec. 3.5), no
+  EMA teacher: the target is the online network under stop-gradient (sec. 3.2).
+- ECT: Geng, Pokle, Luo, Lin & Kolter 2024, "Consistency models made easy" (reference code
+  locuslab/ect, training/loss.py): consistency *tuning*, i.e. consistency training that starts
+  from the teacher's weights; continuous sigma_t ~ lognormal(-1.1, 2.0); the pair's second level
+  from the mapping function r = t (1 - n(t) / q^a), n(t) = 1 + k sigmoid(-b t), where the stage a
+  grows with training so the gap t - r shrinks (sec. 3, "mapping function"); weight 1 / (t - r).
+
+Conventions (as everywhere in diffuse): the VE view x = x0 + sigma n (Karras et al. 2022); clean
+images x0 [B, C, H, W] float in [-1, 1]; noise n ~ N(0, I) of x0's shape; noise levels sigma are
+VE sigmas, float64 [B] in [sigma_min, sigma_max] of the teacher's formulation (``sigma_min`` is
+the consistency boundary, written eps in the papers). A denoiser is any callable D(x, sigma) -> x0_hat
+(``denoiser.Denoiser``, built by ``objectives.make_denoiser``); a consistency function has the
+same interface, so the samplers' signature fits it unchanged (``sample_consistency``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .rng import ImageNoise, derive_seed, generator
+from .samplers import Callback
+
+Fn = Callable[[Tensor, Tensor | float], Tensor]      # (x [B, C, H, W], sigma) -> [B, C, H, W]
+
+# iCT sec. 3.3: the pseudo-Huber constant is 0.00054 sqrt(d) for d = C H W pixels (0.03 on CIFAR-10).
+ICT_HUBER_C = 0.00054
+
+
+# ----------------------------------------------------------------------------------------------
+# The parametrisation: f(x, sigma) = (eps / sigma) x + (1 - eps / sigma) D(x, sigma)
+
+class ConsistencyFunction:
+    """A consistency function built on a denoiser D (a teacher's at initialisation, then the student's):
+
+        f(x, sigma) = r x + (1 - r) D(x, sigma),      r = sigma_min / sigma.
+
+    This is CM's f = c_skip x + c_out F (eq. 5) with c_skip = sigma_min / sigma and c_out F =
+    (1 - sigma_min / sigma) D. Why this c_skip rather than iCT's sd^2 / ((sigma - eps)^2 + sd^2):
+    - The boundary holds bit-exactly for any finite D, whatever the run's formulation: at sigma =
+      sigma_min, r = sigma_min / sigma_min = 1 exactly in IEEE arithmetic, so f = 1 x + 0 D = x.
+      D alone does not meet it in general (an x0-predicting VP run's D(x, eps) is the network's
+      output), and a VP teacher's D is not defined below its schedule's sigma_min, so ECT's choice
+      (f = D with EDM's c_skip(0) = 1, c_out(0) = 0, boundary at sigma = 0) does not carry over.
+    - Built on the teacher's D it is the teacher's own one-step Euler (= DDIM) jump from sigma to
+      sigma_min along the probability-flow ODE (``samplers.sample_euler``: r x + (1 - r) x0): the
+      student starts where the teacher would land in one step, exact to first order near the
+      boundary, and f - D = r (x - D) = sigma_min eps_hat, so f ~ D for sigma >> sigma_min: ECT's
+      "start from the teacher". iCT's c_skip, sized for training from scratch, would instead mix a
+      fraction sd^2 / (sigma^2 + sd^2) of the noisy input back in around sigma ~ sd.
+    - Nothing is lost in capacity: for sigma > sigma_min any f is reached by D = (f - r x) / (1 - r).
+
+    x: [B, C, H, W] float32 or float64; sigma: a float, a 0-d tensor, or [B] (any float dtype) in
+    [sigma_min, sigma_max] (not checked: that would cost a host sync per call). Returns x's dtype.
+    """
+
+    def __init__(self, denoiser: Fn, sigma_min: float, sigma_max: float):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        self.denoiser, self.sigma_min, self.sigma_max = denoiser, float(sigma_min), float(sigma_max)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        if isinstance(sigma, Tensor) and sigma.ndim > 0:
+            r = (self.sigma_min / sigma.to(device=x.device, dtype=torch.float64)).to(x.dtype)
+            r = r.view(-1, *([1] * (x.ndim - 1)))                              # [B, 1, 1, 1]
+        else:
+            r = self.sigma_min / float(sigma)                                   # a host scalar: no sync
+        return r * x + (1 - r) * self.denoiser(x, sigma)
+
+
+# ----------------------------------------------------------------------------------------------
+# ECT's training terms: sigma_t, the mapping to sigma_r, the metric, the loss
+
+@dataclass(frozen=True)
+class ECTSettings:
+    """ECT's hyperparameters (their CIFAR-10 values, locuslab/ect ct_train.py and run_ecm.sh)."""
+
+    p_mean: float = -1.1           # ln sigma_t ~ N(p_mean, p_std^2), truncated to [sigma_min, sigma_max]
+    p_std: float = 2.0
+    q: float = 2.0                 # the gap t - r shrinks by q at each stage
+    k: float = 8.0                 # n(t) = 1 + k sigmoid(-b t): a larger gap at small t
+    b: float = 1.0
+    stages: int = 8                # stages over the whole run (ECT: doubling every 250 of 2,000 ticks)
+    huber_c: float | None = None   # pseudo-Huber c; None = iCT's 0.00054 sqrt(C H W)
+
+    def __post_init__(self):
+        if not (self.p_std > 0 and self.q > 1 and self.k >= 0 and self.b >= 0 and self.stages >= 1
+                and (self.huber_c is None or self.huber_c > 0)):
+            raise ValueError(f"ECT settings need p_std > 0, q > 1, k >= 0, b >= 0, stages >= 1 and "
+                             f"huber_c > 0 or None; got {self}")
+
+
+def sample_sigma_t(gen: torch.Generator, batch: int, sigma_min: float, sigma_max: float,
+                   p_mean: float, p_std: float, device: torch.device | str = "cpu") -> Tensor:
+    """sigma_t ~ lognormal(p_mean, p_std^2) truncated to [sigma_min, sigma_max] (iCT sec. 3.5, ECT),
+    float64 [batch]. Drawn by the inverse CDF, one uniform per image, so the draws (and a resumed
+    run) do not depend on how many fall outside the range, as rejection sampling would."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    lo, hi = (normal.cdf(torch.tensor((math.log(s) - p_mean) / p_std, dtype=torch.float64))
+              for s in (sigma_min, sigma_max))
+    u = torch.rand(batch, generator=gen, device=device, dtype=torch.float64)
+    z = torch.special.ndtri(lo + (hi - lo) * u)
+    return (p_mean + p_std * z).exp().clamp(sigma_min, sigma_max)       # clamp: rounding at the ends
+
+
+def ect_delta(sigma_t: Tensor, progress: float, s: ECTSettings = ECTSettings()) -> Tensor:
+    """ECT's relative gap Delta = (t - r) / t = n(t) / q^a, n(t) = 1 + k sigmoid(-b t), at stage
+    a = floor(progress * stages) + 1 (capped at ``stages``), as locuslab/ect's t_to_r_sigmoid with
+    stage = floor(iterations / d). progress in [0, 1]: the fraction of the tuning run done.
+    sigma_t: float64 [B]; returns float64 [B], possibly >= 1 at small t (then r is clamped)."""
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1], got {progress}")
+    a = min(math.floor(progress * s.stages), s.stages - 1) + 1
+    return (1 + s.k * torch.sigmoid(-s.b * sigma_t)) / s.q ** a
+
+
+def ect_sigma_r(sigma_t: Tensor, progress: float, sigma_min: float, s: ECTSettings = ECTSettings()) -> Tensor:
+    """sigma_r = max(sigma_t (1 - Delta), sigma_min): the pair's lower level. ECT clamps r at its
+    boundary 0, where the target is the clean image; ours is sigma_min, where f(x_r, sigma_min) = x_r."""
+    return (sigma_t * (1 - ect_delta(sigma_t, progress, s))).clamp(min=sigma_min)
+
+
+def pseudo_huber(diff: Tensor, c: float) -> Tensor:
+    """iCT's metric per image, sqrt(||diff||^2 + c^2) - c over all but the first dim: [B, ...] -> [B].
+    Written as ||diff||^2 / (sqrt(||diff||^2 + c^2) + c), equal in exact arithmetic, because the
+    difference form cancels to 0 in float32 once ||diff|| << c (and its gradient with it)."""
+    sq = diff.float().square().flatten(1).sum(1)
+    return sq / ((sq + c * c).sqrt() + c)
+
+
+def consistency_loss(f: Fn, x0: Tensor, noise: Tensor, sigma_t: Tensor, sigma_r: Tensor, c: float,
+                     target_f: Fn | None = None) -> Tensor:
+    """Per-image ECT loss [B] (float32):
+
+        w(t, r) d(f(x_t, t), stopgrad(f(x_r, r))),   x_t = x0 + t n,  x_r = x0 + r n  (the SAME n),
+
+    w = 1 / (t - r) (ECT; iCT's lambda), d the pseudo-Huber metric with constant c. x0, noise:
+    [B, C, H, W]; sigma_t > sigma_r >= sigma_min: float64 [B]. ``target_f`` (default f) computes the
+    target under no_grad: iCT and ECT use the online network itself. A pair with t = r carries no
+    information and gets weight 0 (not 1/0)."""
+    view = lambda s: s.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))  # noqa: E731  [B] -> [B, 1, 1, 1]
+    with torch.no_grad():
+        target = (target_f or f)(x0 + view(sigma_r) * noise, sigma_r)
+    out = f(x0 + view(sigma_t) * noise, sigma_t)
+    gap = sigma_t - sigma_r
+    weight = torch.where(gap > 0, 1 / gap, 0.0).float()
+    return weight * pseudo_huber(out - target, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step
+
+class ConsistencyStep:
+    """One AdamW step of ECT on a student, as ``train.TrainStep`` is one step of diffusion training.
+
+    ``model`` is the student network (the optimizer holds its parameters) and ``f`` the consistency
+    function built on it (``ConsistencyFunction(make_denoiser(model, formulation), ...)``).
+    ``step(x0, k, progress)``: x0 [B, C, H, W] float in [-1, 1] on the device, k the step number,
+    progress in [0, 1] the fraction of the tuning run done (it sets ECT's stage). sigma_t and n come
+    from the generator seeded by (seed, "distill", k) (in that order), and both network passes use
+    the dropout masks seeded by (seed, "distill-dropout", k) (ECT shares them), so step k is a pure
+    function of (weights, optimizer state, x0, seed, k, progress): a resumed run repeats it exactly.
+    Returns (mean loss, grad norm) as device tensors (no host sync).
+    """
+
+    def __init__(self, model: nn.Module, f: ConsistencyFunction, optimizer: torch.optim.Optimizer, *,
+                 seed: int, settings: ECTSettings = ECTSettings(), grad_clip: float = 0.0):
+        self.model, self.f, self.optimizer = model, f, optimizer
+        self.seed, self.settings, self.grad_clip = seed, settings, grad_clip
+
+    def terms(self, x0: Tensor, step: int, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(noise [B, C, H, W], sigma_t [B], sigma_r [B]) of step ``step``."""
+        s, f = self.settings, self.f
+        gen = generator(self.seed, "distill", step, device=x0.device)
+        sigma_t = sample_sigma_t(gen, x0.shape[0], f.sigma_min, f.sigma_max, s.p_mean, s.p_std, x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        return noise, sigma_t, ect_sigma_r(sigma_t, progress, f.sigma_min, s)
+
+    def __call__(self, x0: Tensor, step: int, progress: float) -> tuple[Tensor, Tensor]:
+        noise, sigma_t, sigma_r = self.terms(x0, step, progress)
+        c = self.settings.huber_c if self.settings.huber_c is not None else ICT_HUBER_C * math.sqrt(x0[0].numel())
+        dropout_seed = derive_seed(self.seed, "distill-dropout", step)
+
+        def f_shared(x: Tensor, sigma: Tensor) -> Tensor:
+            torch.manual_seed(dropout_seed)                 # the same masks in both passes
+            return self.f(x, sigma)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = consistency_loss(f_shared, x0, noise, sigma_t, sigma_r, c).mean()
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.optimizer.step()
+        return loss.detach(), grad_norm
+
+
+# ----------------------------------------------------------------------------------------------
+# Few-step sampling
+
+@torch.no_grad()
+def sample_consistency(f: Fn, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
+                       callback: Callback = None) -> Tensor:
+    """Multistep consistency sampling (CM alg. 1) with the samplers' signature (samplers.py):
+    ``f`` a consistency function, x [B, C, H, W] at sigmas[0] (``samplers.prior``), sigmas float64
+    [N + 1] decreasing to 0. N network calls:
+
+        x0 = f(x, sigma_0);   then for i = 1..N-1:  x = x0 + sqrt(sigma_i^2 - eps^2) z,  x0 = f(x, sigma_i)
+
+    eps is f's boundary (its ``sigma_min``; 0 for a callable without one): x0 = f(., .) still holds
+    eps of noise, so re-noising adds only what brings the total to sigma_i. One step (sigmas =
+    [sigma_max, 0]) is deterministic; more need ``noise`` (per-image streams, one draw per step)."""
+    if len(sigmas) > 2 and noise is None:
+        raise ValueError("multistep consistency sampling needs a noise source")
+    eps = float(getattr(f, "sigma_min", 0.0))
+    if len(sigmas) > 2 and float(sigmas[1:-1].min()) < eps:
+        raise ValueError(f"intermediate sigmas must be at least the boundary sigma_min = {eps:g}")
+    for i in range(len(sigmas) - 1):
+        if i > 0:
+            x = x + math.sqrt(float(sigmas[i]) ** 2 - eps ** 2) * noise.randn_like(x)
+        x0 = f(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, x0, float(sigmas[i]))
+        x = x0
+    return x
