@@ -5,10 +5,11 @@ Papers (the symbols below are theirs):
 - CM: Song, Dhariwal, Chen & Sutskever 2023, "Consistency models": f(x, sigma) maps any point of a
   probability-flow ODE trajectory to its end, with the boundary condition f(x, eps) = x (eq. 5, with
   f = c_skip x + c_out F, c_skip(eps) = 1, c_out(eps) = 0); multistep sampling (alg. 1).
-- iCT: Song & Dhariwal 2023, "Improved techniques for training consistency models": the
-  pseudo-Huber metric d(a, b) = sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(d) (sec. 3.3),
-  the weight lambda = 1 / (sigma_{i+1} - sigma_i) (sec. 3.4), lognormal noise levels (sec. 3.5), no
-  EMA teacher: the target is the online network under stop-gradient (sec. 3.2).
+- iCT: Song & Dhariwal 2023, "Improved techniques for training consistency models": the weight
+  lambda = 1 / (sigma_{i+1} - sigma_i) and the same dropout masks in both passes (sec. 3.1), no EMA
+  teacher: the target is the online network under stop-gradient (sec. 3.2), the pseudo-Huber
+  metric d(a, b) = sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(d) (sec. 3.3), lognormal
+  noise levels (sec. 3.5).
 - ECT: Geng, Pokle, Luo, Lin & Kolter 2024, "Consistency models made easy" (reference code
   locuslab/ect, training/loss.py): consistency *tuning*, i.e. consistency training that starts
   from the teacher's weights; continuous sigma_t ~ lognormal(-1.1, 2.0); the pair's second level
@@ -74,11 +75,12 @@ class ConsistencyFunction:
         self.denoiser, self.sigma_min, self.sigma_max = denoiser, float(sigma_min), float(sigma_max)
 
     def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        if isinstance(sigma, Tensor) and sigma.ndim > 0:
+        if isinstance(sigma, Tensor) and (sigma.ndim > 0 or sigma.device.type != "cpu"):
+            # per-image sigmas or a device scalar (as Denoiser): on the device, no host sync
             r = (self.sigma_min / sigma.to(device=x.device, dtype=torch.float64)).to(x.dtype)
-            r = r.view(-1, *([1] * (x.ndim - 1)))                              # [B, 1, 1, 1]
+            r = r.view(-1, *([1] * (x.ndim - 1)))                              # [B or 1, 1, 1, 1]
         else:
-            r = self.sigma_min / float(sigma)                                   # a host scalar: no sync
+            r = self.sigma_min / float(sigma)                                   # a host scalar
         return r * x + (1 - r) * self.denoiser(x, sigma)
 
 
@@ -109,9 +111,7 @@ def sample_sigma_t(gen: torch.Generator, batch: int, sigma_min: float, sigma_max
     """sigma_t ~ lognormal(p_mean, p_std^2) truncated to [sigma_min, sigma_max] (iCT sec. 3.5, ECT),
     float64 [batch]. Drawn by the inverse CDF, one uniform per image, so the draws (and a resumed
     run) do not depend on how many fall outside the range, as rejection sampling would."""
-    normal = torch.distributions.Normal(0.0, 1.0)
-    lo, hi = (normal.cdf(torch.tensor((math.log(s) - p_mean) / p_std, dtype=torch.float64))
-              for s in (sigma_min, sigma_max))
+    lo, hi = (0.5 * math.erfc(-(math.log(s) - p_mean) / (p_std * math.sqrt(2))) for s in (sigma_min, sigma_max))
     u = torch.rand(batch, generator=gen, device=device, dtype=torch.float64)
     z = torch.special.ndtri(lo + (hi - lo) * u)
     return (p_mean + p_std * z).exp().clamp(sigma_min, sigma_max)       # clamp: rounding at the ends
@@ -172,7 +172,7 @@ class ConsistencyStep:
     ``step(x0, k, progress)``: x0 [B, C, H, W] float in [-1, 1] on the device, k the step number,
     progress in [0, 1] the fraction of the tuning run done (it sets ECT's stage). sigma_t and n come
     from the generator seeded by (seed, "distill", k) (in that order), and both network passes use
-    the dropout masks seeded by (seed, "distill-dropout", k) (ECT shares them), so step k is a pure
+    the dropout masks seeded by (seed, "distill-dropout", k) (iCT sec. 3.1, ECT), so step k is a pure
     function of (weights, optimizer state, x0, seed, k, progress): a resumed run repeats it exactly.
     Returns (mean loss, grad norm) as device tensors (no host sync).
     """
