@@ -142,19 +142,18 @@ def pseudo_huber(diff: Tensor, c: float) -> Tensor:
     return sq / ((sq + c * c).sqrt() + c)
 
 
-def consistency_loss(f: Fn, x0: Tensor, noise: Tensor, sigma_t: Tensor, sigma_r: Tensor, c: float,
-                     target_f: Fn | None = None) -> Tensor:
+def consistency_loss(f: Fn, x0: Tensor, noise: Tensor, sigma_t: Tensor, sigma_r: Tensor, c: float) -> Tensor:
     """Per-image ECT loss [B] (float32):
 
         w(t, r) d(f(x_t, t), stopgrad(f(x_r, r))),   x_t = x0 + t n,  x_r = x0 + r n  (the SAME n),
 
     w = 1 / (t - r) (ECT; iCT's lambda), d the pseudo-Huber metric with constant c. x0, noise:
-    [B, C, H, W]; sigma_t > sigma_r >= sigma_min: float64 [B]. ``target_f`` (default f) computes the
-    target under no_grad: iCT and ECT use the online network itself. A pair with t = r carries no
-    information and gets weight 0 (not 1/0)."""
+    [B, C, H, W]; sigma_t > sigma_r >= sigma_min: float64 [B]. The target is f itself under no_grad
+    (iCT and ECT use the online network, no EMA teacher). A pair with t = r carries no information
+    and gets weight 0 (not 1/0)."""
     view = lambda s: s.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))  # noqa: E731  [B] -> [B, 1, 1, 1]
     with torch.no_grad():
-        target = (target_f or f)(x0 + view(sigma_r) * noise, sigma_r)
+        target = f(x0 + view(sigma_r) * noise, sigma_r)
     out = f(x0 + view(sigma_t) * noise, sigma_t)
     gap = sigma_t - sigma_r
     weight = torch.where(gap > 0, 1 / gap, 0.0).float()
@@ -165,10 +164,12 @@ def consistency_loss(f: Fn, x0: Tensor, noise: Tensor, sigma_t: Tensor, sigma_r:
 # One training step
 
 class ConsistencyStep:
-    """One AdamW step of ECT on a student, as ``train.TrainStep`` is one step of diffusion training.
+    """One optimizer step of ECT on a student, as ``train.TrainStep`` is one step of diffusion training.
 
     ``model`` is the student network (the optimizer holds its parameters) and ``f`` the consistency
-    function built on it (``ConsistencyFunction(make_denoiser(model, formulation), ...)``).
+    function built on it (``ConsistencyFunction(make_denoiser(model, formulation), ...)``); the
+    optimizer is the caller's (diffuse trains with AdamW) and so are the model's train/eval mode
+    and its learning rate.
     ``step(x0, k, progress)``: x0 [B, C, H, W] float in [-1, 1] on the device, k the step number,
     progress in [0, 1] the fraction of the tuning run done (it sets ECT's stage). sigma_t and n come
     from the generator seeded by (seed, "distill", k) (in that order), and both network passes use
@@ -223,8 +224,8 @@ def sample_consistency(f: Fn, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | 
 
         x0 = f(x, sigma_0);   then for i = 1..N-1:  x = x0 + sqrt(sigma_i^2 - eps^2) z,  x0 = f(x, sigma_i)
 
-    eps is f's boundary (its ``sigma_min``; 0 for a callable without one): x0 = f(., .) still holds
-    eps of noise, so re-noising adds only what brings the total to sigma_i. One step (sigmas =
+    eps is f's boundary (its ``sigma_min``; 0 for a callable without one): f's output sits at noise
+    level eps, so re-noising adds variance sigma_i^2 - eps^2 to bring the total to sigma_i^2. One step (sigmas =
     [sigma_max, 0]) is deterministic; more need ``noise`` (per-image streams, one draw per step)."""
     if len(sigmas) > 2 and noise is None:
         raise ValueError("multistep consistency sampling needs a noise source")
