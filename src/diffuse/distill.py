@@ -97,7 +97,7 @@ class ECTSettings:
     k: float = 8.0                 # n(t) = 1 + k sigmoid(-b t): a larger gap at small t
     b: float = 1.0
     stages: int = 8                # stages over the whole run (ECT: doubling every 250 of 2,000 ticks)
-    huber_c: float | None = None   # pseudo-Huber c; None = iCT's 0.00054 sqrt(C H W) (ECT's own default: 0, the L2 norm)
+    huber_c: float | None = None   # pseudo-Huber c; None = iCT's 0.00054 sqrt(C H W) (ECT's default: 0)
 
     def __post_init__(self):
         if not (self.p_std > 0 and self.q > 1 and self.k >= 0 and self.b >= 0 and self.stages >= 1
