@@ -98,6 +98,8 @@ def _resolve(train: dict, model: dict | None = None, preset: str | None = None):
 def test_time_limit_alone_is_a_budget_plan():
     cfg = _resolve({"time_limit": 15.0})
     assert (cfg.train.plan, cfg.train.steps, cfg.train.ema_std, cfg.train.size_model) == ("budget", None, 0.1, True)
+    assert cfg.train.sample_steps == 20 and _resolve({"time_limit": 1.0, "sample_steps": 50}).train.sample_steps == 50
+    assert _resolve({"steps": 10}).train.sample_steps == 50
     cfg = _resolve({"time_limit": 15.0, "steps": 100})          # beside --steps: a stop-only cap
     assert (cfg.train.plan, cfg.train.steps, cfg.train.ema_std) == ("steps", 100, None)
     cfg = _resolve({})
@@ -119,7 +121,7 @@ def fake_clock(monkeypatch):
 
 
 def budget_config(out, minutes=0.5, **train):
-    t = {"time_limit": minutes, "batch_size": 8, "log_every": 1, "sample_n": 4, "sample_steps": 2,
+    t = {"time_limit": minutes, "batch_size": 8, "log_every": 1, "sample_n": 4,
          "out": str(out), "lr": 1e-3, "warmup_steps": 0, "keep": 0, **train}
     return resolve("digits", None, None, {"model": dict(TINY_MODEL), "train": t})
 
@@ -136,8 +138,9 @@ def test_budget_run_follows_the_clock(tmp_path, fake_clock):
     for r in rows:
         assert r["lr"] == pytest.approx(1e-3 * lr_factor((r["step"] - 1) / 30, r["step"] - 1))
     assert rows[-1]["lr"] < 1e-3 * 0.05 and max(r["lr"] for r in rows) == pytest.approx(1e-3, rel=0.05)
-    # grids at each tenth of the budget, checkpoints at each fifth, the last at the end
-    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"step_{k:07d}.png" for k in range(3, 31, 3)]
+    # grids at each quarter of the budget (after the step that crosses it), checkpoints at each
+    # fifth, both at the end
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"step_{k:07d}.png" for k in (8, 15, 23, 30)]
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == \
         [f"step_{k:07d}" for k in (6, 12, 18, 24, 30)]
     state = json.loads((out / "checkpoints" / "step_0000012" / "state.json").read_text())

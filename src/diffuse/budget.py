@@ -29,6 +29,8 @@ from typing import Callable
 WARMUP_FRACTION = 0.05
 # The power EMA's relative width when a budget plan does not name one (--ema-std).
 DEFAULT_EMA_STD = 0.1
+# DDIM steps of a budget plan's progress grids (the budget pays for them; step plans draw 50).
+BUDGET_GRID_STEPS = 20
 
 
 def lr_factor(fraction: float, step: int, warmup_steps: int = 0) -> float:

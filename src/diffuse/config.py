@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .budget import DEFAULT_EMA_STD
+from .budget import BUDGET_GRID_STEPS, DEFAULT_EMA_STD
 from .errors import DiffuseError
 from .imagefiles import STANDARD, peek_folder
 
@@ -495,6 +495,8 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
         t.plan = "preset"
     if t.plan == "budget" and t.ema_std is None:
         t.ema_std = DEFAULT_EMA_STD
+    if t.plan == "budget" and "sample_steps" not in given["train"]:
+        t.sample_steps = BUDGET_GRID_STEPS          # the budget pays for its grids: 20 DDIM steps, not 50
     if t.size_model is None:
         t.size_model = t.plan != "steps" and not preset_named and not (given["model"] - {"class_cond"})
 
