@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/budget.json")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--score-only", action="store_true", help="score the runs already in --work")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"),
+                   help="score the run's EMA (default) or its raw weights (is the EMA helping?)")
     return p.parse_args(argv)
 
 
@@ -132,7 +134,7 @@ class Scorer:
         from diffuse.objectives import default_sampling
 
         a = self.args
-        loaded = load(run, torch.device("cpu"))
+        loaded = load(run, torch.device("cpu"), weights=a.weights)
         sampler, steps = default_sampling(loaded.config.diffusion)
         labels, guidance = labels_and_guidance(loaded, "all" if a.class_cond else None, None, a.fid_n)
         images, record = generate(loaded, n=a.fid_n, seed=a.seed, sampler=sampler, steps=steps, batch_size=250,
@@ -173,7 +175,8 @@ def report(result: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for recipe in result["recipes"]:
-        rows = sorted((r for r in result["rows"] if r["recipe"] == recipe), key=lambda r: r["minutes"])
+        rows = sorted((r for r in result["rows"] if r["recipe"] == recipe and r.get("weights", "ema") == "ema"),
+                      key=lambda r: r["minutes"])
         if rows:
             ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=recipe)
     ax.set_xlabel("training budget (minutes, wall-clock)")
@@ -201,9 +204,10 @@ def main(argv=None) -> int:
             for recipe in recipes:
                 run = Path(args.work) / f"{recipe}-{minutes:g}"
                 call_s = None if args.score_only else run_train(args, recipe, minutes, run)
-                row = {"recipe": recipe, "minutes": minutes, **run_facts(run), "train_call_seconds":
-                       round(call_s, 1) if call_s else None, **scorer.score(run)}
-                result["rows"] = [r for r in result["rows"] if (r["recipe"], r["minutes"]) != (recipe, minutes)]
+                row = {"recipe": recipe, "minutes": minutes, "weights": args.weights, **run_facts(run),
+                       "train_call_seconds": round(call_s, 1) if call_s else None, **scorer.score(run)}
+                same = (recipe, minutes, args.weights)
+                result["rows"] = [r for r in result["rows"] if (r["recipe"], r["minutes"], r.get("weights", "ema")) != same]
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from .conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import quality_race  # noqa: E402
 import sampler_quality  # noqa: E402
+import budget  # noqa: E402,F401  (benchmarks/budget.py)
 
 
 def test_minutes_to_reach_interpolates_in_log_log():
@@ -106,3 +108,23 @@ def test_race_resample_redraws_snapshots_from_the_kept_checkpoints(tmp_path):
     shutil.rmtree(ckpts / "step_0000002")
     with pytest.raises(SystemExit, match="step_0000002 is gone"):
         quality_race.resample_ours(args, "ours-default", work)
+
+
+def test_budget_benchmark_recipes_differ_only_in_the_plan():
+    import budget as budget_bench
+    args = budget_bench.parse_args(["--data", "mnist", "--data-root", "/d"])
+    flags = {r: budget_bench.train_flags(args, r, 8.0, Path("/o")) for r in budget_bench.RECIPES}
+    assert flags["budget"][-2:] == ["--time-limit", "8"] and "--steps" not in flags["budget"]
+    assert flags["budget-preset"][-4:] == ["--time-limit", "8", "--preset", "mnist"]
+    assert flags["cut"][-6:] == ["--preset", "mnist", "--steps", "4000", "--time-limit", "8"]
+    common = flags["budget"][:-2]
+    assert all(f[:len(common)] == common for f in flags.values())
+    # what each recipe's flags resolve to: a budget plan sized or pinned, and a step plan cut by time
+    from diffuse.api import _run_config
+    from diffuse.cli import build_parser
+    plans = {}
+    for recipe, f in flags.items():
+        cfg = _run_config(build_parser().parse_args(["train", *f]))          # as `diffuse train` builds it
+        plans[recipe] = (cfg.train.plan, cfg.train.size_model, cfg.train.steps)
+    assert plans == {"budget": ("budget", True, None), "budget-preset": ("budget", False, None),
+                     "cut": ("steps", False, 4000)}
