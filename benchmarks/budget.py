@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -60,14 +59,16 @@ def parse_args(argv=None):
 
 
 def cpu_description() -> str:
-    """The CPU as lscpu names it, with its family (figures differ between families)."""
+    """The CPU's model (device.cpu_model) with its family from /proc/cpuinfo (figures differ
+    between families of one model name) and the core count."""
+    from diffuse.device import cpu_model
+
     try:
-        info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
-                                                                  check=True).stdout.splitlines() if ":" in line)
-        return f"{info.get('Model name', '?').strip()}, family {info.get('CPU family', '?').strip()}, " \
-               f"{os.cpu_count()} cores"
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
+        family = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("cpu family")), "?")
+    except OSError:
+        family = "?"
+    return f"{cpu_model()}, family {family}, {os.cpu_count()} cores"
 
 
 def train_flags(args, recipe: str, minutes: float, out: Path) -> list[str]:

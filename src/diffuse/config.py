@@ -490,15 +490,24 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
     if given["train"] & {"steps", "epochs"}:
         t.plan = "steps"
     elif "time_limit" in given["train"]:
-        t.plan, t.steps, t.epochs = "budget", None, None
+        start_budget(t)
     else:
         t.plan = "preset"
-    if t.plan == "budget" and t.ema_std is None:
-        t.ema_std = DEFAULT_EMA_STD
     if t.plan == "budget" and "sample_steps" not in given["train"]:
         t.sample_steps = BUDGET_GRID_STEPS          # the budget pays for its grids: 20 DDIM steps, not 50
     if t.size_model is None:
         t.size_model = t.plan != "steps" and not preset_named and not (given["model"] - {"class_cond"})
+
+
+def start_budget(t: TrainConfig, minutes: float | None = None) -> None:
+    """Make ``t`` a budget plan (of ``minutes``, or its own --time-limit): the budget decides the
+    length, so the preset's steps and epochs go; the power EMA of DEFAULT_EMA_STD unless a width
+    was given."""
+    t.plan, t.steps, t.epochs = "budget", None, None
+    if minutes is not None:
+        t.time_limit = minutes
+    if t.ema_std is None:
+        t.ema_std = DEFAULT_EMA_STD
 
 
 def validate(cfg: Config) -> None:

@@ -26,8 +26,8 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from . import distributed as dist
-from .budget import DEFAULT_EMA_STD, WARMUP_FRACTION, BudgetClock
-from .config import Config, validate_resolution
+from .budget import WARMUP_FRACTION, BudgetClock
+from .config import Config, start_budget, validate_resolution
 from .data import BatchStream, ImageSet, choose_placement, default_flip, fingerprint, load_dataset
 from .device import PrecisionChoice, choose_precision, configure, pick_device, use_channels_last
 from .errors import DiffuseError
@@ -368,22 +368,28 @@ def _choose_hardware(run: Run, cfg: Config, resume: bool) -> tuple[int, str | No
 
 def _load_data(run: Run, cfg: Config) -> None:
     """The data set, the model's shape from it, the run's length and its grid and checkpoint periods."""
-    tc = cfg.train
     run.data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels,
                             cache=cfg.data.cache)
     fill_model_from_data(cfg, run.data)
     if cfg.data.flip is None:
         cfg.data.flip = default_flip(cfg.data.name)
     run.steps_total = total_steps(cfg, len(run.data))
+    _set_periods(run, cfg)
+    run.data_fp = fingerprint(cfg.data.name, run.data)
+
+
+def _set_periods(run: Run, cfg: Config) -> None:
+    """The grid and checkpoint periods in steps; None in a budget plan unless given (duties.Cadence
+    then takes quarters and fifths of the budget)."""
+    tc = cfg.train
+    if is_budget(cfg):
+        run.sample_every, run.ckpt_every = tc.sample_every, tc.ckpt_every
+        return
     # About 10 grids per run, but at least 100 steps apart: a grid (64 images x 50 steps) costs
     # about as much as 1,000 training images, so a 60-step run would otherwise spend most of its
     # time drawing grids.
-    if is_budget(cfg):                              # at tenths and fifths of the budget unless given
-        run.sample_every, run.ckpt_every = tc.sample_every, tc.ckpt_every
-    else:
-        run.sample_every = tc.sample_every or max(100, run.steps_total // 10)
-        run.ckpt_every = tc.ckpt_every or max(1, run.steps_total // 5)
-    run.data_fp = fingerprint(cfg.data.name, run.data)
+    run.sample_every = tc.sample_every or max(100, run.steps_total // 10)
+    run.ckpt_every = tc.ckpt_every or max(1, run.steps_total // 5)
 
 
 # A run whose length the user left to diffuse never takes longer than this on the machine it runs
@@ -410,9 +416,9 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
         notes.append(f"the {cfg.preset} preset's {run.steps_total:,} steps would take about "
                      f"{format_seconds(need_s)} here ({rate:.3g} img/s measured), over a day: training for a "
                      f"{DEFAULT_BUDGET_MIN:g}-min budget instead (--time-limit MIN to choose one, --steps N to insist)")
-        tc.plan, tc.steps, tc.epochs, tc.time_limit = "budget", None, None, DEFAULT_BUDGET_MIN
-        tc.ema_std = tc.ema_std or DEFAULT_EMA_STD
-        run.steps_total, run.sample_every, run.ckpt_every = 0, tc.sample_every, tc.ckpt_every
+        start_budget(tc, DEFAULT_BUDGET_MIN)
+        run.steps_total = total_steps(cfg, len(run.data))
+        _set_periods(run, cfg)
     if is_budget(cfg) and tc.size_model:
         from .sizing import choose, ladder
         try:
