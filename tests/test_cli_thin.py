@@ -23,7 +23,8 @@ def test_no_function_in_cli_is_long_and_the_file_is_bounded():
 
 def test_shared_flags_are_declared_once_in_the_source():
     """--device/--precision/--threads and the sampling flags come from the parent parsers."""
-    calls = [n for n in ast.walk(ast.parse(CLI.read_text())) if isinstance(n, ast.Call)
+    source = CLI.read_text() + "\n" + (CLI.parent / "cliflags.py").read_text()     # the commands and their parents
+    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)
              and getattr(n.func, "attr", None) == "add_argument" and n.args and isinstance(n.args[0], ast.Constant)]
     flags = [c.args[0].value for c in calls]
     for flag in ("--precision", "--threads", "--sampler", "--guidance", "--class", "--seed", "--eta", "--spacing"):

@@ -296,6 +296,25 @@ def test_a_unet_student_takes_a_step(formulation):
     assert torch.equal(f(x, den.sigma_min), x)
 
 
+def test_a_non_finite_step_is_skipped_by_the_fused_optimizer():
+    """As in diffusion training: a NaN in the batch makes the loss non-finite; the step is marked
+    bad and the fused AdamW leaves the weights alone; the next finite step moves them."""
+    torch.manual_seed(0)
+    net = UNet(ModelConfig(**TINY_MODEL, image_size=8, in_channels=1))
+    den = make_denoiser(net, VP(Schedule("linear", 1000), "eps"))
+    f = ConsistencyFunction(den, den.sigma_min, 80.0)
+    step = ConsistencyStep(net, f, torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True), seed=0)
+    before = [p.detach().clone() for p in net.parameters()]
+    x0 = _randn((4, 1, 8, 8), 8, torch.float32).clamp(-1, 1)
+    bad = x0.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    loss, _ = step(bad, 0, 0.0)
+    assert not torch.isfinite(loss) and bool(step.bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    step(x0, 1, 0.0)
+    assert not bool(step.bad) and any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
 def test_both_passes_share_the_dropout_masks():
     """Every draw from torch's global generator (where diffuse's dropout takes its masks) is the
     same in the student's pass and the target's."""

@@ -41,7 +41,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     8: ("serve.app", "runs", "views"),
     9: ("serve",),
     # the command line
-    10: ("cli", "__main__"),
+    10: ("cli", "cliflags", "__main__"),
     # the public Python API (it reads the train flags from the CLI's parser), then the package,
     # which loads it lazily
     11: ("api",),

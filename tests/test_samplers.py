@@ -13,8 +13,8 @@ from diffuse.config import Config
 from diffuse.diffusion import Schedule
 from diffuse.errors import DiffuseError
 from diffuse.generate import Loaded, generate
-from diffuse.samplers import (KARRAS_SIGMA_MAX_CAP, SAMPLERS, SPACINGS, discrete_timesteps, intervals_for,
-                              sampler_sigmas)
+from diffuse.samplers import (ALL_SAMPLERS, KARRAS_SIGMA_MAX_CAP, SAMPLERS, SPACINGS, STUDENT_SAMPLERS,
+                              discrete_timesteps, intervals_for, sampler_sigmas)
 
 from .conftest import tiny_loaded
 
@@ -124,7 +124,7 @@ def test_refused_combinations_are_one_line_errors(kwargs, needle, loaded):
 
 
 def test_cli_lists_the_registry_and_defaults_to_dpmpp_2m_sde_20():
-    assert cli.SAMPLER_NAMES == tuple(SAMPLERS)
+    assert cli.SAMPLER_NAMES == tuple(ALL_SAMPLERS) == (*SAMPLERS, *STUDENT_SAMPLERS)
     assert cli.SPACING_NAMES == SPACINGS
     args = cli.build_parser().parse_args(["sample", "run"])
     assert (args.sampler, args.steps, args.spacing) == (None, None, None)      # resolved per run, after loading

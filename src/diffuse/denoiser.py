@@ -19,12 +19,14 @@ batched forward.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .rng import to_device
+
+DenoiserFn = Callable[[Tensor, Tensor | float], Tensor]    # (x [B, C, H, W], sigma) -> [B, C, H, W]
 
 
 class Preconditioning(Protocol):
@@ -118,3 +120,45 @@ class Denoiser:
         self.nfe += 1
         x0 = c_skip * x + c_out * out
         return x0.clamp(-1, 1) if self.clip_x0 else x0
+
+
+# ----------------------------------------------------------------------------------------------
+# The parametrisation: f(x, sigma) = (eps / sigma) x + (1 - eps / sigma) D(x, sigma)
+
+class ConsistencyFunction:
+    """A consistency function built on a denoiser D (a teacher's at initialisation, then the student's):
+
+        f(x, sigma) = r x + (1 - r) D(x, sigma),      r = sigma_min / sigma.
+
+    This is CM's f = c_skip x + c_out F (eq. 5) with c_skip = sigma_min / sigma and c_out F =
+    (1 - sigma_min / sigma) D. Why this c_skip rather than iCT's sd^2 / ((sigma - eps)^2 + sd^2):
+    - The boundary holds bit-exactly for any finite D, whatever the run's formulation: at sigma =
+      sigma_min, r = sigma_min / sigma_min = 1 exactly in IEEE arithmetic, so f = 1 x + 0 D = x.
+      D alone does not meet it in general (an x0-predicting VP run's D(x, eps) is the network's
+      output), and a VP teacher's D is not defined below its schedule's sigma_min, so ECT's choice
+      (f = D with EDM's c_skip(0) = 1, c_out(0) = 0, boundary at sigma = 0) does not carry over.
+    - Built on the teacher's D it is the teacher's own one-step Euler (= DDIM) jump from sigma to
+      sigma_min along the probability-flow ODE (``samplers.sample_euler``: r x + (1 - r) x0): the
+      student starts where the teacher would land in one step, exact to first order near the
+      boundary, and f - D = r (x - D) = sigma_min eps_hat, so f ~ D for sigma >> sigma_min: ECT's
+      "start from the teacher". iCT's c_skip, sized for training from scratch, would instead mix a
+      fraction sd^2 / (sigma^2 + sd^2) of the noisy input back in around sigma ~ sd.
+    - Nothing is lost in capacity: for sigma > sigma_min any f is reached by D = (f - r x) / (1 - r).
+
+    x: [B, C, H, W] float32 or float64; sigma: a float, a 0-d tensor, or [B] (any float dtype) in
+    [sigma_min, sigma_max] (not checked: that would cost a host sync per call). Returns x's dtype.
+    """
+
+    def __init__(self, denoiser: DenoiserFn, sigma_min: float, sigma_max: float):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        self.denoiser, self.sigma_min, self.sigma_max = denoiser, float(sigma_min), float(sigma_max)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        if isinstance(sigma, Tensor) and (sigma.ndim > 0 or sigma.device.type != "cpu"):
+            # per-image sigmas or a device scalar (as Denoiser): on the device, no host sync
+            r = (self.sigma_min / sigma.to(device=x.device, dtype=torch.float64)).to(x.dtype)
+            r = r.view(-1, *([1] * (x.ndim - 1)))                              # [B or 1, 1, 1, 1]
+        else:
+            r = self.sigma_min / float(sigma)                                   # a host scalar
+        return r * x + (1 - r) * self.denoiser(x, sigma)

@@ -28,60 +28,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
-from .rng import ImageNoise, derive_seed, generator
-from .samplers import Callback
-
-Fn = Callable[[Tensor, Tensor | float], Tensor]      # (x [B, C, H, W], sigma) -> [B, C, H, W]
+from .denoiser import ConsistencyFunction, DenoiserFn as Fn  # noqa: F401 (ConsistencyFunction re-exported)
+from .rng import derive_seed, generator
+from .samplers import sample_consistency  # noqa: F401 (re-exported)
 
 # iCT sec. 3.3: the pseudo-Huber constant is 0.00054 sqrt(d) for d = C H W pixels (0.03 on CIFAR-10).
 ICT_HUBER_C = 0.00054
-
-
-# ----------------------------------------------------------------------------------------------
-# The parametrisation: f(x, sigma) = (eps / sigma) x + (1 - eps / sigma) D(x, sigma)
-
-class ConsistencyFunction:
-    """A consistency function built on a denoiser D (a teacher's at initialisation, then the student's):
-
-        f(x, sigma) = r x + (1 - r) D(x, sigma),      r = sigma_min / sigma.
-
-    This is CM's f = c_skip x + c_out F (eq. 5) with c_skip = sigma_min / sigma and c_out F =
-    (1 - sigma_min / sigma) D. Why this c_skip rather than iCT's sd^2 / ((sigma - eps)^2 + sd^2):
-    - The boundary holds bit-exactly for any finite D, whatever the run's formulation: at sigma =
-      sigma_min, r = sigma_min / sigma_min = 1 exactly in IEEE arithmetic, so f = 1 x + 0 D = x.
-      D alone does not meet it in general (an x0-predicting VP run's D(x, eps) is the network's
-      output), and a VP teacher's D is not defined below its schedule's sigma_min, so ECT's choice
-      (f = D with EDM's c_skip(0) = 1, c_out(0) = 0, boundary at sigma = 0) does not carry over.
-    - Built on the teacher's D it is the teacher's own one-step Euler (= DDIM) jump from sigma to
-      sigma_min along the probability-flow ODE (``samplers.sample_euler``: r x + (1 - r) x0): the
-      student starts where the teacher would land in one step, exact to first order near the
-      boundary, and f - D = r (x - D) = sigma_min eps_hat, so f ~ D for sigma >> sigma_min: ECT's
-      "start from the teacher". iCT's c_skip, sized for training from scratch, would instead mix a
-      fraction sd^2 / (sigma^2 + sd^2) of the noisy input back in around sigma ~ sd.
-    - Nothing is lost in capacity: for sigma > sigma_min any f is reached by D = (f - r x) / (1 - r).
-
-    x: [B, C, H, W] float32 or float64; sigma: a float, a 0-d tensor, or [B] (any float dtype) in
-    [sigma_min, sigma_max] (not checked: that would cost a host sync per call). Returns x's dtype.
-    """
-
-    def __init__(self, denoiser: Fn, sigma_min: float, sigma_max: float):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
-        self.denoiser, self.sigma_min, self.sigma_max = denoiser, float(sigma_min), float(sigma_max)
-
-    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        if isinstance(sigma, Tensor) and (sigma.ndim > 0 or sigma.device.type != "cpu"):
-            # per-image sigmas or a device scalar (as Denoiser): on the device, no host sync
-            r = (self.sigma_min / sigma.to(device=x.device, dtype=torch.float64)).to(x.dtype)
-            r = r.view(-1, *([1] * (x.ndim - 1)))                              # [B or 1, 1, 1, 1]
-        else:
-            r = self.sigma_min / float(sigma)                                   # a host scalar
-        return r * x + (1 - r) * self.denoiser(x, sigma)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,27 +133,33 @@ class ConsistencyStep:
     Returns (mean loss, grad norm) as device tensors (no host sync).
     """
 
-    def __init__(self, model: nn.Module, f: ConsistencyFunction, optimizer: torch.optim.Optimizer, *,
+    def __init__(self, model: nn.Module, f: ConsistencyFunction | None, optimizer: torch.optim.Optimizer, *,
                  seed: int, settings: ECTSettings = ECTSettings(), grad_clip: float = 0.0):
         self.model, self.f, self.optimizer = model, f, optimizer
         self.seed, self.settings, self.grad_clip = seed, settings, grad_clip
+        self.bad: Tensor | None = None      # bool device tensor: was the last step skipped?
 
-    def terms(self, x0: Tensor, step: int, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+    def terms(self, x0: Tensor, step: int, progress: float, f: ConsistencyFunction | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
         """(noise [B, C, H, W], sigma_t [B], sigma_r [B]) of step ``step``."""
-        s, f = self.settings, self.f
+        s, f = self.settings, f or self.f
         gen = generator(self.seed, "distill", step, device=x0.device)
         sigma_t = sample_sigma_t(gen, x0.shape[0], f.sigma_min, f.sigma_max, s.p_mean, s.p_std, x0.device)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         return noise, sigma_t, ect_sigma_r(sigma_t, progress, f.sigma_min, s)
 
-    def __call__(self, x0: Tensor, step: int, progress: float) -> tuple[Tensor, Tensor]:
-        noise, sigma_t, sigma_r = self.terms(x0, step, progress)
+    def __call__(self, x0: Tensor, step: int, progress: float, f: ConsistencyFunction | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """``f``: this step's consistency function on the student (e.g. built for the batch's
+        labels) instead of the one given at construction."""
+        f = f or self.f
+        noise, sigma_t, sigma_r = self.terms(x0, step, progress, f)
         c = self.settings.huber_c if self.settings.huber_c is not None else ICT_HUBER_C * math.sqrt(x0[0].numel())
         dropout_seed = derive_seed(self.seed, "distill-dropout", step)
 
         def f_shared(x: Tensor, sigma: Tensor) -> Tensor:
             torch.manual_seed(dropout_seed)                 # the same masks in both passes
-            return self.f(x, sigma)
+            return f(x, sigma)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss = consistency_loss(f_shared, x0, noise, sigma_t, sigma_r, c).mean()
@@ -208,35 +169,11 @@ class ConsistencyStep:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # A non-finite loss or gradient skips the step on the device, as train.TrainStep does: a
+        # fused optimizer (the trainer's AdamW) leaves weights and moments alone where found_inf is 1;
+        # the others refuse found_inf, and are only given by callers of this class directly.
+        self.bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = self.bad.float()
         self.optimizer.step()
         return loss.detach(), grad_norm
-
-
-# ----------------------------------------------------------------------------------------------
-# Few-step sampling
-
-@torch.no_grad()
-def sample_consistency(f: Fn, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
-                       callback: Callback = None) -> Tensor:
-    """Multistep consistency sampling (CM alg. 1) with the samplers' signature (samplers.py):
-    ``f`` a consistency function, x [B, C, H, W] at sigmas[0] (``samplers.prior``), sigmas float64
-    [N + 1] decreasing to 0. N network calls:
-
-        x0 = f(x, sigma_0);   then for i = 1..N-1:  x = x0 + sqrt(sigma_i^2 - eps^2) z,  x0 = f(x, sigma_i)
-
-    eps is f's boundary (its ``sigma_min``; 0 for a callable without one): f's output sits at noise
-    level eps, so re-noising adds variance sigma_i^2 - eps^2 to bring the total to sigma_i^2. One step (sigmas =
-    [sigma_max, 0]) is deterministic; more need ``noise`` (per-image streams, one draw per step)."""
-    if len(sigmas) > 2 and noise is None:
-        raise ValueError("multistep consistency sampling needs a noise source")
-    eps = float(getattr(f, "sigma_min", 0.0))
-    if len(sigmas) > 2 and float(sigmas[1:-1].min()) < eps:
-        raise ValueError(f"intermediate sigmas must be at least the boundary sigma_min = {eps:g}")
-    for i in range(len(sigmas) - 1):
-        if i > 0:
-            x = x + math.sqrt(float(sigmas[i]) ** 2 - eps ** 2) * noise.randn_like(x)
-        x0 = f(x, sigmas[i])
-        if callback is not None:
-            callback(i, x, x0, float(sigmas[i]))
-        x = x0
-    return x

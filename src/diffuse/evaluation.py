@@ -105,7 +105,7 @@ def evaluate_run(loaded: Loaded, n: int, spec: SamplingSpec, *, class_: str | No
     from .inception import load_extractor      # looked up when called: tests stand a counter in for it
 
     labels, guidance = labels_and_guidance(loaded, class_, spec.guidance, n)
-    spec = spec.replace(guidance=guidance).resolved(loaded.config.diffusion)
+    spec = spec.replace(guidance=guidance).resolved(loaded.config)
     extractor = load_extractor(inception_weights, device, resize)
     with dist.main_first():                  # rank 0 fills the statistics cache, the others read it
         ref_stats, ref_desc = reference(ref, loaded.config, extractor, ref_n=ref_n, data_root=data_root,

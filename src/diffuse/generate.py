@@ -23,7 +23,7 @@ from .images import to_uint8
 from .models import UNet
 from .objectives import DEFAULT_VP_SAMPLER, VP, Formulation, formulation_for, make_denoiser
 from .rng import ImageNoise, to_device
-from .samplers import SAMPLERS, run_sampler
+from .samplers import ALL_SAMPLERS, run_sampler
 from .sampling import SamplingSpec
 
 
@@ -136,7 +136,7 @@ def nfe_bar(spec: SamplingSpec, images: int, batch_size: int, desc: str, quiet: 
     import sys
 
     from tqdm import tqdm
-    total = SAMPLERS[spec.sampler][3](spec.steps) * -(-images // batch_size) * times
+    total = ALL_SAMPLERS[spec.sampler][3](spec.steps) * -(-images // batch_size) * times
     return tqdm(total=total, unit="nfe", desc=desc, file=sys.stderr, disable=quiet or not sys.stderr.isatty())
 
 
@@ -162,8 +162,9 @@ def settle(loaded: Loaded, spec: SamplingSpec, conditional: bool) -> SamplingSpe
     """``spec`` with the run's defaults filled in (its formulation's sampler, its guidance when
     ``conditional``: labels given) and checked against this model: a one-line SpecError otherwise."""
     cfg = loaded.config
-    spec = spec.resolved(cfg.diffusion, conditional=conditional, default_guidance=cfg.train.sample_guidance)
-    return spec.check(loaded.schedule, class_cond=cfg.model.class_cond, conditional=conditional)
+    spec = spec.resolved(cfg, conditional=conditional, default_guidance=cfg.train.sample_guidance)
+    return spec.check(loaded.schedule, class_cond=cfg.model.class_cond, conditional=conditional,
+                      distilled=cfg.distill.method is not None)
 
 
 @torch.no_grad()
@@ -181,7 +182,7 @@ def sample_batch(loaded: Loaded, sampler: str, sigmas: Tensor, noise, *, labels:
                         null_label=m.num_classes if m.class_cond else None, clip_x0=clip_x0, autocast_dtype=amp,
                         levels=levels)
     den.prepare(sigmas, device)                   # c_skip, c_out, c_in, c_noise of every step, on the device once
-    stochastic = SAMPLERS[sampler][1]
+    stochastic = ALL_SAMPLERS[sampler][1]
     x = run_sampler(sampler, den, z, sigmas, noise=noise if stochastic or options.get("eta") else None,
                     callback=callback, **options)
     return x, den

@@ -256,15 +256,19 @@ def make_denoiser(net: nn.Module, formulation: Formulation, *, labels: Tensor | 
                     null_label=null_label, clip_x0=clip_x0, autocast_dtype=autocast_dtype, levels=levels)
 
 
-def default_sampling(d: DiffusionConfig) -> tuple[str, int]:
-    """(sampler, NFE budget) used when the user names none: EDM's own Heun with 18 intervals (35 NFE,
-    Karras et al. 2022, sec. 3 and table 2); DPM-Solver++(2M) SDE at 20 NFE on VP schedules.
+def default_sampling(d: DiffusionConfig, distill: Any = None) -> tuple[str, int]:
+    """(sampler, NFE budget) used when the user names none: a distilled run's (``distill``, its
+    config.DistillConfig) consistency sampler at the NFE it was tuned for; EDM's own Heun with 18
+    intervals (35 NFE, Karras et al. 2022, sec. 3 and table 2); DPM-Solver++(2M) SDE at 20 NFE on VP
+    schedules.
 
     Stochastic on purpose: on the 8-minute MNIST model its FID at N = 2,000 is 8.5 (at its default
     eta 5, samplers.DPMPP_SDE_ETA) against 27.9 for the deterministic dpmpp-2m at the same 20 NFE and
     9.7 for ddpm at 1,000, because the probability-flow ODE carries a small model's score errors to
     the end while fresh noise damps them (docs/objectives.md, "Fast samplers"). Samples stay
     reproducible: the noise comes from the per-image seed streams."""
+    if distill is not None and distill.method is not None:
+        return "consistency", distill.nfe
     return ("heun", 35) if d.formulation == "edm" else (DEFAULT_VP_SAMPLER, 20)
 
 

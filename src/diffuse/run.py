@@ -508,6 +508,8 @@ def _header(run: Run, threads: int, busy: str | None, placement_why: str, plan_n
              f"{length} | out {run.out}{f' | {busy}' if busy else ''}")
     if plan_note:
         rep.line(f"plan: {plan_note}")
+    if cfg.distill.method:
+        rep.line(f"distill: {cfg.distill.describe()}")
     if run.clock is not None:
         rep.line(f"plan: learning rate warms up over {WARMUP_FRACTION:.0%} of the budget, then decays linearly to 0 "
                  f"when it is spent; power EMA of width {tc.ema_std:g} of the run (docs/budgets.md)", echo=False)

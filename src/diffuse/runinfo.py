@@ -35,9 +35,14 @@ def run_info(path: str | Path) -> dict[str, Any]:
 
 def run_lines(info: dict[str, Any]) -> list[str]:
     """``run_info`` as the aligned text ``diffuse info RUN`` prints."""
+    cfg = Config.from_dict(info["config"])
+    return [*_lines(info, cfg), *([f"distilled    {cfg.distill.describe()}"] if cfg.distill.method else []),
+            f"written by   diffuse {info['diffuse_version']} (format {info['format_version']})"]
+
+
+def _lines(info: dict[str, Any], cfg: Config) -> list[str]:
     from .objectives import describe
 
-    cfg = Config.from_dict(info["config"])
     m, d, t = cfg.model, cfg.diffusion, cfg.train
     return [
         f"checkpoint   {info['source']}",
@@ -51,7 +56,6 @@ def run_lines(info: dict[str, Any]) -> list[str]:
         f"diffusion    {describe(d)}",
         f"training     batch {t.batch_size}, lr {t.lr:g}{_schedule(t)}, seed {t.seed}",
         f"classes      {', '.join(info['class_names']) if info['class_names'] else 'unconditional'}",
-        f"written by   diffuse {info['diffuse_version']} (format {info['format_version']})",
     ]
 
 

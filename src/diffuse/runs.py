@@ -39,3 +39,84 @@ def run_config(overrides: dict[str, dict[str, Any]] | None = None, *, preset: st
     if cfg.train.out is None:
         cfg.train.out = default_out(cfg)
     return cfg
+
+
+# A student is tuned at a tenth of its teacher's learning rate: ECT's CIFAR-10 setting (Geng et al.
+# 2024, locuslab/ect run_ecm.sh: 1e-4 for a teacher trained at 1e-3).
+DISTILL_LR_FACTOR = 0.1
+# Without --steps or --time-limit, a student gets a quarter of its teacher's steps: a consistency
+# step costs two forward passes and one backward, so about a third of the teacher's training time.
+DISTILL_STEPS_FRACTION = 0.25
+
+
+def distill_config(teacher: str | Path, out: str | Path | None, *, method: str = "ect", nfe: int = 2,
+                   steps: int | None = None, time_limit: float | None = None,
+                   train: dict[str, Any] | None = None) -> Config:
+    """The config of a run that distils ``teacher`` (a run or checkpoint of an ordinary diffusion run):
+    the teacher's data, model and formulation, a fresh training section (its batch, clipping,
+    label dropout and seed; lr x DISTILL_LR_FACTOR; power EMA; no FID during the run), the
+    ``distill`` section naming the method, NFE and teacher. Length: ``steps``, or ``time_limit``
+    minutes as a budget plan, or DISTILL_STEPS_FRACTION of the teacher's steps. ``train``: other
+    train fields to set (batch_size, lr, seed, device, precision, threads, ...)."""
+    from . import checkpoint as ckpt_io
+    from .config import apply_overrides, start_budget, validate
+    from .runlog import read_metrics
+
+    src = ckpt_io.resolve(teacher)
+    header = ckpt_io.read_header(src)
+    if not isinstance(header.get("config"), dict):
+        raise DiffuseError(f"{teacher}: its checkpoint stores no run config; is it a diffuse checkpoint?")
+    cfg = Config.from_dict(header["config"])
+    if cfg.distill.method is not None:
+        raise DiffuseError(f"{teacher} is itself a distilled run ({cfg.distill.method}, {cfg.distill.nfe} NFE); "
+                           f"distil its teacher ({cfg.distill.teacher}) instead")
+    t = cfg.train
+    teacher_steps = int(header.get("step") or 0)
+    t.lr *= DISTILL_LR_FACTOR
+    t.warmup_steps, t.fid_every, t.resolved_precision, t.plan, t.size_model = 0, None, None, "steps", False
+    t.epochs, t.time_limit, t.sample_every, t.ckpt_every, t.patience = None, None, None, None, None
+    t.ema_std = t.ema_std or 0.1
+    t.steps = steps or max(1, round(teacher_steps * DISTILL_STEPS_FRACTION))
+    t.out = str(out) if out is not None else str(Path("runs") / f"{Path(src).parts[-3] if src.is_dir() else src.stem}-distilled")
+    if train:
+        apply_overrides(cfg, {"train": train}, source="distill")
+    if time_limit is not None:
+        start_budget(t, time_limit)
+    fids = [r for r in read_metrics(src.parent.parent / "metrics.jsonl") if r.get("fid") is not None] \
+        if src.is_dir() else []
+    d = cfg.distill
+    d.method, d.nfe, d.teacher, d.teacher_step = method, nfe, str(src), teacher_steps
+    d.teacher_fid, d.teacher_fid_n = (fids[-1]["fid"], fids[-1].get("fid_n")) if fids else (None, None)
+    validate(cfg)
+    return cfg
+
+
+# Settings of a distillation that a resumed one may change (the others are its teacher's and its plan's).
+DISTILL_RESUMABLE = ("device", "threads", "log_every", "sample_every", "ckpt_every", "keep")
+DISTILL_SETTINGS = ("batch_size", "lr", "seed", "grad_clip", "ema_std", "precision", *DISTILL_RESUMABLE)
+
+
+def distill_run_config(teacher: str | Path | None, out: str | Path | None, *, nfe: int = 2, method: str = "ect",
+                       steps: int | None = None, time_limit: float | None = None, resume: str | Path | None = None,
+                       train: dict[str, Any] | None = None) -> Config:
+    """The config `diffuse distill` and ``diffuse.distill`` run: a new distillation of ``teacher``
+    (``distill_config``), or with ``resume`` the distilled run in that directory, continued with the
+    changes DISTILL_RESUMABLE allows (``time_limit`` adds minutes to a budget plan). ``train``: train
+    fields from DISTILL_SETTINGS."""
+    train = dict(train or {})
+    unknown = sorted(set(train) - set(DISTILL_SETTINGS))
+    if unknown:
+        raise DiffuseError(f"distill: unknown setting {unknown[0]!r}; choose from {', '.join(sorted(DISTILL_SETTINGS))}")
+    if resume is None:
+        if teacher is None:
+            raise DiffuseError("name the teacher run to distil (diffuse distill RUN --out DIR), or --resume OUT")
+        return distill_config(teacher, out, method=method, nfe=nfe, steps=steps, time_limit=time_limit, train=train)
+    if teacher is not None:
+        raise DiffuseError("--resume continues a distillation as it was configured; drop the teacher argument")
+    changes = {k: v for k, v in train.items() if k in DISTILL_RESUMABLE}
+    changes.update({"time_limit": time_limit} if time_limit is not None else {})
+    changes.update({"steps": steps} if steps is not None else {})
+    cfg = run_config({"train": changes}, resume=resume)
+    if cfg.distill.method is None:
+        raise DiffuseError(f"{resume} is not a distilled run; continue it with `diffuse train --resume`")
+    return cfg

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .denoiser import ConsistencyFunction
 from .diffusion import Schedule
 from .rng import ImageNoise
 
@@ -279,6 +280,45 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise:
     return _dpmpp_2m(denoiser, x, sigmas, noise, callback, eta)
 
 
+# ----------------------------------------------------------------------------------------------
+# Few-step sampling
+
+@torch.no_grad()
+def sample_consistency(f: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
+                       callback: Callback = None) -> Tensor:
+    """Multistep consistency sampling (CM alg. 1) with the samplers' signature (samplers.py):
+    ``f`` a consistency function, x [B, C, H, W] at sigmas[0] (``samplers.prior``), sigmas float64
+    [N + 1] decreasing to 0. N network calls:
+
+        x0 = f(x, sigma_0);   then for i = 1..N-1:  x = x0 + sqrt(sigma_i^2 - eps^2) z,  x0 = f(x, sigma_i)
+
+    eps is f's boundary (its ``sigma_min``; 0 for a callable without one): f's output sits at noise
+    level eps, so re-noising adds variance sigma_i^2 - eps^2 to bring the total to sigma_i^2. One step (sigmas =
+    [sigma_max, 0]) is deterministic; more need ``noise`` (per-image streams, one draw per step)."""
+    if len(sigmas) > 2 and noise is None:
+        raise ValueError("multistep consistency sampling needs a noise source")
+    eps = float(getattr(f, "sigma_min", 0.0))
+    if len(sigmas) > 2 and float(sigmas[1:-1].min()) < eps:
+        raise ValueError(f"intermediate sigmas must be at least the boundary sigma_min = {eps:g}")
+    for i in range(len(sigmas) - 1):
+        if i > 0:
+            x = x + math.sqrt(float(sigmas[i]) ** 2 - eps ** 2) * noise.randn_like(x)
+        x0 = f(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, x0, float(sigmas[i]))
+        x = x0
+    return x
+
+
+def sample_cm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, noise: ImageNoise | None = None,
+              callback: Callback = None) -> Tensor:
+    """``sample_consistency`` on the consistency function a distilled run's network defines
+    (``denoiser.ConsistencyFunction`` on its denoiser, boundary at the denoiser's sigma_min): the
+    sampler ``consistency`` of the registry, with every sampler's signature."""
+    f = ConsistencyFunction(denoiser, denoiser.sigma_min, max(float(sigmas[0]), 2 * denoiser.sigma_min))
+    return sample_consistency(f, x, sigmas, noise=noise, callback=callback)
+
+
 # Samplers that take --eta: name -> (default, largest allowed, what it means).
 ETA_SAMPLERS = {"ddim": (0.0, 1.0, "0 = DDIM, 1 = DDPM-like noise"),
                 "dpmpp-2m-sde": (DPMPP_SDE_ETA, 10.0, "0 = the ODE, 1 = the reverse SDE")}
@@ -314,12 +354,21 @@ SAMPLERS: dict[str, tuple[Callable[..., Tensor], bool, str, Callable[[int], int]
     "dpmpp-2m": (sample_dpmpp_2m, False, "karras", lambda n: n),
     "dpmpp-2m-sde": (sample_dpmpp_2m_sde, True, "karras", lambda n: n),
 }
+# A distilled run's sampler (its network defines a consistency function, distill.py): the same
+# signature and entry, kept out of SAMPLERS, the solvers of a denoiser's ODE/SDE that the Gaussian
+# oracles in tests hold to that. ALL_SAMPLERS is what a name is looked up in.
+STUDENT_SAMPLERS = {"consistency": (sample_cm, True, "karras", lambda n: n)}
+ALL_SAMPLERS = {**SAMPLERS, **STUDENT_SAMPLERS}
 
 # Spacings a sampler refuses: DDPM is the ancestral chain over trained timesteps (its variance is the
 # discrete posterior beta~_t), so off-grid Karras sigmas would make it a different sampler under the
 # same name; ddim --eta 1 is that sampler.
 _REFUSED_SPACINGS = {"ddpm": {"karras": "ddpm walks the trained timesteps; use --spacing trailing, leading or "
-                                        "uniform, or --sampler ddim --eta 1 for ancestral steps on karras sigmas"}}
+                                        "uniform, or --sampler ddim --eta 1 for ancestral steps on karras sigmas"},
+                     # a distilled student was tuned on sigmas up to the Karras cap (distill.py); the
+                     # discrete spacings start at the schedule's top, above it on VP schedules
+                     **{"consistency": {sp: "a consistency model walks karras levels within the noise range it was "
+                                            "tuned on" for sp in ("trailing", "leading", "uniform")}}}
 
 
 def intervals_for(name: str, steps: int) -> int:
@@ -335,9 +384,9 @@ def sampler_sigmas(name: str, schedule: Schedule, steps: int, spacing: str | Non
     ``spacing`` None picks the sampler's default. Raises ValueError for an unknown sampler or spacing,
     a refused combination, or a step count the discrete spacings cannot give.
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    spacing = spacing or SAMPLERS[name][2]
+    if name not in ALL_SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(ALL_SAMPLERS)}")
+    spacing = spacing or ALL_SAMPLERS[name][2]
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     if spacing in _REFUSED_SPACINGS.get(name, {}):
@@ -345,13 +394,18 @@ def sampler_sigmas(name: str, schedule: Schedule, steps: int, spacing: str | Non
     if spacing == "leading" and getattr(schedule, "zero_terminal_snr", False):
         raise ValueError("--spacing leading never reaches t = T-1, where a zero terminal SNR model starts from pure "
                          "noise (Lin et al. 2023, sec. 3.3); use trailing, uniform or karras")
+    if name == "consistency":
+        # n network calls at the top n of n + 1 Karras levels: the last level, sigma_min, is the
+        # consistency boundary where f(x, sigma_min) = x, so a call there would change nothing.
+        sig = sigmas_for(schedule, steps + 1, spacing, sigma_max_cap)
+        return torch.cat([sig[:-2], sig[-1:]])
     return sigmas_for(schedule, intervals_for(name, steps), spacing, sigma_max_cap)
 
 
 def run_sampler(name: str, denoiser: Denoiser, z: Tensor, sigmas: Tensor, *,
                 noise: ImageNoise | None = None, callback: Callback = None, **options) -> Tensor:
     """Look a sampler up by name and run it from standard-normal z."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    fn = SAMPLERS[name][0]
+    if name not in ALL_SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(ALL_SAMPLERS)}")
+    fn = ALL_SAMPLERS[name][0]
     return fn(denoiser, prior(z, sigmas), sigmas, noise=noise, callback=callback, **options)

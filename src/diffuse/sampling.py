@@ -21,9 +21,9 @@ from typing import Any
 from .config import opt
 from .errors import DiffuseError
 
-# Copies of samplers.SAMPLERS / samplers.SPACINGS / samplers.ETA_SAMPLERS in words, so that parsing
+# Copies of samplers.ALL_SAMPLERS / samplers.SPACINGS / samplers.ETA_SAMPLERS in words, so that parsing
 # flags does not import torch; tests/test_samplers.py checks that they agree.
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde")
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "consistency")
 SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
 ETA_HELP = ("sampler noise: ddim 0..1 (default 0 = DDIM, 1 = DDPM-like); "
             "dpmpp-2m-sde 0..10 (0 = ODE, 1 = reverse SDE, default 5)")
@@ -60,20 +60,23 @@ class SamplingSpec:
     def replace(self, **changes: Any) -> SamplingSpec:
         return dataclasses.replace(self, **changes)
 
-    def resolved(self, diffusion: Any = None, *, conditional: bool = False,
+    def resolved(self, run: Any = None, *, conditional: bool = False,
                  default_guidance: float = 0.0) -> SamplingSpec:
-        """Every None filled: sampler and steps from ``objectives.default_sampling(diffusion)`` (heun
-        35 for edm, dpmpp-2m-sde 20 for vp, and vp when ``diffusion`` is None; a sampler given alone
-        keeps 20), the sampler's spacing
-        and eta, guidance ``default_guidance`` when ``conditional`` (labels given) else 0. A value
-        given is kept as it is, bad or not: ``check`` judges it."""
-        from .config import DiffusionConfig
+        """Every None filled: sampler and steps from ``objectives.default_sampling`` of ``run`` (a
+        run's Config, or only its DiffusionConfig; None is vp): the consistency sampler at a
+        distilled run's NFE, heun 35 for edm, dpmpp-2m-sde 20 for vp (a sampler given alone keeps
+        20), the sampler's spacing and eta, guidance ``default_guidance`` when ``conditional``
+        (labels given) else 0. A value given is kept as it is, bad or not: ``check`` judges it."""
+        from .config import Config, DiffusionConfig
         from .objectives import default_sampling
-        from .samplers import SAMPLERS, eta_of
+        from .samplers import ALL_SAMPLERS as SAMPLERS, eta_of
 
         sampler, steps = self.sampler, self.steps
         if sampler is None:
-            sampler, default_steps = default_sampling(diffusion or DiffusionConfig())
+            if isinstance(run, Config):
+                sampler, default_steps = default_sampling(run.diffusion, run.distill)
+            else:
+                sampler, default_steps = default_sampling(run or DiffusionConfig())
             steps = default_steps if steps is None else steps
         steps = STEPS_WITHOUT_DEFAULT if steps is None else steps
         spacing = self.spacing or (SAMPLERS[sampler][2] if sampler in SAMPLERS else None)
@@ -84,11 +87,16 @@ class SamplingSpec:
         return self.replace(sampler=sampler, steps=steps, spacing=spacing, eta=eta, guidance=float(guidance))
 
     def check(self, schedule: Any, *, class_cond: bool = False, conditional: bool = False,
-              prefix: str = "--") -> SamplingSpec:
+              prefix: str = "--", distilled: bool = False) -> SamplingSpec:
         """Raise a one-line SpecError for the first setting a model on ``schedule`` cannot run
-        (a resolved spec; ``conditional``: labels given, ``class_cond``: the model takes them);
-        ``prefix`` names the flags (``--fid-`` for the config's FID sampler). Returns self."""
+        (a resolved spec; ``conditional``: labels given, ``class_cond``: the model takes them;
+        ``distilled``: a consistency student, which only the consistency sampler runs, and which
+        only it runs); ``prefix`` names the flags (``--fid-`` for the config's FID sampler). Returns self."""
         self.check_sampler(schedule.timesteps, prefix)
+        if distilled != (self.sampler == "consistency"):
+            raise SpecError("sampler", f"a distilled run samples with {prefix}sampler consistency (its network is a "
+                                       f"consistency function, not a denoiser)" if distilled else
+                            f"{prefix}sampler consistency needs a distilled run (diffuse distill)")
         self.check_guidance(class_cond=class_cond, conditional=conditional)
         if self.eta is not None:
             from .samplers import check_eta
@@ -101,7 +109,7 @@ class SamplingSpec:
 
     def check_sampler(self, timesteps: int, prefix: str = "--") -> None:
         """The sampler is registered and 1 <= steps <= T: cheap, before expensive work."""
-        from .samplers import SAMPLERS
+        from .samplers import ALL_SAMPLERS as SAMPLERS
         if self.sampler not in SAMPLERS:
             # a flag: "unknown sampler 'x'"; a config field (--fid-sampler): name the field
             what = f"unknown sampler {self.sampler!r}" if prefix == "--" else \

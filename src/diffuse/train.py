@@ -129,9 +129,11 @@ def sample_grid(net: nn.Module, cfg: Config, formulation: Formulation, device: t
         n = len(labels)
         labels = labels.to(device)
     schedule = formulation.schedule
-    spec = SamplingSpec("ddim", min(steps, schedule.timesteps), "trailing", guidance=guidance if labels is not None
-                        else 0.0, clip_x0=True, seed=derive_seed(seed, "grid")).resolved()
-    spec.check(schedule, class_cond=cfg.model.class_cond, conditional=labels is not None)
+    distilled = cfg.distill.method is not None              # a student's grid: its own sampler at its NFE
+    spec = SamplingSpec("consistency" if distilled else "ddim", cfg.distill.nfe if distilled else min(steps, schedule.timesteps),
+                        "karras" if distilled else "trailing", guidance=guidance if labels is not None else 0.0,
+                        clip_x0=True, seed=derive_seed(seed, "grid")).resolved()
+    spec.check(schedule, class_cond=cfg.model.class_cond, conditional=labels is not None, distilled=distilled)
     was_training = net.training
     net.eval()
     den = make_denoiser(net, formulation, labels=labels, guidance=spec.guidance,
@@ -140,7 +142,7 @@ def sample_grid(net: nn.Module, cfg: Config, formulation: Formulation, device: t
     noise = ImageNoise(spec.seed, range(n), device)
     m = cfg.model
     z = noise.randn(m.in_channels, m.image_size, m.image_size)
-    x = run_sampler(spec.sampler, den, z, spec.sigmas(schedule), **spec.sampler_options())
+    x = run_sampler(spec.sampler, den, z, spec.sigmas(schedule), noise=noise, **spec.sampler_options())
     net.train(was_training)
     return to_uint8(x), labels, nrow
 
@@ -240,6 +242,54 @@ class TrainStep:
         return loss_mean, grad_norm
 
 
+class DistillStep:
+    """One step of consistency tuning (``distill.ConsistencyStep``) as the trainer runs it on a
+    distilled run (``cfg.distill.method``), with ``TrainStep``'s interface.
+
+    The student started as the teacher's EMA weights (``run.open_run`` with --init-from the
+    teacher). Each step builds the consistency function on the student's denoiser for the batch's
+    labels (dropped to the null class as in training, so the student keeps an unconditional mode for
+    guidance), between the formulation's sigma_min and the Karras cap its samplers start from
+    (``samplers.KARRAS_SIGMA_MAX_CAP``); ECT's stage follows the fraction of the run done (of the
+    budget, or of the steps); the learning rate and EMA come from the ``Plan``. One process only."""
+
+    def __init__(self, run: Run):
+        from .distill import ConsistencyStep
+        from .samplers import KARRAS_SIGMA_MAX_CAP
+        tc = run.cfg.train
+        if run.ddp is not None or tc.grad_accum != 1:
+            raise DiffuseError("distillation runs in one process without --grad-accum; resume it without torchrun")
+        self.run, self.plan = run, Plan(run.cfg, run.clock)
+        self.null_label = run.cfg.model.num_classes if run.cfg.model.class_cond else None
+        den = make_denoiser(run.model, run.formulation)
+        self.sigma_min, self.sigma_max = den.sigma_min, min(den.sigma_max, KARRAS_SIGMA_MAX_CAP)
+        self.inner = ConsistencyStep(run.model, None, run.optimizer, seed=tc.seed, grad_clip=tc.grad_clip)
+        self.bad: Tensor | None = None
+
+    def progress(self) -> float:
+        """The fraction of the run done, in [0, 1]: of the budget, or of the steps."""
+        run = self.run
+        if run.clock is not None:
+            return min(1.0, run.clock.fraction)
+        return min(1.0, run.state.step / max(1, run.steps_total))
+
+    def __call__(self, x0: Tensor, y: Tensor | None, step: int) -> tuple[Tensor, Tensor]:
+        from .distill import ConsistencyFunction
+        run, tc = self.run, self.run.cfg.train
+        for g in run.optimizer.param_groups:
+            g["lr"] = self.plan.lr(step)
+        if self.null_label is None:
+            y = None
+        elif y is not None:
+            y = drop_labels(y, tc.label_dropout, self.null_label, generator(tc.seed, "distill-labels", step, device=run.device))
+        den = make_denoiser(run.model, run.formulation, labels=y, autocast_dtype=run.amp)
+        f = ConsistencyFunction(den, self.sigma_min, self.sigma_max)
+        loss, grad_norm = self.inner(x0, step, self.progress(), f=f)
+        self.bad = self.inner.bad
+        ema_update(run.ema, run.model, self.plan.ema_decay(step), skip=self.bad)
+        return loss, grad_norm
+
+
 def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -331,7 +381,7 @@ def _train(cfg: Config, *, resume: bool, init_from: str | None, overwrite: bool,
     # Set up: lock, device, data, model/EMA/optimizer, state (resumed or fresh), logs.
     with open_run(cfg, resume=resume, init_from=init_from, overwrite=overwrite, progress=progress,
                   evaluator=FidDuringTraining, truncate=truncate_metrics) as run:
-        step = TrainStep.for_run(run)
+        step = DistillStep(run) if run.cfg.distill.method else TrainStep.for_run(run)
         window = LossWindow(run.state, run.device)          # device-side loss sums, saved with the checkpoint
         ckpt = Checkpointer(run, window)
         stop = None

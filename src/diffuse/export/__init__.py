@@ -120,6 +120,11 @@ def export_diffusers(source: str | Path, out: str | Path, *, overwrite: bool = F
     Returns a summary {out, params, scheduler, card}."""
     out = check_dir(out, "OUTDIR")
     src, header, cfg, weights = _load_source(source)
+    if cfg.distill.method:
+        raise DiffuseError(f"{source} is a distilled run: diffusers' ConsistencyModelPipeline feeds its UNet EDM's "
+                           f"inputs (x / sqrt(sigma^2 + 0.25), timestep 250 ln sigma) and mixes its output with "
+                           f"EDM's c_skip/c_out, which this student does not compute (docs/export.md); share it with "
+                           f"`diffuse export RUN OUT.safetensors`")
     unet_cfg = unet_config(cfg)                  # refusals happen here, before anything is written
     sched_cfg = scheduler_config(cfg)
     evaluation = _read_eval(eval_json) if eval_json else None

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..generate import Loaded, cycle_labels, settle
 from ..images import grid_image, png_bytes, to_pil
 from ..objectives import DEFAULT_VP_SAMPLER
-from ..samplers import ETA_SAMPLERS, SAMPLERS, SPACINGS, eta_of
+from ..samplers import ALL_SAMPLERS, ETA_SAMPLERS, SPACINGS, eta_of
 from ..sampling import SamplingSpec, SpecError
 from .guard import Guard
 from .jobs import TERMINAL, Job, QueueFull, Settings, Worker, new_job_id
@@ -82,7 +82,7 @@ def _api_text(e: SpecError, class_cond: bool) -> str:
 
 def request_model(limits: Limits) -> type[BaseModel]:
     """The POST body, with this server's limits in its schema (so /openapi.json states them)."""
-    sampler_names = tuple(SAMPLERS)
+    sampler_names = tuple(ALL_SAMPLERS)
     spacing_names = tuple(SPACINGS)
 
     class GenerateRequest(BaseModel):
@@ -285,14 +285,17 @@ def _add_info_routes(app: FastAPI, state: ServeApp, *, auth: bool) -> None:
         for name, srv in served.items():
             cfg = srv.loaded.config
             m = cfg.model
+            own = SamplingSpec().resolved(cfg)          # a distilled run's consistency sampler at its NFE
             out.append({"name": name, "image_size": m.image_size, "channels": m.in_channels,
+                        "default_sampler": own.sampler, "default_steps": min(own.steps, limits.max_steps),
+                        "distilled": cfg.distill.describe() if cfg.distill.method else None,
                         "class_cond": m.class_cond, "classes": srv.loaded.class_names if m.class_cond else None,
                         "default_guidance": cfg.train.sample_guidance, "timesteps": srv.max_steps,
                         "max_steps": min(limits.max_steps, srv.max_steps), "step": srv.loaded.header.get("step"),
                         "device": str(srv.worker.device), "config": cfg.to_dict()})
         return {"models": out,
                 "samplers": [{"name": k, "stochastic": v[1], "default_spacing": v[2],
-                              "default_eta": eta_of(k, None)} for k, v in SAMPLERS.items()],
+                              "default_eta": eta_of(k, None)} for k, v in ALL_SAMPLERS.items()],
                 "spacings": list(SPACINGS),
                 "defaults": {"sampler": DEFAULT_VP_SAMPLER, "steps": min(20, limits.max_steps), "n": min(16, limits.max_images)},
                 "limits": {"max_images": limits.max_images, "max_steps": limits.max_steps, "queue": limits.queue,

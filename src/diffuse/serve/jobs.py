@@ -31,7 +31,7 @@ from torch import Tensor
 from ..generate import Loaded, sample_batch
 from ..images import make_grid, png_bytes, to_pil, to_uint8
 from ..rng import ImageNoise
-from ..samplers import SAMPLERS, eta_of, sampler_sigmas
+from ..samplers import ALL_SAMPLERS, eta_of, sampler_sigmas
 
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_PX = 32             # previews: each image average-pooled to at most this many pixels a side
@@ -172,7 +172,7 @@ class Worker:
                 raise QueueFull(len(self.waiting), 1)
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(len(self.waiting), self.retry_after())
-            job.total = SAMPLERS[job.settings.sampler][3](job.settings.steps)
+            job.total = ALL_SAMPLERS[job.settings.sampler][3](job.settings.steps)
             job.emit("queued", position=len(self.waiting) + 1, total=job.total)
             self.waiting.append(job)
             self.lock.notify_all()

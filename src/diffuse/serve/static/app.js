@@ -56,7 +56,11 @@ function selectModel() {
   if (!current) return;
   const m = current;
   $("model-info").textContent = `${m.name}: ${m.channels}×${m.image_size}×${m.image_size}, ` +
-    `${m.class_cond ? m.classes.length + " classes" : "unconditional"}, trained ${m.step ?? "?"} steps`;
+    `${m.class_cond ? m.classes.length + " classes" : "unconditional"}, trained ${m.step ?? "?"} steps` +
+    (m.distilled ? `; distilled: ${m.default_steps} network call${m.default_steps > 1 ? "s" : ""} per image` : "");
+  // each model samples with its own default (a distilled one: the consistency sampler at its NFE)
+  $("sampler").value = m.default_sampler;
+  $("steps").value = $("steps-num").value = m.default_steps;
   // the slider spans the useful range (up to 100 steps); the number box goes up to the model's limit
   $("steps").max = Math.min(100, m.max_steps);
   $("steps-num").max = m.max_steps;
@@ -199,8 +203,10 @@ function show(entry) {
   $("grid").src = gridUrl;
   $("download-grid").href = gridUrl;
   $("download-grid").download = `${stem}.png`;
+  // the speed a user compares a distilled model by: network calls per image, images per second
+  const speed = result.seconds > 0 ? `; ${result.nfe} network calls, ${(result.batch_images / result.seconds).toFixed(1)} images/s` : "";
   $("result-info").textContent = `${result.model}: ${entry.label}` +
-    (body.class !== undefined ? `, guidance ${body.guidance}` : "") + ".";
+    (body.class !== undefined ? `, guidance ${body.guidance}` : "") + speed + ".";
   $("result").hidden = false;
   $("empty").hidden = true;
   $("images").replaceChildren(...result.images.map((im) => {

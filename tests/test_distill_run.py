@@ -1,0 +1,204 @@
+"""`diffuse distill` as a run: a tiny teacher distilled through the CLI and the API, the student an
+ordinary run (sample, info, export, serve's model list default to its NFE), exact resume, the
+consistency sampler's noise levels, and a one-line error for every bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffuse import budget, cli
+from diffuse.checkpoint import point, read_tensors
+from diffuse.config import resolve
+from diffuse.diffusion import Schedule
+from diffuse.samplers import KARRAS_SIGMA_MAX_CAP, karras_sigmas, sampler_sigmas
+from diffuse.train import train
+
+from .conftest import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "teacher"
+    cfg = resolve("digits", None, None, {"model": dict(TINY_MODEL), "train": {
+        "steps": 8, "batch_size": 8, "log_every": 4, "sample_n": 4, "sample_steps": 2, "out": str(out), "lr": 1e-3}})
+    return train(cfg, progress=False)
+
+
+def _distill(teacher, out, *flags):
+    code = cli.main(["distill", str(teacher), "--out", str(out), "--batch-size", "8", "--log-every", "1",
+                     "--no-progress", *map(str, flags)])
+    assert code == 0
+    return out
+
+
+def _error(args, capsys) -> str:
+    capsys.readouterr()
+    try:
+        code = cli.main(list(map(str, args)))
+    except SystemExit as e:                          # argparse's usage errors
+        code = e.code
+    assert code != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "student"
+    return _distill(teacher, out, "--steps", 6, "--nfe", 2, "--ckpt-every", 3, "--keep", 0)
+
+
+def test_the_student_is_an_ordinary_run_that_records_its_teacher(student, teacher, capsys):
+    cfg = json.loads((student / "config.json").read_text())
+    d = cfg["distill"]
+    assert (d["method"], d["nfe"], d["teacher_step"]) == ("ect", 2, 8)
+    assert d["teacher"] == str((teacher / "checkpoints" / "last").resolve())
+    assert cfg["train"]["lr"] == pytest.approx(1e-4)                 # a tenth of the teacher's
+    assert cfg["train"]["steps"] == 6
+    rows = [json.loads(x) for x in (student / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert (student / "final.png").is_file() and (student / "checkpoints" / "step_0000003").is_dir()
+    assert "distill: ect consistency tuning for 2 network calls" in (student / "train.log").read_text()
+    capsys.readouterr()
+    assert cli.main(["info", str(student)]) == 0
+    assert "distilled    ect consistency tuning for 2 network calls per image, from " in capsys.readouterr().out
+
+
+def test_the_student_starts_from_the_teachers_ema_and_moves(student, teacher):
+    ema = read_tensors(teacher / "checkpoints" / "last" / "ema.safetensors")
+    start = read_tensors(student / "checkpoints" / "step_0000003" / "model.safetensors")
+    assert set(ema) == set(start)
+    moved = [k for k in ema if not torch.equal(ema[k], start[k])]
+    # three steps at lr 1e-4 move the weights a little; a fresh initialisation would differ by O(1)
+    change = math.sqrt(sum(float((start[k] - ema[k]).square().sum()) for k in ema)
+                       / sum(float(ema[k].square().sum()) for k in ema))
+    assert moved and change < 0.1, (len(moved), change)
+
+
+def test_sample_defaults_to_the_students_nfe(student, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert cli.main(["sample", str(student), "--n", "3", "--out", str(out)]) == 0
+    meta = json.loads(np.load(out)["meta"].item())
+    assert (meta["sampler"], meta["steps"], meta["nfe"]) == ("consistency", 2, 2)
+    assert cli.main(["sample", str(student), "--n", "3", "--steps", "1", "--out", str(out)]) == 0
+    one = np.load(out)
+    assert json.loads(one["meta"].item())["nfe"] == 1 and one["images"].shape == (3, 16, 16, 1)
+
+
+def test_the_api_distils_loads_and_samples(teacher, student, tmp_path):
+    import diffuse
+    model = diffuse.load(student)
+    a, b = model.sample(2, seed=3), model.sample(2, seed=3)
+    assert a.shape == (2, 16, 16, 1) and np.array_equal(a, b)
+    out = diffuse.fit_distilled(teacher, tmp_path / "api", nfe=1, steps=2, batch_size=8, no_progress=True)
+    assert diffuse.load(out).config.distill.nfe == 1
+    with pytest.raises(diffuse.DiffuseError, match="unknown setting 'warmup_steps'"):
+        diffuse.fit_distilled(teacher, tmp_path / "bad", warmup_steps=3)
+
+
+def test_samplers_that_do_not_fit_the_model_are_refused(student, teacher, capsys):
+    err = _error(["sample", student, "--sampler", "dpmpp-2m"], capsys)
+    assert "a distilled run samples with --sampler consistency" in err
+    err = _error(["sample", teacher, "--sampler", "consistency"], capsys)
+    assert "--sampler consistency needs a distilled run" in err
+    err = _error(["sample", student, "--spacing", "trailing"], capsys)
+    assert "walks karras levels" in err
+
+
+def test_resumed_distillation_is_bit_identical(student, tmp_path):
+    part = tmp_path / "part"
+    shutil.copytree(student, part, symlinks=True)
+    point(part / "checkpoints", "last", "step_0000003")
+    assert cli.main(["distill", "--resume", str(part), "--no-progress"]) == 0
+    for name in ("model", "ema"):
+        a = read_tensors(student / "checkpoints" / "step_0000006" / f"{name}.safetensors")
+        b = read_tensors(part / "checkpoints" / "step_0000006" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_bad_inputs_are_one_line_errors(student, teacher, tmp_path, capsys):
+    assert "is itself a distilled run" in _error(["distill", student, "--out", tmp_path / "x"], capsys)
+    assert "no such run or checkpoint" in _error(["distill", tmp_path / "nothing", "--out", tmp_path / "y"], capsys)
+    assert "--nfe for ect must be between 1 and 8, got 9" in _error(
+        ["distill", teacher, "--out", tmp_path / "z", "--nfe", 9], capsys)
+    assert "invalid choice" in _error(["distill", teacher, "--method", "sfd"], capsys)
+    assert "is not a distilled run" in _error(["distill", "--resume", teacher], capsys)
+    assert "name the teacher run" in _error(["distill"], capsys)
+    assert "drop the teacher argument" in _error(["distill", teacher, "--resume", student], capsys)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()     # refused before any write
+
+
+def test_export_to_diffusers_is_refused_and_safetensors_keeps_the_nfe(student, tmp_path, capsys):
+    assert "ConsistencyModelPipeline" in _error(["export", student, tmp_path / "hf"], capsys)
+    assert not (tmp_path / "hf").exists()
+    f = tmp_path / "student.safetensors"
+    assert cli.main(["export", str(student), str(f)]) == 0
+    out = tmp_path / "s.npz"
+    assert cli.main(["sample", str(f), "--n", "2", "--out", str(out)]) == 0
+    assert json.loads(np.load(out)["meta"].item())["nfe"] == 2
+
+
+def test_budget_distillation_follows_the_clock(teacher, tmp_path, monkeypatch):
+    """--time-limit makes a budget plan: on a fake clock (1 s per reading) 0.2 min is 12 steps, and
+    ECT's stage, like the learning rate, follows the fraction of the budget used."""
+    t = iter(float(i) for i in range(10**6))
+    monkeypatch.setattr(budget, "wall_clock", lambda: next(t))
+    seen = []
+    from diffuse import distill as distill_math
+    real = distill_math.ConsistencyStep.__call__
+
+    def spy(self, x0, step, progress, f=None):
+        seen.append(progress)
+        return real(self, x0, step, progress, f)
+    monkeypatch.setattr(distill_math.ConsistencyStep, "__call__", spy)
+    out = _distill(teacher, tmp_path / "b", "--time-limit", 0.2)
+    cfg = json.loads((out / "config.json").read_text())["train"]
+    assert (cfg["plan"], cfg["time_limit"], cfg["steps"]) == ("budget", 0.2, None)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-1] == 12
+    assert seen == sorted(seen) and seen[0] < 0.2 and seen[-1] > 0.8
+
+
+def test_a_class_conditional_student_samples_a_class(tmp_path, capsys):
+    t = tmp_path / "t"
+    cfg = resolve("digits", None, None, {"model": {**TINY_MODEL, "class_cond": True}, "train": {
+        "steps": 2, "batch_size": 8, "sample_n": 4, "sample_steps": 2, "out": str(t)}})
+    train(cfg, progress=False)
+    s = _distill(t, tmp_path / "s", "--steps", 2)
+    out = tmp_path / "c.npz"
+    assert cli.main(["sample", str(s), "--n", "2", "--class", "3", "--out", str(out)]) == 0
+    assert list(np.load(out)["labels"]) == [3, 3]
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+def test_consistency_levels_are_the_top_nfe_of_nfe_plus_one_karras_levels(nfe):
+    """n calls at the top n of n + 1 Karras levels from the capped sigma_max: never at sigma_min,
+    where f(x, sigma_min) = x would spend a call on nothing."""
+    s = Schedule("cosine", 1000)
+    sig = sampler_sigmas("consistency", s, nfe)
+    top = min(s.sigma_max, KARRAS_SIGMA_MAX_CAP)
+    expected = karras_sigmas(s.sigma_min, top, nfe + 1)[:-1]
+    assert torch.equal(sig[:-1], expected) and sig[-1] == 0 and len(sig) == nfe + 1
+    assert float(sig[-2]) > s.sigma_min * 1.5
+
+
+def test_distill_through_the_real_cli(teacher, tmp_path):
+    """The installed entry point, as a user runs it: distil, then sample the student's default."""
+    out = tmp_path / "cli-student"
+    p = subprocess.run([sys.executable, "-m", "diffuse", "distill", str(teacher), "--out", str(out), "--steps", "2",
+                        "--batch-size", "8", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"done: {out}" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "diffuse", "sample", str(out), "--n", "4", "--out", str(tmp_path / "g.png")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "consistency, 2 NFE" in p.stdout, p.stderr
