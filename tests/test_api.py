@@ -248,7 +248,7 @@ def python_blocks(path: Path) -> list[str]:
 # What the docs test changes, each a literal of docs/python.md: the page trains with real settings,
 # the test with a tiny UNet, and its FID reference is 16 images instead of the whole data set.
 TINY_ARGS = ", ".join(f"{k}={v!r}" for k, v in TINY.items() if k != "steps")
-DOC_SUBSTITUTIONS = (("steps=2000", f"steps=2, {TINY_ARGS}"), ("steps=3000", "steps=3"),
+DOC_SUBSTITUTIONS = (("steps=2000", f"steps=2, {TINY_ARGS}"), ("steps=3000", "steps=3"), ("steps=500", "steps=2"),
                      ("fid_kid(images, run)", "fid_kid(images, run, n_ref=16)"))
 
 
@@ -264,7 +264,8 @@ def test_docs_python_md_runs(tmp_path):
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=ENV,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    for written in ("grid.png", "classes.png", "hf-digits/model_index.json", "runs/digits-cond/config.json"):
+    for written in ("grid.png", "classes.png", "hf-digits/model_index.json", "runs/digits-cond/config.json",
+                    "runs/digits-2nfe/config.json"):
         assert (tmp_path / written).is_file(), written
     assert "unknown training setting 'step'; did you mean steps" in r.stdout
 
