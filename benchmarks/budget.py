@@ -126,20 +126,23 @@ class Scorer:
                                            progress=False)
         return self.ref
 
-    def score(self, run: Path) -> dict:
+    def score(self, run: Path, sampler: str | None = None, steps: int | None = None, seed: int | None = None) -> dict:
+        """FID (and the judge) of ``--fid-n`` images of ``run``: with ``sampler`` and ``steps``, or
+        the run's own default (``diffuse sample``'s, SamplingSpec.resolved); seed stream ``seed``
+        (default --seed)."""
         import torch
 
         from diffuse import classifier, fid
         from diffuse.generate import generate, labels_and_guidance, load
         from diffuse.imagefiles import STANDARD
-        from diffuse.objectives import default_sampling
+        from diffuse.sampling import SamplingSpec
 
         a = self.args
-        loaded = load(run, torch.device("cpu"), weights=a.weights)
-        sampler, steps = default_sampling(loaded.config.diffusion)
+        loaded = load(run, torch.device("cpu"), weights=getattr(a, "weights", "ema"))
+        own = SamplingSpec(sampler, steps).resolved(loaded.config)
         labels, guidance = labels_and_guidance(loaded, "all" if a.class_cond else None, None, a.fid_n)
-        images, record = generate(loaded, n=a.fid_n, seed=a.seed, sampler=sampler, steps=steps, batch_size=250,
-                                  labels=labels, guidance=guidance)
+        images, record = generate(loaded, n=a.fid_n, seed=a.seed if seed is None else seed, sampler=own.sampler,
+                                  steps=own.steps, batch_size=250, labels=labels, guidance=guidance)
         ref = self.reference(loaded.config)
         res = fid.compare(fid.stats_of_images(images, self.extractor), ref)
         row = {"fid": round(res["fid"], 3), "n": a.fid_n, "n_ref": res.get("n_ref"),

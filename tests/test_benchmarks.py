@@ -128,3 +128,19 @@ def test_budget_benchmark_recipes_differ_only_in_the_plan():
         plans[recipe] = (cfg.train.plan, cfg.train.size_model, cfg.train.steps)
     assert plans == {"budget": ("budget", True, None), "budget-preset": ("budget", False, None),
                      "cut": ("steps", False, 4000)}
+
+
+def test_distill_benchmark_summary_picks_the_teachers_best_and_judges_the_goals():
+    import distill as bench                    # benchmarks/distill.py
+    rows = [{"who": "teacher", "sampler": "dpmpp-2m-sde", "nfe": 20, "fid": f} for f in (9.0, 11.0)]    # mean 10
+    rows += [{"who": "teacher", "sampler": "dpmpp-2m", "nfe": 2, "fid": 80.0},
+             {"who": "teacher", "sampler": "dpmpp-2m-sde", "nfe": 2, "fid": 120.0},
+             {"who": "student", "sampler": "consistency", "nfe": 2, "fid": 14.0},
+             {"who": "student", "sampler": "consistency", "nfe": 4, "fid": 12.5}]
+    s = bench.summary(rows)
+    assert s["teacher_default_20"] == 10.0
+    assert s["teacher_best"][2] == {"sampler": "dpmpp-2m", "fid": 80.0}
+    assert s["goals"]["2_nfe"] == {"student_fid": 14.0, "limit": 15.0, "met": True}
+    assert s["goals"]["4_nfe"] == {"student_fid": 12.5, "limit": 12.0, "met": False}
+    args = bench.parse_args(["T", "--teacher-nfe", "1,20", "--teacher-samplers", "dpmpp-2m", "--student-nfe", "2"])
+    assert bench.cells(args) == [("teacher", "dpmpp-2m", 1), ("teacher", "dpmpp-2m", 20), ("student", "consistency", 2)]

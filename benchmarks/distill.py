@@ -1,0 +1,170 @@
+"""Few-step generation: a distilled student against its teacher, FID per network call, on this machine.
+
+    python benchmarks/distill.py runs/mnist-8min --data mnist --data-root ../shared/data --fid-n 2000 \
+        --seeds 0,1 --out benchmarks/results/distill-mnist.json
+    python benchmarks/distill.py runs/demo --data digits --fid-n 2000 --out benchmarks/results/distill-digits.json
+    python benchmarks/distill.py --report-only --out benchmarks/results/distill-mnist.json
+
+1. The student: ``diffuse distill TEACHER --nfe 2`` for ``--fraction`` (default 0.5) of the teacher's
+   recorded training time as a budget plan (``--time-limit``), or ``--steps N``; its wall-clock is
+   measured around the call. One student serves every NFE (ECT's training does not depend on it).
+2. Scoring, the same for every cell: ``--fid-n`` images, image i from seed stream (seed, i), for
+   each of ``--seeds``; FID against the data's test split (standard sets; a folder: ``--ref-n`` of
+   its own images) and the judge classifier's confident fraction where one exists. Teacher cells:
+   ``--teacher-samplers`` (default dpmpp-2m-sde at its default eta, and dpmpp-2m) at each of
+   ``--teacher-nfe``; student cells: the consistency sampler at each of ``--student-nfe``.
+3. JSON (rows per cell and seed, the CPU with its family, the wall-clocks, the goals: 2 calls
+   within 1.5x and 4 calls within 1.2x of the teacher's 20-call default FID, distillation within
+   half the teacher's training time) and a plot of FID against NFE, teacher's best sampler per
+   NFE against the student, next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE))
+
+from budget import Scorer, cpu_description  # noqa: E402  (benchmarks/budget.py: one scorer for both)
+
+GOALS = {2: 1.5, 4: 1.2}                 # student FID at this NFE <= factor x the teacher's 20-NFE default
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("teacher", nargs="?")
+    p.add_argument("--data", default="mnist", help="the teacher's data set (for the FID reference)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--class-cond", action="store_true")
+    p.add_argument("--fraction", type=float, default=0.5, help="distillation budget as a fraction of the "
+                                                                  "teacher's training time (default 0.5)")
+    p.add_argument("--steps", type=int, default=None, help="distil for N steps instead of a time budget")
+    p.add_argument("--teacher-nfe", default="1,2,4,10,20")
+    p.add_argument("--teacher-samplers", default="dpmpp-2m-sde,dpmpp-2m")
+    p.add_argument("--student-nfe", default="1,2,4")
+    p.add_argument("--fid-n", type=int, default=2000)
+    p.add_argument("--ref-n", type=int, default=None)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--work", default="runs/distill-bench")
+    p.add_argument("--out", default="benchmarks/results/distill.json")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--score-only", action="store_true", help="score the student already in --work")
+    args = p.parse_args(argv)
+    args.seed = 0                         # Scorer's default stream; every cell passes its own
+    if not args.report_only and not args.teacher:
+        p.error("name the teacher run (or --report-only)")
+    return args
+
+
+def teacher_seconds(run: Path) -> float:
+    """The teacher's recorded training time (its last checkpoint's state, summed over resumes)."""
+    state = json.loads((run / "checkpoints" / "last" / "state.json").read_text())
+    return float(state.get("train_seconds", 0.0))
+
+
+def distil(args, student: Path, minutes: float | None) -> float:
+    length = ["--steps", str(args.steps)] if args.steps else ["--time-limit", f"{minutes:.3f}"]
+    cmd = [sys.executable, "-m", "diffuse", "distill", args.teacher, "--out", str(student), "--nfe", "2",
+           "--overwrite", "--no-progress", *length]
+    print(" ".join(cmd[3:]), file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def cells(args) -> list[tuple[str, str, int]]:
+    """(who, sampler, nfe) of every cell: the teacher's samplers at its NFEs, the student's at its."""
+    teacher = [("teacher", s, int(n)) for n in args.teacher_nfe.split(",") for s in args.teacher_samplers.split(",")]
+    return teacher + [("student", "consistency", int(n)) for n in args.student_nfe.split(",")]
+
+
+def summary(rows: list[dict]) -> dict:
+    """Mean FID over seeds per (who, sampler, nfe); the teacher's best sampler per NFE; the goals."""
+    means: dict[tuple, list[float]] = {}
+    for r in rows:
+        means.setdefault((r["who"], r["sampler"], r["nfe"]), []).append(r["fid"])
+    mean = {k: sum(v) / len(v) for k, v in means.items()}
+    best = {}
+    for (who, sampler, nfe), fid in mean.items():
+        if who == "teacher" and (nfe not in best or fid < best[nfe][1]):
+            best[nfe] = (sampler, fid)
+    base = mean.get(("teacher", "dpmpp-2m-sde", 20))
+    goals = {}
+    for nfe, factor in GOALS.items():
+        got = mean.get(("student", "consistency", nfe))
+        if base is not None and got is not None:
+            goals[f"{nfe}_nfe"] = {"student_fid": round(got, 3), "limit": round(factor * base, 3),
+                                   "met": got <= factor * base}
+    return {"mean_fid": {f"{w} {s} {n}": round(v, 3) for (w, s, n), v in sorted(mean.items())},
+            "teacher_best": {n: {"sampler": s, "fid": round(f, 3)} for n, (s, f) in sorted(best.items())},
+            "teacher_default_20": base, "goals": goals}
+
+
+def report(result: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["summary"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    best = sorted((int(n), v["fid"]) for n, v in s["teacher_best"].items())
+    if best:
+        ax.plot(*zip(*best), marker="o", label="teacher, best sampler per NFE")
+    student = sorted((int(k.split()[-1]), v) for k, v in s["mean_fid"].items() if k.startswith("student"))
+    if student:
+        ax.plot(*zip(*student), marker="s", label="distilled student (consistency)")
+    if s.get("teacher_default_20"):
+        ax.axhline(s["teacher_default_20"], color="gray", lw=0.8, ls="--", label="teacher, 20-NFE default")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network calls per image (NFE)")
+    ax.set_ylabel(f"FID (N = {result['fid_n']:,}, mean of {len(result['seeds'])} seed sets)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{Path(result['data']).name}: teacher vs distilled ({result['cpu']})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"))
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        report(json.loads(out.read_text()), out)
+        return 0
+    teacher, student = Path(args.teacher), Path(args.work) / "student"
+    taught_s = teacher_seconds(teacher)
+    minutes = args.fraction * taught_s / 60 if not args.steps else None
+    distil_s = None if args.score_only else distil(args, student, minutes)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    result = {"teacher": str(teacher), "data": args.data, "fid_n": args.fid_n, "ref_n": args.ref_n, "seeds": seeds,
+              "cpu": cpu_description(), "teacher_train_seconds": round(taught_s, 1),
+              "distill_call_seconds": round(distil_s, 1) if distil_s else None,
+              "distill_fraction_of_teacher": round(distil_s / taught_s, 3) if distil_s and taught_s else None,
+              "student_config": json.loads((student / "config.json").read_text())["train"], "rows": []}
+    scorer = Scorer(args)
+    for who, sampler, nfe in cells(args):
+        for seed in seeds:
+            row = {"who": who, "sampler": sampler, "nfe": nfe, "seed": seed,
+                   **scorer.score(teacher if who == "teacher" else student, sampler, nfe, seed)}
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            result["summary"] = summary(result["rows"])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
