@@ -110,7 +110,7 @@ def test_samplers_that_do_not_fit_the_model_are_refused(student, teacher, capsys
     err = _error(["sample", student, "--sampler", "dpmpp-2m"], capsys)
     assert "a distilled run samples with --sampler consistency" in err
     err = _error(["sample", teacher, "--sampler", "consistency"], capsys)
-    assert "--sampler consistency needs a distilled run" in err
+    assert "--sampler consistency needs a consistency-tuned run" in err
     err = _error(["sample", student, "--spacing", "trailing"], capsys)
     assert "walks karras levels" in err
 
@@ -202,3 +202,64 @@ def test_distill_through_the_real_cli(teacher, tmp_path):
     p = subprocess.run([sys.executable, "-m", "diffuse", "sample", str(out), "--n", "4", "--out", str(tmp_path / "g.png")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "consistency, 2 NFE" in p.stdout, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# --method gits: the teacher's noise levels searched, no training
+
+@pytest.fixture(scope="module")
+def gits(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gits") / "g"
+    assert cli.main(["distill", str(teacher), "--method", "gits", "--nfe", "3", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_gits_writes_a_run_with_the_searched_levels(gits, teacher, tmp_path, capsys):
+    d = json.loads((gits / "config.json").read_text())["distill"]
+    assert (d["method"], d["nfe"], d["sampler"]) == ("gits", 3, "dpmpp-2m-sde")
+    sig = d["sigmas"]
+    assert len(sig) == 4 and sig[-1] == 0 and all(a > b for a, b in zip(sig, sig[1:])) and sig[0] <= 80.0
+    assert d["search"]["searched_cost"] <= d["search"]["karras_cost"] + 1e-12 and d["search"]["trajectories"] == 256
+    assert "gits: 3 levels searched on 256 trajectories" in (gits / "train.log").read_text()
+    # the teacher's weights, unchanged
+    a = read_tensors(teacher / "checkpoints" / "last" / "ema.safetensors")
+    b = read_tensors(gits / "checkpoints" / "last" / "ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the same search again gives the same levels
+    again = tmp_path / "again"
+    assert cli.main(["distill", str(teacher), "--method", "gits", "--nfe", "3", "--out", str(again), "--no-progress"]) == 0
+    assert json.loads((again / "config.json").read_text())["distill"]["sigmas"] == sig
+    capsys.readouterr()
+    assert cli.main(["info", str(gits)]) == 0
+    assert "gits searched noise levels for dpmpp-2m-sde for 3 network calls" in capsys.readouterr().out
+
+
+def test_gits_levels_are_the_default_for_any_one_call_per_step_sampler(gits, tmp_path):
+    sig = json.loads((gits / "config.json").read_text())["distill"]["sigmas"]
+    out = tmp_path / "s.npz"
+    cases = [((), ("dpmpp-2m-sde", "learned", 3)), (("--sampler", "ddim"), ("ddim", "learned", 3)),
+             (("--steps", "5"), ("dpmpp-2m-sde", "karras", 5))]
+    for flags, expected in cases:
+        assert cli.main(["sample", str(gits), "--n", "2", "--out", str(out), *flags]) == 0
+        meta = json.loads(np.load(out)["meta"].item())
+        assert (meta["sampler"], meta["spacing"], meta["nfe"]) == expected, flags
+    from diffuse.generate import load, settle
+    from diffuse.sampling import SamplingSpec
+    spec = settle(load(gits, torch.device("cpu")), SamplingSpec(), False)
+    assert spec.sigmas(None).tolist() == sig
+
+
+def test_gits_refusals(gits, teacher, tmp_path, capsys):
+    assert "no training to resume" in _error(["distill", "--resume", gits], capsys)
+    assert "no training to resume" in _error(["train", "--resume", gits], capsys)
+    assert "searched noise levels do not travel" in _error(["export", gits, tmp_path / "hf"], capsys)
+    assert "--nfe for gits must be between 1 and 10, got 11" in _error(
+        ["distill", teacher, "--method", "gits", "--nfe", 11, "--out", tmp_path / "x"], capsys)
+    assert "needs a consistency-tuned run" in _error(["sample", gits, "--sampler", "consistency"], capsys)
+    bad = tmp_path / "bad"
+    shutil.copytree(gits, bad, symlinks=True)
+    for f in (bad / "config.json", bad / "checkpoints" / "last" / "config.json"):
+        header = json.loads(f.read_text())
+        header.get("config", header)["distill"]["sigmas"] = [80.0, 1.0, 2.0, 0.0]    # not decreasing
+        f.write_text(json.dumps(header))
+    assert "distill.sigmas must be 4 finite decreasing noise levels" in _error(["sample", bad], capsys)

@@ -26,7 +26,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("config", "device", "checkpoint", "images", "inception", "denoiser", "samplers", "datacache"),
     # data sets and the batch stream, the UNet, the objectives, the sampling request, the diffusers
     # mapping and card, consistency tuning's math (distill)
-    3: ("data", "models", "objectives", "sampling", "distill", "export.mapping", "export.card"),
+    3: ("data", "models", "objectives", "sampling", "distill", "stepsearch", "export.mapping", "export.card"),
     # FID statistics (of data sets and of images)
     4: ("fid",),
     # torchrun: sharded sampling and FID statistics; a model size from a time budget (measured UNet rungs)
@@ -35,7 +35,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     6: ("generate", "run", "duties"),
     # what uses a trained model or trains one: training, evaluation (FID of a model), the judge,
     # visualize, `info`, export, serve's workers
-    7: ("train", "evaluation", "classifier", "visualize", "runinfo", "export", "serve.guard", "serve.jobs"),
+    7: ("train", "searchrun", "evaluation", "classifier", "visualize", "runinfo", "export", "serve.guard", "serve.jobs"),
     # the serve app, then its entry point; a training run's config from named settings (train's flags,
     # the Python API); visualize's views as runs (a model loaded, files written)
     8: ("serve.app", "runs", "views"),

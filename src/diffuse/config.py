@@ -179,26 +179,39 @@ class TrainConfig:
     out: str | None = opt(None, "run directory (default runs/<preset>-<time>)")
 
 
-# The methods `diffuse distill` knows (distill.py), and the network calls each can be tuned for.
-DISTILL_METHODS = {"ect": range(1, 9)}
+# The methods `diffuse distill` knows, and the network calls each makes: ect (consistency tuning,
+# distill.py) trains a student; gits (stepsearch.py) searches the teacher's noise levels.
+DISTILL_METHODS = {"ect": range(1, 9), "gits": range(1, 11)}
 
 
 @dataclass
 class DistillConfig:
     """What makes a run a distilled one (`diffuse distill`, docs/distill.md); ``method`` None: an
     ordinary diffusion run. Set by the command, not by flags of `diffuse train`."""
-    method: str | None = opt(None, "ect: consistency tuning (Geng et al. 2024) of the teacher's weights", cli=False)
+    method: str | None = opt(None, "ect: consistency tuning (Geng et al. 2024) of the teacher's weights, 1-8 "
+                                   "calls; gits: the teacher's noise levels searched for 1-10 calls (Chen et al. "
+                                   "2024), no training", cli=False)
     nfe: int = opt(2, "network calls per image the student is tuned for: its default --steps", cli=False)
     teacher: str | None = opt(None, "the teacher's checkpoint the student started from", cli=False)
     teacher_step: int | None = opt(None, "the teacher's training step", cli=False)
     teacher_fid: float | None = opt(None, "the teacher's last FID logged during its training, if any", cli=False)
     teacher_fid_n: int | None = opt(None, "images behind teacher_fid", cli=False)
+    sigmas: list | None = opt(None, "gits: the searched noise levels, decreasing to 0 (nfe + 1 of them)", cli=False)
+    sampler: str | None = opt(None, "gits: the sampler that walks them by default (the teacher's own default)",
+                              cli=False)
+    search: dict | None = opt(None, "gits: the search's facts (jump errors, trajectories, seconds)", cli=False)
 
     def describe(self) -> str:
         """The method, NFE and teacher in words (``diffuse info``, the run's log)."""
         fid = f", teacher FID {self.teacher_fid:.2f} at N = {self.teacher_fid_n}" if self.teacher_fid is not None else ""
-        return (f"{self.method} consistency tuning for {self.nfe} network call{'s' if self.nfe > 1 else ''} per "
+        what = "consistency tuning" if self.method == "ect" else f"searched noise levels for {self.sampler}"
+        return (f"{self.method} {what} for {self.nfe} network call{'s' if self.nfe > 1 else ''} per "
                 f"image, from {self.teacher} (step {self.teacher_step}){fid}")
+
+    @property
+    def consistency(self) -> bool:
+        """Is the network a consistency function (only the consistency sampler runs it)?"""
+        return self.method == "ect"
 
 
 @dataclass
@@ -662,6 +675,11 @@ def _validate_distill(d: DistillConfig) -> None:
     _need(d.method in DISTILL_METHODS, f"--method must be one of {', '.join(DISTILL_METHODS)}, got {d.method!r}")
     calls = DISTILL_METHODS[d.method]
     _need(d.nfe in calls, f"--nfe for {d.method} must be between {calls[0]} and {calls[-1]}, got {d.nfe}")
+    if d.sigmas is not None:
+        ok = (isinstance(d.sigmas, list) and len(d.sigmas) == d.nfe + 1 and d.sigmas[-1] == 0
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in d.sigmas)
+              and all(a > b for a, b in zip(d.sigmas, d.sigmas[1:])))
+        _need(ok, f"distill.sigmas must be {d.nfe + 1} finite decreasing noise levels ending at 0, got {d.sigmas!r}")
 
 
 def _validate_data(data: DataConfig) -> None:

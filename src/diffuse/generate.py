@@ -164,7 +164,7 @@ def settle(loaded: Loaded, spec: SamplingSpec, conditional: bool) -> SamplingSpe
     cfg = loaded.config
     spec = spec.resolved(cfg, conditional=conditional, default_guidance=cfg.train.sample_guidance)
     return spec.check(loaded.schedule, class_cond=cfg.model.class_cond, conditional=conditional,
-                      distilled=cfg.distill.method is not None)
+                      distilled=cfg.distill.consistency)
 
 
 @torch.no_grad()

@@ -258,7 +258,8 @@ def make_denoiser(net: nn.Module, formulation: Formulation, *, labels: Tensor | 
 
 def default_sampling(d: DiffusionConfig, distill: Any = None) -> tuple[str, int]:
     """(sampler, NFE budget) used when the user names none: a distilled run's (``distill``, its
-    config.DistillConfig) consistency sampler at the NFE it was tuned for; EDM's own Heun with 18
+    config.DistillConfig) sampler at its NFE (ect: the consistency sampler; gits: the teacher's default
+    on the searched levels, SamplingSpec.resolved); EDM's own Heun with 18
     intervals (35 NFE, Karras et al. 2022, sec. 3 and table 2); DPM-Solver++(2M) SDE at 20 NFE on VP
     schedules.
 
@@ -268,7 +269,7 @@ def default_sampling(d: DiffusionConfig, distill: Any = None) -> tuple[str, int]
     the end while fresh noise damps them (docs/objectives.md, "Fast samplers"). Samples stay
     reproducible: the noise comes from the per-image seed streams."""
     if distill is not None and distill.method is not None:
-        return "consistency", distill.nfe
+        return ("consistency" if distill.consistency else distill.sampler), distill.nfe
     return ("heun", 35) if d.formulation == "edm" else (DEFAULT_VP_SAMPLER, 20)
 
 

@@ -86,6 +86,9 @@ def distill_config(teacher: str | Path, out: str | Path | None, *, method: str =
         if src.is_dir() else []
     d = cfg.distill
     d.method, d.nfe, d.teacher, d.teacher_step = method, nfe, str(src), teacher_steps
+    if method == "gits":
+        from .objectives import default_sampling
+        d.sampler = default_sampling(cfg.diffusion)[0]       # the teacher's own default, on the searched levels
     d.teacher_fid, d.teacher_fid_n = (fids[-1]["fid"], fids[-1].get("fid_n")) if fids else (None, None)
     validate(cfg)
     return cfg
@@ -119,4 +122,6 @@ def distill_run_config(teacher: str | Path | None, out: str | Path | None, *, nf
     cfg = run_config({"train": changes}, resume=resume)
     if cfg.distill.method is None:
         raise DiffuseError(f"{resume} is not a distilled run; continue it with `diffuse train --resume`")
+    if cfg.distill.method == "gits":
+        raise DiffuseError("a gits run has no training to resume: run `diffuse distill TEACHER --method gits` again")
     return cfg

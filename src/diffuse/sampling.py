@@ -56,6 +56,7 @@ class SamplingSpec:
     clip_x0: bool = opt(True, "clamp predicted x0 to [-1, 1] at each step (default on)", flag="clip")
     seed: int = opt(0, "image i uses noise stream (seed, i)")
     sigma_max_cap: float | None = None  # karras only: samplers.sigmas_for
+    levels: tuple[float, ...] | None = None   # float sigmas [N + 1] ending at 0: a gits run's (spacing "learned")
 
     def replace(self, **changes: Any) -> SamplingSpec:
         return dataclasses.replace(self, **changes)
@@ -63,14 +64,16 @@ class SamplingSpec:
     def resolved(self, run: Any = None, *, conditional: bool = False,
                  default_guidance: float = 0.0) -> SamplingSpec:
         """Every None filled: sampler and steps from ``objectives.default_sampling`` of ``run`` (a
-        run's Config, or only its DiffusionConfig; None is vp): the consistency sampler at a
-        distilled run's NFE, heun 35 for edm, dpmpp-2m-sde 20 for vp (a sampler given alone keeps
-        20), the sampler's spacing and eta, guidance ``default_guidance`` when ``conditional``
+        run's Config, or only its DiffusionConfig; None is vp): a distilled run's sampler at its NFE
+        (on a gits run's searched levels, spacing "learned", for any sampler of one call per step at
+        that NFE), heun 35 for edm, dpmpp-2m-sde 20 for vp (a sampler given alone keeps 20, or a
+        distilled run's NFE), the sampler's spacing and eta, guidance ``default_guidance`` when ``conditional``
         (labels given) else 0. A value given is kept as it is, bad or not: ``check`` judges it."""
         from .config import Config, DiffusionConfig
         from .objectives import default_sampling
-        from .samplers import ALL_SAMPLERS as SAMPLERS, eta_of
+        from .samplers import ALL_SAMPLERS as SAMPLERS, eta_of, intervals_for
 
+        d = run.distill if isinstance(run, Config) and run.distill.method else None
         sampler, steps = self.sampler, self.steps
         if sampler is None:
             if isinstance(run, Config):
@@ -78,13 +81,19 @@ class SamplingSpec:
             else:
                 sampler, default_steps = default_sampling(run or DiffusionConfig())
             steps = default_steps if steps is None else steps
-        steps = STEPS_WITHOUT_DEFAULT if steps is None else steps
+        # a sampler named alone keeps 20 NFE, or a distilled run's own NFE
+        steps = (d.nfe if d is not None else STEPS_WITHOUT_DEFAULT) if steps is None else steps
         spacing = self.spacing or (SAMPLERS[sampler][2] if sampler in SAMPLERS else None)
         eta = eta_of(sampler, None) if self.eta is None and sampler in SAMPLERS else self.eta
         guidance = self.guidance
         if guidance is None:
             guidance = default_guidance if conditional else 0.0
-        return self.replace(sampler=sampler, steps=steps, spacing=spacing, eta=eta, guidance=float(guidance))
+        levels = self.levels
+        if (levels is None and d is not None and d.sigmas and self.spacing is None and steps == d.nfe
+                and sampler in SAMPLERS and intervals_for(sampler, steps) == steps):
+            levels, spacing = tuple(d.sigmas), "learned"      # a gits run's searched levels, for any one-call-per-step sampler
+        return self.replace(sampler=sampler, steps=steps, spacing=spacing, eta=eta, guidance=float(guidance),
+                            levels=levels)
 
     def check(self, schedule: Any, *, class_cond: bool = False, conditional: bool = False,
               prefix: str = "--", distilled: bool = False) -> SamplingSpec:
@@ -96,7 +105,7 @@ class SamplingSpec:
         if distilled != (self.sampler == "consistency"):
             raise SpecError("sampler", f"a distilled run samples with {prefix}sampler consistency (its network is a "
                                        f"consistency function, not a denoiser)" if distilled else
-                            f"{prefix}sampler consistency needs a distilled run (diffuse distill)")
+                            f"{prefix}sampler consistency needs a consistency-tuned run (diffuse distill --method ect)")
         self.check_guidance(class_cond=class_cond, conditional=conditional)
         if self.eta is not None:
             from .samplers import check_eta
@@ -132,6 +141,9 @@ class SamplingSpec:
         """The float64 [N + 1] sigma array this spec walks on ``schedule`` (samplers.sampler_sigmas);
         refused spacings and step counts are SpecErrors."""
         from .samplers import sampler_sigmas
+        if self.levels is not None:
+            import torch
+            return torch.tensor(self.levels, dtype=torch.float64)
         try:
             return sampler_sigmas(self.sampler, schedule, self.steps, self.spacing, self.sigma_max_cap)
         except ValueError as e:

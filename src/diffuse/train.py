@@ -129,7 +129,7 @@ def sample_grid(net: nn.Module, cfg: Config, formulation: Formulation, device: t
         n = len(labels)
         labels = labels.to(device)
     schedule = formulation.schedule
-    distilled = cfg.distill.method is not None              # a student's grid: its own sampler at its NFE
+    distilled = cfg.distill.consistency                     # a student's grid: its own sampler at its NFE
     spec = SamplingSpec("consistency" if distilled else "ddim", cfg.distill.nfe if distilled else min(steps, schedule.timesteps),
                         "karras" if distilled else "trailing", guidance=guidance if labels is not None else 0.0,
                         clip_x0=True, seed=derive_seed(seed, "grid")).resolved()
@@ -367,6 +367,11 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, ov
           progress: bool = True) -> Path:
     """Train per ``cfg``; returns the run directory. Resumes from OUT/checkpoints/last if asked.
     The run directory is locked (fsutil.RunLock) for the whole run."""
+    if cfg.distill.method == "gits":             # a distillation without training: the step search
+        from .searchrun import refuse_resume, search_run
+        if resume:
+            refuse_resume(cfg)
+        return search_run(cfg, overwrite=overwrite, progress=progress)
     try:
         return _train(cfg, resume=resume, init_from=init_from, overwrite=overwrite, progress=progress)
     except OSError as e:
@@ -381,7 +386,7 @@ def _train(cfg: Config, *, resume: bool, init_from: str | None, overwrite: bool,
     # Set up: lock, device, data, model/EMA/optimizer, state (resumed or fresh), logs.
     with open_run(cfg, resume=resume, init_from=init_from, overwrite=overwrite, progress=progress,
                   evaluator=FidDuringTraining, truncate=truncate_metrics) as run:
-        step = DistillStep(run) if run.cfg.distill.method else TrainStep.for_run(run)
+        step = DistillStep(run) if run.cfg.distill.consistency else TrainStep.for_run(run)
         window = LossWindow(run.state, run.device)          # device-side loss sums, saved with the checkpoint
         ckpt = Checkpointer(run, window)
         stop = None

@@ -120,6 +120,9 @@ def export_diffusers(source: str | Path, out: str | Path, *, overwrite: bool = F
     Returns a summary {out, params, scheduler, card}."""
     out = check_dir(out, "OUTDIR")
     src, header, cfg, weights = _load_source(source)
+    if cfg.distill.method == "gits":
+        raise DiffuseError(f"{source} is a gits run: its searched noise levels do not travel in a diffusers folder; "
+                           f"export its teacher ({cfg.distill.teacher}), or `diffuse export RUN OUT.safetensors`")
     if cfg.distill.method:
         raise DiffuseError(f"{source} is a distilled run: diffusers' ConsistencyModelPipeline feeds its UNet EDM's "
                            f"inputs (x / sqrt(sigma^2 + 0.25), timestep 250 ln sigma) and mixes its output with "
