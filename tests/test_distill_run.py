@@ -263,3 +263,26 @@ def test_gits_refusals(gits, teacher, tmp_path, capsys):
         header.get("config", header)["distill"]["sigmas"] = [80.0, 1.0, 2.0, 0.0]    # not decreasing
         f.write_text(json.dumps(header))
     assert "distill.sigmas must be 4 finite decreasing noise levels" in _error(["sample", bad], capsys)
+
+
+def test_serve_lists_each_models_own_default_and_generates_with_it(student, teacher):
+    """The page selects each model's own sampler and NFE (a student: consistency at 2), and a
+    request with them gives the student's images with its NFE."""
+    pytest.importorskip("fastapi")
+    from diffuse.generate import load
+    from .test_serve_api import make_client
+    cpu = torch.device("cpu")
+    client, worker = make_client({"student": load(student, cpu), "teacher": load(teacher, cpu)})
+    try:
+        by = {m["name"]: m for m in client.get("/api/models").json()["models"]}
+        assert (by["student"]["default_sampler"], by["student"]["default_steps"]) == ("consistency", 2)
+        assert by["student"]["distilled"].startswith("ect consistency tuning for 2 network calls")
+        assert (by["teacher"]["default_sampler"], by["teacher"]["default_steps"], by["teacher"]["distilled"]) == \
+            ("dpmpp-2m-sde", 20, None)
+        body = client.post("/api/generate", json={"model": "student", "n": 2, "steps": 2, "sampler": "consistency",
+                                                  "format": "json"}).json()
+        assert (body["sampler"], body["nfe"], len(body["images"])) == ("consistency", 2, 2)
+        r = client.post("/api/generate", json={"model": "teacher", "n": 2, "steps": 2, "sampler": "consistency"})
+        assert r.status_code == 422 and "consistency-tuned run" in r.text
+    finally:
+        worker.stop()

@@ -24,6 +24,7 @@ from diffuse.generate import Loaded, generate
 from diffuse.objectives import (EDM, VP, edm_coefficients, formulation_for, vp_coefficients,
                                 vp_target, vp_x0_eps)
 from diffuse.rng import generator
+from diffuse.samplers import SAMPLERS
 from diffuse.train import TrainStep, build_training, fill_model_from_data
 
 from .conftest import TINY_FLAGS, TINY_MODEL
@@ -273,7 +274,7 @@ def test_cli_trains_samples_guides_every_formulation(cli_runs, name, tmp_path, c
     for key, scale in (("class_emb.weight", 3.0), ("conv_out.weight", 0.05)):
         weights[key] = torch.randn(weights[key].shape, generator=gen) * scale
     save_file(weights, ckpt / "ema.safetensors")
-    for sampler in cli.SAMPLER_NAMES:
+    for sampler in SAMPLERS:                   # every sampler of a diffusion run (not a distilled run's)
         images = {}
         for w in ("1.5", "0"):
             out = tmp_path / f"{sampler}-{w}.npz"

@@ -70,7 +70,8 @@ def test_models_lists_config_classes_samplers_and_limits(client):
     assert by["uncond"]["classes"] is None and by["uncond"]["image_size"] == 16 and by["uncond"]["channels"] == 1
     assert by["cond"]["timesteps"] == 1000 and by["cond"]["max_steps"] == 1000     # min(--max-steps 2000, T)
     assert by["cond"]["config"]["model"]["base_channels"] == 8
-    assert {s["name"] for s in info["samplers"]} == {"ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde"}
+    assert {s["name"] for s in info["samplers"]} == {"ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde",
+                                                    "consistency"}     # the last for distilled runs only
     assert info["limits"] == {"max_images": 8, "max_steps": 2000, "queue": 4, "max_body_bytes": 16384,
                               "max_guidance": 50.0, "auth": False}
     schema = client.get("/openapi.json").json()

@@ -49,7 +49,8 @@ def search_run(cfg: Config, *, overwrite: bool = False, progress: bool = True) -
         sigma_max = min(den.sigma_max, KARRAS_SIGMA_MAX_CAP)
         sigmas, facts = search_sigmas(den, z, den.sigma_min, sigma_max, d.nfe)
         d.sigmas = [float(s) for s in sigmas]
-        d.search = {**facts, "seconds": round(time.perf_counter() - t0, 1)}
+        d.search = {**facts, "seconds": round(time.perf_counter() - t0, 1),
+                    "guidance": cfg.train.sample_guidance if labels is not None else None}
         _write(out, cfg, src, teacher.header)
     finally:
         lock.release()
