@@ -144,3 +144,25 @@ def test_distill_benchmark_summary_picks_the_teachers_best_and_judges_the_goals(
     assert s["goals"]["4_nfe"] == {"student_fid": 12.5, "limit": 12.0, "met": False}
     args = bench.parse_args(["T", "--teacher-nfe", "1,20", "--teacher-samplers", "dpmpp-2m", "--student-nfe", "2"])
     assert bench.cells(args) == [("teacher", "dpmpp-2m", 1), ("teacher", "dpmpp-2m", 20), ("student", "consistency", 2)]
+
+
+def test_sampling_docs_quote_the_long_mnist_eta_results():
+    """docs/sampling.md's rows for the 5x-longer MNIST model are the figures in the benchmark's JSON."""
+    import re
+    doc = (REPO / "docs" / "sampling.md").read_text()
+    rows = {}
+    for seed in (0, 1):
+        data = json.loads((REPO / "benchmarks" / "results" / f"eta-long-mnist-seed{seed}.json").read_text())
+        assert data["step"] == 6805 and data["n"] == 2000 and data["seed"] == seed
+        rows[seed] = {r["cell"]: r["fid"] for r in data["rows"]}
+    first = re.search(r"\| MNIST, 5x the steps \(6,805\), FID \|([^\n]*)\n\| same, second seed set \|([^\n]*)\n", doc)
+    assert first, "the table rows are in docs/sampling.md"
+    cells0 = [c.strip(" *") for c in first.group(1).split("|")]
+    cells1 = [c.strip(" *") for c in first.group(2).split("|")]
+    # columns: 0 (dpmpp-2m), 1, 1.5, 2, 3, 5, 10, ddpm
+    expect0 = {0: "dpmpp-2m:20", 1: "dpmpp-2m-sde:20:eta=1", 3: "dpmpp-2m-sde:20:eta=2", 5: "dpmpp-2m-sde:20",
+               6: "dpmpp-2m-sde:20:eta=10"}
+    for col, cell in expect0.items():
+        assert cells0[col] == f"{rows[0][cell]:.2f}", (cell, cells0[col])
+    for col, cell in {3: "dpmpp-2m-sde:20:eta=2", 5: "dpmpp-2m-sde:20"}.items():
+        assert cells1[col] == f"{rows[1][cell]:.2f}", (cell, cells1[col])
