@@ -155,8 +155,8 @@ def main(argv=None) -> int:
     scorer = Scorer(args)
     for who, sampler, nfe in cells(args):
         for seed in seeds:
-            row = {"who": who, "sampler": sampler, "nfe": nfe, "seed": seed,
-                   **scorer.score(teacher if who == "teacher" else student, sampler, nfe, seed)}
+            scored = scorer.score(teacher if who == "teacher" else student, sampler, nfe, seed)
+            row = {**scored, "who": who, "sampler": sampler, "nfe": nfe, "seed": seed, "record": scored["sampler"]}
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
             result["summary"] = summary(result["rows"])
