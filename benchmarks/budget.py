@@ -185,11 +185,18 @@ def report(result: dict, out: Path) -> None:
             ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=recipe)
     ax.set_xlabel("training budget (minutes, wall-clock)")
     ax.set_ylabel(f"FID (N = {result['fid_n']:,})")
+    save_log_log(fig, ax, out, f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})")
+
+
+def save_log_log(fig, ax, out: Path, title: str, legend_size: float | None = None) -> None:
+    """Log axes, grid, legend and a small title, then the plot as OUT.png (budget.py and distill.py)."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    ax.set_title(f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})", fontsize=8)
+    ax.legend(fontsize=legend_size)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"))
     plt.close(fig)

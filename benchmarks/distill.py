@@ -34,7 +34,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(HERE))
 
-from budget import Scorer, cpu_description  # noqa: E402  (benchmarks/budget.py: one scorer for both)
+from budget import Scorer, cpu_description, save_log_log  # noqa: E402  (benchmarks/budget.py: one scorer and plot for both)
 
 GOALS = {2: 1.5, 4: 1.2}                 # student FID at this NFE <= factor x the teacher's 20-NFE default
 
@@ -124,16 +124,9 @@ def report(result: dict, out: Path) -> None:
         ax.plot(*zip(*student), marker="s", label="distilled student (consistency)")
     if s.get("teacher_default_20"):
         ax.axhline(s["teacher_default_20"], color="gray", lw=0.8, ls="--", label="teacher, 20-NFE default")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("network calls per image (NFE)")
     ax.set_ylabel(f"FID (N = {result['fid_n']:,}, mean of {len(result['seeds'])} seed sets)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    ax.set_title(f"{Path(result['data']).name}: teacher vs distilled ({result['cpu']})", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"))
-    plt.close(fig)
+    save_log_log(fig, ax, out, f"{Path(result['data']).name}: teacher vs distilled ({result['cpu']})", legend_size=8)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,11 @@ def test_the_student_starts_from_the_teachers_ema_and_moves(student, teacher):
     change = math.sqrt(sum(float((start[k] - ema[k]).square().sum()) for k in ema)
                        / sum(float(ema[k].square().sum()) for k in ema))
     assert moved and change < 0.1, (len(moved), change)
+
+
+def test_default_out_is_named_after_the_teacher_method_and_nfe(teacher):
+    from diffuse.runs import distill_config
+    assert distill_config(teacher, None, method="ect", nfe=4).train.out == str(Path("runs") / "teacher-ect4")
 
 
 def test_sample_defaults_to_the_students_nfe(student, tmp_path, capsys):

@@ -137,8 +137,7 @@ def fit_distilled(teacher: PathLike | None = None, out: PathLike | None = None, 
 
     cfg = distill_run_config(teacher, out, nfe=nfe, method=method, steps=steps, time_limit=time_limit,
                              resume=resume, train=train)
-    return Path(run_training(cfg, resume=resume is not None, init_from=None if resume is not None else cfg.distill.teacher,
-                             overwrite=overwrite, progress=not no_progress))
+    return Path(run_training(cfg, resume=resume is not None, overwrite=overwrite, progress=not no_progress))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,8 +127,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = distill_run_config(args.run, args.out, nfe=args.nfe, method=args.method, steps=args.steps,
                              time_limit=args.time_limit, resume=args.resume,
                              train=overrides_from_flags(args).get("train", {}))
-    out = train(cfg, resume=bool(args.resume), init_from=None if args.resume else cfg.distill.teacher,
-                overwrite=args.overwrite, progress=not args.no_progress)
+    out = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     print(f"done: {out}  (sample it with: diffuse sample {out})")
     return 0
 

@@ -77,7 +77,8 @@ def distill_config(teacher: str | Path, out: str | Path | None, *, method: str =
     t.epochs, t.time_limit, t.sample_every, t.ckpt_every, t.patience = None, None, None, None, None
     t.ema_std = t.ema_std or 0.1
     t.steps = steps or max(1, round(teacher_steps * DISTILL_STEPS_FRACTION))
-    t.out = str(out) if out is not None else str(Path("runs") / f"{Path(src).parts[-3] if src.is_dir() else src.stem}-distilled")
+    name = src.parts[-3] if src.is_dir() else src.stem         # RUN/checkpoints/step_N, or FILE.safetensors
+    t.out = str(out) if out is not None else str(Path("runs") / f"{name}-{method}{nfe}")
     if train:
         apply_overrides(cfg, {"train": train}, source="distill")
     if time_limit is not None:
@@ -122,6 +123,4 @@ def distill_run_config(teacher: str | Path | None, out: str | Path | None, *, nf
     cfg = run_config({"train": changes}, resume=resume)
     if cfg.distill.method is None:
         raise DiffuseError(f"{resume} is not a distilled run; continue it with `diffuse train --resume`")
-    if cfg.distill.method == "gits":
-        raise DiffuseError("a gits run has no training to resume: run `diffuse distill TEACHER --method gits` again")
-    return cfg
+    return cfg                                  # a gits run: train() says it has nothing to resume

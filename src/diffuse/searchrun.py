@@ -15,7 +15,6 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import Config
 from .device import pick_device
-from .errors import DiffuseError
 from .fsutil import atomic_write
 from .generate import cycle_labels, load
 from .objectives import make_denoiser
@@ -74,9 +73,3 @@ def _write(out: Path, cfg: Config, src: Path, header: dict) -> None:
     atomic_write(ckpt / "config.json", json.dumps({**header, "config": cfg.to_dict()}, indent=2))
     atomic_write(out / "config.json", cfg.to_json())
     ckpt_io.point(out / "checkpoints", "last", ckpt.name)
-
-
-def refuse_resume(cfg: Config) -> None:
-    """`diffuse train --resume` of a gits run: one line, nothing to continue."""
-    raise DiffuseError(f"{cfg.train.out} is a gits run: it has no training to resume; run `diffuse distill "
-                       f"TEACHER --method gits` again")

@@ -366,12 +366,16 @@ def _budget_used_s(run: Path) -> float:
 def train(cfg: Config, *, resume: bool = False, init_from: str | None = None, overwrite: bool = False,
           progress: bool = True) -> Path:
     """Train per ``cfg``; returns the run directory. Resumes from OUT/checkpoints/last if asked.
-    The run directory is locked (fsutil.RunLock) for the whole run."""
+    The run directory is locked (fsutil.RunLock) for the whole run. A new distilled run (``cfg.distill``)
+    starts from its teacher's EMA weights; a gits one is the step search, with nothing to resume."""
     if cfg.distill.method == "gits":             # a distillation without training: the step search
-        from .searchrun import refuse_resume, search_run
+        from .searchrun import search_run
         if resume:
-            refuse_resume(cfg)
+            raise DiffuseError(f"{cfg.train.out} is a gits run: it has no training to resume; run `diffuse "
+                               f"distill TEACHER --method gits` again")
         return search_run(cfg, overwrite=overwrite, progress=progress)
+    if cfg.distill.method and not resume:
+        init_from = init_from or cfg.distill.teacher
     try:
         return _train(cfg, resume=resume, init_from=init_from, overwrite=overwrite, progress=progress)
     except OSError as e:
