@@ -166,3 +166,31 @@ def test_sampling_docs_quote_the_long_mnist_eta_results():
         assert cells0[col] == f"{rows[0][cell]:.2f}", (cell, cells0[col])
     for col, cell in {3: "dpmpp-2m-sde:20:eta=2", 5: "dpmpp-2m-sde:20"}.items():
         assert cells1[col] == f"{rows[1][cell]:.2f}", (cell, cells1[col])
+
+
+def test_budget_docs_quote_the_schedule_results():
+    """docs/budgets.md's schedule table and today's-default rows are the figures in the benchmark's JSON."""
+    import re
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    data = json.loads((REPO / "benchmarks" / "results" / "budget-schedules-mnist.json").read_text())
+    rows = {(r["flags"], r["minutes"], r["n"]): r for r in data["rows"]}
+    table = re.findall(r"^\| [^|]+ \| `([^`]+)` \| (\d+) min \| ([\d,]+) \| \**([\d.]+)\** \| ([\d.]+) \|$", doc, re.M)
+    assert len(table) == 17
+    for flags, minutes, steps, fid, confident in table:
+        r = rows[(flags, float(minutes), 1000)]
+        assert (f"{r['steps']:,}", f"{r['fid']:.1f}", f"{r['confident']:.3f}") == (steps, fid, confident), flags
+    # the N = 2,000 rows of today's default in the first table
+    for minutes in (2, 8):
+        r = rows[("--lr 2e-3 --batch-size 64", float(minutes), 2000)]
+        line = f"| **`--time-limit {minutes}` today** | {minutes} min | {r['params_m']:.2f}M | {r['batch']} | " \
+               f"{r['steps']:,} | {r['images_seen']:,} | **{r['fid']:.1f}** | {r['confident']:.3f} |"
+        assert line in doc
+
+
+def test_budget_schedules_reads_variants_as_name_and_flags():
+    import budget_schedules as bench
+    assert bench.variants(["wsd=", "lr2=--lr 2e-3 --batch-size 64"]) == [("wsd", []),
+                                                                        ("lr2", ["--lr", "2e-3", "--batch-size", "64"])]
+    for bad in ("wsd", "=--lr 1"):
+        with pytest.raises(SystemExit, match="a variant is NAME=FLAGS"):
+            bench.variants([bad])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffuse import budget
-from diffuse.budget import (WARMUP_FRACTION, BudgetClock, ema_gamma, ema_std_of_gamma, lr_factor,
+from diffuse.budget import (COOLDOWN_FRACTION, WARMUP_FRACTION, BudgetClock, ema_gamma, ema_std_of_gamma, lr_factor,
                             power_ema_decay)
 from diffuse.checkpoint import point, read_tensors
 from diffuse.config import resolve
@@ -26,21 +26,48 @@ from .conftest import TINY_MODEL
 # ----------------------------------------------------------------------------------------------
 # The schedules, against their definitions
 
-def test_lr_warms_up_then_decays_linearly_to_zero():
-    w = WARMUP_FRACTION
+def test_lr_warms_up_holds_then_decays_linearly_to_zero_over_the_cooldown():
+    w, c = WARMUP_FRACTION, COOLDOWN_FRACTION
     assert lr_factor(0.0, 0) == 0.0
     assert lr_factor(w / 2, 100) == pytest.approx(0.5)
     assert lr_factor(w, 100) == pytest.approx(1.0)
-    # linear decay from 1 at the warm-up's end to 0 at the budget's end
-    assert lr_factor(w + (1 - w) / 4, 100) == pytest.approx(0.75)
+    # the peak holds until the cool-down starts...
+    assert lr_factor(0.5, 100) == 1.0 and lr_factor(1 - c, 100) == pytest.approx(1.0)
+    # ...which is linear from 1 to 0 over the budget's last COOLDOWN_FRACTION
+    assert lr_factor(1 - c + c / 4, 100) == pytest.approx(0.75)
+    assert lr_factor(1 - c / 2, 100) == pytest.approx(0.5)
     assert lr_factor(1.0, 100) == 0.0
     assert lr_factor(1.7, 100) == 0.0 and lr_factor(-1.0, 0) == 0.0      # clamped
+    # --cooldown 1: the decay runs from the start; half-way through it is at half
+    assert lr_factor(0.5, 100, cooldown=1.0) == pytest.approx(0.5)
+    assert lr_factor(0.3, 100, cooldown=0.5) == 1.0 and lr_factor(0.75, 100, cooldown=0.5) == pytest.approx(0.5)
     # with --warmup-steps the warm-up ends at whichever comes first, those steps or the fraction
     assert lr_factor(w / 4, 9, warmup_steps=100) == pytest.approx(0.25)          # the fraction's is ahead
     assert lr_factor(w / 4, 49, warmup_steps=100) == pytest.approx(0.5)          # the steps' is ahead
     assert lr_factor(w / 4, 99, warmup_steps=100) == pytest.approx(1.0)
     # and the decay never waits for either
-    assert lr_factor(0.99, 1, warmup_steps=1000) == pytest.approx((1 - 0.99) / (1 - w))
+    assert lr_factor(0.99, 1, warmup_steps=1000) == pytest.approx((1 - 0.99) / c)
+
+
+def test_cooldown_is_a_setting_and_old_budget_runs_keep_their_whole_budget_decay(tmp_path):
+    from diffuse.config import Config, validate
+    from diffuse.errors import DiffuseError
+
+    cfg = budget_config(tmp_path / "run", cooldown=0.4)
+    assert cfg.train.cooldown == 0.4
+    stored = cfg.to_dict()
+    assert Config.from_dict(stored).train.cooldown == 0.4
+    # a config written before --cooldown existed decayed over all of the budget after the warm-up:
+    # (1 - p) / (1 - WARMUP_FRACTION), which is this cool-down, so its resume is unchanged
+    del stored["train"]["cooldown"]
+    old = Config.from_dict(stored).train.cooldown
+    assert old == pytest.approx(1 - WARMUP_FRACTION)
+    for p in (0.1, 0.5, 0.9):
+        assert lr_factor(p, 100, cooldown=old) == pytest.approx((1 - p) / (1 - WARMUP_FRACTION))
+    for bad in (0.0, -0.1, 1.5):
+        cfg.train.cooldown = bad
+        with pytest.raises(DiffuseError, match="--cooldown must be a fraction of the budget in"):
+            validate(cfg)
 
 
 def test_ema_width_matches_the_edm2_values():
@@ -111,6 +138,26 @@ def test_time_limit_alone_is_a_budget_plan():
     assert _resolve({"time_limit": 5.0, "ema_std": 0.05}).train.ema_std == 0.05
 
 
+def test_a_sized_budget_plan_doubles_the_peak_rate_and_halves_the_batch():
+    from diffuse.config import PRESETS
+    for data, preset in (("digits", "digits"), ("mnist", "mnist")):
+        base = PRESETS[preset]["train"]
+        t = resolve(None, data, None, {"train": {"time_limit": 2.0}}).train
+        assert (t.lr, t.batch_size) == (base["lr"] * 2, max(32, base["batch_size"] // 2)), data
+        # given flags win, each on its own
+        t = resolve(None, data, None, {"train": {"time_limit": 2.0, "lr": 1e-3}}).train
+        assert (t.lr, t.batch_size) == (1e-3, max(32, base["batch_size"] // 2))
+        t = resolve(None, data, None, {"train": {"time_limit": 2.0, "batch_size": 100}}).train
+        assert (t.lr, t.batch_size) == (base["lr"] * 2, 100)
+        # the preset's own model, steps, or no time limit: the preset's rate and batch
+        for given, named in (({"time_limit": 2.0}, preset), ({"steps": 10}, None), ({}, None)):
+            t = resolve(named, data, None, {"train": dict(given)}).train
+            assert (t.lr, t.batch_size) == (base["lr"], base["batch_size"]), (data, given, named)
+    # a batch already at or below the floor is not halved below it
+    t = resolve(None, "digits", None, {"train": {"time_limit": 2.0}}).train
+    assert t.batch_size == 32
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop on a fake clock: one second per reading, so a 30 s budget is 30 steps
 
@@ -137,7 +184,7 @@ def test_budget_run_follows_the_clock(tmp_path, fake_clock):
     # step k ran at the fraction agreed after step k-1, (k-1)/30
     for r in rows:
         assert r["lr"] == pytest.approx(1e-3 * lr_factor((r["step"] - 1) / 30, r["step"] - 1))
-    assert rows[-1]["lr"] < 1e-3 * 0.05 and max(r["lr"] for r in rows) == pytest.approx(1e-3, rel=0.05)
+    assert rows[-1]["lr"] < 1e-3 * 0.2 and max(r["lr"] for r in rows) == pytest.approx(1e-3)
     # grids at each quarter of the budget (after the step that crosses it), checkpoints at each
     # fifth, both at the end
     assert sorted(p.name for p in (out / "samples").iterdir()) == [f"step_{k:07d}.png" for k in (8, 15, 23, 30)]
@@ -149,7 +196,8 @@ def test_budget_run_follows_the_clock(tmp_path, fake_clock):
     assert (cfg["train"]["plan"], cfg["train"]["steps"], cfg["train"]["time_limit"]) == ("budget", None, 0.5)
     assert "budget 0.5 min" in (out / "train.log").read_text()
     from diffuse.runinfo import info_text
-    assert "lr 0.001 decaying to 0 over a 0.5-min budget, power EMA of width 0.1" in info_text(out)
+    assert "lr 0.001 held, then decaying to 0 over the last 20% of a 0.5-min budget, power EMA of width 0.1" \
+        in info_text(out)
 
 
 def _restart_from(out, step):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .budget import BUDGET_GRID_STEPS, DEFAULT_EMA_STD
+from .budget import BUDGET_GRID_STEPS, COOLDOWN_FRACTION, DEFAULT_EMA_STD, WARMUP_FRACTION
 from .errors import DiffuseError
 from .imagefiles import STANDARD, peek_folder
 
@@ -159,6 +159,9 @@ class TrainConfig:
     ema_std: float | None = opt(None, "power-function EMA (Karras et al. 2024) of this relative width: the EMA "
                                       "averages about the last this-fraction of the run, however long; default "
                                       f"{DEFAULT_EMA_STD} in a budget plan, else the fixed --ema-decay")
+    cooldown: float = opt(COOLDOWN_FRACTION, "in a budget plan, the last fraction of the budget over which the "
+                                             "learning rate decays linearly to 0 after holding its peak "
+                                             "(warmup-stable-decay; 1: a decay over the whole budget)")
     size_model: bool | None = opt(None, "in a budget plan, choose the UNet size this machine can train in the "
                                         "budget (default: yes unless --preset or a model flag is given)")
     log_every: int = opt(50, "steps between metric log lines")
@@ -234,6 +237,10 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         cfg = cls()
         apply_overrides(cfg, d, source="config")
+        if isinstance(d.get("train"), dict) and "cooldown" not in d["train"]:
+            # Stored before budget plans held their peak: their decay ran over all of the budget
+            # after the warm-up, which is this cool-down, so a resumed run keeps its schedule exactly.
+            cfg.train.cooldown = 1.0 - WARMUP_FRACTION
         return cfg
 
 
@@ -534,6 +541,26 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
         t.sample_steps = BUDGET_GRID_STEPS          # the budget pays for its grids: 20 DDIM steps, not 50
     if t.size_model is None:
         t.size_model = t.plan != "steps" and not preset_named and not (given["model"] - {"class_cond"})
+    if t.plan == "budget" and t.size_model:
+        budget_step_defaults(t, given["train"])
+
+
+# A budget plan on a sized model trains at twice the preset's peak rate and half its batch (not below
+# MIN_BUDGET_BATCH), unless --lr / --batch-size are given. Measured on MNIST at 2 and 8 minutes
+# (docs/budgets.md, benchmarks/results/budget-schedules-mnist.json): the sized models are smaller
+# than the preset's and the plan cools the rate down at the end, so a higher peak pays; and a short
+# budget is short of optimizer steps, so half the batch buys nearly twice the steps.
+BUDGET_LR_FACTOR = 2.0
+BUDGET_BATCH_FACTOR = 0.5
+MIN_BUDGET_BATCH = 32
+
+
+def budget_step_defaults(t: TrainConfig, given: set[str]) -> None:
+    """The peak learning rate and batch of a budget plan whose model diffuse sizes (``choose_plan``)."""
+    if "lr" not in given:
+        t.lr *= BUDGET_LR_FACTOR
+    if "batch_size" not in given:
+        t.batch_size = max(min(MIN_BUDGET_BATCH, t.batch_size), int(t.batch_size * BUDGET_BATCH_FACTOR))
 
 
 def start_budget(t: TrainConfig, minutes: float | None = None) -> None:
@@ -653,6 +680,7 @@ def _validate_train(cfg: Config) -> None:
     _need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"--device must be auto, cpu or cuda, got {t.device!r}")
     _need(t.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, got {t.precision!r}")
     _need(t.time_limit is None or t.time_limit > 0, f"--time-limit must be positive minutes, got {t.time_limit}")
+    _need(0 < t.cooldown <= 1, f"--cooldown must be a fraction of the budget in (0, 1], got {t.cooldown}")
     _need(t.ema_std is None or 0 < t.ema_std < 0.28,
           f"--ema-std must be in (0, 0.28) (a fraction of the run; 0.05-0.15 is usual), got {t.ema_std}")
     _need(t.plan in (None, "steps", "budget", "preset"), f"plan must be steps, budget or preset, got {t.plan!r}")

@@ -63,7 +63,7 @@ def _schedule(t) -> str:
     """How the run's learning rate and EMA were planned, for ``info``."""
     ema = f"power EMA of width {t.ema_std:g}" if t.ema_std else f"EMA {t.ema_decay}"
     if t.plan == "budget" and t.time_limit:
-        return f" decaying to 0 over a {t.time_limit:g}-min budget, {ema}"
+        return f" held, then decaying to 0 over the last {t.cooldown:.0%} of a {t.time_limit:g}-min budget, {ema}"
     return f", {ema}"
 
 

@@ -91,7 +91,7 @@ class Plan:
 
     Without a ``clock`` the learning rate depends on the step alone (``lr_at``: linear warm-up to
     --lr, then constant); with one (a budget plan, budget.py) it follows the fraction of the budget
-    used: warm-up, then linear decay to 0 when the budget is spent. The EMA decay is the fixed
+    used: warm-up, the peak, then a linear decay to 0 over the budget's last --cooldown fraction. The EMA decay is the fixed
     --ema-decay (warmed up, ``ema_decay_at``), or with --ema-std the power EMA whose width is that
     fraction of the run so far (``budget.power_ema_decay``)."""
 
@@ -102,7 +102,8 @@ class Plan:
     def lr(self, step: int) -> float:
         if self.clock is None:
             return lr_at(step, self.cfg)
-        return self.cfg.train.lr * lr_factor(self.clock.fraction, step, self.cfg.train.warmup_steps)
+        t = self.cfg.train
+        return t.lr * lr_factor(self.clock.fraction, step, t.warmup_steps, t.cooldown)
 
     def ema_decay(self, step: int) -> float:
         if self.gamma is not None:

@@ -1,0 +1,79 @@
+"""Which schedule a budget plan should use: FID after B minutes for variants of the plan's flags.
+
+    python benchmarks/budget_schedules.py --data mnist --data-root ../shared/data --minutes 2 --fid-n 1000 \
+        --variants "linear=--cooldown 1" "wsd=" "wsd-lr2=--lr 2e-3" "wsd-b64=--batch-size 64" \
+        --out benchmarks/results/budget-schedules-mnist.json
+
+Each variant is ``NAME=FLAGS``: a fresh ``diffuse train --data D --time-limit B FLAGS`` (a budget plan:
+the model sized for B on this machine unless FLAGS name one), then FID of ``--fid-n`` EMA images
+(the run's default sampler) against the test split and the judge's confident fraction, scored as
+``benchmarks/budget.py`` scores (its Scorer). Rows are appended to ``--out`` as they finish, with the
+CPU (model and family) beside them: one seed per row, so read differences of a few FID as noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from budget import Scorer, cpu_description, run_facts  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--minutes", type=float, default=2.0)
+    p.add_argument("--variants", nargs="+", required=True, help="NAME=FLAGS (FLAGS may be empty)")
+    p.add_argument("--fid-n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="runs/budget-schedules")
+    p.add_argument("--out", default="benchmarks/results/budget-schedules.json")
+    return p.parse_args(argv)
+
+
+def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """[(name, flags)] from NAME=FLAGS specs; a spec without '=' or with an empty name is refused."""
+    out = []
+    for spec in specs:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"a variant is NAME=FLAGS, got {spec!r}")
+        out.append((name, shlex.split(flags)))
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.class_cond, args.ref_n, args.weights = False, None, "ema"
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {"data": args.data, "minutes": args.minutes,
+                                                                "fid_n": args.fid_n, "rows": []}
+    scorer = Scorer(args)
+    for name, flags in variants(args.variants):
+        run = Path(args.work) / name
+        cmd = [sys.executable, "-m", "diffuse", "train", "--data", args.data, "--out", str(run), "--overwrite",
+               "--seed", str(args.seed), "--no-progress", "--time-limit", f"{args.minutes:g}", *flags]
+        if args.data_root:
+            cmd += ["--data-root", args.data_root]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                       env={"PYTHONPATH": str(HERE.parent / "src"), **__import__("os").environ})
+        row = {"name": name, "flags": " ".join(flags), "minutes": args.minutes, "cpu": cpu_description(),
+               "call_seconds": round(time.perf_counter() - t0, 1), **run_facts(run), **scorer.score(run)}
+        result["rows"].append(row)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: row[k] for k in ("name", "steps", "fid", "confident")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
