@@ -292,3 +292,16 @@ def test_serve_lists_each_models_own_default_and_generates_with_it(student, teac
         assert r.status_code == 422 and "consistency-tuned run" in r.text
     finally:
         worker.stop()
+
+
+def test_a_student_gets_the_default_cooldown_whatever_its_teacher_used(teacher, tmp_path):
+    from diffuse.budget import COOLDOWN_FRACTION
+    from diffuse.runs import distill_config
+    old = tmp_path / "old-teacher"
+    shutil.copytree(teacher, old, symlinks=True)
+    ckpt = (old / "checkpoints" / "last").resolve()
+    header = json.loads((ckpt / "config.json").read_text())
+    del header["config"]["train"]["cooldown"]                  # a teacher stored before --cooldown existed
+    (ckpt / "config.json").write_text(json.dumps(header))
+    cfg = distill_config(old, tmp_path / "s", steps=3, time_limit=1.0)
+    assert cfg.train.cooldown == COOLDOWN_FRACTION != 1 - budget.WARMUP_FRACTION

@@ -59,6 +59,7 @@ def distill_config(teacher: str | Path, out: str | Path | None, *, method: str =
     minutes as a budget plan, or DISTILL_STEPS_FRACTION of the teacher's steps. ``train``: other
     train fields to set (batch_size, lr, seed, device, precision, threads, ...)."""
     from . import checkpoint as ckpt_io
+    from .budget import COOLDOWN_FRACTION
     from .config import apply_overrides, start_budget, validate
     from .runlog import read_metrics
 
@@ -76,6 +77,7 @@ def distill_config(teacher: str | Path, out: str | Path | None, *, method: str =
     t.warmup_steps, t.fid_every, t.resolved_precision, t.plan, t.size_model = 0, None, None, "steps", False
     t.epochs, t.time_limit, t.sample_every, t.ckpt_every, t.patience = None, None, None, None, None
     t.ema_std = t.ema_std or 0.1
+    t.cooldown = COOLDOWN_FRACTION               # the teacher's (or an old config's) cool-down is not the student's
     t.steps = steps or max(1, round(teacher_steps * DISTILL_STEPS_FRACTION))
     name = src.parts[-3] if src.is_dir() else src.stem         # RUN/checkpoints/step_N, or FILE.safetensors
     t.out = str(out) if out is not None else str(Path("runs") / f"{name}-{method}{nfe}")
