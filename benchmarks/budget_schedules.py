@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -66,8 +67,9 @@ def main(argv=None) -> None:
         if args.data_root:
             cmd += ["--data-root", args.data_root]
         t0 = time.perf_counter()
+        # this checkout's diffuse, as budget.py runs it, whatever PYTHONPATH the caller has
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                       env={"PYTHONPATH": str(HERE.parent / "src"), **__import__("os").environ})
+                       env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
         row = {"name": name, "flags": " ".join(flags), "minutes": args.minutes, "cpu": cpu_description(),
                "call_seconds": round(time.perf_counter() - t0, 1), **run_facts(run), **scorer.score(run)}
         result["rows"].append(row)

@@ -511,8 +511,9 @@ def _header(run: Run, threads: int, busy: str | None, placement_why: str, plan_n
     if cfg.distill.method:
         rep.line(f"distill: {cfg.distill.describe()}")
     if run.clock is not None:
-        rep.line(f"plan: learning rate warms up to {tc.lr:g} over {WARMUP_FRACTION:.0%} of the budget, holds, then decays "
-                 f"linearly to 0 over its last {tc.cooldown:.0%}, at batch {tc.batch_size}; power EMA of width {tc.ema_std:g} of the run (docs/budgets.md)", echo=False)
+        rep.line(f"plan: learning rate warms up to {tc.lr:g} over {WARMUP_FRACTION:.0%} of the budget, holds, then "
+                 f"decays linearly to 0 over its last {tc.cooldown:.0%}, at batch {tc.batch_size}; power EMA of width "
+                 f"{tc.ema_std:g} of the run (docs/budgets.md)", echo=False)
     rep.line(f"precision {run.precision.name}: {run.precision.reason}; data on {run.placement}: {placement_why}")
     rep.line(f"objective: {describe(cfg.diffusion)}", echo=False)
     if run.resumed:

@@ -91,9 +91,9 @@ class Plan:
 
     Without a ``clock`` the learning rate depends on the step alone (``lr_at``: linear warm-up to
     --lr, then constant); with one (a budget plan, budget.py) it follows the fraction of the budget
-    used: warm-up, the peak, then a linear decay to 0 over the budget's last --cooldown fraction. The EMA decay is the fixed
-    --ema-decay (warmed up, ``ema_decay_at``), or with --ema-std the power EMA whose width is that
-    fraction of the run so far (``budget.power_ema_decay``)."""
+    used: warm-up, the peak, then a linear decay to 0 over the budget's last --cooldown fraction. The
+    EMA decay is the fixed --ema-decay (warmed up, ``ema_decay_at``), or with --ema-std the power EMA
+    whose width is that fraction of the run so far (``budget.power_ema_decay``)."""
 
     def __init__(self, cfg: Config, clock: BudgetClock | None = None):
         self.cfg, self.clock = cfg, clock
