@@ -13,6 +13,9 @@ Recipes (``--recipes``), each a fresh ``diffuse train`` per budget B:
                   the schedules give without the sizing
   cut             today's default before budgets, cut by time: the preset's model and step count with
                   ``--steps S --time-limit B`` (constant learning rate, fixed EMA decay, stopped at B)
+  guess           a knowledgeable user's hand-picked small model for a folder above 32 px: the mnist
+                  preset's UNet at 32 px, written upscaled at the folder's size, with the budget's
+                  schedules (``--preset mnist --image-size 32 --output-size S --time-limit B``)
 
 Scoring, the same for every run: ``--fid-n`` images from the final EMA with the run's default sampler
 (``diffuse sample``'s), image i from seed stream (--seed, i); FID against the data's test split (standard
@@ -36,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 
-RECIPES = ("budget", "budget-preset", "cut")
+RECIPES = ("budget", "budget-preset", "cut", "guess")
 
 
 def parse_args(argv=None):
@@ -92,6 +95,11 @@ def train_flags(args, recipe: str, minutes: float, out: Path) -> list[str]:
     if recipe == "cut":
         return flags + ["--preset", preset, "--steps", str(PRESETS[preset]["train"]["steps"]),
                         "--time-limit", f"{minutes:g}"]
+    if recipe == "guess":
+        if size is None or size <= 32:
+            raise SystemExit("the guess recipe is for a folder of images above 32 px")
+        return flags + ["--preset", "mnist", "--image-size", "32", "--output-size", str(size),
+                        "--time-limit", f"{minutes:g}"]
     raise SystemExit(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
 
 
@@ -122,7 +130,7 @@ class Scorer:
             self.extractor = load_extractor(None, torch.device("cpu"), "tf-bilinear")
             split = "test" if a.data in STANDARD else "train"
             self.ref = fid.reference_stats(a.data, split, a.ref_n, data_root=a.data_root, extractor=self.extractor,
-                                           image_size=cfg.data.image_size, channels=cfg.model.in_channels,
+                                           image_size=cfg.written_size, channels=cfg.model.in_channels,
                                            progress=False)
         return self.ref
 
@@ -161,7 +169,8 @@ def run_facts(run: Path) -> dict:
     return {"params_m": _params(head[0]),
             "model": {k: cfg["model"][k] for k in ("base_channels", "channel_mult", "num_res_blocks",
                                                    "attn_resolutions")},
-            "image_size": cfg["model"]["image_size"], "batch": cfg["train"]["batch_size"],
+            "image_size": cfg["model"]["image_size"], "output_size": cfg["train"].get("output_size"),
+            "batch": cfg["train"]["batch_size"],
             "steps": state["step"], "images_seen": state["images_seen"],
             "train_seconds": round(state.get("train_seconds", 0.0), 1),
             "plan": [line for line in head if line.startswith("plan: ")]}

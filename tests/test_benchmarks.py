@@ -113,7 +113,7 @@ def test_race_resample_redraws_snapshots_from_the_kept_checkpoints(tmp_path):
 def test_budget_benchmark_recipes_differ_only_in_the_plan():
     import budget as budget_bench
     args = budget_bench.parse_args(["--data", "mnist", "--data-root", "/d"])
-    flags = {r: budget_bench.train_flags(args, r, 8.0, Path("/o")) for r in budget_bench.RECIPES}
+    flags = {r: budget_bench.train_flags(args, r, 8.0, Path("/o")) for r in budget_bench.RECIPES if r != "guess"}
     assert flags["budget"][-2:] == ["--time-limit", "8"] and "--steps" not in flags["budget"]
     assert flags["budget-preset"][-4:] == ["--time-limit", "8", "--preset", "mnist"]
     assert flags["cut"][-6:] == ["--preset", "mnist", "--steps", "4000", "--time-limit", "8"]
@@ -128,6 +128,26 @@ def test_budget_benchmark_recipes_differ_only_in_the_plan():
         plans[recipe] = (cfg.train.plan, cfg.train.size_model, cfg.train.steps)
     assert plans == {"budget": ("budget", True, None), "budget-preset": ("budget", False, None),
                      "cut": ("steps", False, 4000)}
+    with pytest.raises(SystemExit, match="above 32 px"):
+        budget_bench.train_flags(args, "guess", 8.0, Path("/o"))
+
+
+def test_budget_benchmark_guess_is_the_mnist_unet_at_32_px_written_at_the_folders_size(tmp_path):
+    import budget as budget_bench
+    from PIL import Image
+
+    from diffuse.api import _run_config
+    from diffuse.cli import build_parser
+    (tmp_path / "a").mkdir()
+    Image.new("RGBA", (64, 64), (200, 10, 10, 128)).save(tmp_path / "a" / "0.png")
+    args = budget_bench.parse_args(["--data", str(tmp_path), "--class-cond"])
+    cfgs = {r: _run_config(build_parser().parse_args(["train", *budget_bench.train_flags(args, r, 15.0, Path("/o"))]))
+            for r in ("guess", "budget")}
+    g = cfgs["guess"]
+    assert (g.preset, g.data.image_size, g.train.output_size, g.train.plan, g.train.size_model, g.train.half_size) == \
+        ("mnist", 32, 64, "budget", False, False)
+    b = cfgs["budget"]
+    assert (b.data.image_size, b.train.output_size, b.train.size_model, b.train.half_size) == (64, None, True, False)
 
 
 def test_distill_benchmark_summary_picks_the_teachers_best_and_judges_the_goals():

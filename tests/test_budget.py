@@ -248,6 +248,7 @@ def test_budget_plan_sizes_the_model_with_the_rule(tmp_path, fake_clock, monkeyp
     stored = json.loads((out / "config.json").read_text())["model"]
     assert {k: stored[k] for k in ("base_channels", "num_res_blocks")} == \
         {k: fields[1][k] for k in ("base_channels", "num_res_blocks")}
+    assert json.loads((out / "config.json").read_text())["train"]["lr"] == 1e-3     # --lr given: not sized_peak_lr's
     log = (out / "train.log").read_text()
     assert "model sized for the budget" in log and f"{params[1] / 1e6:.3f}M params" in log
     assert "the next rung" in log
@@ -282,3 +283,94 @@ def test_train_config_of_the_api_plans_a_budget():
     from diffuse.api import train_config
     cfg = train_config(data="digits", time_limit=3)
     assert (cfg.train.plan, cfg.train.steps, cfg.train.time_limit, cfg.train.size_model) == ("budget", None, 3.0, True)
+
+
+def _rgba_folder(root, size=64, per_class=6):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            px = torch.randint(0, 256, (size, size, 4), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(px, "RGBA").save(root / c / f"{i}.png")
+    return root
+
+
+def _folder_budget(folder, out, **data):
+    t = {"time_limit": 0.2, "batch_size": 8, "log_every": 1, "sample_n": 4, "sample_steps": 2, "out": str(out),
+         "keep": 0, "half_size": True}
+    return resolve(None, str(folder), None, {"data": {"name": str(folder), **data},
+                                             "model": {"class_cond": True}, "train": t})
+
+
+def test_a_budget_too_small_for_the_images_size_trains_at_half_and_writes_at_full(tmp_path, fake_clock,
+                                                                                   monkeypatch):
+    from diffuse import sizing
+    from diffuse.api import load
+    from diffuse.runinfo import info_text
+    folder = _rgba_folder(tmp_path / "pics")
+    cfg = _folder_budget(folder, tmp_path / "run")
+    assert (cfg.data.image_size, cfg.train.size_model, cfg.train.half_size) == (64, True, True)
+    seen = []
+
+    def fake_rate(fields, cfg_, channels, size, *rest):
+        seen.append(size)
+        return 1e-3                                     # no rung qualifies: the smallest at each size
+    real = sizing.choose
+    monkeypatch.setattr(sizing, "choose", lambda *a, **k: real(*a, measure=fake_rate, **k))
+    out = train(cfg, progress=False)
+    assert seen == [64, 32]                             # its own size first, then half
+    stored = json.loads((out / "config.json").read_text())
+    assert (stored["data"]["image_size"], stored["model"]["image_size"], stored["train"]["output_size"]) == (32, 32, 64)
+    smallest_64 = sizing.count_params(sizing.model_config(sizing.ladder(64)[0], cfg, 3, 64))
+    log = (out / "train.log").read_text()
+    assert "(12 images, 3x32x32, written at 64 px, 2 classes)" in log
+    assert (f"plan: trains at 32 px and writes its images at the folder's 64 px (bicubic): at 64 px the budget "
+            f"affords {smallest_64 / 1e6:.2g}M params, {smallest_64 / 64 ** 2:.0f} per output pixel (< 250)") in log
+    from PIL import Image
+    assert stored["train"]["lr"] == 2e-3 and "learning rate warms up to 0.002 over 5%" in log   # sized_peak_lr
+    grid = Image.open(out / "samples" / sorted(p.name for p in (out / "samples").iterdir())[-1])
+    assert grid.size[0] > 2 * 64                       # four 64 px images in a row, not 32 px ones
+    model = load(out, device="cpu")
+    assert model.image_size == 64 and model.sample(2, seed=0, steps=2).shape == (2, 64, 64, 3)
+    assert "images written at 64 px, upscaled" in info_text(out)
+    # a resumed run keeps training at 32 px on the same data
+    first = min(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    _restart_from(out, int(first[5:]))
+    t = iter(float(i) for i in range(10**6))
+    monkeypatch.setattr(budget, "wall_clock", lambda: next(t))
+    train(load_resume_config(out, {"train": {"out": str(out)}}), resume=True, progress=False)
+    assert json.loads((out / "config.json").read_text())["train"]["output_size"] == 64
+
+
+@pytest.mark.parametrize("given, sized", [({}, True),                                   # off by default
+                                          ({"data": {"image_size": 64}, "train": {"half_size": True}}, True),
+                                          ({"train": {"output_size": 64, "half_size": True}}, True),
+                                          ({"preset": "cifar10-small", "train": {"half_size": True}}, False)])
+def test_the_images_own_size_by_default_and_when_the_user_chose_a_size_or_a_model(tmp_path, given, sized):
+    folder = _rgba_folder(tmp_path / "pics", per_class=1)
+    t = {"time_limit": 0.2, "out": str(tmp_path / "run"), **given.get("train", {})}
+    cfg = resolve(given.get("preset"), str(folder), None,
+                  {"data": {"name": str(folder), **given.get("data", {})}, "train": t})
+    assert cfg.train.size_model == sized and not cfg.train.half_size
+
+
+def test_an_output_size_below_the_training_size_is_one_line(tmp_path):
+    from diffuse.errors import DiffuseError
+    folder = _rgba_folder(tmp_path / "pics", size=16, per_class=1)
+    cfg = resolve(None, str(folder), None, {"data": {"name": str(folder)}, "model": dict(TINY_MODEL),
+                                            "train": {"steps": 1, "output_size": 8, "out": str(tmp_path / "run")}})
+    with pytest.raises(DiffuseError, match="--output-size 8 is below the training size 16"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_sized_plan_sets_its_peak_rate_from_the_size_unless_lr_is_given():
+    from diffuse.config import SIZED_LR, sized_peak_lr
+    assert sized_peak_lr(4e-4, 670_000) == SIZED_LR == 2e-3           # the colour preset's rate, doubled: raised
+    assert sized_peak_lr(4e-4, 16_000_000) == pytest.approx(5e-4)      # 2e-3 / sqrt(16)
+    assert sized_peak_lr(4e-4, 64_000_000) == 4e-4                     # 2.5e-4 < the plan's own: kept
+    assert sized_peak_lr(4e-3, 640_000) == 4e-3                        # the digits plan keeps its 4e-3
+    assert sized_peak_lr(2e-3, 1_190_000) == 2e-3                      # and the mnist plans their 2e-3
+    assert _resolve({"time_limit": 5.0}).train.lr_from_size
+    assert not _resolve({"time_limit": 5.0, "lr": 1e-4}).train.lr_from_size

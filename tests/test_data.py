@@ -272,3 +272,15 @@ def test_indices_are_the_positions_of_the_epoch_stream():
     stream = torch.cat(perms)
     for k in range(6):
         assert torch.equal(s.indices(k), stream[k * 700:(k + 1) * 700])
+
+
+def test_upscale_is_bicubic_clamped_and_leaves_its_own_size_alone():
+    from diffuse.images import upscale
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert upscale(x, None) is x and upscale(x, 8) is x
+    y = upscale(x, 16)
+    assert y.shape == (2, 3, 16, 16) and y.min() >= -1 and y.max() <= 1
+    ref = torch.nn.functional.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False)
+    assert ref.min() < -1 or ref.max() > 1          # the kernel overshoots on this noise: the clamp matters
+    assert torch.equal(y, ref.clamp(-1, 1))
+    assert torch.allclose(upscale(torch.full((1, 1, 4, 4), 0.25), 12), torch.tensor(0.25))   # flat stays flat

@@ -337,3 +337,21 @@ def test_a_real_probe_of_the_smallest_rung(cache):
     rate = _measure()
     assert math.isfinite(rate) and rate > 0
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training below the images' own size
+
+@pytest.mark.parametrize("size, params, half", [
+    (64, 397_000, 32),                     # the emoji plan's 0.40M rung: 97 per pixel
+    (64, S.MIN_PARAMS_PER_PIXEL * 64 ** 2 - 1, 32),
+    (64, S.MIN_PARAMS_PER_PIXEL * 64 ** 2, None),           # at the threshold: its own size
+    (64, 38_000_000, None),                # a GPU budget's large rung
+    (32, 10_000, None), (28, 10, None),    # at or below HALF_ABOVE: never halved
+    (36, 10, 20),                          # 18 rounded up to a multiple of 4 for the 32 px ladder
+    (100, 10, 56),                         # 50 rounded up to a multiple of 8 for the 64 px ladder
+])
+def test_half_size_follows_the_params_per_pixel_rule(size, params, half):
+    assert S.half_size(size, params) == half
+    if half is not None:
+        S.ladder(half)                     # a size whose levels halve cleanly

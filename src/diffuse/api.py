@@ -202,7 +202,8 @@ class Model:
 
     @property
     def image_size(self) -> int:
-        return self._loaded.config.model.image_size
+        """Pixels per side of the images ``sample`` returns (a run trained smaller writes them upscaled)."""
+        return self._loaded.config.written_size
 
     @property
     def channels(self) -> int:

@@ -164,11 +164,21 @@ class TrainConfig:
                                              "(warmup-stable-decay; 1: a decay over the whole budget)")
     size_model: bool | None = opt(None, "in a budget plan, choose the UNet size this machine can train in the "
                                         "budget (default: yes unless --preset or a model flag is given)")
+    half_size: bool = opt(False, "in a budget plan that sizes the model, train images above 32 px at half their "
+                                 "size and write them upscaled where the budget affords too small a model at "
+                                 "their own (off by default: measured, the emoji set's 64 px won at 15 minutes; "
+                                 "docs/budgets.md)")
+    lr_from_size: bool | None = opt(None, "a budget plan that sizes the model sets the peak learning rate from "
+                                          "the size (sized_peak_lr); false when --lr is given", cli=False)
     log_every: int = opt(50, "steps between metric log lines")
     sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run, at least 100 steps apart)")
     sample_steps: int = opt(50, "DDIM steps for the grids written during training")
     sample_n: int = opt(64, "images in the grids written during training")
     sample_guidance: float = opt(1.0, "with --class-cond: guidance w for the training grids, and the run's default for sample/eval")
+    output_size: int | None = opt(None, "pixels of the images the run writes (grids, sample, eval, serve): the model's "
+                                        "output upscaled (bicubic) to this size when it trains smaller; default the "
+                                        "training size, or the folder's own where a budget plan trains it at half "
+                                        "(docs/budgets.md)")
     ckpt_every: int | None = opt(None, "steps between checkpoints (default: about 5 per run)")
     keep: int = opt(3, "keep only the newest N step checkpoints (0 = keep all)")
     patience: int | None = opt(None, "early stopping: stop after N epochs without a loss improvement")
@@ -229,6 +239,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def written_size(self) -> int:
+        """Pixels per side of the images the run writes: train.output_size, else the model's own
+        (cfg.model.image_size must be filled in from the data)."""
+        return self.train.output_size or self.model.image_size
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -541,6 +557,10 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
         t.sample_steps = BUDGET_GRID_STEPS          # the budget pays for its grids: 20 DDIM steps, not 50
     if t.size_model is None:
         t.size_model = t.plan != "steps" and not preset_named and not (given["model"] - {"class_cond"})
+    if t.half_size and (not t.size_model or {"image_size"} & given["data"] or "output_size" in given["train"]):
+        t.half_size = False            # the user chose the model or the size: the planner changes neither
+    if t.lr_from_size is None:
+        t.lr_from_size = "lr" not in given["train"]
     if t.plan == "budget" and t.size_model:
         budget_step_defaults(t, given["train"])
 
@@ -553,6 +573,20 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
 BUDGET_LR_FACTOR = 2.0
 BUDGET_BATCH_FACTOR = 0.5
 MIN_BUDGET_BATCH = 32
+# ...and once the model is sized, at least SIZED_LR for a model of up to SIZED_LR_PARAMS parameters,
+# falling as 1/sqrt(params) above (sized_peak_lr). Twice a preset's rate fits that preset's own
+# model: the mnist preset's 1e-3 doubled was measured best for the sized MNIST models, but the colour
+# presets' 2e-4 was chosen for 17M and 65M parameters; the emoji set at 32 px, 15 minutes on a Zen 4,
+# sized 0.67M: peak 4e-4 gave FID 174, 2e-3 gave 164 in 20% fewer steps (docs/budgets.md).
+SIZED_LR = 2e-3
+SIZED_LR_PARAMS = 1_000_000
+
+
+def sized_peak_lr(lr: float, params: int) -> float:
+    """The peak learning rate of a budget plan whose model diffuse sized to ``params`` parameters,
+    from the plan's rate so far ``lr`` (the preset's, doubled): max(lr, SIZED_LR * min(1,
+    sqrt(SIZED_LR_PARAMS / params))). The digits (4e-3) and mnist (2e-3) plans keep theirs."""
+    return max(lr, SIZED_LR * min(1.0, math.sqrt(SIZED_LR_PARAMS / params)))
 
 
 def budget_step_defaults(t: TrainConfig, given: set[str]) -> None:
@@ -610,7 +644,7 @@ def _validate_limits(cfg: Config) -> None:
                               ("image-size", cfg.data.image_size or 0, 4096), ("num-groups", m.num_groups, 4096),
                               ("head-channels", m.head_channels, 1 << 16), ("steps", t.steps or 0, 1 << 40),
                               ("sample-steps", t.sample_steps, 100_000), ("fid-steps", t.fid_steps, 100_000),
-                              ("threads", t.threads or 0, 4096)):
+                              ("threads", t.threads or 0, 4096), ("output-size", t.output_size or 0, 4096)):
         _need(value <= most, f"--{name} {value} is too large (at most {most:,})")
     _need(len(m.channel_mult) <= 8 and all(c <= 64 for c in m.channel_mult),
           f"--channel-mult {','.join(map(str, m.channel_mult))} is too large (at most 8 levels, each at most 64)")
@@ -690,6 +724,7 @@ def _validate_train(cfg: Config) -> None:
         _need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1, got {v}")
     _need(t.sample_steps >= 1, f"--sample-steps must be at least 1, got {t.sample_steps}")
     _need(t.sample_n >= 1, f"--sample-n must be at least 1, got {t.sample_n}")
+    _need(t.output_size is None or t.output_size >= 1, f"--output-size must be a positive integer, got {t.output_size}")
     _need(t.keep >= 0, f"--keep must be >= 0, got {t.keep}")
     _need(t.fid_every is None or t.fid_every >= 1, f"--fid-every must be at least 1, got {t.fid_every}")
     _need(t.fid_n >= 2, f"--fid-n must be at least 2 (a covariance needs two images), got {t.fid_n}")

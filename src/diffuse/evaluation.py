@@ -48,7 +48,7 @@ def reference(ref: str | None, cfg: Config, extractor, *, ref_n: int | None = No
               batch_size: int = 50, progress: bool = False) -> tuple[fid.Stats, dict[str, Any]]:
     """FID reference statistics for a run and their description: ``ref`` a data set[:split] or a
     statistics .npz; None = the run's training data, train split, loaded as training loaded it (no
-    augmentation; cached by fid.reference_stats). ``ref_n``: a seeded subset (None: the whole split)."""
+    augmentation; cached by fid.reference_stats), at the size the run writes (train.output_size). ``ref_n``: a seeded subset (None: the whole split)."""
     if ref and Path(ref).suffix == ".npz":
         stats, desc = fid.load_stats(ref), {"stats": ref}
     else:
@@ -56,7 +56,7 @@ def reference(ref: str | None, cfg: Config, extractor, *, ref_n: int | None = No
         same = data == cfg.data.name
         stats = fid.reference_stats(data, split, ref_n, extractor=extractor,
                                     data_root=data_root or (cfg.data.root if same else None),
-                                    image_size=cfg.data.image_size if same else None,
+                                    image_size=cfg.written_size if same else None,
                                     channels=cfg.data.channels if same else None,
                                     batch_size=batch_size, progress=progress)
         desc = {"data": data, "split": split, "cache": stats.meta.get("cache")}
@@ -251,7 +251,7 @@ def class_accuracy(loaded: Loaded, spec: SamplingSpec, guidances: list[float], *
     if not cfg.model.class_cond:
         raise DiffuseError(f"{loaded.source} is an unconditional model; --classifier-accuracy needs one "
                            "trained with --class-cond")
-    judge = classifier.load_or_train(cfg.data.name, data_root or cfg.data.root, cfg.model.image_size,
+    judge = classifier.load_or_train(cfg.data.name, data_root or cfg.data.root, cfg.written_size,
                                      cfg.model.in_channels, device=device, log=log or (lambda m: None))
     sweep = classifier.guidance_sweep(loaded, judge, guidances, n_per_class=n_per_class, sampler=spec.sampler,
                                       steps=spec.steps, spacing=spec.spacing, seed=spec.seed, batch_size=batch_size,

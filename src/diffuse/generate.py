@@ -19,7 +19,7 @@ from .config import Config, validate, validate_model_config
 from .denoiser import Denoiser
 from .diffusion import Schedule
 from .errors import DiffuseError
-from .images import to_uint8
+from .images import to_uint8, upscale
 from .models import UNet
 from .objectives import DEFAULT_VP_SAMPLER, VP, Formulation, formulation_for, make_denoiser
 from .rng import ImageNoise, to_device
@@ -222,7 +222,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = DEFAULT_VP
         x, den = sample_batch(loaded, spec.sampler, sigmas, ImageNoise(spec.seed, idx, device), labels=y,
                               guidance=spec.guidance, clip_x0=spec.clip_x0, amp=amp, callback=cb, levels=levels,
                               **spec.sampler_options())
-        out.append(to_uint8(x))
+        out.append(to_uint8(upscale(x, loaded.config.train.output_size)))
         nfe = den.nfe                               # counted, not predicted: network calls per batch
     seconds = time.perf_counter() - t0
     record = {"sampler": spec.sampler, "steps": spec.steps, "spacing": spec.spacing, "nfe": nfe,

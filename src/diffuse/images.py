@@ -19,6 +19,16 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def upscale(x: Tensor, size: int | None) -> Tensor:
+    """x float [B, C, h, h] in [-1, 1] -> [B, C, size, size]: bicubic, clamped back to [-1, 1] (the
+    cubic kernel overshoots at edges); ``x`` itself when ``size`` is None or already h. How a run
+    trained below its output size (``train.output_size``, docs/budgets.md) writes its images."""
+    if size is None or x.shape[-1] == size:
+        return x
+    return torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bicubic",
+                                           align_corners=False).clamp(-1, 1)
+
+
 def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 0) -> np.ndarray:
     """uint8 [N, C, H, W] -> uint8 [rows*(H+p)+p, cols*(W+p)+p, C] (C is 1 or 3), row-major."""
     n, c, h, w = images.shape

@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .budget import WARMUP_FRACTION, BudgetClock
-from .config import Config, start_budget, validate_resolution
+from .config import Config, sized_peak_lr, start_budget, validate_resolution
 from .data import BatchStream, ImageSet, choose_placement, default_flip, fingerprint, load_dataset
 from .device import PrecisionChoice, choose_precision, configure, pick_device, use_channels_last
 from .errors import DiffuseError
@@ -371,6 +371,10 @@ def _load_data(run: Run, cfg: Config) -> None:
     run.data = load_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, cfg.data.channels,
                             cache=cfg.data.cache)
     fill_model_from_data(cfg, run.data)
+    out = cfg.train.output_size
+    if out is not None and out < run.data.image_size:
+        raise DiffuseError(f"--output-size {out} is below the training size {run.data.image_size}: the run writes its "
+                           f"images at the size it trains or larger (upscaled); lower --image-size instead")
     if cfg.data.flip is None:
         cfg.data.flip = default_flip(cfg.data.name)
     run.steps_total = total_steps(cfg, len(run.data))
@@ -420,7 +424,7 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
         run.steps_total = total_steps(cfg, len(run.data))
         _set_periods(run, cfg)
     if is_budget(cfg) and tc.size_model:
-        from .sizing import choose, ladder
+        from .sizing import MIN_PARAMS_PER_PIXEL, choose, half_size, ladder
         try:
             ladder(cfg.model.image_size)
         except ValueError as e:            # a size the ladder's UNets cannot halve: keep the preset's model
@@ -428,8 +432,20 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
             return "; ".join(notes)
         choice = dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
                                         run.channels_last) if run.main else None)
+        half = half_size(cfg.model.image_size, choice.params) if tc.half_size else None
+        if half is not None:
+            full, full_choice = cfg.model.image_size, choice
+            cfg.data.image_size, tc.output_size = half, full
+            _load_data(run, cfg)
+            choice = dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
+                                            run.channels_last) if run.main else None)
+            notes.append(f"trains at {half} px and writes its images at the folder's {full} px (bicubic): at "
+                         f"{full} px the budget affords {full_choice.params / 1e6:.2g}M params, "
+                         f"{full_choice.params / full ** 2:.0f} per output pixel (< {MIN_PARAMS_PER_PIXEL})")
         for name, value in choice.model.items():
             setattr(cfg.model, name, value)
+        if tc.lr_from_size:
+            tc.lr = sized_peak_lr(tc.lr, choice.params)
         run.sized = choice
         run.steps_total = int(choice.images // tc.batch_size)
         notes.append(choice.reason)
@@ -501,7 +517,8 @@ def _header(run: Run, threads: int, busy: str | None, placement_why: str, plan_n
         length = f"steps {st.step}->{run.steps_total}"
     model = "model sized for the budget" if run.sized is not None else f"preset {cfg.preset}"
     rep.line(f"diffuse train | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x"
-             f"{data.image_size}{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | {model} | "
+             f"{data.image_size}{f', written at {tc.output_size} px' if tc.output_size not in (None, data.image_size) else ''}"
+             f"{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | {model} | "
              f"{run.n_params / 1e6:.2f}M params | {run.device.type}"
              f"{' bf16' if run.amp else ' fp32'}{' channels_last' if run.channels_last else ''} | {threads} threads"
              f"{' per rank' if dist.active() else ''} | batch {tc.batch_size}{run.split.describe()} | "

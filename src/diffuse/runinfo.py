@@ -47,7 +47,8 @@ def _lines(info: dict[str, Any], cfg: Config) -> list[str]:
     return [
         f"checkpoint   {info['source']}",
         f"step         {info['step']} ({(info['step'] or 0) * t.batch_size:,} images seen)",
-        f"data         {cfg.data.name} ({m.in_channels}x{m.image_size}x{m.image_size})",
+        f"data         {cfg.data.name} ({m.in_channels}x{m.image_size}x{m.image_size}"
+        f"{f'; images written at {cfg.written_size} px, upscaled' if cfg.written_size != m.image_size else ''})",
         f"preset       {cfg.preset}",
         f"parameters   {info['params']:,}",
         f"unet         base {m.base_channels}, mult {','.join(map(str, m.channel_mult))}, "

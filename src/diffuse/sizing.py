@@ -40,6 +40,17 @@ IMAGES_PER_PARAM = 0.1
 # The share of the budget that trains; sample grids and checkpoints take the rest.
 PLANNED_SHARE = 0.9
 
+# With --half-size, a budget plan trains images above HALF_ABOVE px at half their size, and writes
+# them upscaled at their own, when the model the budget affords at their own size has fewer than
+# MIN_PARAMS_PER_PIXEL parameters per pixel (``half_size``). Off by default because measurement
+# says so (docs/budgets.md): the emoji set, 15 minutes on a Zen 4, at the sized peak rate 0.002: 64
+# px (the 0.40M rung, 97 per pixel) FID 142; trained at 32 px (0.67M) and upscaled, 164; and real
+# images taken to 32 px and back score 51 against the set (real ones 31.5), a floor the 32 px route
+# cannot pass. 250 is where the first measurement (at the 64 px preset's lower rate, 205 at 64 px
+# against 174 at 32) put it.
+HALF_ABOVE = 32
+MIN_PARAMS_PER_PIXEL = 250
+
 PROBE_SECONDS = 1.0         # timed steps run until this much time is spent...
 MIN_TIMED_STEPS = 2         # ...but at least this many (a spread needs two; a rung whose step takes
                             # seconds then costs three steps, the warm-up's included)
@@ -94,6 +105,18 @@ def ladder(image_size: int) -> list[dict[str, Any]]:
         raise ValueError(f"image size {image_size} is not a multiple of {factor}, which the {ref} px ladder's "
                          f"UNet levels need")
     return [{**r, "attn_resolutions": tuple(a * image_size // ref for a in r["attn_resolutions"])} for r in rungs]
+
+
+def half_size(image_size: int, params: int) -> int | None:
+    """The size a budget plan trains ``image_size`` images at when the model it affords at that size
+    has ``params`` parameters: half (rounded up to what ``ladder`` needs: a multiple of 4 up to 32 px,
+    of 8 above) when the images are above HALF_ABOVE px and params / image_size^2 is below
+    MIN_PARAMS_PER_PIXEL; None (train at the images' own size) otherwise."""
+    if image_size <= HALF_ABOVE or params >= MIN_PARAMS_PER_PIXEL * image_size ** 2:
+        return None
+    half = -(-image_size // 2)
+    factor = 4 if half <= 32 else 8                 # what ladder(half)'s levels need
+    return -(-half // factor) * factor
 
 
 def model_config(fields: dict[str, Any], cfg: Config, n_channels: int, image_size: int) -> ModelConfig:

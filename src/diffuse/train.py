@@ -35,7 +35,7 @@ from .duties import (AgreedStop, CheckpointEvery, Checkpointer, ClockTick, Diver
 from .errors import DiffuseError
 from .evaluation import FidDuringTraining  # noqa: F401 (the loop's --fid-every; importable from here)
 from .fsutil import atomic_write
-from .images import save_grid, to_uint8
+from .images import save_grid, to_uint8, upscale
 from .models import batch_slice
 from .objectives import Formulation, make_denoiser, weighted_mse
 from .rng import ImageNoise, derive_seed, generator
@@ -145,7 +145,7 @@ def sample_grid(net: nn.Module, cfg: Config, formulation: Formulation, device: t
     z = noise.randn(m.in_channels, m.image_size, m.image_size)
     x = run_sampler(spec.sampler, den, z, spec.sigmas(schedule), noise=noise, **spec.sampler_options())
     net.train(was_training)
-    return to_uint8(x), labels, nrow
+    return to_uint8(upscale(x, cfg.train.output_size)), labels, nrow
 
 
 def drop_labels(y: Tensor, p: float, null_label: int, gen: torch.Generator, rows: slice | None = None,

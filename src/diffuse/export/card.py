@@ -129,7 +129,10 @@ def _run_table(facts: dict[str, Any], cfg: Config) -> list[str]:
             return "not recorded"
         return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min"
 
-    rows = [("data set", f"{cfg.data.name} ({m.in_channels}x{m.image_size}x{m.image_size})"),
+    shape = f"{m.in_channels}x{m.image_size}x{m.image_size}"
+    if cfg.written_size != m.image_size:
+        shape += f"; diffuse writes it upscaled to {cfg.written_size} px, a diffusers pipeline at {m.image_size}"
+    rows = [("data set", f"{cfg.data.name} ({shape})"),
             ("preset", cfg.preset),
             ("parameters", f"{facts['params']:,}"),
             ("UNet", f"base {m.base_channels}, channel mult {','.join(map(str, m.channel_mult))}, "

@@ -92,8 +92,8 @@ def serve(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, max_ima
         # the rule `diffuse sample` uses, so that the same request gives the same images
         amps[name] = sampling_precision(precision, dev, loaded[name].config.train.precision).dtype
         prepare_for_inference(loaded[name].net, dev, amps[name])
-        m = loaded[name].config.model
-        print(f"loaded {name}: {path} ({m.in_channels}x{m.image_size}x{m.image_size}, "
+        m, px = loaded[name].config.model, loaded[name].config.written_size
+        print(f"loaded {name}: {path} ({m.in_channels}x{px}x{px}, "
               f"{'classes ' + ','.join(loaded[name].class_names) if m.class_cond else 'unconditional'}) on {dev}, "
               f"{'bf16' if amps[name] else 'fp32'}",
               flush=True)

@@ -286,7 +286,7 @@ def _add_info_routes(app: FastAPI, state: ServeApp, *, auth: bool) -> None:
             cfg = srv.loaded.config
             m = cfg.model
             own = SamplingSpec().resolved(cfg)          # a distilled run's consistency sampler at its NFE
-            out.append({"name": name, "image_size": m.image_size, "channels": m.in_channels,
+            out.append({"name": name, "image_size": cfg.written_size, "channels": m.in_channels,
                         "default_sampler": own.sampler, "default_steps": min(own.steps, limits.max_steps),
                         "distilled": cfg.distill.describe() if cfg.distill.method else None,
                         "class_cond": m.class_cond, "classes": srv.loaded.class_names if m.class_cond else None,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..generate import Loaded, sample_batch
-from ..images import make_grid, png_bytes, to_pil, to_uint8
+from ..images import make_grid, png_bytes, to_pil, to_uint8, upscale
 from ..rng import ImageNoise
 from ..samplers import ALL_SAMPLERS, eta_of, sampler_sigmas
 
@@ -286,7 +286,7 @@ class Worker:
         x, den = sample_batch(loaded, s.sampler, sigmas, noise, labels=labels, guidance=s.guidance,
                               clip_x0=s.clip_x0, amp=self.amps.get(s.model), callback=callback, **options)
         seconds = time.perf_counter() - t0
-        images = to_uint8(x)                                       # uint8 [B, C, H, W] on CPU
+        images = to_uint8(upscale(x, loaded.config.train.output_size))   # uint8 [B, C, H, W] on CPU
         with self.lock:
             for k, job in enumerate(batch):
                 if job.state in TERMINAL:
