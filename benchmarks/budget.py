@@ -9,6 +9,8 @@
 Recipes (``--recipes``), each a fresh ``diffuse train`` per budget B:
   budget          ``--time-limit B`` alone: diffuse's budget plan (model sized for B on this machine,
                   learning rate and power EMA that end with B; docs/budgets.md)
+  budget-full-size  the budget plan at the images' own size (``--no-half-size``): what training a
+                  folder above 32 px at half its size changes
   budget-preset   the same schedules on the data's preset model (``--preset P --size-model`` off): what
                   the schedules give without the sizing
   cut             today's default before budgets, cut by time: the preset's model and step count with
@@ -39,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 
-RECIPES = ("budget", "budget-preset", "cut", "guess")
+RECIPES = ("budget", "budget-full-size", "budget-preset", "cut", "guess")
 
 
 def parse_args(argv=None):
@@ -90,6 +92,8 @@ def train_flags(args, recipe: str, minutes: float, out: Path) -> list[str]:
         flags += ["--class-cond"]
     if recipe == "budget":
         return flags + ["--time-limit", f"{minutes:g}"]
+    if recipe == "budget-full-size":
+        return flags + ["--time-limit", f"{minutes:g}", "--no-half-size"]
     if recipe == "budget-preset":
         return flags + ["--time-limit", f"{minutes:g}", "--preset", preset]
     if recipe == "cut":

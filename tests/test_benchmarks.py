@@ -126,8 +126,8 @@ def test_budget_benchmark_recipes_differ_only_in_the_plan():
     for recipe, f in flags.items():
         cfg = _run_config(build_parser().parse_args(["train", *f]))          # as `diffuse train` builds it
         plans[recipe] = (cfg.train.plan, cfg.train.size_model, cfg.train.steps)
-    assert plans == {"budget": ("budget", True, None), "budget-preset": ("budget", False, None),
-                     "cut": ("steps", False, 4000)}
+    assert plans == {"budget": ("budget", True, None), "budget-full-size": ("budget", True, None),
+                     "budget-preset": ("budget", False, None), "cut": ("steps", False, 4000)}
     with pytest.raises(SystemExit, match="above 32 px"):
         budget_bench.train_flags(args, "guess", 8.0, Path("/o"))
 
@@ -142,12 +142,13 @@ def test_budget_benchmark_guess_is_the_mnist_unet_at_32_px_written_at_the_folder
     Image.new("RGBA", (64, 64), (200, 10, 10, 128)).save(tmp_path / "a" / "0.png")
     args = budget_bench.parse_args(["--data", str(tmp_path), "--class-cond"])
     cfgs = {r: _run_config(build_parser().parse_args(["train", *budget_bench.train_flags(args, r, 15.0, Path("/o"))]))
-            for r in ("guess", "budget")}
+            for r in ("guess", "budget", "budget-full-size")}
     g = cfgs["guess"]
     assert (g.preset, g.data.image_size, g.train.output_size, g.train.plan, g.train.size_model, g.train.half_size) == \
         ("mnist", 32, 64, "budget", False, False)
     b = cfgs["budget"]
-    assert (b.data.image_size, b.train.output_size, b.train.size_model, b.train.half_size) == (64, None, True, False)
+    assert (b.data.image_size, b.train.output_size, b.train.size_model, b.train.half_size) == (64, None, True, True)
+    assert not cfgs["budget-full-size"].train.half_size and cfgs["budget-full-size"].train.size_model
 
 
 def test_distill_benchmark_summary_picks_the_teachers_best_and_judges_the_goals():
@@ -205,6 +206,35 @@ def test_budget_docs_quote_the_schedule_results():
         line = f"| **`--time-limit {minutes}` today** | {minutes} min | {r['params_m']:.2f}M | {r['batch']} | " \
                f"{r['steps']:,} | {r['images_seen']:,} | **{r['fid']:.1f}** | {r['confident']:.3f} |"
         assert line in doc
+
+
+def test_budget_docs_quote_the_emoji_results():
+    """docs/budgets.md's emoji table is the figures in the three emoji JSON files."""
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    table = doc.split("<!-- emoji-table:start -->")[1].split("<!-- emoji-table:end -->")[0]
+    lines = {line.split(" | ")[0].strip("| *"): line for line in table.strip().splitlines()[2:]}
+    res = REPO / "benchmarks" / "results"
+    today = {r["recipe"]: r for r in json.loads((res / "budget-emoji.json").read_text())["rows"]}
+    first = json.loads((res / "budget-emoji-first.json").read_text())["rows"][0]
+    explore = json.loads((res / "budget-emoji-explore.json").read_text())
+    image32 = next(r for r in explore["rows"] if r["run"] == "image-size-32")
+
+    def cells(line):
+        return [c.strip(" *") for c in line.strip("|").split("|")]
+    for start, r in (("budget plan today", today["budget"]), ("the same plan at 64 px", today["budget-full-size"]),
+                     ("the first budget plan", first), ("a knowledgeable guess", today["guess"]),
+                     ("`--image-size 32`", image32)):
+        row = cells(next(v for k, v in lines.items() if k.startswith(start)))
+        assert [row[2], row[3], row[5]] == [f"{r['params_m']:.2f}M", str(r["batch"]), f"{r['steps']:,}"], start
+        assert f"warms up to {row[4]} over" in " ".join(r["plan"]), start
+        assert row[6].startswith(f"{r['fid']:.1f}"), start
+        assert row[1].startswith(f"{r['image_size']} px")
+        assert (r.get("output_size") == 64) == ("written at 64" in row[1]), start
+    floors = explore["floors"]
+    assert cells(lines["real images of the set (two subsets of 500)"])[6] == \
+        ", ".join(f"{v:.1f}" for v in floors["real500_vs_2000"])
+    assert cells(lines["real images taken to 32 px and back"])[6] == \
+        ", ".join(f"{v:.1f}" for v in floors["real500_via_32px_vs_2000"])
 
 
 def test_budget_schedules_reads_variants_as_name_and_flags():

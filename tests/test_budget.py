@@ -298,7 +298,7 @@ def _rgba_folder(root, size=64, per_class=6):
 
 def _folder_budget(folder, out, **data):
     t = {"time_limit": 0.2, "batch_size": 8, "log_every": 1, "sample_n": 4, "sample_steps": 2, "out": str(out),
-         "keep": 0, "half_size": True}
+         "keep": 0}
     return resolve(None, str(folder), None, {"data": {"name": str(folder), **data},
                                              "model": {"class_cond": True}, "train": t})
 
@@ -343,11 +343,12 @@ def test_a_budget_too_small_for_the_images_size_trains_at_half_and_writes_at_ful
     assert json.loads((out / "config.json").read_text())["train"]["output_size"] == 64
 
 
-@pytest.mark.parametrize("given, sized", [({}, True),                                   # off by default
+@pytest.mark.parametrize("given, sized", [({"train": {"half_size": False}}, True),      # said no
+                                          ({"data": {"image_size": 64}}, True),            # chose a size
                                           ({"data": {"image_size": 64}, "train": {"half_size": True}}, True),
                                           ({"train": {"output_size": 64, "half_size": True}}, True),
                                           ({"preset": "cifar10-small", "train": {"half_size": True}}, False)])
-def test_the_images_own_size_by_default_and_when_the_user_chose_a_size_or_a_model(tmp_path, given, sized):
+def test_the_images_own_size_when_the_user_said_no_or_chose_a_size_or_a_model(tmp_path, given, sized):
     folder = _rgba_folder(tmp_path / "pics", per_class=1)
     t = {"time_limit": 0.2, "out": str(tmp_path / "run"), **given.get("train", {})}
     cfg = resolve(given.get("preset"), str(folder), None,

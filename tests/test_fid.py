@@ -610,3 +610,22 @@ def test_compare_samplers_fid_column(tiny_run, tmp_path, monkeypatch, capsys):
     assert (out / "fid_vs_nfe.png").is_file()
     header = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| sampler"))
     assert "| fid | kid |" in header
+
+
+def test_a_runs_own_reference_is_its_data_at_the_size_it_writes(tmp_path, monkeypatch):
+    from diffuse import evaluation
+    from diffuse.config import resolve
+    monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path))
+    seen = []
+
+    class SizeExtractor(CountingExtractor):
+        def features(self, images, batch_size=50, progress=False):
+            seen.append(tuple(images.shape[-2:]))
+            return super().features(images, batch_size, progress)
+    cfg = resolve("digits", None, None, {"train": {"output_size": 16}})
+    cfg.model.image_size = 8
+    stats, desc = evaluation.reference(None, cfg, SizeExtractor(), ref_n=50)
+    assert seen == [(16, 16)] and desc["n"] == 50           # digits' 8 px, as the run writes them: 16 px
+    cfg.train.output_size = None
+    evaluation.reference(None, cfg, SizeExtractor(), ref_n=50)
+    assert seen[-1] == (8, 8)

@@ -164,10 +164,10 @@ class TrainConfig:
                                              "(warmup-stable-decay; 1: a decay over the whole budget)")
     size_model: bool | None = opt(None, "in a budget plan, choose the UNet size this machine can train in the "
                                         "budget (default: yes unless --preset or a model flag is given)")
-    half_size: bool = opt(False, "in a budget plan that sizes the model, train images above 32 px at half their "
-                                 "size and write them upscaled where the budget affords too small a model at "
-                                 "their own (off by default: measured, the emoji set's 64 px won at 15 minutes; "
-                                 "docs/budgets.md)")
+    half_size: bool | None = opt(None, "in a budget plan that sizes the model, train images above 32 px at half "
+                                       "their size and write them upscaled where the budget affords too small a "
+                                       "model at their own (docs/budgets.md; default: yes unless --image-size or "
+                                       "--output-size is given)")
     lr_from_size: bool | None = opt(None, "a budget plan that sizes the model sets the peak learning rate from "
                                           "the size (sized_peak_lr); false when --lr is given", cli=False)
     log_every: int = opt(50, "steps between metric log lines")
@@ -557,8 +557,10 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
         t.sample_steps = BUDGET_GRID_STEPS          # the budget pays for its grids: 20 DDIM steps, not 50
     if t.size_model is None:
         t.size_model = t.plan != "steps" and not preset_named and not (given["model"] - {"class_cond"})
-    if t.half_size and (not t.size_model or {"image_size"} & given["data"] or "output_size" in given["train"]):
-        t.half_size = False            # the user chose the model or the size: the planner changes neither
+    chose_size = bool({"image_size"} & given["data"]) or "output_size" in given["train"]
+    if t.half_size is None or chose_size or not t.size_model:
+        # the planner may change the size only where it chooses the model and the user did not choose a size
+        t.half_size = bool(t.size_model and not chose_size and t.half_size is not False)
     if t.lr_from_size is None:
         t.lr_from_size = "lr" not in given["train"]
     if t.plan == "budget" and t.size_model:

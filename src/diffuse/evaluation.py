@@ -48,7 +48,8 @@ def reference(ref: str | None, cfg: Config, extractor, *, ref_n: int | None = No
               batch_size: int = 50, progress: bool = False) -> tuple[fid.Stats, dict[str, Any]]:
     """FID reference statistics for a run and their description: ``ref`` a data set[:split] or a
     statistics .npz; None = the run's training data, train split, loaded as training loaded it (no
-    augmentation; cached by fid.reference_stats), at the size the run writes (train.output_size). ``ref_n``: a seeded subset (None: the whole split)."""
+    augmentation; cached by fid.reference_stats), at the size the run writes (train.output_size).
+    ``ref_n``: a seeded subset (None: the whole split)."""
     if ref and Path(ref).suffix == ".npz":
         stats, desc = fid.load_stats(ref), {"stats": ref}
     else:
