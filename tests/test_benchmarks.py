@@ -244,3 +244,23 @@ def test_budget_schedules_reads_variants_as_name_and_flags():
     for bad in ("wsd", "=--lr 1"):
         with pytest.raises(SystemExit, match="a variant is NAME=FLAGS"):
             bench.variants([bad])
+
+
+def test_sampler_quality_cache_resumes_batches_into_the_images_of_one_call(tmp_path):
+    import torch
+
+    from diffuse.generate import generate
+
+    from .conftest import tiny_loaded
+    loaded = tiny_loaded()
+    kw = dict(seed=3, sampler="ddpm", steps=4, spacing=None, sigma_max_cap=None, clip_x0=True, eta=None,
+              batch_size=4, device=torch.device("cpu"))
+    first, rec = sampler_quality.generate_cached(loaded, "ddpm:4", 10, tmp_path, kw)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["ddpm_4-seed3-000000-000004.pt", "ddpm_4-seed3-000004-000008.pt", "ddpm_4-seed3-000008-000010.pt"]
+    (tmp_path / files[1]).unlink()                                   # as if killed during the second batch
+    again, rec2 = sampler_quality.generate_cached(loaded, "ddpm:4", 10, tmp_path, kw)
+    whole, _ = generate(loaded, n=10, **{**kw, "batch_size": 10})
+    assert torch.equal(first, whole) and torch.equal(again, whole)
+    # the record's seconds are the batches' own, summed (the remade one's new time included)
+    assert rec2["seconds"] == pytest.approx(sum(torch.load(tmp_path / f)["record"]["seconds"] for f in files), abs=2e-3)
