@@ -449,3 +449,23 @@ def test_no_page_that_needs_a_cdn(client):
     the internet; the schema itself is served."""
     assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
     assert client.get("/openapi.json").json()["info"]["title"] == "diffuse serve"
+
+
+def test_a_run_with_an_output_size_serves_its_images_at_that_size(loaded):
+    import copy
+
+    import numpy as np
+    up = copy.deepcopy(loaded["uncond"])
+    up.config.train.output_size = 2 * up.config.model.image_size              # 16 px model, 32 px images
+    c, worker = make_client({"up": up})
+    try:
+        assert c.get("/api/models").json()["models"][0]["image_size"] == 32
+        r = c.post("/api/generate", json={"model": "up", "n": 2, "steps": 3, "seed": 7, "sampler": "ddpm"},
+                   headers={"Accept": "application/json"})
+        assert r.status_code == 200, r.text
+        served = [np.asarray(Image.open(io.BytesIO(base64.b64decode(im["png"])))) for im in r.json()["images"]]
+        want, _ = generate(up, n=2, seed=7, sampler="ddpm", steps=3)                  # uint8 [2, 1, 32, 32]
+        assert [s.shape[:2] for s in served] == [(32, 32)] * 2
+        assert all(np.array_equal(s.reshape(32, 32), w[0].numpy()) for s, w in zip(served, want))
+    finally:
+        worker.stop()

@@ -578,8 +578,8 @@ MIN_BUDGET_BATCH = 32
 # ...and once the model is sized, at least SIZED_LR for a model of up to SIZED_LR_PARAMS parameters,
 # falling as 1/sqrt(params) above (sized_peak_lr). Twice a preset's rate fits that preset's own
 # model: the mnist preset's 1e-3 doubled was measured best for the sized MNIST models, but the colour
-# presets' 2e-4 was chosen for 17M and 65M parameters; the emoji set at 32 px, 15 minutes on a Zen 4,
-# sized 0.67M: peak 4e-4 gave FID 174, 2e-3 gave 164 in 20% fewer steps (docs/budgets.md).
+# presets' 2e-4 was chosen for 17M and 65M parameters; the emoji set, 15 minutes on a Zen 4, the
+# sized 0.40M at 64 px: peak 4e-4 gave FID 204.8, 2e-3 gave 161.7 (docs/budgets.md).
 SIZED_LR = 2e-3
 SIZED_LR_PARAMS = 1_000_000
 

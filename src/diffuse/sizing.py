@@ -44,8 +44,8 @@ PLANNED_SHARE = 0.9
 # their own, when the model the budget affords at their own size has fewer than MIN_PARAMS_PER_PIXEL
 # parameters per pixel (``half_size``). Measured (docs/budgets.md): the emoji set, 15 minutes on a
 # Zen 4, batch 32, peak rate 0.002: at 64 px the 0.40M rung (97 per pixel) FID 161.7; at 32 px the
-# 0.67M rung, upscaled, 144.2 and 142.1 in two runs (at 4e-4: 204.8 at 64 px, 174.1 at 32, batch 64). The
-# 32 px route has a floor of its own: the set's real images taken to 32 px and back score FID 51
+# 0.67M rung, upscaled, 144.2 and 142.1 in two runs (at 4e-4: 204.8 at 64 px, 174.1 at 32 with batch
+# 64). The 32 px route has a floor of its own: the set's real images taken to 32 px and back score FID 51
 # against the set, real ones 31.5; so where the budget affords a model large for its pixels, the
 # images' own size. 250 is provisional: one point below it measured, none above.
 HALF_ABOVE = 32
