@@ -558,9 +558,8 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
     if t.size_model is None:
         t.size_model = t.plan != "steps" and not preset_named and not (given["model"] - {"class_cond"})
     chose_size = bool({"image_size"} & given["data"]) or "output_size" in given["train"]
-    if t.half_size is None or chose_size or not t.size_model:
-        # the planner may change the size only where it chooses the model and the user did not choose a size
-        t.half_size = bool(t.size_model and not chose_size and t.half_size is not False)
+    # the planner may change the size only where it chooses the model and the user chose no size
+    t.half_size = bool(t.size_model and not chose_size and t.half_size is not False)
     if t.lr_from_size is None:
         t.lr_from_size = "lr" not in given["train"]
     if t.plan == "budget" and t.size_model:

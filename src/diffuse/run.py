@@ -516,7 +516,7 @@ def _header(run: Run, threads: int, busy: str | None, placement_why: str, plan_n
     else:
         length = f"steps {st.step}->{run.steps_total}"
     model = "model sized for the budget" if run.sized is not None else f"preset {cfg.preset}"
-    written = f", written at {tc.output_size} px" if tc.output_size not in (None, data.image_size) else ""
+    written = f", written at {cfg.written_size} px" if cfg.written_size != data.image_size else ""
     rep.line(f"diffuse train | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x"
              f"{data.image_size}{written}"
              f"{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | {model} | "
