@@ -138,10 +138,12 @@ class Scorer:
                                            progress=False)
         return self.ref
 
-    def score(self, run: Path, sampler: str | None = None, steps: int | None = None, seed: int | None = None) -> dict:
+    def score(self, run: Path, sampler: str | None = None, steps: int | None = None, seed: int | None = None,
+              levels: tuple[float, ...] | None = None) -> dict:
         """FID (and the judge) of ``--fid-n`` images of ``run``: with ``sampler`` and ``steps``, or
         the run's own default (``diffuse sample``'s, SamplingSpec.resolved); seed stream ``seed``
-        (default --seed)."""
+        (default --seed); ``levels``: the noise levels of the calls (float sigmas [steps]; the final
+        0 is added) instead of the sampler's spacing."""
         import torch
 
         from diffuse import classifier, fid
@@ -151,10 +153,10 @@ class Scorer:
 
         a = self.args
         loaded = load(run, torch.device("cpu"), weights=getattr(a, "weights", "ema"))
-        own = SamplingSpec(sampler, steps).resolved(loaded.config)
         labels, guidance = labels_and_guidance(loaded, "all" if a.class_cond else None, None, a.fid_n)
-        images, record = generate(loaded, n=a.fid_n, seed=a.seed if seed is None else seed, sampler=own.sampler,
-                                  steps=own.steps, batch_size=250, labels=labels, guidance=guidance)
+        own = SamplingSpec(sampler, steps, seed=a.seed if seed is None else seed, guidance=guidance,
+                           levels=None if levels is None else (*levels, 0.0)).resolved(loaded.config)
+        images, record = generate(loaded, n=a.fid_n, spec=own, batch_size=250, labels=labels)
         ref = self.reference(loaded.config)
         res = fid.compare(fid.stats_of_images(images, self.extractor), ref)
         row = {"fid": round(res["fid"], 3), "n": a.fid_n, "n_ref": res.get("n_ref"),

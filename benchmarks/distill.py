@@ -12,7 +12,8 @@
    each of ``--seeds``; FID against the data's test split (standard sets; a folder: ``--ref-n`` of
    its own images) and the judge classifier's confident fraction where one exists. Teacher cells:
    ``--teacher-samplers`` (default dpmpp-2m-sde at its default eta, and dpmpp-2m) at each of
-   ``--teacher-nfe``; student cells: the consistency sampler at each of ``--student-nfe``.
+   ``--teacher-nfe``; student cells: the consistency sampler at each of ``--student-nfe`` (its
+   default karras levels), and on each set of levels of ``--student-levels`` (one per call).
 3. JSON (rows per cell and seed, the CPU with its family, the wall-clocks, the goals: 2 calls
    within 1.5x and 4 calls within 1.2x of the teacher's 20-call default FID, distillation within
    half the teacher's training time) and a plot of FID against NFE, teacher's best sampler per
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher-nfe", default="1,2,4,10,20")
     p.add_argument("--teacher-samplers", default="dpmpp-2m-sde,dpmpp-2m")
     p.add_argument("--student-nfe", default="1,2,4")
+    p.add_argument("--student-levels", default="", help="extra student cells on given noise levels, one per "
+                                                         "call: e.g. '80,2.5;20,2.5;80,2.5,0.8,0.2'")
     p.add_argument("--fid-n", type=int, default=2000)
     p.add_argument("--ref-n", type=int, default=None)
     p.add_argument("--seeds", default="0,1")
@@ -81,17 +84,25 @@ def distil(args, student: Path, minutes: float | None) -> float:
     return time.perf_counter() - t0
 
 
-def cells(args) -> list[tuple[str, str, int]]:
-    """(who, sampler, nfe) of every cell: the teacher's samplers at its NFEs, the student's at its."""
-    teacher = [("teacher", s, int(n)) for n in args.teacher_nfe.split(",") for s in args.teacher_samplers.split(",")]
-    return teacher + [("student", "consistency", int(n)) for n in args.student_nfe.split(",")]
+def cells(args) -> list[tuple[str, str, int, tuple[float, ...] | None]]:
+    """(who, sampler, nfe, levels) of every cell: the teacher's samplers at its NFEs, the student's at
+    its (levels None: the sampler's own spacing), then the student on each ``--student-levels`` set."""
+    teacher = [("teacher", s, int(n), None) for n in args.teacher_nfe.split(",")
+               for s in args.teacher_samplers.split(",")]
+    student = [("student", "consistency", int(n), None) for n in args.student_nfe.split(",")]
+    given = [tuple(float(v) for v in part.split(",")) for part in args.student_levels.split(";") if part.strip()]
+    return teacher + student + [("student", "consistency", len(levels), levels) for levels in given]
 
 
 def summary(rows: list[dict]) -> dict:
     """Mean FID over seeds per (who, sampler, nfe); the teacher's best sampler per NFE; the goals."""
     means: dict[tuple, list[float]] = {}
+    by_levels: dict[str, list[float]] = {}
     for r in rows:
-        means.setdefault((r["who"], r["sampler"], r["nfe"]), []).append(r["fid"])
+        if r.get("levels") is not None:
+            by_levels.setdefault(",".join(f"{v:g}" for v in r["levels"]), []).append(r["fid"])
+        if r.get("levels") is None:       # a cell on given levels is reported on its own, not as the NFE's
+            means.setdefault((r["who"], r["sampler"], r["nfe"]), []).append(r["fid"])
     mean = {k: sum(v) / len(v) for k, v in means.items()}
     best = {}
     for (who, sampler, nfe), fid in mean.items():
@@ -106,7 +117,8 @@ def summary(rows: list[dict]) -> dict:
                                    "met": got <= factor * base}
     return {"mean_fid": {f"{w} {s} {n}": round(v, 3) for (w, s, n), v in sorted(mean.items())},
             "teacher_best": {n: {"sampler": s, "fid": round(f, 3)} for n, (s, f) in sorted(best.items())},
-            "teacher_default_20": base, "goals": goals}
+            "teacher_default_20": base, "goals": goals,
+            "student_levels_fid": {k: round(sum(v) / len(v), 3) for k, v in by_levels.items()}}
 
 
 def report(result: dict, out: Path) -> None:
@@ -146,10 +158,11 @@ def main(argv=None) -> int:
               "distill_fraction_of_teacher": round(distil_s / taught_s, 3) if distil_s and taught_s else None,
               "student_config": json.loads((student / "config.json").read_text())["train"], "rows": []}
     scorer = Scorer(args)
-    for who, sampler, nfe in cells(args):
+    for who, sampler, nfe, levels in cells(args):
         for seed in seeds:
-            scored = scorer.score(teacher if who == "teacher" else student, sampler, nfe, seed)
-            row = {**scored, "who": who, "sampler": sampler, "nfe": nfe, "seed": seed, "record": scored["sampler"]}
+            scored = scorer.score(teacher if who == "teacher" else student, sampler, nfe, seed, levels)
+            row = {**scored, "who": who, "sampler": sampler, "nfe": nfe, "seed": seed, "record": scored["sampler"],
+                   "levels": list(levels) if levels else None}
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
             result["summary"] = summary(result["rows"])

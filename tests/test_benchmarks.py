@@ -158,13 +158,49 @@ def test_distill_benchmark_summary_picks_the_teachers_best_and_judges_the_goals(
              {"who": "teacher", "sampler": "dpmpp-2m-sde", "nfe": 2, "fid": 120.0},
              {"who": "student", "sampler": "consistency", "nfe": 2, "fid": 14.0},
              {"who": "student", "sampler": "consistency", "nfe": 4, "fid": 12.5}]
+    # a cell on given levels is reported apart and does not move the NFE's figure or its goal
+    rows += [{"who": "student", "sampler": "consistency", "nfe": 2, "fid": f, "levels": [80.0, 0.8]} for f in (30, 40)]
     s = bench.summary(rows)
+    assert s["student_levels_fid"] == {"80,0.8": 35.0}
     assert s["teacher_default_20"] == 10.0
     assert s["teacher_best"][2] == {"sampler": "dpmpp-2m", "fid": 80.0}
     assert s["goals"]["2_nfe"] == {"student_fid": 14.0, "limit": 15.0, "met": True}
     assert s["goals"]["4_nfe"] == {"student_fid": 12.5, "limit": 12.0, "met": False}
-    args = bench.parse_args(["T", "--teacher-nfe", "1,20", "--teacher-samplers", "dpmpp-2m", "--student-nfe", "2"])
-    assert bench.cells(args) == [("teacher", "dpmpp-2m", 1), ("teacher", "dpmpp-2m", 20), ("student", "consistency", 2)]
+    args = bench.parse_args(["T", "--teacher-nfe", "1,20", "--teacher-samplers", "dpmpp-2m", "--student-nfe", "2",
+                             "--student-levels", "80,2.5; 20,1.5,0.4"])
+    assert bench.cells(args) == [("teacher", "dpmpp-2m", 1, None), ("teacher", "dpmpp-2m", 20, None),
+                                 ("student", "consistency", 2, None), ("student", "consistency", 2, (80.0, 2.5)),
+                                 ("student", "consistency", 3, (20.0, 1.5, 0.4))]
+
+
+def test_scorer_samples_a_cell_on_its_given_levels(monkeypatch):
+    """budget.Scorer.score(..., levels=L) draws the images on the noise levels L then 0 (the
+    distill benchmark's --student-levels cells); without levels, on the sampler's own spacing."""
+    import types
+
+    import torch
+
+    import budget as bench
+    from diffuse import fid, generate as gen
+    from diffuse.config import Config
+
+    specs = []
+
+    def fake_generate(loaded, *, n, spec, batch_size, labels):
+        specs.append(spec)
+        return torch.zeros(n, 1, 8, 8, dtype=torch.uint8), {"sampler": spec.sampler, "nfe": spec.steps, "seconds": 0.1}
+
+    monkeypatch.setattr(gen, "load", lambda run, device, weights="ema": types.SimpleNamespace(config=Config()))
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    monkeypatch.setattr(fid, "stats_of_images", lambda images, extractor: None)
+    monkeypatch.setattr(fid, "compare", lambda a, b: {"fid": 12.3456, "n_ref": 7})
+    scorer = bench.Scorer(types.SimpleNamespace(fid_n=4, seed=0, class_cond=False, data="my-folder"))
+    monkeypatch.setattr(scorer, "reference", lambda cfg: None)
+    row = scorer.score(Path("run"), "consistency", 2, 5, (80.0, 0.8))
+    assert row["fid"] == 12.346 and specs[-1].seed == 5
+    assert specs[-1].levels == (80.0, 0.8, 0.0) and specs[-1].sampler == "consistency"
+    scorer.score(Path("run"), "dpmpp-2m", 4, 0)
+    assert specs[-1].levels is None and specs[-1].spacing == "karras" and specs[-1].steps == 4
 
 
 def test_sampling_docs_quote_the_long_mnist_eta_results():
