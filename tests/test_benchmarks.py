@@ -223,6 +223,10 @@ def test_sampling_docs_quote_the_long_mnist_eta_results():
         assert cells0[col] == f"{rows[0][cell]:.2f}", (cell, cells0[col])
     for col, cell in {3: "dpmpp-2m-sde:20:eta=2", 5: "dpmpp-2m-sde:20"}.items():
         assert cells1[col] == f"{rows[1][cell]:.2f}", (cell, cells1[col])
+    ddpm = json.loads((REPO / "benchmarks" / "results" / "eta-long-mnist-ddpm-seed0.json").read_text())
+    assert ddpm["step"] == 6805 and ddpm["n"] == 2000 and ddpm["seed"] == 0
+    (row,) = [r for r in ddpm["rows"] if r["cell"] == "ddpm:1000"]
+    assert row["nfe"] == 1000 and cells0[7] == f"{row['fid']:.2f}"
 
 
 def test_budget_docs_quote_the_schedule_results():
