@@ -99,9 +99,9 @@ def summary(rows: list[dict]) -> dict:
     means: dict[tuple, list[float]] = {}
     by_levels: dict[str, list[float]] = {}
     for r in rows:
-        if r.get("levels") is not None:
+        if r.get("levels") is not None:   # a cell on given levels is reported on its own, not as the NFE's
             by_levels.setdefault(",".join(f"{v:g}" for v in r["levels"]), []).append(r["fid"])
-        if r.get("levels") is None:       # a cell on given levels is reported on its own, not as the NFE's
+        else:
             means.setdefault((r["who"], r["sampler"], r["nfe"]), []).append(r["fid"])
     mean = {k: sum(v) / len(v) for k, v in means.items()}
     best = {}
