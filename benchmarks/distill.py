@@ -156,7 +156,8 @@ def main(argv=None) -> int:
               "cpu": cpu_description(), "teacher_train_seconds": round(taught_s, 1),
               "distill_call_seconds": round(distil_s, 1) if distil_s else None,
               "distill_fraction_of_teacher": round(distil_s / taught_s, 3) if distil_s and taught_s else None,
-              "student_config": json.loads((student / "config.json").read_text())["train"], "rows": []}
+              "student_config": json.loads((student / "config.json").read_text())["train"],
+              "student_distill": json.loads((student / "config.json").read_text())["distill"], "rows": []}
     scorer = Scorer(args)
     for who, sampler, nfe, levels in cells(args):
         for seed in seeds:

@@ -304,3 +304,57 @@ def test_sampler_quality_cache_resumes_batches_into_the_images_of_one_call(tmp_p
     assert torch.equal(first, whole) and torch.equal(again, whole)
     # the record's seconds are the batches' own, summed (the remade one's new time included)
     assert rec2["seconds"] == pytest.approx(sum(torch.load(tmp_path / f)["record"]["seconds"] for f in files), abs=2e-3)
+
+
+def test_distill_docs_quote_the_tuning_settings_results():
+    """docs/distill.md's tuning-settings tables: every FID quoted is the JSON's cell of that run and
+    level set (the first table's columns: (10, 2.5), Karras 2 calls, Karras 4 calls, (10, 2.5, 0.8, 0.2);
+    the second's: 1, 2 and 4 geometric calls), and the default's rows are the default's settings."""
+    import re
+    from diffuse.distill import TUNING_DEFAULTS
+    doc = (REPO / "docs" / "distill.md").read_text()
+    data = json.loads((REPO / "benchmarks" / "results" / "distill-digits-settings.json").read_text())
+    fid = {r["run"]: {tuple(c["levels"]): c["fid"] for c in r["cells"]} for r in data["runs"]}
+    settings = {r["run"]: (r["ect_stages"], r["ect_p_mean"], r["lr"], r["train_seed"]) for r in data["runs"]}
+    first = [[10, 2.5], [80, 2.515], [80, 17.528, 2.515, 0.17], [10, 2.5, 0.8, 0.2]]
+    table1 = {"| 8 (ECT) | −1.1 (ECT) | 0 |": ["base"], "| 8 (ECT), 2.5x the rate | −1.1 (ECT) | 0 |": ["lr1e3"],
+              "| 8 | 0.5 | 0 |": ["pm05"], "| 8 | 1.0 | 0 |": ["pm10"], "| 4 | −1.1 | 0 |": ["st4"],
+              "| **4** | **0.5** (default) | 0, two runs |": ["pm05lr4", "st4pm05"],
+              "| 2 | 0.5 | 0, two runs |": ["st2", "st2pm05"]}
+    geometric = [[10], [10, 2.7027], [10, 2.7027, 0.73046, 0.19742]]
+    table2 = {"| 8, −1.1 (ECT's) | 1 |": "bases1", "| 8, −1.1 (ECT's) | 2 |": "bases2",
+              "| **4, 0.5 (default)** | 1 |": "st4pm05s1", "| **4, 0.5 (default)** | 2 |": "st4pm05s2"}
+    for prefix, runs in table1.items():
+        line = next(x for x in doc.splitlines() if x.startswith(prefix))
+        cols = [c.strip(" *") for c in line[len(prefix):].strip("|").split("|")]
+        for col, levels in zip(cols, first):
+            want = [fid[r].get(tuple(levels)) for r in runs]
+            assert col == ", ".join(f"{v:.1f}" for v in want if v is not None), (prefix, levels, col)
+    for prefix, run in table2.items():
+        line = next(x for x in doc.splitlines() if x.startswith(prefix))
+        cols = [c.strip(" *") for c in line[len(prefix):].strip("|").split("|")]
+        assert cols == [f"{fid[run][tuple(levels)]:.1f}" for levels in geometric], (prefix, cols)
+        assert settings[run][3] == int(prefix.split("|")[2])
+    for run in ("pm05lr4", "st4pm05", "st4pm05s1", "st4pm05s2"):
+        assert settings[run][:2] == (TUNING_DEFAULTS["stages"], TUNING_DEFAULTS["p_mean"])
+    assert all(settings[r][:2] == (8, -1.1) for r in ("base", "lr1e3", "bases1", "bases2"))
+    assert re.search(r"\| 4 \| −1.1 \| 0 \|", doc) and settings["st4"][:2] == (4, -1.1)
+
+
+def test_distill_docs_quote_the_digits_benchmark():
+    """docs/distill.md's measured table is benchmarks/results/distill-digits.json: the teacher's best
+    sampler per NFE, the student at 1, 2 and 4 calls, the goals, made with diffuse's tuning defaults."""
+    from diffuse.distill import TUNING_DEFAULTS
+    doc = (REPO / "docs" / "distill.md").read_text()
+    data = json.loads((REPO / "benchmarks" / "results" / "distill-digits.json").read_text())
+    s = data["summary"]
+    assert (data["student_distill"]["ect_stages"], data["student_distill"]["ect_p_mean"]) == \
+        (TUNING_DEFAULTS["stages"], TUNING_DEFAULTS["p_mean"])
+    teacher = " | ".join(f"{s['teacher_best'][n]['fid']:.1f}" for n in ("1", "2", "4", "10"))
+    assert f"| teacher, best of dpmpp-2m-sde and dpmpp-2m | {teacher} | {s['teacher_default_20']:.1f} (default) |" in doc
+    student = " | ".join(f"**{s['mean_fid'][f'student consistency {n}']:.1f}**" for n in (1, 2, 4))
+    assert f"| **student** (consistency, geometric levels) | {student} |" in doc
+    goals = s["goals"]
+    assert f"1.5x: {goals['2_nfe']['limit']:.1f} | 1.2x: {goals['4_nfe']['limit']:.1f}" in doc
+    assert not goals["2_nfe"]["met"] and not goals["4_nfe"]["met"] and "**not met**" in doc
+    assert f"took {data['distill_call_seconds']:.0f} s" in doc and data["distill_fraction_of_teacher"] <= 0.55

@@ -118,7 +118,7 @@ def test_samplers_that_do_not_fit_the_model_are_refused(student, teacher, capsys
     err = _error(["sample", teacher, "--sampler", "consistency"], capsys)
     assert "--sampler consistency needs a consistency-tuned run" in err
     err = _error(["sample", student, "--spacing", "trailing"], capsys)
-    assert "walks karras levels" in err
+    assert "walks geometric or karras levels" in err
 
 
 def test_resumed_distillation_is_bit_identical(student, tmp_path):
@@ -186,12 +186,32 @@ def test_a_class_conditional_student_samples_a_class(tmp_path, capsys):
     assert list(np.load(out)["labels"]) == [3, 3]
 
 
+@pytest.mark.parametrize("nfe,levels", [(1, [10.0]), (2, [10.0, 10 / 3.7]), (4, [10.0, 10 / 3.7, 10 / 3.7 ** 2, 10 / 3.7 ** 3])])
+def test_consistency_levels_start_at_10_and_fall_by_3_7_per_call(nfe, levels):
+    for schedule in (Schedule("cosine", 1000), Schedule("linear", 1000)):
+        sig = sampler_sigmas("consistency", schedule, nfe)
+        assert sig.dtype == torch.float64 and sig[-1] == 0
+        assert sig[:-1].tolist() == pytest.approx(levels, rel=1e-12)
+
+
+@pytest.mark.parametrize("nfe", [7, 8])
+def test_many_consistency_calls_stay_above_sigma_min(nfe):
+    """3.7^7 > 10 / 0.002: past 6 calls the ratio shrinks to (top / sigma_min)^(1/n), so no call is
+    spent at sigma_min, where f(x, sigma_min) = x changes nothing."""
+    from types import SimpleNamespace
+    edm = SimpleNamespace(sigma_min=0.002, sigma_max=80.0)          # EDM's range: the lowest sigma_min diffuse has
+    sig = sampler_sigmas("consistency", edm, nfe)[:-1]
+    assert edm.sigma_min == pytest.approx(0.002) and float(sig[0]) == 10.0
+    assert float(sig[-1]) == pytest.approx(10 * (0.002 / 10) ** ((nfe - 1) / nfe), rel=1e-9)
+    assert float(sig[-1]) > 2 * edm.sigma_min and (sig.diff() < 0).all()
+
+
 @pytest.mark.parametrize("nfe", [1, 2, 4])
-def test_consistency_levels_are_the_top_nfe_of_nfe_plus_one_karras_levels(nfe):
-    """n calls at the top n of n + 1 Karras levels from the capped sigma_max: never at sigma_min,
-    where f(x, sigma_min) = x would spend a call on nothing."""
+def test_consistency_karras_levels_are_the_top_nfe_of_nfe_plus_one(nfe):
+    """--spacing karras (the levels before geometric became the default): n calls at the top n of
+    n + 1 Karras levels from the capped sigma_max, never at sigma_min."""
     s = Schedule("cosine", 1000)
-    sig = sampler_sigmas("consistency", s, nfe)
+    sig = sampler_sigmas("consistency", s, nfe, "karras")
     top = min(s.sigma_max, KARRAS_SIGMA_MAX_CAP)
     expected = karras_sigmas(s.sigma_min, top, nfe + 1)[:-1]
     assert torch.equal(sig[:-1], expected) and sig[-1] == 0 and len(sig) == nfe + 1
@@ -305,3 +325,43 @@ def test_a_student_gets_the_default_cooldown_whatever_its_teacher_used(teacher, 
     (ckpt / "config.json").write_text(json.dumps(header))
     cfg = distill_config(old, tmp_path / "s", steps=3, time_limit=1.0)
     assert cfg.train.cooldown == COOLDOWN_FRACTION != 1 - budget.WARMUP_FRACTION
+
+
+def test_a_new_student_records_diffuses_tuning_settings_and_an_old_one_resumes_with_ects(student, tmp_path,
+                                                                                         monkeypatch):
+    """A new student stores distill.TUNING_DEFAULTS and trains with them; a student stored before
+    the fields existed resumes with ECT's own (8 stages, lognormal mean -1.1), as it was tuned."""
+    from diffuse import distill
+    d = json.loads((student / "config.json").read_text())["distill"]
+    assert (d["ect_stages"], d["ect_p_mean"]) == (distill.TUNING_DEFAULTS["stages"], distill.TUNING_DEFAULTS["p_mean"])
+    assert (d["ect_stages"], d["ect_p_mean"]) != (distill.ECTSettings().stages, distill.ECTSettings().p_mean)
+    used = []
+    init = distill.ConsistencyStep.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        used.append((self.settings.stages, self.settings.p_mean))
+    monkeypatch.setattr(distill.ConsistencyStep, "__init__", spy)
+    for name, drop in (("new", False), ("old", True)):
+        part = tmp_path / name
+        shutil.copytree(student, part, symlinks=True)
+        point(part / "checkpoints", "last", "step_0000003")
+        if drop:
+            cfg = json.loads((part / "config.json").read_text())
+            del cfg["distill"]["ect_stages"], cfg["distill"]["ect_p_mean"]
+            (part / "config.json").write_text(json.dumps(cfg))
+        assert cli.main(["distill", "--resume", str(part), "--no-progress"]) == 0
+    assert used == [(4, 0.5), (8, -1.1)]
+    assert distill.tuning_settings(None, None) == distill.ECTSettings()
+
+
+@pytest.mark.parametrize("field,value,says", [("ect_stages", 0, "distill.ect_stages must be a whole number from 1"),
+                                              ("ect_stages", 2.5, "bad value 2.5 for ect-stages"),
+                                              ("ect_p_mean", float("nan"), "distill.ect_p_mean must be a finite")])
+def test_bad_tuning_settings_in_a_config_are_refused(student, tmp_path, field, value, says, capsys):
+    part = tmp_path / "bad"
+    shutil.copytree(student, part, symlinks=True)
+    cfg = json.loads((part / "config.json").read_text())
+    cfg["distill"][field] = value
+    (part / "config.json").write_text(json.dumps(cfg))
+    assert says in _error(["distill", "--resume", part, "--no-progress"], capsys)

@@ -213,6 +213,11 @@ class DistillConfig:
     sampler: str | None = opt(None, "gits: the sampler that walks them by default (the teacher's own default)",
                               cli=False)
     search: dict | None = opt(None, "gits: the search's facts (jump errors, trajectories, seconds)", cli=False)
+    # None: ECT's CIFAR-10 values (8 stages, lognormal mean -1.1), which students made before these
+    # fields existed trained with, so their resumes stay exact; a new student records diffuse's own
+    # (distill.TUNING_DEFAULTS).
+    ect_stages: int | None = opt(None, "ect: stages over which the gap t - r halves", cli=False)
+    ect_p_mean: float | None = opt(None, "ect: mean of ln sigma_t", cli=False)
 
     def describe(self) -> str:
         """The method, NFE and teacher in words (``diffuse info``, the run's log)."""
@@ -744,6 +749,10 @@ def _validate_distill(d: DistillConfig) -> None:
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in d.sigmas)
               and all(a > b for a, b in zip(d.sigmas, d.sigmas[1:])))
         _need(ok, f"distill.sigmas must be {d.nfe + 1} finite decreasing noise levels ending at 0, got {d.sigmas!r}")
+    _need(d.ect_stages is None or 1 <= d.ect_stages <= 16,
+          f"distill.ect_stages must be a whole number from 1 to 16, got {d.ect_stages!r}")
+    _need(d.ect_p_mean is None or math.isfinite(d.ect_p_mean),
+          f"distill.ect_p_mean must be a finite number, got {d.ect_p_mean!r}")
 
 
 def _validate_data(data: DataConfig) -> None:

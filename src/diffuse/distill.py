@@ -61,6 +61,21 @@ class ECTSettings:
                              f"huber_c > 0 or None; got {self}")
 
 
+# diffuse's settings for a new student, where they differ from ECT's CIFAR-10 ones. ECT tunes for
+# about 100k steps; a CPU budget buys a few hundred to a few thousand, and there, on the digits demo
+# teacher (docs/distill.md, "Tuning settings"), half the stages and noise levels drawn higher (the few
+# calls of a student are made at sigma 10 and below, where lognormal(-1.1, 2) puts little of its mass)
+# each lowered the 2-call FID.
+TUNING_DEFAULTS = {"stages": 4, "p_mean": 0.5}
+
+
+def tuning_settings(stages: int | None, p_mean: float | None) -> ECTSettings:
+    """ECTSettings of a run's ``distill.ect_stages`` / ``ect_p_mean``; None: ECT's own value."""
+    base = ECTSettings()
+    return ECTSettings(p_mean=base.p_mean if p_mean is None else float(p_mean), p_std=base.p_std,
+                       stages=base.stages if stages is None else int(stages))
+
+
 def sample_sigma_t(gen: torch.Generator, batch: int, sigma_min: float, sigma_max: float,
                    p_mean: float, p_std: float, device: torch.device | str = "cpu") -> Tensor:
     """sigma_t ~ lognormal(p_mean, p_std^2) truncated to [sigma_min, sigma_max] (iCT sec. 3.5, ECT),

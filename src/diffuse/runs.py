@@ -89,6 +89,9 @@ def distill_config(teacher: str | Path, out: str | Path | None, *, method: str =
         if src.is_dir() else []
     d = cfg.distill
     d.method, d.nfe, d.teacher, d.teacher_step = method, nfe, str(src), teacher_steps
+    if method == "ect":
+        from .distill import TUNING_DEFAULTS
+        d.ect_stages, d.ect_p_mean = TUNING_DEFAULTS["stages"], TUNING_DEFAULTS["p_mean"]
     if method == "gits":
         from .objectives import default_sampling
         d.sampler = default_sampling(cfg.diffusion)[0]       # the teacher's own default, on the searched levels

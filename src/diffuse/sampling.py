@@ -24,7 +24,7 @@ from .errors import DiffuseError
 # Copies of samplers.ALL_SAMPLERS / samplers.SPACINGS / samplers.ETA_SAMPLERS in words, so that parsing
 # flags does not import torch; tests/test_samplers.py checks that they agree.
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "consistency")
-SPACING_NAMES = ("trailing", "leading", "uniform", "karras")
+SPACING_NAMES = ("trailing", "leading", "uniform", "karras", "geometric")
 ETA_HELP = ("sampler noise: ddim 0..1 (default 0 = DDIM, 1 = DDPM-like); "
             "dpmpp-2m-sde 0..10 (0 = ODE, 1 = reverse SDE, default 5)")
 STEPS_WITHOUT_DEFAULT = 20          # --sampler given alone keeps 20 network evaluations
@@ -49,7 +49,8 @@ class SamplingSpec:
                                   "(steps+1)//2 intervals")
     # None: the sampler's own (samplers.SAMPLERS[name][2])
     spacing: str | None = opt(None, f"noise levels: {', '.join(SPACING_NAMES)} "
-                                    "(default karras for euler/heun/dpmpp-*, trailing for ddpm/ddim)")
+                                    "(default karras for euler/heun/dpmpp-*, trailing for ddpm/ddim, "
+                                    "geometric for consistency)")
     eta: float | None = opt(None, ETA_HELP)     # None: the sampler's default, if it takes one (samplers.eta_of)
     guidance: float | None = opt(None, "classifier-free guidance w: out = (1+w) out_c - w out_u (needs --class; "
                                        "0 = plain conditional; default: the run's --sample-guidance)")

@@ -252,10 +252,11 @@ class DistillStep:
     labels (dropped to the null class as in training, so the student keeps an unconditional mode for
     guidance), between the formulation's sigma_min and the Karras cap its samplers start from
     (``samplers.KARRAS_SIGMA_MAX_CAP``); ECT's stage follows the fraction of the run done (of the
-    budget, or of the steps); the learning rate and EMA come from the ``Plan``. One process only."""
+    budget, or of the steps), over the run's recorded stages and lognormal mean
+    (``distill.tuning_settings``); the learning rate and EMA come from the ``Plan``. One process only."""
 
     def __init__(self, run: Run):
-        from .distill import ConsistencyStep
+        from .distill import ConsistencyStep, tuning_settings
         from .samplers import KARRAS_SIGMA_MAX_CAP
         tc = run.cfg.train
         if run.ddp is not None or tc.grad_accum != 1:
@@ -264,7 +265,9 @@ class DistillStep:
         self.null_label = run.cfg.model.num_classes if run.cfg.model.class_cond else None
         den = make_denoiser(run.model, run.formulation)
         self.sigma_min, self.sigma_max = den.sigma_min, min(den.sigma_max, KARRAS_SIGMA_MAX_CAP)
-        self.inner = ConsistencyStep(run.model, None, run.optimizer, seed=tc.seed, grad_clip=tc.grad_clip)
+        d = run.cfg.distill
+        self.inner = ConsistencyStep(run.model, None, run.optimizer, seed=tc.seed, grad_clip=tc.grad_clip,
+                                     settings=tuning_settings(d.ect_stages, d.ect_p_mean))
         self.bad: Tensor | None = None
 
     def progress(self) -> float:
