@@ -358,3 +358,16 @@ def test_distill_docs_quote_the_digits_benchmark():
     assert f"1.5x: {goals['2_nfe']['limit']:.1f} | 1.2x: {goals['4_nfe']['limit']:.1f}" in doc
     assert not goals["2_nfe"]["met"] and not goals["4_nfe"]["met"] and "**not met**" in doc
     assert f"took {data['distill_call_seconds']:.0f} s" in doc and data["distill_fraction_of_teacher"] <= 0.55
+
+
+def test_distill_docs_quote_the_mnist_benchmark():
+    """docs/distill.md's MNIST table is benchmarks/results/distill-mnist.json."""
+    doc = (REPO / "docs" / "distill.md").read_text()
+    data = json.loads((REPO / "benchmarks" / "results" / "distill-mnist.json").read_text())
+    s = data["summary"]
+    teacher = " | ".join(f"{s['teacher_best'][n]['fid']:.1f}" for n in ("1", "2", "4", "10"))
+    assert f"| teacher, best of dpmpp-2m-sde and dpmpp-2m | {teacher} | {s['teacher_default_20']:.1f} (default) |" in doc
+    student = " | ".join(f"**{s['mean_fid'][f'student consistency {n}']:.1f}**" for n in (1, 2, 4))
+    assert f"| **student** (consistency, geometric levels) | {student} |" in doc
+    assert f"1.5x: {s['goals']['2_nfe']['limit']:.1f} | 1.2x: {s['goals']['4_nfe']['limit']:.1f}" in doc
+    assert data["data"] == "mnist" and f"took {data['distill_call_seconds']:.0f} s" in doc
