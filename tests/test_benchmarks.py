@@ -356,7 +356,8 @@ def test_distill_docs_quote_the_digits_benchmark():
     assert f"| **student** (consistency, geometric levels) | {student} |" in doc
     goals = s["goals"]
     assert f"1.5x: {goals['2_nfe']['limit']:.1f} | 1.2x: {goals['4_nfe']['limit']:.1f}" in doc
-    assert not goals["2_nfe"]["met"] and not goals["4_nfe"]["met"] and "**not met**" in doc
+    assert not goals["2_nfe"]["met"] and "**not met**" in doc
+    assert goals["4_nfe"]["met"] and "met, narrowly" in doc and data["seeds"] == [0, 1]
     assert f"took {data['distill_call_seconds']:.0f} s" in doc and data["distill_fraction_of_teacher"] <= 0.55
 
 
