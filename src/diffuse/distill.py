@@ -26,6 +26,7 @@ same interface, so the samplers' signature fits it unchanged (``sample_consisten
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 import torch
@@ -71,9 +72,8 @@ TUNING_DEFAULTS = {"stages": 4, "p_mean": 0.5}
 
 def tuning_settings(stages: int | None, p_mean: float | None) -> ECTSettings:
     """ECTSettings of a run's ``distill.ect_stages`` / ``ect_p_mean``; None: ECT's own value."""
-    base = ECTSettings()
-    return ECTSettings(p_mean=base.p_mean if p_mean is None else float(p_mean), p_std=base.p_std,
-                       stages=base.stages if stages is None else int(stages))
+    given = {"stages": stages, "p_mean": p_mean}
+    return dataclasses.replace(ECTSettings(), **{k: v for k, v in given.items() if v is not None})
 
 
 def sample_sigma_t(gen: torch.Generator, batch: int, sigma_min: float, sigma_max: float,
