@@ -197,6 +197,15 @@ def test_sigma_t_is_a_truncated_lognormal():
         assert float((sig < level).double().mean()) == pytest.approx(want, abs=0.008)
 
 
+@pytest.mark.parametrize("p_mean,above_40,above_10", [(-1.1, 0.005, 0.042), (0.5, 0.030, 0.162)])
+def test_how_often_tuning_draws_high_levels(p_mean, above_40, above_10):
+    """docs/distill.md's fractions of sigma_t draws above 40 and 10 on [0.002, 80]: ECT's mean and
+    diffuse's, by sampling (the truncated normal's closed form is the other test's)."""
+    sig = sample_sigma_t(torch.Generator().manual_seed(1), 200000, 0.002, 80.0, p_mean, 2.0)
+    assert float((sig > 40).double().mean()) == pytest.approx(above_40, abs=0.0015)
+    assert float((sig > 10).double().mean()) == pytest.approx(above_10, abs=0.0015)
+
+
 # ----------------------------------------------------------------------------------------------
 # The training step
 
