@@ -72,7 +72,21 @@ def test_the_student_is_an_ordinary_run_that_records_its_teacher(student, teache
     assert "distill: ect consistency tuning for 2 network calls" in (student / "train.log").read_text()
     capsys.readouterr()
     assert cli.main(["info", str(student)]) == 0
-    assert "distilled    ect consistency tuning for 2 network calls per image, from " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "distilled    ect consistency tuning for 2 network calls per image, from " in out
+    assert "tuning       4 stages, ln sigma ~ N(0.5, 2^2)\n" in out
+
+
+def test_info_says_an_older_student_was_tuned_with_ects_values(student):
+    from diffuse.runinfo import run_info, run_lines
+
+    info = run_info(student)
+    assert "tuning       4 stages, ln sigma ~ N(0.5, 2^2)" in run_lines(info)
+    info["config"]["distill"].update(ect_stages=None, ect_p_mean=None)     # as stored before they were recorded
+    assert ("tuning       8 stages, ln sigma ~ N(-1.1, 2^2) (ECT's CIFAR-10 values: stored before diffuse "
+            "recorded its own)") in run_lines(info)
+    info["config"]["distill"].update(method=None)                          # a diffusion run: no such line
+    assert not any(line.startswith("tuning") for line in run_lines(info))
 
 
 def test_the_student_starts_from_the_teachers_ema_and_moves(student, teacher):

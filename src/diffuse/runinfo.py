@@ -37,7 +37,19 @@ def run_lines(info: dict[str, Any]) -> list[str]:
     """``run_info`` as the aligned text ``diffuse info RUN`` prints."""
     cfg = Config.from_dict(info["config"])
     return [*_lines(info, cfg), *([f"distilled    {cfg.distill.describe()}"] if cfg.distill.method else []),
+            *([f"tuning       {_ect_tuning(cfg)}"] if cfg.distill.consistency else []),
             f"written by   diffuse {info['diffuse_version']} (format {info['format_version']})"]
+
+
+def _ect_tuning(cfg: Config) -> str:
+    """The settings a consistency student was tuned with, as its resume uses them (distill.tuning_settings):
+    a student stored before diffuse recorded its own has ECT's CIFAR-10 values."""
+    from .distill import tuning_settings
+
+    d = cfg.distill
+    s = tuning_settings(d.ect_stages, d.ect_p_mean)
+    older = " (ECT's CIFAR-10 values: stored before diffuse recorded its own)" if d.ect_stages is None else ""
+    return f"{s.stages} stages, ln sigma ~ N({s.p_mean:g}, {s.p_std:g}^2){older}"
 
 
 def _lines(info: dict[str, Any], cfg: Config) -> list[str]:
