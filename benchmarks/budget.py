@@ -18,6 +18,12 @@ Recipes (``--recipes``), each a fresh ``diffuse train`` per budget B:
   guess           a knowledgeable user's hand-picked small model for a folder above 32 px: the mnist
                   preset's UNet at 32 px, written upscaled at the folder's size, with the budget's
                   schedules (``--preset mnist --image-size 32 --output-size S --time-limit B``)
+  diffusers       the peer's recipe at the budget plan's parameter count: diffusers' train_unconditional
+                  defaults (quality_race.py's diffusers worker: batch 16, AdamW 1e-4, 500 warm-up steps,
+                  EMA 0.9999 with warm-up) on the UNet widths the ``budget`` recipe chose for B (run
+                  ``budget`` first, in this call or an earlier one), for B minutes at the data's own
+                  size, unconditional (train_unconditional has no labels); sampled with the fast path
+                  diffusers documents (DDIMPipeline, 20 steps), scored by the same judge
 
 Scoring, the same for every run: ``--fid-n`` images from the final EMA with the run's default sampler
 (``diffuse sample``'s), image i from seed stream (--seed, i); FID against the data's test split (standard
@@ -41,7 +47,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 
-RECIPES = ("budget", "budget-full-size", "budget-preset", "cut", "guess")
+RECIPES = ("budget", "budget-full-size", "budget-preset", "cut", "guess", "diffusers")
+PEER_SAMPLE_STEPS = 20
 
 
 def parse_args(argv=None):
@@ -58,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/budget.json")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--score-only", action="store_true", help="score the runs already in --work")
+    p.add_argument("--peer-python", default=sys.executable,
+                   help="python with diffusers for the diffusers recipe (default: this one)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"),
                    help="score the run's EMA (default) or its raw weights (is the EMA helping?)")
     return p.parse_args(argv)
@@ -107,7 +116,26 @@ def train_flags(args, recipe: str, minutes: float, out: Path) -> list[str]:
     raise SystemExit(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
 
 
+def peer_command(args, minutes: float, out: Path) -> list[str]:
+    """quality_race.py's diffusers worker, on the widths of this budget's ``budget`` run; it writes
+    ``out/diffusers/b{minutes}.npz`` (images and what it trained)."""
+    plan = Path(args.work) / f"budget-{minutes:g}"
+    if not (plan / "config.json").is_file():
+        raise SystemExit(f"the diffusers recipe takes its model from {plan}: run the budget recipe for "
+                         f"{minutes:g} min first (--recipes budget,diffusers)")
+    cmd = [args.peer_python, str(HERE / "quality_race.py"), "--worker", "diffusers", "--data", args.data,
+           "--budgets", f"{minutes:g}", "--fid-n", str(args.fid_n), "--seed", str(args.seed),
+           "--peer-sample-steps", str(PEER_SAMPLE_STEPS), "--model-from", str(plan), "--work", str(out)]
+    return cmd + (["--data-root", args.data_root] if args.data_root else [])
+
+
 def run_train(args, recipe: str, minutes: float, out: Path) -> float:
+    if recipe == "diffusers":
+        cmd = peer_command(args, minutes, out)
+        print(f"{recipe} {minutes:g} min: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True)
+        return time.perf_counter() - t0
     cmd = [sys.executable, "-m", "diffuse", "train", *train_flags(args, recipe, minutes, out)]
     print(f"{recipe} {minutes:g} min: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -122,7 +150,9 @@ class Scorer:
     def __init__(self, args):
         self.args, self.extractor, self.ref, self.judge = args, None, None, None
 
-    def reference(self, cfg):
+    def reference(self, image_size: int, channels: int):
+        """The data's statistics at ``image_size`` (the first caller's size: every run of one call is
+        written at the data's own size, so the first is every one's)."""
         import torch
 
         from diffuse import fid
@@ -134,9 +164,36 @@ class Scorer:
             self.extractor = load_extractor(None, torch.device("cpu"), "tf-bilinear")
             split = "test" if a.data in STANDARD else "train"
             self.ref = fid.reference_stats(a.data, split, a.ref_n, data_root=a.data_root, extractor=self.extractor,
-                                           image_size=cfg.written_size, channels=cfg.model.in_channels,
-                                           progress=False)
+                                           image_size=image_size, channels=channels, progress=False)
         return self.ref
+
+    def score_images(self, images) -> dict:
+        """FID (and the judge) of uint8 images [N, C, H, W] at the data's own size."""
+        from diffuse import classifier, fid
+        from diffuse.imagefiles import STANDARD
+
+        a = self.args
+        ref = self.reference(images.shape[-1], images.shape[1])
+        res = fid.compare(fid.stats_of_images(images, self.extractor), ref)
+        row = {"fid": round(res["fid"], 3), "n": len(images), "n_ref": res.get("n_ref")}
+        if a.data in STANDARD:
+            if self.judge is None:
+                self.judge = classifier.load_or_train(a.data, a.data_root, images.shape[-1], images.shape[1])
+            row["confident"] = round(classifier.confident_fraction(self.judge, images, 0.9), 4)
+        return row
+
+    def score_snapshot(self, path: Path) -> dict:
+        """A peer worker's snapshot (quality_race.py's npz: images NHWC and what it trained), scored."""
+        import numpy as np
+        import torch
+
+        z = np.load(path)
+        meta = json.loads(str(z["meta"]))
+        row = self.score_images(torch.from_numpy(z["images"]).permute(0, 3, 1, 2).contiguous())
+        return {"params_m": round(meta["params"] / 1e6, 3), "batch": meta["images_seen"] // max(meta["step"], 1),
+                "steps": meta["step"], "images_seen": meta["images_seen"],
+                "train_seconds": round(meta["train_seconds"], 1), **row, "sampler": meta["sampler"],
+                "sample_seconds": round(meta["sample_seconds"], 1)}
 
     def score(self, run: Path, sampler: str | None = None, steps: int | None = None, seed: int | None = None,
               levels: tuple[float, ...] | None = None) -> dict:
@@ -146,9 +203,7 @@ class Scorer:
         0 is added) instead of the sampler's spacing."""
         import torch
 
-        from diffuse import classifier, fid
         from diffuse.generate import generate, labels_and_guidance, load
-        from diffuse.imagefiles import STANDARD
         from diffuse.sampling import SamplingSpec
 
         a = self.args
@@ -157,15 +212,8 @@ class Scorer:
         own = SamplingSpec(sampler, steps, seed=a.seed if seed is None else seed, guidance=guidance,
                            levels=None if levels is None else (*levels, 0.0)).resolved(loaded.config)
         images, record = generate(loaded, n=a.fid_n, spec=own, batch_size=250, labels=labels)
-        ref = self.reference(loaded.config)
-        res = fid.compare(fid.stats_of_images(images, self.extractor), ref)
-        row = {"fid": round(res["fid"], 3), "n": a.fid_n, "n_ref": res.get("n_ref"),
-               "sampler": f"{record['sampler']} {record['nfe']} NFE", "sample_seconds": round(record["seconds"], 1)}
-        if a.data in STANDARD:
-            if self.judge is None:
-                self.judge = classifier.load_or_train(a.data, a.data_root, images.shape[-1], images.shape[1])
-            row["confident"] = round(classifier.confident_fraction(self.judge, images, 0.9), 4)
-        return row
+        return {**self.score_images(images), "sampler": f"{record['sampler']} {record['nfe']} NFE",
+                "sample_seconds": round(record["seconds"], 1)}
 
 
 def run_facts(run: Path) -> dict:
@@ -230,8 +278,12 @@ def main(argv=None) -> int:
             for recipe in recipes:
                 run = Path(args.work) / f"{recipe}-{minutes:g}"
                 call_s = None if args.score_only else run_train(args, recipe, minutes, run)
-                row = {"recipe": recipe, "minutes": minutes, "weights": args.weights, **run_facts(run),
-                       "train_call_seconds": round(call_s, 1) if call_s else None, **scorer.score(run)}
+                if recipe == "diffusers":
+                    facts = scorer.score_snapshot(run / "diffusers" / f"b{minutes:g}.npz")
+                else:
+                    facts = {**run_facts(run), **scorer.score(run)}
+                row = {"recipe": recipe, "minutes": minutes, "weights": args.weights, **facts,
+                       "train_call_seconds": round(call_s, 1) if call_s else None}
                 same = (recipe, minutes, args.weights)
                 result["rows"] = [r for r in result["rows"] if (r["recipe"], r["minutes"], r.get("weights", "ema")) != same]
                 result["rows"].append(row)

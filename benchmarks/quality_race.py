@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--resample", action="store_true",
                    help="ours recipes: redraw each snapshot from its kept checkpoint with the current default "
                         "sampler, then score (no training)")
+    p.add_argument("--model-from", default=None,
+                   help="peers: the UNet widths of this diffuse run instead of the preset's (benchmarks/budget.py)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -181,6 +183,13 @@ def worker_peer(args, recipe: str, out: Path) -> None:
     cfg = resolve(args.preset, args.data, None, {"data": {"name": args.data}})
     data = load_dataset(args.data, args.data_root, "train")
     m = cfg.model
+    if args.model_from:                 # a diffuse run's model (budget.py: the budget plan's sized UNet)
+        run_model = json.loads((Path(args.model_from) / "config.json").read_text())["model"]
+        for k in ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "num_groups",
+                  "head_channels", "scale_shift"):
+            setattr(m, k, tuple(run_model[k]) if isinstance(run_model[k], list) else run_model[k])
+        # its attention sits at a feature size of the size it trained at; the peer trains at the data's own
+        m.attn_resolutions = tuple(r * data.image_size // run_model["image_size"] for r in m.attn_resolutions)
     m.image_size, m.in_channels = data.image_size, data.channels
     with torch.device("meta"):
         target_params = sum(p.numel() for p in UNet(m).parameters())
@@ -266,6 +275,7 @@ def worker_peer(args, recipe: str, out: Path) -> None:
             return torch.cat(outs), f"GaussianDiffusion.sample ({steps_s} {kind} steps)"
 
     params = sum(p.numel() for p in (model if recipe == "diffusers" else unet).parameters())
+    out.mkdir(parents=True, exist_ok=True)
     k, clock = 0, 0.0
     for b in map(float, args.budgets.split(",")):
         t0 = time.perf_counter()

@@ -113,7 +113,8 @@ def test_race_resample_redraws_snapshots_from_the_kept_checkpoints(tmp_path):
 def test_budget_benchmark_recipes_differ_only_in_the_plan():
     import budget as budget_bench
     args = budget_bench.parse_args(["--data", "mnist", "--data-root", "/d"])
-    flags = {r: budget_bench.train_flags(args, r, 8.0, Path("/o")) for r in budget_bench.RECIPES if r != "guess"}
+    flags = {r: budget_bench.train_flags(args, r, 8.0, Path("/o")) for r in budget_bench.RECIPES
+             if r not in ("guess", "diffusers")}
     assert flags["budget"][-2:] == ["--time-limit", "8"] and "--steps" not in flags["budget"]
     assert flags["budget-preset"][-4:] == ["--time-limit", "8", "--preset", "mnist"]
     assert flags["cut"][-6:] == ["--preset", "mnist", "--steps", "4000", "--time-limit", "8"]
@@ -130,6 +131,42 @@ def test_budget_benchmark_recipes_differ_only_in_the_plan():
                      "budget-preset": ("budget", False, None), "cut": ("steps", False, 4000)}
     with pytest.raises(SystemExit, match="above 32 px"):
         budget_bench.train_flags(args, "guess", 8.0, Path("/o"))
+
+
+def test_budget_benchmark_diffusers_recipe_trains_the_budget_plans_widths(tmp_path):
+    """Recipe (c): diffusers' train_unconditional defaults on the UNet the budget recipe chose, as
+    many parameters as that run's, sampled and scored like every other row; refused in one line
+    before the budget run exists."""
+    pytest.importorskip("diffusers")
+    import budget as budget_bench
+
+    from diffuse.config import ModelConfig
+    from diffuse.models import UNet
+    from diffuse.sizing import ladder
+
+    work = tmp_path / "work"
+    args = budget_bench.parse_args(["--data", "digits", "--budgets", "0.01", "--fid-n", "4", "--work", str(work)])
+    with pytest.raises(SystemExit, match="run the budget recipe for 0.01 min first"):
+        budget_bench.peer_command(args, 0.01, work / "diffusers-0.01")
+    rung = {**ladder(16)[1], "image_size": 16, "in_channels": 1}
+    model = {f: getattr(ModelConfig(), f) for f in ("dropout", "num_groups", "head_channels", "scale_shift")}
+    model.update(rung)
+    (work / "budget-0.01").mkdir(parents=True)
+    (work / "budget-0.01" / "config.json").write_text(json.dumps({"model": model}))
+    out = work / "diffusers-0.01"
+    subprocess.run(budget_bench.peer_command(args, 0.01, out), check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    ours = sum(p.numel() for p in UNet(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in model.items()})).parameters())
+
+    class Judge(budget_bench.Scorer):        # the snapshot's facts, without Inception
+        def score_images(self, images):
+            return {"fid": float(images.float().mean()), "n": len(images), "shape": list(images.shape)}
+    row = Judge(args).score_snapshot(out / "diffusers" / "b0.01.npz")
+    assert row["params_m"] == pytest.approx(ours / 1e6, rel=0.02)
+    assert row["shape"] == [4, 1, 16, 16] and row["sampler"] == "DDIMPipeline 20 steps"
+    assert row["batch"] == 16 and row["steps"] >= 1 and row["images_seen"] == 16 * row["steps"]
+    assert 0 < row["train_seconds"] < 5
 
 
 def test_budget_benchmark_guess_is_the_mnist_unet_at_32_px_written_at_the_folders_size(tmp_path):
@@ -275,6 +312,19 @@ def test_budget_docs_quote_the_emoji_results():
         ", ".join(f"{v:.1f}" for v in floors["real500_vs_2000"])
     assert cells(lines["real images taken to 32 px and back"])[6] == \
         ", ".join(f"{v:.1f}" for v in floors["real500_via_32px_vs_2000"])
+
+
+def test_budget_docs_quote_the_emoji_guidance_sweep():
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    table = doc.split("<!-- emoji-guidance:start -->")[1].split("<!-- emoji-guidance:end -->")[0]
+    sweep = json.loads((REPO / "benchmarks" / "results" / "budget-emoji-explore.json").read_text())["guidance_sweep"]
+    head, _, fids = table.strip().splitlines()
+    assert head.split(" | ")[1:] == [f"{r['guidance']:g}" + (" (default)" if r["guidance"] == 1 else "")
+                                     for r in sweep["rows"]][:-1] + [f"{sweep['rows'][-1]['guidance']:g} |"]
+    assert fids == "| FID | " + " | ".join(f"{r['fid']:.1f}" for r in sweep["rows"]) + " |"
+    today = {r["recipe"]: r for r in json.loads((REPO / "benchmarks" / "results" / "budget-emoji.json")
+                                                .read_text())["rows"]}
+    assert next(r for r in sweep["rows"] if r["guidance"] == 1)["fid"] == today["budget"]["fid"]   # same run
 
 
 def test_budget_schedules_reads_variants_as_name_and_flags():
