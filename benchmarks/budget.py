@@ -216,6 +216,22 @@ class Scorer:
                 "sample_seconds": round(record["seconds"], 1)}
 
 
+def images_per_param_bounds(rows: list[dict]) -> tuple[float, float]:
+    """The values of sizing.IMAGES_PER_PARAM under which the rule picks, at every budget measured,
+    the rung that scored best there: (lo, hi], lo exclusive. ``rows``: {minutes, params, images_seen,
+    fid}, several rungs per budget. The rule keeps the largest rung whose images per parameter reach
+    the threshold, so the best rung's ratio must reach it (hi: the least such ratio over budgets) and
+    the next larger rung's must not (lo: the greatest). lo >= hi: no threshold fits them all."""
+    lo, hi = 0.0, float("inf")
+    for minutes in sorted({r["minutes"] for r in rows}):
+        rungs = sorted((r for r in rows if r["minutes"] == minutes), key=lambda r: r["params"])
+        best = min(range(len(rungs)), key=lambda i: rungs[i]["fid"])
+        hi = min(hi, rungs[best]["images_seen"] / rungs[best]["params"])
+        if best + 1 < len(rungs):
+            lo = max(lo, rungs[best + 1]["images_seen"] / rungs[best + 1]["params"])
+    return lo, hi
+
+
 def run_facts(run: Path) -> dict:
     cfg = json.loads((run / "config.json").read_text())
     state = json.loads((run / "checkpoints" / "last" / "state.json").read_text())

@@ -314,6 +314,79 @@ def test_budget_docs_quote_the_emoji_results():
         ", ".join(f"{v:.1f}" for v in floors["real500_via_32px_vs_2000"])
 
 
+def test_budget_docs_quote_the_diffusers_recipe():
+    """docs/budgets.md's table of the plan against diffusers' recipe is the benchmark's JSON, row for row."""
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    table = doc.split("<!-- diffusers-table:start -->")[1].split("<!-- diffusers-table:end -->")[0]
+    data = json.loads((REPO / "benchmarks" / "results" / "budget-mnist-diffusers.json").read_text())
+    names = {"budget": "**budget plan**", "diffusers": "diffusers' recipe"}
+    want = [f"| {r['minutes']:g} min | {names[r['recipe']]} | {r['params_m']:.2f}M | {r['batch']} | {r['steps']:,} | "
+            + f"{r['images_seen']:,} | " + (f"**{r['fid']:.1f}** |" if r["recipe"] == "budget" else f"{r['fid']:.1f} |")
+            for r in sorted(data["rows"], key=lambda r: (r["minutes"], r["recipe"]))]
+    assert table.strip().splitlines()[2:] == want
+    by = {(r["recipe"], r["minutes"]): r for r in data["rows"]}
+    for minutes in (2, 8):           # the same network, and "13-14x lower" holds at both budgets
+        plan, peer = by[("budget", minutes)], by[("diffusers", minutes)]
+        assert abs(peer["params_m"] / plan["params_m"] - 1) < 0.02
+        assert 13 <= peer["fid"] / plan["fid"] < 14
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (f"{by[('budget', 2.0)]['fid']:.1f} against {by[('diffusers', 2.0)]['fid']:.1f} at 2 minutes, "
+            f"{by[('budget', 8.0)]['fid']:.1f} against {by[('diffusers', 8.0)]['fid']:.1f} at 8 (13-14x lower") in readme
+
+
+def test_images_per_param_bounds_keep_the_best_rung_of_every_budget():
+    import budget as budget_bench
+    rows = [{"minutes": 2, "params": 1e5, "images_seen": 6e4, "fid": 40}, {"minutes": 2, "params": 3e5, "images_seen": 4e4,
+             "fid": 28}, {"minutes": 2, "params": 7e5, "images_seen": 2e4, "fid": 49},
+            {"minutes": 8, "params": 3e5, "images_seen": 1.6e5, "fid": 15}, {"minutes": 8, "params": 7e5, "images_seen": 1e5,
+             "fid": 12}, {"minutes": 8, "params": 1.2e6, "images_seen": 6e4, "fid": 13}]
+    lo, hi = budget_bench.images_per_param_bounds(rows)
+    assert (lo, hi) == (pytest.approx(0.05), pytest.approx(4e4 / 3e5))   # 8 min's next rung, 2 min's best
+    rows[-1]["fid"] = 11                                                 # 1.2M best at 8 min: 0.05 must qualify
+    lo, hi = budget_bench.images_per_param_bounds(rows)
+    assert (lo, hi) == (pytest.approx(2e4 / 7e5), pytest.approx(0.05))
+    rows[0]["fid"] = 20            # 0.1M best at 2 min: 0.3M's 0.133 must not qualify, yet 1.2M's 0.05 must
+    lo, hi = budget_bench.images_per_param_bounds(rows)
+    assert lo == pytest.approx(4e4 / 3e5) and hi == pytest.approx(0.05) and lo >= hi       # no threshold fits
+
+
+def size_table_lines(rows: list[dict]) -> list[str]:
+    """docs/budgets.md's rung table, from budget-size-mnist.json's rows."""
+    best = {m: min(r["fid"] for r in rows if r["minutes"] == m) for m in {r["minutes"] for r in rows}}
+    out = []
+    for r in rows:
+        fid = f"**{r['fid']:.1f}**" if r["fid"] == best[r["minutes"]] else f"{r['fid']:.1f}"
+        who = "the rule's choice" if r["run"] == "budget plan" else "its model flags"
+        out.append(f"| {r['minutes']:g} min | {r['params'] / 1e6:.2f}M | {who} | {r['steps']:,} | {r['images_seen']:,} | "
+                   f"{r['images_seen'] / r['params']:.3f} | {fid} | {r['confident']:.3f} |")
+    return out
+
+
+def test_budget_docs_quote_the_rung_measurements_and_what_they_say_of_the_rule():
+    import budget as budget_bench
+    from diffuse import sizing
+
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    table = doc.split("<!-- size-table:start -->")[1].split("<!-- size-table:end -->")[0].strip().splitlines()
+    rows = json.loads((REPO / "benchmarks" / "results" / "budget-size-mnist.json").read_text())["rows"]
+    assert table[2:] == size_table_lines(rows)
+    by = {(r["minutes"], round(r["params"] / 1e6, 2)): r for r in rows}
+    # "at 8 minutes the rule chose the wrong rung": its choice (0.67M) is not the best there ...
+    chosen8 = next(r for r in rows if r["minutes"] == 8 and r["run"] == "budget plan")
+    assert round(chosen8["params"] / 1e6, 2) == 0.67 and by[(8, 0.29)]["fid"] < min(chosen8["fid"], by[(8, 1.19)]["fid"])
+    chosen2 = next(r for r in rows if r["minutes"] == 2 and r["run"] == "budget plan")      # at 2 its choice is best
+    assert chosen2["fid"] == min(r["fid"] for r in rows if r["minutes"] == 2)
+    # ... with 0.1 per parameter it would choose it again, and no single threshold keeps both winners
+    assert chosen8["images_seen"] / chosen8["params"] >= sizing.IMAGES_PER_PARAM
+    lo, hi = budget_bench.images_per_param_bounds(rows)
+    assert lo >= hi and f"{hi:.3f}" == "0.136" and f"{lo:.3f}" == "0.144"
+    flat = " ".join(doc.split())
+    assert "the winner saw 0.136 per parameter" in flat and "the 0.67M saw 0.144 and lost" in flat
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (f"at 8 minutes, the ladder's 0.29M rung scored {by[(8, 0.29)]['fid']:.1f} where the rule's 0.67M "
+            f"choice scored {chosen8['fid']:.1f}") in readme
+
+
 def test_budget_docs_quote_the_emoji_guidance_sweep():
     doc = (REPO / "docs" / "budgets.md").read_text()
     table = doc.split("<!-- emoji-guidance:start -->")[1].split("<!-- emoji-guidance:end -->")[0]

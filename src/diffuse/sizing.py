@@ -35,7 +35,9 @@ from .objectives import weighted_mse
 
 # The provisional rule: a rung qualifies when the budget shows it at least this many training
 # images per parameter. The 8-minute MNIST race model (1.19M params, 174k images seen: 0.146 per
-# parameter) reached FID 8.47; to be refitted from benchmarks/budget.py's measurements.
+# parameter) reached FID 8.47. Measured rung by rung since (docs/budgets.md, "The rule against the
+# measurements"): it picks the best rung at 2 MNIST minutes but not at 8, and no single threshold
+# does both; a size-dependent threshold is the refit to come.
 IMAGES_PER_PARAM = 0.1
 # The share of the budget that trains; sample grids and checkpoints take the rest.
 PLANNED_SHARE = 0.9
