@@ -232,7 +232,7 @@ def test_scorer_samples_a_cell_on_its_given_levels(monkeypatch):
     monkeypatch.setattr(fid, "stats_of_images", lambda images, extractor: None)
     monkeypatch.setattr(fid, "compare", lambda a, b: {"fid": 12.3456, "n_ref": 7})
     scorer = bench.Scorer(types.SimpleNamespace(fid_n=4, seed=0, class_cond=False, data="my-folder"))
-    monkeypatch.setattr(scorer, "reference", lambda cfg: None)
+    monkeypatch.setattr(scorer, "reference", lambda size, channels: None)
     row = scorer.score(Path("run"), "consistency", 2, 5, (80.0, 0.8))
     assert row["fid"] == 12.346 and specs[-1].seed == 5
     assert specs[-1].levels == (80.0, 0.8, 0.0) and specs[-1].sampler == "consistency"
