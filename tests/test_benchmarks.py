@@ -395,6 +395,8 @@ def test_budget_docs_quote_the_emoji_guidance_sweep():
     assert head.split(" | ")[1:] == [f"{r['guidance']:g}" + (" (default)" if r["guidance"] == 1 else "")
                                      for r in sweep["rows"]][:-1] + [f"{sweep['rows'][-1]['guidance']:g} |"]
     assert fids == "| FID | " + " | ".join(f"{r['fid']:.1f}" for r in sweep["rows"]) + " |"
+    assert "139.8 at w = 3" in " ".join((REPO / "README.md").read_text().split())
+    assert next(r for r in sweep["rows"] if r["guidance"] == 3)["fid"] == pytest.approx(139.8, abs=0.05)
     today = {r["recipe"]: r for r in json.loads((REPO / "benchmarks" / "results" / "budget-emoji.json")
                                                 .read_text())["rows"]}
     assert next(r for r in sweep["rows"] if r["guidance"] == 1)["fid"] == today["budget"]["fid"]   # same run
