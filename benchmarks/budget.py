@@ -131,13 +131,10 @@ def peer_command(args, minutes: float, out: Path) -> list[str]:
 
 def run_train(args, recipe: str, minutes: float, out: Path) -> float:
     if recipe == "diffusers":
-        cmd = peer_command(args, minutes, out)
-        print(f"{recipe} {minutes:g} min: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True)
-        return time.perf_counter() - t0
-    cmd = [sys.executable, "-m", "diffuse", "train", *train_flags(args, recipe, minutes, out)]
-    print(f"{recipe} {minutes:g} min: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
+        cmd, shown = peer_command(args, minutes, out), 1
+    else:
+        cmd, shown = [sys.executable, "-m", "diffuse", "train", *train_flags(args, recipe, minutes, out)], 3
+    print(f"{recipe} {minutes:g} min: {' '.join(cmd[shown:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True,
                    stdout=subprocess.DEVNULL)

@@ -176,7 +176,7 @@ def worker_peer(args, recipe: str, out: Path) -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from diffuse.config import resolve
+    from diffuse.config import Config, resolve
     from diffuse.data import load_dataset
     from diffuse.models import UNet
 
@@ -184,12 +184,12 @@ def worker_peer(args, recipe: str, out: Path) -> None:
     data = load_dataset(args.data, args.data_root, "train")
     m = cfg.model
     if args.model_from:                 # a diffuse run's model (budget.py: the budget plan's sized UNet)
-        run_model = json.loads((Path(args.model_from) / "config.json").read_text())["model"]
-        for k in ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "num_groups",
-                  "head_channels", "scale_shift"):
-            setattr(m, k, tuple(run_model[k]) if isinstance(run_model[k], list) else run_model[k])
+        run_model = Config.from_dict(json.loads((Path(args.model_from) / "config.json").read_text())).model
+        for k in ("base_channels", "channel_mult", "num_res_blocks", "dropout", "num_groups", "head_channels",
+                  "scale_shift"):
+            setattr(m, k, getattr(run_model, k))
         # its attention sits at a feature size of the size it trained at; the peer trains at the data's own
-        m.attn_resolutions = tuple(r * data.image_size // run_model["image_size"] for r in m.attn_resolutions)
+        m.attn_resolutions = tuple(r * data.image_size // run_model.image_size for r in run_model.attn_resolutions)
     m.image_size, m.in_channels = data.image_size, data.channels
     with torch.device("meta"):
         target_params = sum(p.numel() for p in UNet(m).parameters())

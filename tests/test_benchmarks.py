@@ -140,7 +140,7 @@ def test_budget_benchmark_diffusers_recipe_trains_the_budget_plans_widths(tmp_pa
     pytest.importorskip("diffusers")
     import budget as budget_bench
 
-    from diffuse.config import ModelConfig
+    from diffuse.config import Config, ModelConfig
     from diffuse.models import UNet
     from diffuse.sizing import ladder
 
@@ -156,8 +156,7 @@ def test_budget_benchmark_diffusers_recipe_trains_the_budget_plans_widths(tmp_pa
     out = work / "diffusers-0.01"
     subprocess.run(budget_bench.peer_command(args, 0.01, out), check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-    ours = sum(p.numel() for p in UNet(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in model.items()})).parameters())
+    ours = sum(p.numel() for p in UNet(Config.from_dict({"model": model}).model).parameters())
 
     class Judge(budget_bench.Scorer):        # the snapshot's facts, without Inception
         def score_images(self, images):
