@@ -22,7 +22,7 @@ def _result(rates):
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path))
-    monkeypatch.setattr(D, "_busy", lambda: False)
+    monkeypatch.setattr(D, "_busy", lambda *_: False)
     return tmp_path / "device" / "bf16-probe.json"
 
 
@@ -151,7 +151,7 @@ def test_noisy_probe_is_not_cached(cache, monkeypatch):
     D.probe_bf16(timer=timer)
     D.probe_bf16(timer=timer)
     assert timer.calls == 2 and not cache.exists()
-    monkeypatch.setattr(D, "_busy", lambda: True)              # a quiet probe on a busy machine: same
+    monkeypatch.setattr(D, "_busy", lambda *_: True)              # a quiet probe on a busy machine: same
     timer = Timer(FAST_BF16)
     D.probe_bf16(timer=timer)
     assert not cache.exists()

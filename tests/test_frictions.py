@@ -183,6 +183,36 @@ def test_a_process_that_just_ended_does_not_count_as_busy():
     assert after < during / 2
 
 
+def test_others_demand_is_our_cores_busy_time_less_our_own():
+    # 200 ticks over 2 cores at 100 Hz: 1 s of wall; 150 busy ticks: 1.5 core-seconds, 0.5 of them ours
+    assert threads.others_demand((100, 1000, 1.0), (250, 1200, 1.5), cores=2, hz=100) == pytest.approx(1.0)
+    # our CPU time read above the ticks' (10 ms granularity): nobody else, never below 0
+    assert threads.others_demand((100, 1000, 1.0), (150, 1200, 1.6), cores=2, hz=100) == 0.0
+    assert threads.others_demand(None, (1, 2, 0.0)) is None
+    assert threads.others_demand((1, 2, 0.0), (1, 2, 0.0)) is None                  # no tick passed
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_cpu_marks_see_a_spinner_and_not_our_own_work():
+    if threads.cpu_demand(window=0.5) > 0.5:
+        pytest.skip("other work keeps this machine's cores busy: nothing to contrast with")
+    mark = threads.cpu_mark()
+    deadline = time.perf_counter() + 0.5
+    while time.perf_counter() < deadline:                   # our own work: one core, not someone else's
+        pass
+    ours = threads.others_demand(mark, threads.cpu_mark())
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        mark = threads.cpu_mark()
+        time.sleep(0.5)
+        theirs = threads.others_demand(mark, threads.cpu_mark())
+    finally:
+        spin.kill()
+        spin.wait()
+    assert ours < 0.25 and theirs > 0.75
+
+
 @pytest.mark.parametrize("demand, preset, expect", [(1e4, None, "PASSIVE"), (0.1, None, None),
                                                     (1e4, "ACTIVE", "ACTIVE")])
 def test_busy_machine_lets_idle_openmp_threads_sleep(demand, preset, expect):

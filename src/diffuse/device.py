@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import DiffuseError
+from .threads import cpu_mark, others_demand
 
 PROBE_VERSION = 2
 BF16_MIN_SPEEDUP = 1.10     # geometric mean of the matmul and conv speedups bf16 must reach
@@ -195,12 +195,17 @@ def _time_ops(repeats: int = 5) -> dict[str, float]:
     return rates
 
 
-def _busy() -> bool:
-    """Other processes keep the cores busy (1-minute load average at least the core count)."""
-    try:
-        return os.getloadavg()[0] >= (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    except OSError:
-        return False
+# Other processes' use of our cores during a probe at or above which its rate is not cached.
+OTHERS_BUSY_CORES = 0.25
+
+
+def _busy(mark: tuple[int, int, float] | None = None) -> bool:
+    """Other processes competed for our cores since ``mark`` (threads.cpu_mark, taken before the
+    timed work): they kept at least OTHERS_BUSY_CORES of them busy meanwhile. Measured over the
+    probe itself, not read from the load average, which still counts a process that ended seconds
+    ago and misses one that ran only during a short probe. False without a mark or /proc/stat."""
+    demand = others_demand(mark, cpu_mark())
+    return demand is not None and demand >= OTHERS_BUSY_CORES
 
 
 def probe_key() -> str:
@@ -268,13 +273,13 @@ def probe_bf16(*, timer: Callable[[], dict[str, float]] | None = None, refresh: 
     cached = None if refresh else _numbers(entries.get(key), RATES + ("spread",), ("seconds",))
     if cached is not None:
         return ProbeResult(**cached, key=key)
-    t0 = time.perf_counter()
+    t0, mark = time.perf_counter(), cpu_mark()
     rates = (timer or _time_ops)()
     measured = _numbers({"spread": 1.0, **rates}, RATES + ("spread",))
     if measured is None:
         raise DiffuseError(f"bf16 probe gave unusable rates {rates}")
     r = ProbeResult(**measured, seconds=round(time.perf_counter() - t0, 3), key=key)
-    if store is False or (store is None and (r.spread > NOISY_SPREAD or _busy())):
+    if store is False or (store is None and (r.spread > NOISY_SPREAD or _busy(mark))):
         return r                        # timed under load: use it this once, measure again next time
     entries[key] = {k: v for k, v in asdict(r).items() if k != "key"}
     _write_cache(path, PROBE_VERSION, entries)

@@ -77,6 +77,36 @@ def cpu_demand(window: float = 0.2, path: str = "/proc/stat") -> float | None:
     return share * (len(cpus) if cpus else os.cpu_count() or 1)
 
 
+def cpu_mark(path: str = "/proc/stat") -> tuple[int, int, float] | None:
+    """(busy ticks, all ticks) of our cores and this process's CPU seconds, now: two marks around
+    some work give ``others_demand`` over it. None where /proc/stat is unreadable."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        cpus = None
+    ticks = _cpu_times(path, cpus)
+    if ticks is None:
+        return None
+    own = os.times()
+    return ticks[0], ticks[1], own.user + own.system
+
+
+def others_demand(first: tuple[int, int, float] | None, second: tuple[int, int, float] | None,
+                  cores: int | None = None, hz: int | None = None) -> float | None:
+    """Cores other processes kept busy between two ``cpu_mark``s: our cores' busy time less this
+    process's own CPU time, over the wall time the ticks span (all ticks / cores). A probe timed
+    while another process ran reads slow but steady; this, not its spread, tells (issue 23: a
+    throughput probe that overlapped a one-second script was cached at a third of the true rate).
+    None without both marks or when no tick passed."""
+    if first is None or second is None or second[1] <= first[1]:
+        return None
+    cores = cores or available_cores()
+    hz = hz or os.sysconf("SC_CLK_TCK")
+    busy_s = (second[0] - first[0]) / hz
+    wall_s = (second[1] - first[1]) / hz / cores
+    return max(0.0, busy_s - (second[2] - first[2])) / wall_s
+
+
 _START_DEMAND: list[float | None] = []      # the first measurement of this process, reused after
 
 
