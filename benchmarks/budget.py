@@ -213,19 +213,26 @@ class Scorer:
                 "sample_seconds": round(record["seconds"], 1)}
 
 
-def images_per_param_bounds(rows: list[dict]) -> tuple[float, float]:
-    """The values of sizing.IMAGES_PER_PARAM under which the rule picks, at every budget measured,
-    the rung that scored best there: (lo, hi], lo exclusive. ``rows``: {minutes, params, images_seen,
-    fid}, several rungs per budget. The rule keeps the largest rung whose images per parameter reach
-    the threshold, so the best rung's ratio must reach it (hi: the least such ratio over budgets) and
-    the next larger rung's must not (lo: the greatest). lo >= hi: no threshold fits them all."""
+def images_per_param_bounds(rows: list[dict], size_exponent: float = 0.0,
+                            tolerance: float = 0.0) -> tuple[float, float]:
+    """The values of t under which a rule "a rung of p parameters qualifies when it sees at least
+    t * (p / 1M) ** size_exponent images per parameter" picks, at every budget measured, a rung that
+    scored best there: (lo, hi], lo exclusive (size_exponent 0: one threshold for every size;
+    sizing's rule is t = IMAGES_PER_PARAM_AT_1M, size_exponent = SIZE_EXPONENT). ``rows``: {minutes,
+    params, images_seen, fid}, several rungs per budget. A rung whose FID is within ``tolerance``
+    (relative) of the budget's best counts as best too (one seed per cell cannot order closer ones).
+    The rule keeps the largest rung that qualifies, so the smallest best rung must qualify (hi: the
+    least of its t-scaled ratios over budgets) and the rung above the largest best must not (lo: the
+    greatest). lo >= hi: no t fits them all."""
     lo, hi = 0.0, float("inf")
     for minutes in sorted({r["minutes"] for r in rows}):
         rungs = sorted((r for r in rows if r["minutes"] == minutes), key=lambda r: r["params"])
-        best = min(range(len(rungs)), key=lambda i: rungs[i]["fid"])
-        hi = min(hi, rungs[best]["images_seen"] / rungs[best]["params"])
-        if best + 1 < len(rungs):
-            lo = max(lo, rungs[best + 1]["images_seen"] / rungs[best + 1]["params"])
+        scaled = [r["images_seen"] / r["params"] / (r["params"] / 1e6) ** size_exponent for r in rungs]
+        least = min(r["fid"] for r in rungs)
+        best = [i for i, r in enumerate(rungs) if r["fid"] <= least * (1 + tolerance)]
+        hi = min(hi, scaled[best[0]])
+        if best[-1] + 1 < len(rungs):
+            lo = max(lo, scaled[best[-1] + 1])
     return lo, hi
 
 
