@@ -35,6 +35,14 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _our_cpus() -> set[int] | None:
+    """The CPUs in this process's affinity mask; None where the OS has none (then the machine's)."""
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+
+
 def _cpu_times(path: str, cpus: set[int] | None) -> tuple[int, int] | None:
     """(busy, total) clock ticks summed over ``cpus`` (None: the machine's "cpu" line) from /proc/stat."""
     try:
@@ -62,10 +70,7 @@ def cpu_demand(window: float = 0.2, path: str = "/proc/stat") -> float | None:
     unreadable (then nothing is assumed busy)."""
     import time
 
-    try:
-        cpus = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        cpus = None
+    cpus = _our_cpus()
     first = _cpu_times(path, cpus)
     if first is None:
         return None
@@ -80,11 +85,7 @@ def cpu_demand(window: float = 0.2, path: str = "/proc/stat") -> float | None:
 def cpu_mark(path: str = "/proc/stat") -> tuple[int, int, float] | None:
     """(busy ticks, all ticks) of our cores and this process's CPU seconds, now: two marks around
     some work give ``others_demand`` over it. None where /proc/stat is unreadable."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        cpus = None
-    ticks = _cpu_times(path, cpus)
+    ticks = _cpu_times(path, _our_cpus())
     if ticks is None:
         return None
     own = os.times()
