@@ -196,6 +196,8 @@ def _time_ops(repeats: int = 5) -> dict[str, float]:
 
 
 # Other processes' use of our cores during a probe at or above which its rate is not cached.
+# Absolute, not a share of the cores: an OpenMP region waits for its slowest thread, so another
+# process on any one of our cores slows every step, however many cores there are.
 OTHERS_BUSY_CORES = 0.25
 
 

@@ -308,19 +308,19 @@ def _reason(budget_s: float, chosen: _Rung, next_: _Rung | None, n_images: int, 
     line = (f"model sized for {budget_s / 60:.3g} min on this machine: {_millions(chosen.params)} params, "
             f"{_figure(chosen.images / n_images)} epochs planned ({_figure(chosen.rate)} img/s measured)")
     if chosen.images < min_images(chosen.params):
-        return (f"{line}; the smallest rung, and it sees only {chosen.images / chosen.params:.2g} images "
+        return (f"{line}; the smallest rung, and it sees only {chosen.images / chosen.params:.3g} images "
                 f"per parameter (< {_need(chosen.params)})")
     if next_ is None:
         return f"{line}; the largest rung of the ladder"
     if next_.rate is None:
         return f"{line}; the next rung, {_millions(next_.params)} params, does not fit in memory at batch {batch}"
     return (f"{line}; the next rung, {_millions(next_.params)} params, would see "
-            f"{next_.images / next_.params:.2g} images per parameter (< {_need(next_.params)})")
+            f"{next_.images / next_.params:.3g} images per parameter (< {_need(next_.params)})")
 
 
 def _need(params: int) -> str:
-    """'the 0.17 a 0.67M model needs': the threshold per parameter, as the reason line says it."""
-    return f"the {min_images(params) / params:.2g} a {_millions(params)} model needs"
+    """'the 0.171 a 0.672M model needs': the threshold per parameter (three figures, so a near miss does not read as equal), as the reason line says it."""
+    return f"the {min_images(params) / params:.3g} a {_millions(params)} model needs"
 
 
 def _millions(params: int) -> str:
