@@ -281,7 +281,7 @@ class Bench:
         cfg.train.compile = bool(getattr(self.args, "compile", False))
         if self.impl == "ours-bare":
             cfg.train.grad_clip = 0.0
-            tr.ema_update = lambda ema, model, decay: None      # like-for-like: no EMA update
+            tr.ema_update = lambda *a, **kw: None              # like-for-like: no EMA update
         self.cfg = cfg
         d = cfg.diffusion
         self.T = d.timesteps

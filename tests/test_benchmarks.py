@@ -69,6 +69,24 @@ def test_ddp_overhead_script_runs_plain_and_under_torchrun(tmp_path):
     assert d["ddp_overhead_percent"] == pytest.approx(100 * (d["plain_img_per_sec"] / d["torchrun_img_per_sec"] - 1), abs=0.2)
 
 
+def test_the_peer_worker_times_ours_with_and_without_clip_and_ema():
+    # compare_peers.py's "ours, no clip/EMA" row: the worker swaps the trainer's EMA update for a no-op,
+    # which broke silently (every cell "exit 1") when ema_update gained an argument.
+    results = {}
+    for impl in ("ours", "ours-bare"):
+        r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "_worker.py"), "--impl", impl, "--mode", "train",
+                            "--workload", "preset:digits", "--batch", "4", "--warmup", "1", "--steps", "2",
+                            "--threads", "1"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+        assert r.returncode == 0, r.stderr[-2000:]
+        line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+        results[impl] = json.loads(line[len("RESULT "):])
+    for impl, res in results.items():
+        assert res["impl"] == impl and res["steps_per_window"] == 2 and res["img_per_s"] > 0
+        assert math.isfinite(res["last_loss"])
+    assert results["ours"]["params"] == results["ours-bare"]["params"]
+
+
 def test_race_resample_redraws_snapshots_from_the_kept_checkpoints(tmp_path):
     """--resample: each snapshot is redrawn from the checkpoint of its own step with the current
     default sampler (the same weights, not the run's last ones), its training metadata kept; a
