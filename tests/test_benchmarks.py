@@ -87,6 +87,52 @@ def test_the_peer_worker_times_ours_with_and_without_clip_and_ema():
     assert results["ours"]["params"] == results["ours-bare"]["params"]
 
 
+def test_speed_docs_quote_the_intel_peer_run():
+    rows = json.loads((REPO / "benchmarks" / "results" / "peers-cpu-intel-avx512bf16.json").read_text())["rows"]
+    best = {}
+    for r in rows:
+        if r["mode"] == "train" and r["n"]:
+            key = (r["workload"], r["impl"])
+            best[key] = max(best.get(key, 0.0), r["img_per_s"])
+    assert all(r["setting"] == "fp32" for r in rows if r["n"] and r["img_per_s"] == best[(r["workload"], r["impl"])])
+    table = (REPO / "docs" / "speed.md").read_text().split("<!-- peers-intel:start -->")[1].split("<!-- peers-intel:end -->")[0]
+    for workload, batch in (("mnist-small", 64), ("cifar10-ddpm", 8)):
+        ours, bare, peer = (best[(workload, i)] for i in ("ours", "ours-bare", "diffusers"))
+        assert ours > peer and bare > peer
+        cells = [f"{x:.3g}" for x in (ours, bare, peer)] + [f"{ours / peer:.2f}x", f"{bare / peer:.2f}x"]
+        assert f"| {workload} (fp32, b{batch}) | " + " | ".join(cells) + " |" in table
+
+
+def test_speed_docs_quote_the_intel_wait_policy_run():
+    summary = json.loads((REPO / "benchmarks" / "results" / "shared-cpu-intel.json").read_text())["summary"]
+    table = (REPO / "docs" / "speed.md").read_text().split("<!-- shared-intel:start -->")[1].split("<!-- shared-intel:end -->")[0]
+    for name, s in summary.items():
+        assert f" | {s['per_process_median']:.0f} | {s['total_median']:.0f} |" in table, name
+    total = {name: s["total_median"] for name, s in summary.items()}
+    # what the page says of them, and what diffuse's rule follows from
+    assert total["alone, 2 threads, PASSIVE"] < 0.6 * total["alone, 2 threads"]
+    assert total["two at once, 2 threads each, PASSIVE"] > 2 * total["two at once, 2 threads each"]
+    assert total["two at once, 2 threads each, GOMP_SPINCOUNT=10000"] < 0.6 * total["two at once, 2 threads each, PASSIVE"]
+    assert max(total, key=total.get) == "two at once, 1 thread each"
+
+
+def test_budget_docs_quote_the_seed_and_batch_rows_on_the_intel():
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    table = doc.split("<!-- seeds-intel:start -->")[1].split("<!-- seeds-intel:end -->")[0]
+    rows = {r["name"]: r for r in json.loads((REPO / "benchmarks" / "results" / "budget-seeds-mnist-intel.json")
+                                            .read_text())["rows"]}
+    plan = json.loads((REPO / "benchmarks" / "results" / "budget-rule-mnist-intel.json").read_text())
+    seed0 = next(r for r in plan["rows"] if r["minutes"] == 8.0 and r["params"] == 287_073)
+    seed0 = {**seed0, "params_m": round(seed0["params"] / 1e6, 2), "minutes": 8.0}
+    for label, r in (("seed 0 (the plan's row above)", seed0), ("`--seed 1`", rows["rule-seed1"]),
+                     ("`--batch-size 32` (seed 0)", rows["b32"])):
+        assert r["params_m"] == 0.29 and r["minutes"] == 8.0
+        assert (f"| {label} | {r['batch']} | {r['steps']:,} | {r['images_seen']:,} | {r['fid']:.1f} | "
+                f"{r['confident']:.3f} |") in table
+    spread = rows["rule-seed1"]["fid"] / seed0["fid"] - 1
+    assert round(spread, 2) == 0.25 and "a 25% spread" in doc
+
+
 def test_race_resample_redraws_snapshots_from_the_kept_checkpoints(tmp_path):
     """--resample: each snapshot is redrawn from the checkpoint of its own step with the current
     default sampler (the same weights, not the run's last ones), its training metadata kept; a
