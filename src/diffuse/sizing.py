@@ -319,7 +319,8 @@ def _reason(budget_s: float, chosen: _Rung, next_: _Rung | None, n_images: int, 
 
 
 def _need(params: int) -> str:
-    """'the 0.171 a 0.672M model needs': the threshold per parameter (three figures, so a near miss does not read as equal), as the reason line says it."""
+    """'the 0.171 a 0.672M model needs': the threshold per parameter as the reason line says it, to
+    three figures so that a near miss does not read as equal."""
     return f"the {min_images(params) / params:.3g} a {_millions(params)} model needs"
 
 

@@ -76,10 +76,10 @@ def cpu_demand(window: float = 0.2, path: str = "/proc/stat") -> float | None:
         return None
     time.sleep(window)
     second = _cpu_times(path, cpus)
-    if second is None or second[1] <= first[1]:
+    if second is None:
         return None
-    share = (second[0] - first[0]) / (second[1] - first[1])
-    return share * (len(cpus) if cpus else os.cpu_count() or 1)
+    # this process slept through the window, so none of the busy time is its own
+    return others_demand((*first, 0.0), (*second, 0.0))
 
 
 def cpu_mark(path: str = "/proc/stat") -> tuple[int, int, float] | None:
