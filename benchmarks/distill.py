@@ -8,6 +8,8 @@
 1. The student: ``diffuse distill TEACHER --nfe 2`` for ``--fraction`` (default 0.5) of the teacher's
    recorded training time as a budget plan (``--time-limit``), or ``--steps N``; its wall-clock is
    measured around the call. One student serves every NFE (ECT's training does not depend on it).
+   ``--distill-args`` passes more flags to it (e.g. ``'--target teacher'``). An empty
+   ``--teacher-nfe`` or ``--student-nfe`` scores no cells of that side.
 2. Scoring, the same for every cell: ``--fid-n`` images, image i from seed stream (seed, i), for
    each of ``--seeds``; FID against the data's test split (standard sets; a folder: ``--ref-n`` of
    its own images) and the judge classifier's confident fraction where one exists. Teacher cells:
@@ -49,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--fraction", type=float, default=0.5, help="distillation budget as a fraction of the "
                                                                   "teacher's training time (default 0.5)")
     p.add_argument("--steps", type=int, default=None, help="distil for N steps instead of a time budget")
+    p.add_argument("--distill-args", default="", help="more flags for diffuse distill, e.g. '--target teacher'")
     p.add_argument("--teacher-nfe", default="1,2,4,10,20")
     p.add_argument("--teacher-samplers", default="dpmpp-2m-sde,dpmpp-2m")
     p.add_argument("--student-nfe", default="1,2,4")
@@ -77,7 +80,7 @@ def teacher_seconds(run: Path) -> float:
 def distil(args, student: Path, minutes: float | None) -> float:
     length = ["--steps", str(args.steps)] if args.steps else ["--time-limit", f"{minutes:.3f}"]
     cmd = [sys.executable, "-m", "diffuse", "distill", args.teacher, "--out", str(student), "--nfe", "2",
-           "--overwrite", "--no-progress", *length]
+           "--overwrite", "--no-progress", *length, *args.distill_args.split()]
     print(" ".join(cmd[3:]), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True, stdout=subprocess.DEVNULL)
@@ -87,9 +90,9 @@ def distil(args, student: Path, minutes: float | None) -> float:
 def cells(args) -> list[tuple[str, str, int, tuple[float, ...] | None]]:
     """(who, sampler, nfe, levels) of every cell: the teacher's samplers at its NFEs, the student's at
     its (levels None: the sampler's own spacing), then the student on each ``--student-levels`` set."""
-    teacher = [("teacher", s, int(n), None) for n in args.teacher_nfe.split(",")
+    teacher = [("teacher", s, int(n), None) for n in args.teacher_nfe.split(",") if n
                for s in args.teacher_samplers.split(",")]
-    student = [("student", "consistency", int(n), None) for n in args.student_nfe.split(",")]
+    student = [("student", "consistency", int(n), None) for n in args.student_nfe.split(",") if n]
     given = [tuple(float(v) for v in part.split(",")) for part in args.student_levels.split(";") if part.strip()]
     return teacher + student + [("student", "consistency", len(levels), levels) for levels in given]
 

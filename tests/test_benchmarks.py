@@ -642,3 +642,29 @@ def test_distill_docs_quote_the_mnist_benchmark():
     assert f"| **student** (consistency, geometric levels) | {student} |" in doc
     assert f"1.5x: {s['goals']['2_nfe']['limit']:.1f} | 1.2x: {s['goals']['4_nfe']['limit']:.1f}" in doc
     assert data["data"] == "mnist" and f"took {data['distill_call_seconds']:.0f} s" in doc
+
+
+def test_distill_docs_quote_the_target_comparison_on_the_intel():
+    """docs/distill.md's target table is benchmarks/results/distill-digits-targets-intel.json, row
+    for row (steps and the mean FID per call count), and the default it names is the data target."""
+    from diffuse.distill import TUNING_DEFAULTS
+    doc = (REPO / "docs" / "distill.md").read_text()
+    data = json.loads((REPO / "benchmarks" / "results" / "distill-digits-targets-intel.json").read_text())
+    table = doc.split("<!-- targets-intel:start -->")[1].split("<!-- targets-intel:end -->")[0]
+    lines = [line for line in table.strip().splitlines()[2:]]
+    assert len(lines) == len(data["rows"]) == 5 and "family 6" in data["cpu"]
+    for line, row in zip(lines, data["rows"]):
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        assert cells[1] == str(row["stages"]) and cells[2].rstrip("*") == str(row["steps"])
+        assert cells[3:] == [f"{row['fid'][n]:.1f}" if n in row["fid"] else "" for n in ("1", "2", "4")]
+        for n, fid in row["fid"].items():
+            assert abs(sum(row["fid_per_seed"][n]) / 2 - fid) < 0.051
+    assert lines[0].startswith("| **data** (default)") and TUNING_DEFAULTS["target"] == "data"
+    assert f"FID {data['teacher_20_nfe_fid']:.1f} at its 20 calls" in " ".join(doc.split())
+    best2 = min(data["rows"], key=lambda r: r["fid"]["2"])
+    assert best2["variant"] == "ect-data"
+    assert 1.2 * data["teacher_20_nfe_fid"] >= data["rows"][0]["fid"]["4"]       # "the 4-call goal ... met"
+    gamma = {g: sum(r["fid"] for r in data["gamma_sampling"]["rows"] if r["gamma"] == g) / 2 for g in (0.0, 0.5, 1.0)}
+    flat = " ".join(doc.split())
+    assert (f"scored {gamma[0.0]:.1f} at γ = 0 and {gamma[0.5]:.1f} at γ = 0.5 on the data-target student, against "
+            f"{gamma[1.0]:.1f} for fresh noise") in flat and min(gamma, key=gamma.get) == 1.0

@@ -74,17 +74,20 @@ def test_the_student_is_an_ordinary_run_that_records_its_teacher(student, teache
     assert cli.main(["info", str(student)]) == 0
     out = capsys.readouterr().out
     assert "distilled    ect consistency tuning for 2 network calls per image, from " in out
-    assert "tuning       4 stages, ln sigma ~ N(0.5, 2^2)\n" in out
+    assert "tuning       4 stages, ln sigma ~ N(0.5, 2^2), x_r from the data (consistency training)\n" in out
 
 
 def test_info_says_an_older_student_was_tuned_with_ects_values(student):
     from diffuse.runinfo import run_info, run_lines
 
     info = run_info(student)
-    assert "tuning       4 stages, ln sigma ~ N(0.5, 2^2)" in run_lines(info)
+    assert "tuning       4 stages, ln sigma ~ N(0.5, 2^2), x_r from the data (consistency training)" in run_lines(info)
     info["config"]["distill"].update(ect_stages=None, ect_p_mean=None)     # as stored before they were recorded
-    assert ("tuning       8 stages, ln sigma ~ N(-1.1, 2^2) (ECT's CIFAR-10 values: stored before diffuse "
-            "recorded its own)") in run_lines(info)
+    assert ("tuning       8 stages, ln sigma ~ N(-1.1, 2^2), x_r from the data (consistency training) (ECT's "
+            "CIFAR-10 values: stored before diffuse recorded its own)") in run_lines(info)
+    info["config"]["distill"].update(ect_target="teacher")
+    assert any(line.endswith("x_r from the teacher's ODE step (consistency distillation) (ECT's CIFAR-10 values: "
+                             "stored before diffuse recorded its own)") for line in run_lines(info))
     info["config"]["distill"].update(method=None)                          # a diffusion run: no such line
     assert not any(line.startswith("tuning") for line in run_lines(info))
 
@@ -124,6 +127,9 @@ def test_the_api_distils_loads_and_samples(teacher, student, tmp_path):
     assert diffuse.load(out).config.distill.nfe == 1
     with pytest.raises(diffuse.DiffuseError, match="unknown setting 'warmup_steps'"):
         diffuse.fit_distilled(teacher, tmp_path / "bad", warmup_steps=3)
+    with pytest.raises(diffuse.DiffuseError, match="distill.ect_target must be data or teacher, got 'both'"):
+        diffuse.fit_distilled(teacher, tmp_path / "bad", target="both")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_samplers_that_do_not_fit_the_model_are_refused(student, teacher, capsys):
@@ -177,9 +183,9 @@ def test_budget_distillation_follows_the_clock(teacher, tmp_path, monkeypatch):
     from diffuse import distill as distill_math
     real = distill_math.ConsistencyStep.__call__
 
-    def spy(self, x0, step, progress, f=None):
+    def spy(self, x0, step, progress, f=None, teacher=None):
         seen.append(progress)
-        return real(self, x0, step, progress, f)
+        return real(self, x0, step, progress, f, teacher)
     monkeypatch.setattr(distill_math.ConsistencyStep, "__call__", spy)
     out = _distill(teacher, tmp_path / "b", "--time-limit", 0.2)
     cfg = json.loads((out / "config.json").read_text())["train"]
@@ -367,6 +373,64 @@ def test_a_new_student_records_diffuses_tuning_settings_and_an_old_one_resumes_w
         assert cli.main(["distill", "--resume", str(part), "--no-progress"]) == 0
     assert used == [(4, 0.5), (8, -1.1)]
     assert distill.tuning_settings(None, None) == distill.ECTSettings()
+
+
+@pytest.fixture(scope="module")
+def distilled_from_the_teacher(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "cd"
+    return _distill(teacher, out, "--steps", 6, "--target", "teacher", "--ckpt-every", 3, "--keep", 0)
+
+
+def test_the_teacher_target_steps_with_the_frozen_teachers_ode(distilled_from_the_teacher, student, teacher,
+                                                               tmp_path, monkeypatch):
+    """--target teacher is recorded; each step's x_r is the teacher's ODE step, made by the
+    teacher's EMA weights (loaded frozen, not the moving student); the student it makes differs from
+    the data-target one of the same seed; a new student defaults to the data target."""
+    from diffuse import distill
+    assert json.loads((distilled_from_the_teacher / "config.json").read_text())["distill"]["ect_target"] == "teacher"
+    assert json.loads((student / "config.json").read_text())["distill"]["ect_target"] == "data"
+    a = read_tensors(student / "checkpoints" / "step_0000006" / "model.safetensors")
+    b = read_tensors(distilled_from_the_teacher / "checkpoints" / "step_0000006" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    calls = []
+    real = distill.teacher_step
+
+    def spy(den, x_t, sigma_t, sigma_r):
+        calls.append({k: v.detach().clone() for k, v in den.net.state_dict().items()})
+        assert not any(p.requires_grad for p in den.net.parameters()) and not den.net.training
+        return real(den, x_t, sigma_t, sigma_r)
+    monkeypatch.setattr(distill, "teacher_step", spy)
+    _distill(teacher, tmp_path / "again", "--steps", 3, "--target", "teacher")
+    ema = read_tensors(Path(json.loads((distilled_from_the_teacher / "config.json").read_text())["distill"]["teacher"])
+                       / "ema.safetensors")
+    assert len(calls) == 3 and all(torch.equal(c[k], ema[k]) for c in calls for k in ema)
+
+
+def test_a_teacher_target_distillation_resumes_exactly_and_needs_its_teacher(distilled_from_the_teacher, teacher,
+                                                                             tmp_path, capsys):
+    part = tmp_path / "part"
+    shutil.copytree(distilled_from_the_teacher, part, symlinks=True)
+    point(part / "checkpoints", "last", "step_0000003")
+    assert cli.main(["distill", "--resume", str(part), "--no-progress"]) == 0
+    for name in ("model", "ema"):
+        a = read_tensors(distilled_from_the_teacher / "checkpoints" / "step_0000006" / f"{name}.safetensors")
+        b = read_tensors(part / "checkpoints" / "step_0000006" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # the teacher moved away: a resume says so in one line and leaves the student as it was
+    gone = tmp_path / "gone"
+    shutil.copytree(distilled_from_the_teacher, gone, symlinks=True)
+    cfg = json.loads((gone / "config.json").read_text())
+    cfg["distill"]["teacher"] = str(tmp_path / "nowhere" / "checkpoints" / "step_0000008")
+    (gone / "config.json").write_text(json.dumps(cfg))
+    point(gone / "checkpoints", "last", "step_0000003")
+    before = sorted(p.name for p in (gone / "checkpoints").iterdir())
+    assert "is gone; a distillation with --target teacher needs it" in _error(
+        ["distill", "--resume", gone, "--no-progress"], capsys)
+    assert sorted(p.name for p in (gone / "checkpoints").iterdir()) == before
+    assert "drop --target" in _error(["distill", "--resume", part, "--target", "data"], capsys)
+    assert "--target is a setting of --method ect" in _error(
+        ["distill", teacher, "--method", "gits", "--target", "teacher", "--out", tmp_path / "g"], capsys)
+    assert not (tmp_path / "g").exists()
 
 
 @pytest.mark.parametrize("field,value,says", [("ect_stages", 0, "distill.ect_stages must be a whole number from 1"),

@@ -108,6 +108,10 @@ def add_distill(sub) -> None:
     di.add_argument("--out", default=None, help="the student's run directory (default runs/<teacher>-<method><nfe>)")
     di.add_argument("--method", default="ect", choices=list(DISTILL_METHODS), help=field_help(DistillConfig, "method"))
     di.add_argument("--nfe", type=int_arg, default=2, help=field_help(DistillConfig, "nfe") + " (default 2)")
+    di.add_argument("--target", default=None, choices=["data", "teacher"],
+                    help="ect: the target's input, the data's noise (consistency training) or the teacher's ODE "
+                         "step (consistency distillation; the teacher must stay on disk until the student is "
+                         "done; default data)")
     di.add_argument("--steps", type=positive_int_arg, default=None,
                     help="optimizer steps (default: a quarter of the teacher's)")
     di.add_argument("--time-limit", type=float_arg, default=None, metavar="MIN",
@@ -125,7 +129,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = distill_run_config(args.run, args.out, nfe=args.nfe, method=args.method, steps=args.steps,
-                             time_limit=args.time_limit, resume=args.resume,
+                             time_limit=args.time_limit, resume=args.resume, target=args.target,
                              train=overrides_from_flags(args).get("train", {}))
     out = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     print(f"done: {out}  (sample it with: diffuse sample {out})")

@@ -218,6 +218,9 @@ class DistillConfig:
     # (distill.TUNING_DEFAULTS).
     ect_stages: int | None = opt(None, "ect: stages over which the gap t - r halves", cli=False)
     ect_p_mean: float | None = opt(None, "ect: mean of ln sigma_t", cli=False)
+    ect_target: str | None = opt(None, "ect: what makes the target's input x_r: data (x0 + r n, consistency "
+                                        "training) or teacher (the teacher's ODE step from x_t, consistency "
+                                        "distillation); None: data, as students before it was recorded", cli=False)
 
     def describe(self) -> str:
         """The method, NFE and teacher in words (``diffuse info``, the run's log)."""
@@ -753,6 +756,7 @@ def _validate_distill(d: DistillConfig) -> None:
           f"distill.ect_stages must be a whole number from 1 to 16, got {d.ect_stages!r}")
     _need(d.ect_p_mean is None or math.isfinite(d.ect_p_mean),
           f"distill.ect_p_mean must be a finite number, got {d.ect_p_mean!r}")
+    _need(d.ect_target in (None, "data", "teacher"), f"distill.ect_target must be data or teacher, got {d.ect_target!r}")
 
 
 def _validate_data(data: DataConfig) -> None:

@@ -67,7 +67,7 @@ class ECTSettings:
 # teacher (docs/distill.md, "Tuning settings"), half the stages and noise levels drawn higher (the few
 # calls of a student are made at sigma 10 and below, where lognormal(-1.1, 2) puts little of its mass)
 # each lowered the 2-call FID.
-TUNING_DEFAULTS = {"stages": 4, "p_mean": 0.5}
+TUNING_DEFAULTS = {"stages": 4, "p_mean": 0.5, "target": "data"}
 
 
 def tuning_settings(stages: int | None, p_mean: float | None) -> ECTSettings:
@@ -112,7 +112,17 @@ def pseudo_huber(diff: Tensor, c: float) -> Tensor:
     return sq / ((sq + c * c).sqrt() + c)
 
 
-def consistency_loss(f: Fn, x0: Tensor, noise: Tensor, sigma_t: Tensor, sigma_r: Tensor, c: float) -> Tensor:
+def teacher_step(teacher: Fn, x_t: Tensor, sigma_t: Tensor, sigma_r: Tensor) -> Tensor:
+    """One Euler step of the teacher's probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma
+    (Karras et al. 2022, eq. 3 with sigma(t) = t) from sigma_t down to sigma_r:
+    x_r = D + (r / t) (x_t - D), the DDIM jump. x_t [B, C, H, W]; sigma_t > sigma_r: float64 [B]."""
+    view = lambda s: s.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))  # noqa: E731  [B] -> [B, 1, 1, 1]
+    d = teacher(x_t, sigma_t)
+    return d + view(sigma_r / sigma_t) * (x_t - d)
+
+
+def consistency_loss(f: Fn, x0: Tensor, noise: Tensor, sigma_t: Tensor, sigma_r: Tensor, c: float,
+                     teacher: Fn | None = None) -> Tensor:
     """Per-image ECT loss [B] (float32):
 
         w(t, r) d(f(x_t, t), stopgrad(f(x_r, r))),   x_t = x0 + t n,  x_r = x0 + r n  (the SAME n),
@@ -120,11 +130,19 @@ def consistency_loss(f: Fn, x0: Tensor, noise: Tensor, sigma_t: Tensor, sigma_r:
     w = 1 / (t - r) (ECT; iCT's lambda), d the pseudo-Huber metric with constant c. x0, noise:
     [B, C, H, W]; sigma_t > sigma_r >= sigma_min: float64 [B]. The target is f itself under no_grad
     (iCT and ECT use the online network, no EMA teacher). A pair with t = r carries no information
-    and gets weight 0 (not 1/0)."""
+    and gets weight 0 (not 1/0).
+
+    With ``teacher`` (a denoiser, frozen) x_r is instead the teacher's ODE step from x_t
+    (``teacher_step``): consistency *distillation* (CM sec. 4, eq. 7 with the Euler solver). Both
+    x_r are x_t - (t - r) times an estimate of n: the data's is the one n drawn, the teacher's its
+    estimate of E[n | x_t], with far less variance at large t, where one draw of n says little
+    about where the ODE through x_t goes."""
     view = lambda s: s.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))  # noqa: E731  [B] -> [B, 1, 1, 1]
+    x_t = x0 + view(sigma_t) * noise
     with torch.no_grad():
-        target = f(x0 + view(sigma_r) * noise, sigma_r)
-    out = f(x0 + view(sigma_t) * noise, sigma_t)
+        x_r = x0 + view(sigma_r) * noise if teacher is None else teacher_step(teacher, x_t, sigma_t, sigma_r)
+        target = f(x_r, sigma_r)
+    out = f(x_t, sigma_t)
     gap = sigma_t - sigma_r
     weight = torch.where(gap > 0, 1 / gap, 0.0).float()
     return weight * pseudo_huber(out - target, c)
@@ -163,10 +181,11 @@ class ConsistencyStep:
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         return noise, sigma_t, ect_sigma_r(sigma_t, progress, f.sigma_min, s)
 
-    def __call__(self, x0: Tensor, step: int, progress: float, f: ConsistencyFunction | None = None
-                 ) -> tuple[Tensor, Tensor]:
+    def __call__(self, x0: Tensor, step: int, progress: float, f: ConsistencyFunction | None = None,
+                 teacher: Fn | None = None) -> tuple[Tensor, Tensor]:
         """``f``: this step's consistency function on the student (e.g. built for the batch's
-        labels) instead of the one given at construction."""
+        labels) instead of the one given at construction; ``teacher``: the frozen teacher's denoiser
+        for the same labels, whose ODE step makes the target's input (``consistency_loss``)."""
         f = f or self.f
         noise, sigma_t, sigma_r = self.terms(x0, step, progress, f)
         c = self.settings.huber_c if self.settings.huber_c is not None else ICT_HUBER_C * math.sqrt(x0[0].numel())
@@ -177,7 +196,7 @@ class ConsistencyStep:
             return f(x, sigma)
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss = consistency_loss(f_shared, x0, noise, sigma_t, sigma_r, c).mean()
+        loss = consistency_loss(f_shared, x0, noise, sigma_t, sigma_r, c, teacher).mean()
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.grad_clip > 0:

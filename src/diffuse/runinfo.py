@@ -49,7 +49,9 @@ def _ect_tuning(cfg: Config) -> str:
     d = cfg.distill
     s = tuning_settings(d.ect_stages, d.ect_p_mean)
     older = " (ECT's CIFAR-10 values: stored before diffuse recorded its own)" if d.ect_stages is None else ""
-    return f"{s.stages} stages, ln sigma ~ N({s.p_mean:g}, {s.p_std:g}^2){older}"
+    target = ("x_r from the teacher's ODE step (consistency distillation)" if d.ect_target == "teacher"
+              else "x_r from the data (consistency training)")
+    return f"{s.stages} stages, ln sigma ~ N({s.p_mean:g}, {s.p_std:g}^2), {target}{older}"
 
 
 def _lines(info: dict[str, Any], cfg: Config) -> list[str]:

@@ -243,6 +243,27 @@ class TrainStep:
         return loss_mean, grad_norm
 
 
+def teacher_checkpoint(cfg: Config) -> Path:
+    """The checkpoint ``distill.teacher`` names, which a consistency distillation (--target teacher)
+    runs at every step, resumes too; a one-line error if it has gone."""
+    path = cfg.distill.teacher
+    try:
+        return ckpt_io.resolve(path)
+    except DiffuseError:
+        raise DiffuseError(f"the teacher {path} is gone; a distillation with --target teacher needs it to go on "
+                           f"(put it back, or distil again with --target data)") from None
+
+
+def load_teacher(run: Run) -> nn.Module:
+    """The teacher's EMA network, frozen, in eval mode, on the run's device."""
+    src = teacher_checkpoint(run.cfg)
+    net = build_model(run.cfg).to(run.device)
+    ckpt_io.load_weights_into(net, ckpt_io.read_tensors(src / "ema.safetensors" if src.is_dir() else src), src)
+    if run.channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net.eval().requires_grad_(False)
+
+
 class DistillStep:
     """One step of consistency tuning (``distill.ConsistencyStep``) as the trainer runs it on a
     distilled run (``cfg.distill.method``), with ``TrainStep``'s interface.
@@ -268,6 +289,7 @@ class DistillStep:
         d = run.cfg.distill
         self.inner = ConsistencyStep(run.model, None, run.optimizer, seed=tc.seed, grad_clip=tc.grad_clip,
                                      settings=tuning_settings(d.ect_stages, d.ect_p_mean))
+        self.teacher = load_teacher(run) if d.ect_target == "teacher" else None
         self.bad: Tensor | None = None
 
     def progress(self) -> float:
@@ -288,7 +310,9 @@ class DistillStep:
             y = drop_labels(y, tc.label_dropout, self.null_label, generator(tc.seed, "distill-labels", step, device=run.device))
         den = make_denoiser(run.model, run.formulation, labels=y, autocast_dtype=run.amp)
         f = ConsistencyFunction(den, self.sigma_min, self.sigma_max)
-        loss, grad_norm = self.inner(x0, step, self.progress(), f=f)
+        teacher = None if self.teacher is None else make_denoiser(self.teacher, run.formulation, labels=y,
+                                                                   autocast_dtype=run.amp)
+        loss, grad_norm = self.inner(x0, step, self.progress(), f=f, teacher=teacher)
         self.bad = self.inner.bad
         ema_update(run.ema, run.model, self.plan.ema_decay(step), skip=self.bad)
         return loss, grad_norm
