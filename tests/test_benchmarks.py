@@ -664,6 +664,13 @@ def test_distill_docs_quote_the_target_comparison_on_the_intel():
     best2 = min(data["rows"], key=lambda r: r["fid"]["2"])
     assert best2["variant"] == "ect-data"
     assert 1.2 * data["teacher_20_nfe_fid"] >= data["rows"][0]["fid"]["4"]       # "the 4-call goal ... met"
+    table = doc.split("<!-- settings-intel:start -->")[1].split("<!-- settings-intel:end -->")[0]
+    base = data["rows"][0]
+    rows = [(base["steps"], base["fid"])] + [(r["steps"], r["fid"]) for r in data["settings"]["rows"]]
+    for line, (steps, fid) in zip(table.strip().splitlines()[2:], rows, strict=True):
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        assert cells[1:] == [f"{steps:,}", f"{fid['2']:.1f}", f"{fid['4']:.1f}"], line
+    assert all(r["fid"]["2"] > base["fid"]["2"] and r["fid"]["4"] > base["fid"]["4"] for r in data["settings"]["rows"])
     gamma = {g: sum(r["fid"] for r in data["gamma_sampling"]["rows"] if r["gamma"] == g) / 2 for g in (0.0, 0.5, 1.0)}
     flat = " ".join(doc.split())
     assert (f"scored {gamma[0.0]:.1f} at γ = 0 and {gamma[0.5]:.1f} at γ = 0.5 on the data-target student, against "
