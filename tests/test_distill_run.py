@@ -206,6 +206,52 @@ def test_a_class_conditional_student_samples_a_class(tmp_path, capsys):
     assert list(np.load(out)["labels"]) == [3, 3]
 
 
+def test_guidance_is_distilled_from_the_guided_teachers_step(tmp_path, capsys, monkeypatch):
+    """--guidance W on a class-conditional teacher: the target's x_r is the teacher's ODE step under
+    guidance W (its null class for the unconditional half), recorded in the run; the student then
+    samples at its own default (no further guidance) and refuses --guidance in one line."""
+    from diffuse import distill
+    t = tmp_path / "t"
+    cfg = resolve("digits", None, None, {"model": {**TINY_MODEL, "class_cond": True}, "train": {
+        "steps": 2, "batch_size": 8, "sample_n": 4, "sample_steps": 2, "out": str(t), "sample_guidance": 1.5}})
+    train(cfg, progress=False)
+    seen = []
+    real = distill.teacher_step
+
+    def spy(den, x_t, sigma_t, sigma_r):
+        seen.append((den.guidance, den.null_label, den.labels is not None))
+        return real(den, x_t, sigma_t, sigma_r)
+    monkeypatch.setattr(distill, "teacher_step", spy)
+    s = _distill(t, tmp_path / "s", "--steps", 2, "--guidance", 2)
+    assert seen == [(2.0, 10, True)] * 2
+    run_cfg = json.loads((s / "config.json").read_text())
+    assert (run_cfg["distill"]["guidance"], run_cfg["distill"]["ect_target"]) == (2.0, "teacher")
+    assert run_cfg["train"]["sample_guidance"] == 0.0
+    out = tmp_path / "c.npz"
+    assert cli.main(["sample", str(s), "--n", "2", "--class", "3", "--out", str(out)]) == 0
+    assert json.loads(np.load(out)["meta"].item())["guidance"] == 0.0
+    assert "guidance 2 distilled into it; sample it without --guidance" in _error(
+        ["sample", s, "--n", 2, "--class", 3, "--guidance", 1, "--out", tmp_path / "g.npz"], capsys)
+    capsys.readouterr()
+    assert cli.main(["info", str(s)]) == 0
+    assert "per image, guidance 2 distilled, from " in capsys.readouterr().out
+    # refusals, each before anything is written
+    assert "use it with --target teacher" in _error(
+        ["distill", t, "--guidance", 2, "--target", "data", "--out", tmp_path / "x1"], capsys)
+    assert "--guidance is a setting of --method ect" in _error(
+        ["distill", t, "--method", "gits", "--guidance", 2, "--out", tmp_path / "x2"], capsys)
+    assert "distill.guidance must be a finite number >= 0, got -1.0" in _error(
+        ["distill", t, "--guidance", -1, "--out", tmp_path / "x3"], capsys)
+    assert "drop --guidance" in _error(["distill", "--resume", s, "--guidance", 3], capsys)
+    assert not any((tmp_path / f"x{i}").exists() for i in (1, 2, 3))
+
+
+def test_guidance_needs_a_class_conditional_teacher(teacher, tmp_path, capsys):
+    assert "--guidance needs a class-conditional teacher" in _error(
+        ["distill", teacher, "--guidance", 2, "--out", tmp_path / "x"], capsys)
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("nfe,levels", [(1, [10.0]), (2, [10.0, 10 / 3.7]), (4, [10.0, 10 / 3.7, 10 / 3.7 ** 2, 10 / 3.7 ** 3])])
 def test_consistency_levels_start_at_10_and_fall_by_3_7_per_call(nfe, levels):
     for schedule in (Schedule("cosine", 1000), Schedule("linear", 1000)):

@@ -124,20 +124,22 @@ def fit(**settings: Any) -> Path:
 
 def fit_distilled(teacher: PathLike | None = None, out: PathLike | None = None, *, nfe: int = 2, method: str = "ect",
             steps: int | None = None, time_limit: float | None = None, resume: PathLike | None = None,
-            target: str | None = None, overwrite: bool = False, no_progress: bool = False, **train: Any) -> Path:
+            target: str | None = None, guidance: float | None = None, overwrite: bool = False,
+            no_progress: bool = False, **train: Any) -> Path:
     """Distil ``teacher`` (a diffusion run or checkpoint) into a student that samples in ``nfe``
     network calls, exactly as ``diffuse distill``; returns the student's run directory, an ordinary
     run (``load(...).sample`` defaults to its NFE). ``steps`` or ``time_limit`` (minutes, a budget
     plan) set the length (default: a quarter of the teacher's steps); ``resume`` continues a
     distillation instead (then ``time_limit`` adds minutes to a budget); ``target`` "data" or
-    "teacher" as ``--target`` (default: distill.TUNING_DEFAULTS). ``train``: batch_size, lr,
+    "teacher" as ``--target`` (default: distill.TUNING_DEFAULTS); ``guidance`` w as ``--guidance``
+    (a class-conditional teacher; distilled into the student). ``train``: batch_size, lr,
     seed, grad_clip, ema_std, device, precision, threads, log_every, sample_every, ckpt_every, keep.
     Bad input raises DiffuseError (docs/distill.md)."""
     from .runs import distill_run_config
     from .train import train as run_training
 
     cfg = distill_run_config(teacher, out, nfe=nfe, method=method, steps=steps, time_limit=time_limit,
-                             resume=resume, target=target, train=train)
+                             resume=resume, target=target, guidance=guidance, train=train)
     return Path(run_training(cfg, resume=resume is not None, overwrite=overwrite, progress=not no_progress))
 
 

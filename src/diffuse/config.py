@@ -218,6 +218,8 @@ class DistillConfig:
     # (distill.TUNING_DEFAULTS).
     ect_stages: int | None = opt(None, "ect: stages over which the gap t - r halves", cli=False)
     ect_p_mean: float | None = opt(None, "ect: mean of ln sigma_t", cli=False)
+    guidance: float | None = opt(None, "ect: the classifier-free guidance w distilled into a class-conditional "
+                                       "student (its samples are guided with no --guidance); None: none", cli=False)
     ect_target: str | None = opt(None, "ect: what makes the target's input x_r: data (x0 + r n, consistency "
                                         "training) or teacher (the teacher's ODE step from x_t, consistency "
                                         "distillation); None: data, as students before it was recorded", cli=False)
@@ -226,8 +228,9 @@ class DistillConfig:
         """The method, NFE and teacher in words (``diffuse info``, the run's log)."""
         fid = f", teacher FID {self.teacher_fid:.2f} at N = {self.teacher_fid_n}" if self.teacher_fid is not None else ""
         what = "consistency tuning" if self.method == "ect" else f"searched noise levels for {self.sampler}"
+        guided = f", guidance {self.guidance:g} distilled" if self.guidance is not None else ""
         return (f"{self.method} {what} for {self.nfe} network call{'s' if self.nfe > 1 else ''} per "
-                f"image, from {self.teacher} (step {self.teacher_step}){fid}")
+                f"image{guided}, from {self.teacher} (step {self.teacher_step}){fid}")
 
     @property
     def consistency(self) -> bool:
@@ -756,6 +759,8 @@ def _validate_distill(d: DistillConfig) -> None:
           f"distill.ect_stages must be a whole number from 1 to 16, got {d.ect_stages!r}")
     _need(d.ect_p_mean is None or math.isfinite(d.ect_p_mean),
           f"distill.ect_p_mean must be a finite number, got {d.ect_p_mean!r}")
+    _need(d.guidance is None or (isinstance(d.guidance, (int, float)) and math.isfinite(d.guidance) and d.guidance >= 0),
+          f"distill.guidance must be a finite number >= 0, got {d.guidance!r}")
     _need(d.ect_target in (None, "data", "teacher"), f"distill.ect_target must be data or teacher, got {d.ect_target!r}")
 
 

@@ -126,7 +126,8 @@ def labels_and_guidance(loaded: Loaded, spec: str | None, guidance: float | None
     labels, cfg = class_labels(loaded, spec, count), loaded.config
     settled = SamplingSpec(guidance=guidance).resolved(conditional=labels is not None,
                                                        default_guidance=cfg.train.sample_guidance)
-    settled.check_guidance(class_cond=cfg.model.class_cond, conditional=labels is not None)
+    settled.check_guidance(class_cond=cfg.model.class_cond, conditional=labels is not None,
+                           distilled_guidance=cfg.distill.guidance)
     return labels, settled.guidance
 
 
@@ -164,7 +165,7 @@ def settle(loaded: Loaded, spec: SamplingSpec, conditional: bool) -> SamplingSpe
     cfg = loaded.config
     spec = spec.resolved(cfg, conditional=conditional, default_guidance=cfg.train.sample_guidance)
     return spec.check(loaded.schedule, class_cond=cfg.model.class_cond, conditional=conditional,
-                      distilled=cfg.distill.consistency)
+                      distilled=cfg.distill.consistency, distilled_guidance=cfg.distill.guidance)
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ DISTILL_STEPS_FRACTION = 0.25
 
 def distill_config(teacher: str | Path, out: str | Path | None, *, method: str = "ect", nfe: int = 2,
                    steps: int | None = None, time_limit: float | None = None, target: str | None = None,
-                   train: dict[str, Any] | None = None) -> Config:
+                   guidance: float | None = None, train: dict[str, Any] | None = None) -> Config:
     """The config of a run that distils ``teacher`` (a run or checkpoint of an ordinary diffusion run):
     the teacher's data, model and formulation, a fresh training section (its batch, clipping,
     label dropout and seed; lr x DISTILL_LR_FACTOR; power EMA; no FID during the run), the
@@ -92,9 +92,18 @@ def distill_config(teacher: str | Path, out: str | Path | None, *, method: str =
     if method == "ect":
         from .distill import TUNING_DEFAULTS
         d.ect_stages, d.ect_p_mean = TUNING_DEFAULTS["stages"], TUNING_DEFAULTS["p_mean"]
-        d.ect_target = target or TUNING_DEFAULTS["target"]
-    elif target is not None:
-        raise DiffuseError(f"--target is a setting of --method ect; {method} trains nothing")
+        d.ect_target = target or ("teacher" if guidance is not None else TUNING_DEFAULTS["target"])
+        if guidance is not None:
+            if not cfg.model.class_cond:
+                raise DiffuseError(f"--guidance needs a class-conditional teacher; {teacher} was trained without --class-cond")
+            if d.ect_target != "teacher":
+                raise DiffuseError("--guidance is distilled from the guided teacher's ODE step: use it with "
+                                   "--target teacher (the data has no guidance to learn from)")
+            d.guidance = guidance
+            t.sample_guidance = 0.0          # the student's samples are guided by its weights, not again
+    elif target is not None or guidance is not None:
+        raise DiffuseError(f"--{'target' if target is not None else 'guidance'} is a setting of --method ect; "
+                           f"{method} trains nothing")
     if method == "gits":
         from .objectives import default_sampling
         d.sampler = default_sampling(cfg.diffusion)[0]       # the teacher's own default, on the searched levels
@@ -110,7 +119,8 @@ DISTILL_SETTINGS = ("batch_size", "lr", "seed", "grad_clip", "ema_std", "precisi
 
 def distill_run_config(teacher: str | Path | None, out: str | Path | None, *, nfe: int = 2, method: str = "ect",
                        steps: int | None = None, time_limit: float | None = None, resume: str | Path | None = None,
-                       target: str | None = None, train: dict[str, Any] | None = None) -> Config:
+                       target: str | None = None, guidance: float | None = None,
+                       train: dict[str, Any] | None = None) -> Config:
     """The config `diffuse distill` and ``diffuse.distill`` run: a new distillation of ``teacher``
     (``distill_config``), or with ``resume`` the distilled run in that directory, continued with the
     changes DISTILL_RESUMABLE allows (``time_limit`` adds minutes to a budget plan). ``train``: train
@@ -123,11 +133,12 @@ def distill_run_config(teacher: str | Path | None, out: str | Path | None, *, nf
         if teacher is None:
             raise DiffuseError("name the teacher run to distil (diffuse distill RUN --out DIR), or --resume OUT")
         return distill_config(teacher, out, method=method, nfe=nfe, steps=steps, time_limit=time_limit,
-                              target=target, train=train)
+                              target=target, guidance=guidance, train=train)
     if teacher is not None:
         raise DiffuseError("--resume continues a distillation as it was configured; drop the teacher argument")
-    if target is not None:
-        raise DiffuseError("--resume continues a distillation with the target it started with; drop --target")
+    if target is not None or guidance is not None:
+        flag = "--target" if target is not None else "--guidance"
+        raise DiffuseError(f"--resume continues a distillation with the settings it started with; drop {flag}")
     changes = {k: v for k, v in train.items() if k in DISTILL_RESUMABLE}
     changes.update({"time_limit": time_limit} if time_limit is not None else {})
     changes.update({"steps": steps} if steps is not None else {})

@@ -97,17 +97,19 @@ class SamplingSpec:
                             levels=levels)
 
     def check(self, schedule: Any, *, class_cond: bool = False, conditional: bool = False,
-              prefix: str = "--", distilled: bool = False) -> SamplingSpec:
+              prefix: str = "--", distilled: bool = False, distilled_guidance: float | None = None) -> SamplingSpec:
         """Raise a one-line SpecError for the first setting a model on ``schedule`` cannot run
         (a resolved spec; ``conditional``: labels given, ``class_cond``: the model takes them;
         ``distilled``: a consistency student, which only the consistency sampler runs, and which
-        only it runs); ``prefix`` names the flags (``--fid-`` for the config's FID sampler). Returns self."""
+        only it runs; ``distilled_guidance``: the guidance w a student has in its weights, which no
+        other guidance may add to); ``prefix`` names the flags (``--fid-`` for the config's FID sampler).
+        Returns self."""
         self.check_sampler(schedule.timesteps, prefix)
         if distilled != (self.sampler == "consistency"):
             raise SpecError("sampler", f"a distilled run samples with {prefix}sampler consistency (its network is a "
                                        f"consistency function, not a denoiser)" if distilled else
                             f"{prefix}sampler consistency needs a consistency-tuned run (diffuse distill --method ect)")
-        self.check_guidance(class_cond=class_cond, conditional=conditional)
+        self.check_guidance(class_cond=class_cond, conditional=conditional, distilled_guidance=distilled_guidance)
         if self.eta is not None:
             from .samplers import check_eta
             try:
@@ -129,11 +131,15 @@ class SamplingSpec:
             raise SpecError("steps", f"{prefix}steps must be between 1 and {timesteps} for this model, "
                                      f"got {self.steps}")
 
-    def check_guidance(self, *, class_cond: bool, conditional: bool) -> None:
-        """Guidance is finite and >= 0, and nonzero only with labels (``conditional``)."""
+    def check_guidance(self, *, class_cond: bool, conditional: bool, distilled_guidance: float | None = None) -> None:
+        """Guidance is finite and >= 0, nonzero only with labels (``conditional``) and never on a
+        student with guidance distilled into it (``distilled_guidance``)."""
         g = self.guidance or 0.0
         if not (math.isfinite(g) and g >= 0):
             raise SpecError("guidance", f"--guidance must be a finite number >= 0, got {g}")
+        if g and distilled_guidance is not None:
+            raise SpecError("guidance", f"this student has guidance {distilled_guidance:g} distilled into it; "
+                                        f"sample it without --guidance")
         if g and not conditional:
             raise SpecError("guidance", "--guidance needs --class (a class, a list, or all)" if class_cond
                             else "--guidance needs a class-conditional model (train with --class-cond)")

@@ -310,8 +310,11 @@ class DistillStep:
             y = drop_labels(y, tc.label_dropout, self.null_label, generator(tc.seed, "distill-labels", step, device=run.device))
         den = make_denoiser(run.model, run.formulation, labels=y, autocast_dtype=run.amp)
         f = ConsistencyFunction(den, self.sigma_min, self.sigma_max)
-        teacher = None if self.teacher is None else make_denoiser(self.teacher, run.formulation, labels=y,
-                                                                   autocast_dtype=run.amp)
+        # a guided distillation: the teacher's step is its guided ODE's, so the student learns the guided
+        # map (rows dropped to the null class stay unguided: guidance on the null label is the null output)
+        teacher = None if self.teacher is None else make_denoiser(
+            self.teacher, run.formulation, labels=y, guidance=run.cfg.distill.guidance or 0.0,
+            null_label=self.null_label, autocast_dtype=run.amp)
         loss, grad_norm = self.inner(x0, step, self.progress(), f=f, teacher=teacher)
         self.bad = self.inner.bad
         ema_update(run.ema, run.model, self.plan.ema_decay(step), skip=self.bad)
