@@ -675,3 +675,28 @@ def test_distill_docs_quote_the_target_comparison_on_the_intel():
     flat = " ".join(doc.split())
     assert (f"scored {gamma[0.0]:.1f} at γ = 0 and {gamma[0.5]:.1f} at γ = 0.5 on the data-target student, against "
             f"{gamma[1.0]:.1f} for fresh noise") in flat and min(gamma, key=gamma.get) == 1.0
+
+
+def test_distill_docs_quote_the_guidance_run_on_the_intel():
+    """docs/distill.md's guidance table is benchmarks/results/distill-digits-guidance-intel.json;
+    the distilled student has the guided accuracy at 2 calls and a lower FID than guidance at sampling."""
+    doc = (REPO / "docs" / "distill.md").read_text()
+    data = json.loads((REPO / "benchmarks" / "results" / "distill-digits-guidance-intel.json").read_text())
+    table = doc.split("<!-- guidance-intel:start -->")[1].split("<!-- guidance-intel:end -->")[0]
+    lines = table.strip().splitlines()[2:]
+    order = [("teacher", 20, 1.0), ("student, data target, guidance at sampling", 2, 1.0),
+             ("student, data target, guidance at sampling", 2, 0.0), ("student, --target teacher, guidance at sampling", 2, 1.0),
+             ("student, --guidance 1 distilled", 2, 0.0), ("student, data target, guidance at sampling", 4, 1.0),
+             ("student, --guidance 1 distilled", 4, 0.0)]
+    by = {(r["who"], r["nfe"], r["guidance"]): r for r in data["rows"]}
+    rows = [by[k] for k in order]
+    assert len(lines) == len(rows) == 7 and "family 6" in data["cpu"]
+    for line, r in zip(lines, rows):
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        assert int(cells[1]) == r["nfe"]
+        assert cells[3:] == [f"{r['fid']:.1f}", f"{r['accuracy']:.3f}", f"{r['sample_seconds']:.2f}"], line
+    distilled, at_sampling = by[("student, --guidance 1 distilled", 2, 0.0)], by[("student, data target, guidance at sampling", 2, 1.0)]
+    unguided = by[("student, data target, guidance at sampling", 2, 0.0)]
+    assert distilled["accuracy"] > unguided["accuracy"] and distilled["fid"] < at_sampling["fid"]
+    assert distilled["sample_seconds"] < at_sampling["sample_seconds"]
+    assert round(data["distill_seconds"]["cc-b"]) == 127 and round(data["distill_seconds"]["cc-a"]) == 101
