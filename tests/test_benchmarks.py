@@ -686,8 +686,8 @@ def test_distill_docs_quote_the_guidance_run_on_the_intel():
     lines = table.strip().splitlines()[2:]
     order = [("teacher", 20, 1.0), ("student, data target, guidance at sampling", 2, 1.0),
              ("student, data target, guidance at sampling", 2, 0.0), ("student, --target teacher, guidance at sampling", 2, 1.0),
-             ("student, --guidance 1 distilled", 2, 0.0), ("student, data target, guidance at sampling", 4, 1.0),
-             ("student, --guidance 1 distilled", 4, 0.0)]
+             ("student, --distill-guidance 1 distilled", 2, 0.0), ("student, data target, guidance at sampling", 4, 1.0),
+             ("student, --distill-guidance 1 distilled", 4, 0.0)]
     by = {(r["who"], r["nfe"], r["guidance"]): r for r in data["rows"]}
     rows = [by[k] for k in order]
     assert len(lines) == len(rows) == 7 and "family 6" in data["cpu"]
@@ -695,7 +695,7 @@ def test_distill_docs_quote_the_guidance_run_on_the_intel():
         cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
         assert int(cells[1]) == r["nfe"]
         assert cells[3:] == [f"{r['fid']:.1f}", f"{r['accuracy']:.3f}", f"{r['sample_seconds']:.2f}"], line
-    distilled, at_sampling = by[("student, --guidance 1 distilled", 2, 0.0)], by[("student, data target, guidance at sampling", 2, 1.0)]
+    distilled, at_sampling = by[("student, --distill-guidance 1 distilled", 2, 0.0)], by[("student, data target, guidance at sampling", 2, 1.0)]
     unguided = by[("student, data target, guidance at sampling", 2, 0.0)]
     assert distilled["accuracy"] > unguided["accuracy"] and distilled["fid"] < at_sampling["fid"]
     assert distilled["sample_seconds"] < at_sampling["sample_seconds"]

@@ -207,7 +207,7 @@ def test_a_class_conditional_student_samples_a_class(tmp_path, capsys):
 
 
 def test_guidance_is_distilled_from_the_guided_teachers_step(tmp_path, capsys, monkeypatch):
-    """--guidance W on a class-conditional teacher: the target's x_r is the teacher's ODE step under
+    """--distill-guidance W on a class-conditional teacher: the target's x_r is the teacher's ODE step under
     guidance W (its null class for the unconditional half), recorded in the run; the student then
     samples at its own default (no further guidance) and refuses --guidance in one line."""
     from diffuse import distill
@@ -222,7 +222,7 @@ def test_guidance_is_distilled_from_the_guided_teachers_step(tmp_path, capsys, m
         seen.append((den.guidance, den.null_label, den.labels is not None))
         return real(den, x_t, sigma_t, sigma_r)
     monkeypatch.setattr(distill, "teacher_step", spy)
-    s = _distill(t, tmp_path / "s", "--steps", 2, "--guidance", 2)
+    s = _distill(t, tmp_path / "s", "--steps", 2, "--distill-guidance", 2)
     assert seen == [(2.0, 10, True)] * 2
     run_cfg = json.loads((s / "config.json").read_text())
     assert (run_cfg["distill"]["guidance"], run_cfg["distill"]["ect_target"]) == (2.0, "teacher")
@@ -237,18 +237,18 @@ def test_guidance_is_distilled_from_the_guided_teachers_step(tmp_path, capsys, m
     assert "per image, guidance 2 distilled, from " in capsys.readouterr().out
     # refusals, each before anything is written
     assert "use it with --target teacher" in _error(
-        ["distill", t, "--guidance", 2, "--target", "data", "--out", tmp_path / "x1"], capsys)
-    assert "--guidance is a setting of --method ect" in _error(
-        ["distill", t, "--method", "gits", "--guidance", 2, "--out", tmp_path / "x2"], capsys)
+        ["distill", t, "--distill-guidance", 2, "--target", "data", "--out", tmp_path / "x1"], capsys)
+    assert "--distill-guidance is a setting of --method ect" in _error(
+        ["distill", t, "--method", "gits", "--distill-guidance", 2, "--out", tmp_path / "x2"], capsys)
     assert "distill.guidance must be a finite number >= 0, got -1.0" in _error(
-        ["distill", t, "--guidance", -1, "--out", tmp_path / "x3"], capsys)
-    assert "drop --guidance" in _error(["distill", "--resume", s, "--guidance", 3], capsys)
+        ["distill", t, "--distill-guidance", -1, "--out", tmp_path / "x3"], capsys)
+    assert "drop --distill-guidance" in _error(["distill", "--resume", s, "--distill-guidance", 3], capsys)
     assert not any((tmp_path / f"x{i}").exists() for i in (1, 2, 3))
 
 
 def test_guidance_needs_a_class_conditional_teacher(teacher, tmp_path, capsys):
-    assert "--guidance needs a class-conditional teacher" in _error(
-        ["distill", teacher, "--guidance", 2, "--out", tmp_path / "x"], capsys)
+    assert "--distill-guidance needs a class-conditional teacher" in _error(
+        ["distill", teacher, "--distill-guidance", 2, "--out", tmp_path / "x"], capsys)
     assert not (tmp_path / "x").exists()
 
 

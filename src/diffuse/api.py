@@ -131,7 +131,7 @@ def fit_distilled(teacher: PathLike | None = None, out: PathLike | None = None, 
     run (``load(...).sample`` defaults to its NFE). ``steps`` or ``time_limit`` (minutes, a budget
     plan) set the length (default: a quarter of the teacher's steps); ``resume`` continues a
     distillation instead (then ``time_limit`` adds minutes to a budget); ``target`` "data" or
-    "teacher" as ``--target`` (default: distill.TUNING_DEFAULTS); ``guidance`` w as ``--guidance``
+    "teacher" as ``--target`` (default: distill.TUNING_DEFAULTS); ``guidance`` w as ``--distill-guidance``
     (a class-conditional teacher; distilled into the student). ``train``: batch_size, lr,
     seed, grad_clip, ema_std, device, precision, threads, log_every, sample_every, ckpt_every, keep.
     Bad input raises DiffuseError (docs/distill.md)."""

@@ -112,7 +112,7 @@ def add_distill(sub) -> None:
                     help="ect: the target's input, the data's noise (consistency training) or the teacher's ODE "
                          "step (consistency distillation; the teacher must stay on disk until the student is "
                          "done; default data)")
-    di.add_argument("--guidance", type=float_arg, default=None, metavar="W",
+    di.add_argument("--distill-guidance", type=float_arg, default=None, metavar="W",
                     help="a class-conditional teacher: distil its samples at classifier-free guidance W into the "
                          "student (implies --target teacher; the student then samples guided with no --guidance)")
     di.add_argument("--steps", type=positive_int_arg, default=None,
@@ -132,7 +132,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = distill_run_config(args.run, args.out, nfe=args.nfe, method=args.method, steps=args.steps,
-                             time_limit=args.time_limit, resume=args.resume, target=args.target, guidance=args.guidance,
+                             time_limit=args.time_limit, resume=args.resume, target=args.target, guidance=args.distill_guidance,
                              train=overrides_from_flags(args).get("train", {}))
     out = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     print(f"done: {out}  (sample it with: diffuse sample {out})")

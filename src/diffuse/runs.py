@@ -95,14 +95,14 @@ def distill_config(teacher: str | Path, out: str | Path | None, *, method: str =
         d.ect_target = target or ("teacher" if guidance is not None else TUNING_DEFAULTS["target"])
         if guidance is not None:
             if not cfg.model.class_cond:
-                raise DiffuseError(f"--guidance needs a class-conditional teacher; {teacher} was trained without --class-cond")
+                raise DiffuseError(f"--distill-guidance needs a class-conditional teacher; {teacher} was trained without --class-cond")
             if d.ect_target != "teacher":
-                raise DiffuseError("--guidance is distilled from the guided teacher's ODE step: use it with "
+                raise DiffuseError("--distill-guidance is distilled from the guided teacher's ODE step: use it with "
                                    "--target teacher (the data has no guidance to learn from)")
             d.guidance = guidance
             t.sample_guidance = 0.0          # the student's samples are guided by its weights, not again
     elif target is not None or guidance is not None:
-        raise DiffuseError(f"--{'target' if target is not None else 'guidance'} is a setting of --method ect; "
+        raise DiffuseError(f"--{'target' if target is not None else 'distill-guidance'} is a setting of --method ect; "
                            f"{method} trains nothing")
     if method == "gits":
         from .objectives import default_sampling
@@ -137,7 +137,7 @@ def distill_run_config(teacher: str | Path | None, out: str | Path | None, *, nf
     if teacher is not None:
         raise DiffuseError("--resume continues a distillation as it was configured; drop the teacher argument")
     if target is not None or guidance is not None:
-        flag = "--target" if target is not None else "--guidance"
+        flag = "--target" if target is not None else "--distill-guidance"
         raise DiffuseError(f"--resume continues a distillation with the settings it started with; drop {flag}")
     changes = {k: v for k, v in train.items() if k in DISTILL_RESUMABLE}
     changes.update({"time_limit": time_limit} if time_limit is not None else {})

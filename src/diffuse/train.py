@@ -251,7 +251,7 @@ def teacher_checkpoint(cfg: Config) -> Path:
         return ckpt_io.resolve(path)
     except DiffuseError:
         raise DiffuseError(f"the teacher {path} is gone; a distillation with --target teacher needs it to go on "
-                           f"(put it back, or distil again with --target data)") from None
+                           f"(put it back, or distil the student again)") from None
 
 
 def load_teacher(run: Run) -> nn.Module:
@@ -274,7 +274,9 @@ class DistillStep:
     guidance), between the formulation's sigma_min and the Karras cap its samplers start from
     (``samplers.KARRAS_SIGMA_MAX_CAP``); ECT's stage follows the fraction of the run done (of the
     budget, or of the steps), over the run's recorded stages and lognormal mean
-    (``distill.tuning_settings``); the learning rate and EMA come from the ``Plan``. One process only."""
+    (``distill.tuning_settings``); the learning rate and EMA come from the ``Plan``. With
+    ``distill.ect_target`` "teacher" the target's input is the frozen teacher's ODE step, under the
+    recorded ``distill.guidance`` if any (``load_teacher``). One process only."""
 
     def __init__(self, run: Run):
         from .distill import ConsistencyStep, tuning_settings
