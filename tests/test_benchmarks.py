@@ -700,3 +700,18 @@ def test_distill_docs_quote_the_guidance_run_on_the_intel():
     assert distilled["accuracy"] > unguided["accuracy"] and distilled["fid"] < at_sampling["fid"]
     assert distilled["sample_seconds"] < at_sampling["sample_seconds"]
     assert round(data["distill_seconds"]["cc-b"]) == 127 and round(data["distill_seconds"]["cc-a"]) == 101
+
+
+def test_distill_docs_quote_the_n2000_rescoring_on_the_intel():
+    """docs/distill.md's N = 2,000 sentence is benchmarks/results/distill-digits-n2000-intel.json,
+    two seed sets, the goals judged against the teacher's 20-call FID at the same N."""
+    data = json.loads((REPO / "benchmarks" / "results" / "distill-digits-n2000-intel.json").read_text())
+    flat = " ".join((REPO / "docs" / "distill.md").read_text().split())
+    s = data["summary"]
+    m, g = s["mean_fid"], s["goals"]
+    assert data["fid_n"] == 2000 and data["seeds"] == [0, 1] and "family 6" in data["cpu"]
+    assert len([r for r in data["rows"] if r["who"] == "student"]) == 4
+    assert (f"the teacher scores {m['teacher dpmpp-2m-sde 20']:.1f} at 20 calls and the student "
+            f"**{m['student consistency 4']:.1f} at 4 calls** (goal {g['4_nfe']['limit']:.1f}: "
+            f"{'met' if g['4_nfe']['met'] else 'not met'}) and {m['student consistency 2']:.1f} at 2 "
+            f"(goal {g['2_nfe']['limit']:.1f}: {'met' if g['2_nfe']['met'] else 'not met'})") in flat
