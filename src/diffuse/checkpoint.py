@@ -300,6 +300,12 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise DiffuseError(f"cannot read {path}: {e}") from None
 
 
+def read_ema(src: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of ``src`` as ``resolve`` returns it: a checkpoint directory's
+    ema.safetensors, or the .safetensors file itself (a slim export)."""
+    return read_tensors(src / "ema.safetensors" if src.is_dir() else src)
+
+
 def load_weights_into(model: nn.Module, weights: dict[str, torch.Tensor], source: Path | str) -> None:
     """Strict load with a one-line explanation when the architectures differ."""
     target = unwrap(model)

@@ -488,7 +488,7 @@ def _start_fresh(run: Run, locks: list[RunLock], init_from: str | None, overwrit
     if init_from:
         # Start both the model and its EMA from the source's EMA weights: those are the
         # weights its samples came from, and the optimizer starts fresh anyway.
-        weights = ckpt_io.read_tensors(src / "ema.safetensors" if src.is_dir() else src)
+        weights = ckpt_io.read_ema(src)
         ckpt_io.load_weights_into(run.model, weights, src)
         ckpt_io.load_weights_into(run.ema, weights, src)
     return RunState()

@@ -67,7 +67,7 @@ def _write(out: Path, cfg: Config, src: Path, header: dict) -> None:
     step = int(header.get("step") or 0)
     ckpt = out / "checkpoints" / ckpt_io.step_dir_name(step)
     ckpt.mkdir(parents=True)
-    weights = ckpt_io.read_tensors(src / "ema.safetensors" if src.is_dir() else src)
+    weights = ckpt_io.read_ema(src)
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in weights.items()}, str(ckpt / "ema.safetensors"))
     atomic_write(ckpt / "config.json", json.dumps({**header, "config": cfg.to_dict()}, indent=2))

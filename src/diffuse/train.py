@@ -258,7 +258,7 @@ def load_teacher(run: Run) -> nn.Module:
     """The teacher's EMA network, frozen, in eval mode, on the run's device."""
     src = teacher_checkpoint(run.cfg)
     net = build_model(run.cfg).to(run.device)
-    ckpt_io.load_weights_into(net, ckpt_io.read_tensors(src / "ema.safetensors" if src.is_dir() else src), src)
+    ckpt_io.load_weights_into(net, ckpt_io.read_ema(src), src)
     if run.channels_last:
         net.to(memory_format=torch.channels_last)
     return net.eval().requires_grad_(False)

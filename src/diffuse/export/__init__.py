@@ -50,7 +50,7 @@ def _load_source(path: str | Path) -> tuple[Path, dict[str, Any], Config, dict[s
     src = ckpt_io.resolve(path)
     header = ckpt_io.read_header(src)
     cfg = Config.from_dict(header["config"])
-    weights = ckpt_io.read_tensors(src / "ema.safetensors" if src.is_dir() else src)
+    weights = ckpt_io.read_ema(src)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     return src, header, cfg, weights
 
