@@ -141,15 +141,21 @@ def test_samplers_that_do_not_fit_the_model_are_refused(student, teacher, capsys
     assert "walks geometric or karras levels" in err
 
 
-def test_resumed_distillation_is_bit_identical(student, tmp_path):
-    part = tmp_path / "part"
-    shutil.copytree(student, part, symlinks=True)
+def _resumes_bit_identically(run: Path, part: Path) -> Path:
+    """Copy ``run`` (6 steps, checkpoints at 3 and 6) to ``part``, resume it from step 3, and assert
+    that its step-6 model and EMA equal the uninterrupted run's bit for bit. Returns ``part``."""
+    shutil.copytree(run, part, symlinks=True)
     point(part / "checkpoints", "last", "step_0000003")
     assert cli.main(["distill", "--resume", str(part), "--no-progress"]) == 0
     for name in ("model", "ema"):
-        a = read_tensors(student / "checkpoints" / "step_0000006" / f"{name}.safetensors")
+        a = read_tensors(run / "checkpoints" / "step_0000006" / f"{name}.safetensors")
         b = read_tensors(part / "checkpoints" / "step_0000006" / f"{name}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    return part
+
+
+def test_resumed_distillation_is_bit_identical(student, tmp_path):
+    _resumes_bit_identically(student, tmp_path / "part")
 
 
 def test_bad_inputs_are_one_line_errors(student, teacher, tmp_path, capsys):
@@ -454,14 +460,7 @@ def test_the_teacher_target_steps_with_the_frozen_teachers_ode(distilled_from_th
 
 def test_a_teacher_target_distillation_resumes_exactly_and_needs_its_teacher(distilled_from_the_teacher, teacher,
                                                                              tmp_path, capsys):
-    part = tmp_path / "part"
-    shutil.copytree(distilled_from_the_teacher, part, symlinks=True)
-    point(part / "checkpoints", "last", "step_0000003")
-    assert cli.main(["distill", "--resume", str(part), "--no-progress"]) == 0
-    for name in ("model", "ema"):
-        a = read_tensors(distilled_from_the_teacher / "checkpoints" / "step_0000006" / f"{name}.safetensors")
-        b = read_tensors(part / "checkpoints" / "step_0000006" / f"{name}.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    part = _resumes_bit_identically(distilled_from_the_teacher, tmp_path / "part")
     # the teacher moved away: a resume says so in one line and leaves the student as it was
     gone = tmp_path / "gone"
     shutil.copytree(distilled_from_the_teacher, gone, symlinks=True)
