@@ -9,8 +9,9 @@ forward under autocast, MSE on eps, backward, gradient clipping, AdamW, EMA upda
 random [-1, 1] tensors already on the device, so data loading is not timed (the trainer keeps the
 whole data set on the device too). Each preset runs in a fresh process (benchmarks/_worker.py):
 --warmup untimed steps, then --repeats timed windows of enough steps to last --min-seconds;
-reported: the median window's img/s, with min and max. channels_last follows the trainer's
-default (on with bf16 or CUDA) unless --channels-last/--no-channels-last is given.
+reported: the median window's img/s, with min and max. channels_last is on with bf16 or CUDA
+unless --channels-last/--no-channels-last is given; the trainer's fp32 CPU layout follows its probe
+(docs/hardware.md), so time both flags there to see what it chose between.
 
 Batch sizes: on CUDA each preset's own batch size; on the CPU smaller ones for the big presets
 (see CPU_BATCH) so a step takes seconds, not minutes. Throughput per image still depends on the

@@ -715,3 +715,28 @@ def test_distill_docs_quote_the_n2000_rescoring_on_the_intel():
             f"**{m['student consistency 4']:.1f} at 4 calls** (goal {g['4_nfe']['limit']:.1f}: "
             f"{'met' if g['4_nfe']['met'] else 'not met'}) and {m['student consistency 2']:.1f} at 2 "
             f"(goal {g['2_nfe']['limit']:.1f}: {'met' if g['2_nfe']['met'] else 'not met'})") in flat
+
+
+def test_hardware_docs_quote_the_fp32_layout_measurements():
+    data = json.loads((REPO / "benchmarks" / "results" / "layout-fp32-intel.json").read_text())
+    doc = (REPO / "docs" / "hardware.md").read_text()
+    table = doc.split("<!-- layout-intel:start -->")[1].split("<!-- layout-intel:end -->")[0]
+    ratios = {}
+    for preset, label in (("digits", "digits (0.64M, 16 px)"), ("mnist", "mnist (1.19M, 28 px)")):
+        cells = []
+        for r in data["rounds"]:
+            for layout in ("nchw", "nhwc"):
+                row = next(x for x in r[layout]["rows"] if x["preset"] == preset)
+                assert row["batch"] == 64
+                cells.append(row["img_per_s"])
+        assert f"| {label} | " + " | ".join(f"{c:.0f}" for c in cells) + " |" in table
+        ratios[preset] = (cells[1] / cells[0], cells[3] / cells[2])
+    flat = " ".join(doc.split())
+    (d1, d2), (m1, m2) = ratios["digits"], ratios["mnist"]
+    assert f"(digits {d1:.2f}x and {d2:.2f}x; mnist {m1:.2f}x, then {m2:.2f}x in the noisiest round)" in flat
+    assert sum(r > 1 for r in (d1, d2, m1, m2)) == 3 and "faster in three of the four pairs" in flat
+    assert "fp32 UNet step (0.29M, batch 32): NCHW 7.6, NHWC 9.6 steps/s" in data["probe"]
+    assert "7.6 steps/s in NCHW and 9.6 in channels_last (1.26x)" in " ".join(doc.split())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "measured 1.26x faster on a small UNet's step (7.6 against 9.6 steps/s;" in readme
+

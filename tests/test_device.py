@@ -10,13 +10,17 @@ import torch
 from diffuse import device as D
 
 # Rates (GFLOP/s) of the kind the probe measures. AVX512-BF16 without AMX: the Xeon, bf16
-# slower on both ops; AMX-like: bf16 several times faster.
-SLOW_BF16 = {"matmul_fp32": 125.0, "matmul_bf16": 69.0, "conv_fp32": 91.0, "conv_bf16": 60.0, "spread": 1.05}
-FAST_BF16 = {"matmul_fp32": 200.0, "matmul_bf16": 800.0, "conv_fp32": 250.0, "conv_bf16": 500.0, "spread": 1.05}
+# slower on both ops, the small UNet's fp32 step faster in channels_last (1.25x; steps/s); AMX-like:
+# bf16 several times faster, the layouts a tie.
+SLOW_BF16 = {"matmul_fp32": 125.0, "matmul_bf16": 69.0, "conv_fp32": 91.0, "conv_bf16": 60.0,
+             "unet_nchw": 40.0, "unet_nhwc": 50.0, "spread": 1.05}
+FAST_BF16 = {"matmul_fp32": 200.0, "matmul_bf16": 800.0, "conv_fp32": 250.0, "conv_bf16": 500.0,
+             "unet_nchw": 60.0, "unet_nhwc": 61.0, "spread": 1.05}
+RATE_KEYS = ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16", "unet_nchw", "unet_nhwc")
 
 
 def _result(rates):
-    return D.ProbeResult(**{k: rates[k] for k in ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")})
+    return D.ProbeResult(**{k: rates[k] for k in RATE_KEYS if k in rates})
 
 
 @pytest.fixture
@@ -54,7 +58,7 @@ def test_auto_on_cpu_follows_the_probe_and_amx(cache, monkeypatch):
     monkeypatch.setattr(D, "_time_ops", Timer(SLOW_BF16))
     c = D.choose_precision("auto", cpu)
     assert c.dtype is None and c.probe is not None and "0.6" in c.reason
-    assert not D.use_channels_last(None, cpu, c.dtype)
+    assert D.use_channels_last(None, cpu, c.dtype)          # fp32, but its UNet step is 1.25x faster in NHWC
     # AMX: bf16 without probing
     monkeypatch.setattr(D, "cpu_has_amx", lambda: True)
     boom = Timer(SLOW_BF16)
@@ -98,7 +102,7 @@ def test_corrupt_cache_is_measured_over(cache, content):
     assert timer.calls == 1
 
 
-GOOD_ENTRY = {**{k: SLOW_BF16[k] for k in ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")},
+GOOD_ENTRY = {**{k: SLOW_BF16[k] for k in RATE_KEYS},
               "seconds": 0.5, "spread": 1.05}
 BAD_ENTRIES = {"rate 0": {**GOOD_ENTRY, "matmul_fp32": 0}, "negative": {**GOOD_ENTRY, "conv_bf16": -60.0},
                "NaN as a string": {**GOOD_ENTRY, "conv_fp32": "NaN"}, "NaN": {**GOOD_ENTRY, "conv_fp32": float("nan")},
@@ -120,8 +124,7 @@ def test_hand_edited_cache_entry_is_measured_over_and_replaced(cache, monkeypatc
     c = D.choose_precision("auto", torch.device("cpu"))
     assert c.dtype is None and timer.calls == 1 and c.probe.matmul_fp32 == 125.0
     stored = json.loads(cache.read_text())["entries"][D.probe_key()]
-    assert {k: stored[k] for k in ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")} == \
-        {k: SLOW_BF16[k] for k in ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")}
+    assert {k: stored[k] for k in RATE_KEYS} == {k: SLOW_BF16[k] for k in RATE_KEYS}
     D.choose_precision("auto", torch.device("cpu"))
     assert timer.calls == 1                                     # the replaced entry is used
 
@@ -159,7 +162,37 @@ def test_noisy_probe_is_not_cached(cache, monkeypatch):
 
 def test_real_probe_runs_and_gives_positive_rates(cache):
     r = D.probe_bf16()
-    assert all(v > 0 for v in (r.matmul_fp32, r.matmul_bf16, r.conv_fp32, r.conv_bf16)) and r.seconds < 10
+    assert all(getattr(r, k) > 0 for k in RATE_KEYS) and r.seconds < 10
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_probe_skips_the_unet_step_when_the_first_ops_ran_under_load(monkeypatch, noisy):
+    # spread > NOISY_SPREAD after the matmul and conv: the layout is left at a tie (NCHW), unmeasured
+    from diffuse.models import UNet
+    calls = []
+    real = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(D, "NOISY_SPREAD", 0.5 if noisy else 1e9)     # every spread is >= 1
+    rates = D._time_ops(repeats=2)
+    if noisy:
+        assert calls == [] and rates["unet_nchw"] == rates["unet_nhwc"]
+        assert D.ProbeResult(**{k: rates[k] for k in RATE_KEYS}).nhwc_speedup < D.NHWC_MIN_SPEEDUP
+    else:
+        assert len(calls) == 2 * (1 + 2) and rates["unet_nchw"] > 0 and rates["unet_nhwc"] > 0
+
+
+@pytest.mark.parametrize("nchw, nhwc, expect", [(40.0, 50.0, True), (40.0, 42.0, True), (40.0, 41.9, False),
+                                                (50.0, 40.0, False)])
+def test_fp32_layout_on_cpu_follows_the_probed_unet_step(cache, monkeypatch, nchw, nhwc, expect):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(D, "_time_ops", Timer({**SLOW_BF16, "unet_nchw": nchw, "unet_nhwc": nhwc}))
+    assert D.use_channels_last(None, cpu, None) is expect            # 1.05x needed: 42 / 40 = 1.05
+    reason = D.layout_reason(None, cpu, None)
+    assert reason.startswith(f"layout {'channels_last' if expect else 'NCHW'}: a small UNet's fp32 step measured "
+                             f"{nhwc / nchw:.2f}x") and "needs 1.05x" in reason
+    # bf16 is channels_last whatever the UNet step says, a setting wins; neither gives a CPU reason
+    assert D.use_channels_last(None, cpu, torch.bfloat16) and D.layout_reason(None, cpu, torch.bfloat16) == ""
+    assert D.use_channels_last(not expect, cpu, None) is (not expect) and D.layout_reason(True, cpu, None) == ""
 
 
 @pytest.mark.parametrize("capability, native, expect", [((7, 5), False, None), ((8, 0), True, torch.bfloat16),
@@ -190,7 +223,8 @@ def test_info_cli_shows_choice_and_rates(cache, monkeypatch, capsys):
     monkeypatch.setattr(D, "_time_ops", Timer(SLOW_BF16))
     assert main(["info", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "auto choice  cpu fp32" in out and "fp32 125, bf16 69 GFLOP/s" in out
+    assert "auto choice  cpu fp32 channels_last" in out and "fp32 125, bf16 69 GFLOP/s" in out
+    assert "fp32 UNet step (0.29M, batch 32): NCHW 40.0, NHWC 50.0 steps/s" in out
     assert main(["info", "--device", "cpu", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["precision"] == "fp32" and d["probe"]["conv_bf16"] == 60.0

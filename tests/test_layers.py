@@ -21,12 +21,12 @@ LAYERS: dict[int, tuple[str, ...]] = {
     0: ("version", "errors", "rng", "diffusion", "hostmem", "runlog", "budget"),
     # files and the host: atomic writes, caches, output paths, threads, image files (torch-free)
     1: ("fsutil", "outputs", "threads", "imagefiles"),
-    # the config, the device, checkpoints, images, Inception, the denoiser interface, samplers
-    # and the on-disk image cache
-    2: ("config", "device", "checkpoint", "images", "inception", "denoiser", "samplers", "datacache"),
-    # data sets and the batch stream, the UNet, the objectives, the sampling request, the diffusers
-    # mapping and card, consistency tuning's math (distill)
-    3: ("data", "models", "objectives", "sampling", "distill", "stepsearch", "export.mapping", "export.card"),
+    # the config, the UNet (config only), the device (its layout probe times the UNet), checkpoints,
+    # images, Inception, the denoiser interface, samplers and the on-disk image cache
+    2: ("config", "models", "device", "checkpoint", "images", "inception", "denoiser", "samplers", "datacache"),
+    # data sets and the batch stream, the objectives, the sampling request, the diffusers mapping and
+    # card, consistency tuning's math (distill)
+    3: ("data", "objectives", "sampling", "distill", "stepsearch", "export.mapping", "export.card"),
     # FID statistics (of data sets and of images)
     4: ("fid",),
     # torchrun: sharded sampling and FID statistics; a model size from a time budget (measured UNet rungs)

@@ -68,6 +68,32 @@ def test_resume_is_bit_identical(tmp_path, precision, channels_last):
     assert (full / "final.png").read_bytes() == (part / "final.png").read_bytes()
 
 
+def test_resume_keeps_the_layout_the_cpu_probe_chose(tmp_path, monkeypatch):
+    # fp32 on a CPU: the probe's UNet step decides channels_last; a resume whose probe says otherwise (a
+    # re-probe on a busy machine, a lost cache) keeps the run's own layout, bit-identical to a run
+    # that never stopped, and says why
+    from diffuse import device as D
+
+    def probe(nhwc: float):
+        monkeypatch.setattr(D, "probe_bf16", lambda **_: D.ProbeResult(100.0, 50.0, 100.0, 50.0, 40.0, nhwc))
+
+    probe(50.0)
+    kw = dict(ckpt_every=100, precision="fp32")
+    full = train(tiny_config(tmp_path / "full", steps=6, **kw), progress=False)
+    part = train(tiny_config(tmp_path / "part", steps=3, **kw), progress=False)
+    assert json.loads((part / "config.json").read_text())["train"]["resolved_channels_last"] is True
+    assert "layout channels_last: a small UNet's fp32 step measured 1.25x" in (part / "train.log").read_text()
+    probe(30.0)                                                      # NCHW would win now
+    train(load_resume_config(part, {"train": {"steps": 6}}), resume=True, progress=False)
+    assert "layout as when the run started" in (part / "train.log").read_text()
+    assert json.loads((part / "config.json").read_text())["train"]["resolved_channels_last"] is True
+    a, b = _weights(full, "model"), _weights(part, "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a new run on the NCHW verdict trains in NCHW
+    other = train(tiny_config(tmp_path / "other", steps=1, **kw), progress=False)
+    assert json.loads((other / "config.json").read_text())["train"]["resolved_channels_last"] is False
+
+
 def test_resumed_run_logs_the_same_metrics_rows(tmp_path):
     # Rows every 4 steps; the first run stops at 6, between two rows, and writes its own last row
     # there. The resumed run's rows at 8 and 10 must be those of the run that never stopped: the

@@ -144,6 +144,8 @@ class TrainConfig:
     resolved_precision: str | None = opt(None, "what --precision auto chose when the run started (kept on resume)",
                                          cli=False)
     channels_last: bool | None = opt(None, "use channels_last memory format (default: on where it is faster)")
+    resolved_channels_last: bool | None = opt(None, "the layout the default chose when the run started (kept on "
+                                                    "resume)", cli=False)
     compile: bool = opt(False, "torch.compile the model")
     threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use, from its "
                                     "affinity mask); on a shared machine, fewer threads each is faster")

@@ -34,8 +34,9 @@ import torch
 from .errors import DiffuseError
 from .threads import cpu_mark, others_demand
 
-PROBE_VERSION = 2
+PROBE_VERSION = 3           # 3: a small UNet's fp32 step in both layouts (channels_last on fp32 CPUs)
 BF16_MIN_SPEEDUP = 1.10     # geometric mean of the matmul and conv speedups bf16 must reach
+NHWC_MIN_SPEEDUP = 1.05     # channels_last's speedup on that step for fp32 CPU runs to use it
 NOISY_SPREAD = 1.5          # a probe whose repeats vary more than this ran under load: not cached
 
 
@@ -136,6 +137,10 @@ class ProbeResult:
     matmul_bf16: float
     conv_fp32: float
     conv_bf16: float
+    # a small UNet's training step in fp32 (forward + backward, LAYOUT_MODEL), steps/s in each
+    # memory layout: decides channels_last for fp32 runs on this CPU
+    unet_nchw: float = 1.0
+    unet_nhwc: float = 1.0
     seconds: float = 0.0            # wall time of the whole probe
     spread: float = 1.0             # worst op's median / best time; > NOISY_SPREAD: not cached
     key: str = ""
@@ -144,6 +149,11 @@ class ProbeResult:
     def speedup(self) -> float:
         """Geometric mean of bf16's speedups over fp32 on the two ops."""
         return math.sqrt(self.matmul_bf16 / self.matmul_fp32 * self.conv_bf16 / self.conv_fp32)
+
+    @property
+    def nhwc_speedup(self) -> float:
+        """channels_last's speedup over the default (NCHW) layout on the fp32 UNet step."""
+        return self.unet_nhwc / self.unet_nchw
 
 
 def bf16_wins(r: ProbeResult, min_speedup: float = BF16_MIN_SPEEDUP) -> bool:
@@ -157,11 +167,19 @@ def bf16_wins(r: ProbeResult, min_speedup: float = BF16_MIN_SPEEDUP) -> bool:
 # each on 2 cores.
 MATMUL_N = 1024
 CONV_SHAPE = (16, 64, 32, 32)
+# The layout probe: the 0.29M-parameter UNet a CPU budget trains on MNIST (the 28 px ladder's
+# second rung) at batch 32, one training step's forward and backward. oneDNN's NHWC convs alone
+# are faster than NCHW ones on a 2-core Intel Xeon, but GroupNorm, SiLU and the skips pay for the
+# layout too, and the network's mix of sizes (28, 14, 7) decides, so the whole network is timed.
+LAYOUT_MODEL = {"base_channels": 16, "channel_mult": (1, 2, 2), "num_res_blocks": 1, "attn_resolutions": (),
+                "num_groups": 8, "image_size": 28, "in_channels": 1}
+LAYOUT_BATCH = 32
 
 
 def _time_ops(repeats: int = 5) -> dict[str, float]:
     """Best-of-``repeats`` GFLOP/s per (op, precision), fp32 and bf16 interleaved so that load from
-    other processes hits both alike. One warm-up call each (oneDNN builds its kernels then)."""
+    other processes hits both alike, and the small UNet's fp32 steps/s per layout, interleaved too.
+    One warm-up call each (oneDNN builds its kernels then)."""
     torch.manual_seed(0)
     n = MATMUL_N
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -170,28 +188,53 @@ def _time_ops(repeats: int = 5) -> dict[str, float]:
     conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
     # the conv runs forward and backward (grads of input and weight), as in a training step: 3x
     flops = {"matmul": 2.0 * n ** 3, "conv": 3 * 2.0 * bsz * c * c * 9 * h * w}
+    from .config import ModelConfig                # late: device is imported before the models
+    from .models import UNet
 
-    def run(op: str, bf16: bool) -> float:
+    unet = UNet(ModelConfig(**LAYOUT_MODEL))
+    size, channels = LAYOUT_MODEL["image_size"], LAYOUT_MODEL["in_channels"]
+    unet_in = {"nchw": torch.randn(LAYOUT_BATCH, channels, size, size)}
+    unet_in["nhwc"] = unet_in["nchw"].contiguous(memory_format=torch.channels_last)
+    steps_t = torch.linspace(0, 999, LAYOUT_BATCH)
+
+    def run(op: str, variant: str) -> float:
+        bf16 = variant == "bf16"
+        if op == "unet":                                   # untimed: the layout switch and fresh grads
+            unet.to(memory_format=torch.channels_last if variant == "nhwc" else torch.contiguous_format)
+            unet.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         if op == "matmul":
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 (a @ b).sum()                              # touch the result
-        else:
+        elif op == "conv":
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = conv(x)
             out.float().sum().backward()
+        else:
+            x_t = unet_in[variant]
+            (unet(x_t, steps_t) - x_t).square().mean().backward()
         return time.perf_counter() - t0
 
+    def spread() -> float:
+        """Median over best time, worst op: near 1 on a quiet machine, well above when others compete."""
+        return max(sorted(v)[len(v) // 2] / min(v) for v in times.values())
+
     times: dict[str, list[float]] = {}
-    for op in ("matmul", "conv"):
-        for bf16 in (False, True):
-            run(op, bf16)                                  # warm-up
+    for op, variants in (("matmul", ("fp32", "bf16")), ("conv", ("fp32", "bf16")), ("unet", ("nchw", "nhwc"))):
+        if op == "unet" and spread() > NOISY_SPREAD:
+            # others compete: the UNet's hundreds of small parallel regions then take many times
+            # longer (tens of seconds, not two), and the answer is not cached anyway; keep NCHW,
+            # measure next time
+            times["unet_nchw"] = times["unet_nhwc"] = [1.0]
+            break
+        for variant in variants:
+            run(op, variant)                               # warm-up
         for _ in range(repeats):
-            for bf16 in (False, True):
-                times.setdefault(f"{op}_{'bf16' if bf16 else 'fp32'}", []).append(run(op, bf16))
-    rates = {k: flops[k.split("_")[0]] / min(v) / 1e9 for k, v in times.items()}
-    # median over best time, worst op: near 1 on a quiet machine, well above when others compete
-    rates["spread"] = max(sorted(v)[len(v) // 2] / min(v) for v in times.values())
+            for variant in variants:                       # interleaved: load hits both alike
+                times.setdefault(f"{op}_{variant}", []).append(run(op, variant))
+    rates = {k: flops[k.split("_")[0]] / min(v) / 1e9 for k, v in times.items() if not k.startswith("unet")}
+    rates.update({k: 1.0 / min(v) for k, v in times.items() if k.startswith("unet")})    # steps/s
+    rates["spread"] = spread()
     return rates
 
 
@@ -242,7 +285,7 @@ def _write_cache(path: Path, version: int, entries: dict[str, Any]) -> None:
         pass
 
 
-RATES = ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16")
+RATES = ("matmul_fp32", "matmul_bf16", "conv_fp32", "conv_bf16", "unet_nchw", "unet_nhwc")
 
 
 def _numbers(values: Any, positive: tuple[str, ...], nonnegative: tuple[str, ...] = ()) -> dict[str, float] | None:
@@ -264,7 +307,7 @@ def _numbers(values: Any, positive: tuple[str, ...], nonnegative: tuple[str, ...
 def probe_bf16(*, timer: Callable[[], dict[str, float]] | None = None, refresh: bool = False,
                store: bool | None = None) -> ProbeResult:
     """The probe's rates for this machine: from the cache if it has this machine's key, else
-    measured now (about a second) and stored, unless its repeats varied so much (``spread``) that
+    measured now (about two seconds) and stored, unless its repeats varied so much (``spread``) that
     other processes were competing for the cores (``store`` True/False overrides that). A corrupt
     cache, or an entry that is not what a measurement writes (a rate that is 0, negative, not finite,
     missing or not a number), is measured over and replaced, never fatal; an unwritable cache dir
@@ -343,10 +386,24 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def use_channels_last(setting: bool | None, device: torch.device, amp: torch.dtype | None) -> bool:
-    """channels_last pays off for cuDNN and for oneDNN's bf16 kernels; fp32 on CPU gains little."""
+    """channels_last pays off for cuDNN and for oneDNN's bf16 kernels; for fp32 on a CPU it depends
+    on the CPU (docs/hardware.md), so the cached probe's small UNet step decides (NHWC_MIN_SPEEDUP)."""
     if setting is not None:
         return setting
-    return device.type == "cuda" or amp is not None
+    if device.type == "cuda" or amp is not None:
+        return True
+    return device.type == "cpu" and probe_bf16().nhwc_speedup >= NHWC_MIN_SPEEDUP
+
+
+def layout_reason(setting: bool | None, device: torch.device, amp: torch.dtype | None) -> str:
+    """Why ``use_channels_last`` chose what it did, for the start line: '' where the rule does not
+    depend on this CPU (a flag, CUDA, bf16)."""
+    if setting is not None or device.type != "cpu" or amp is not None:
+        return ""
+    r = probe_bf16()
+    layout = "channels_last" if r.nhwc_speedup >= NHWC_MIN_SPEEDUP else "NCHW"
+    return (f"layout {layout}: a small UNet's fp32 step measured {r.nhwc_speedup:.2f}x in channels_last on this CPU "
+            f"(needs {NHWC_MIN_SPEEDUP:.2f}x)")
 
 
 def info_lines(device: torch.device) -> list[str]:
@@ -366,7 +423,8 @@ def info_lines(device: torch.device) -> list[str]:
     if r is not None:
         lines.append(f"cpu probe    matmul {MATMUL_N}^2: fp32 {r.matmul_fp32:.0f}, bf16 {r.matmul_bf16:.0f} GFLOP/s; "
                      f"conv3x3 fwd+bwd {'x'.join(map(str, CONV_SHAPE))} NHWC: fp32 {r.conv_fp32:.0f}, bf16 {r.conv_bf16:.0f} "
-                     f"GFLOP/s (cached in {probe_cache_file()})")
+                     f"GFLOP/s; fp32 UNet step (0.29M, batch {LAYOUT_BATCH}): NCHW {r.unet_nchw:.1f}, NHWC "
+                     f"{r.unet_nhwc:.1f} steps/s (cached in {probe_cache_file()})")
     return lines
 
 

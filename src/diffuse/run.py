@@ -29,7 +29,7 @@ from . import distributed as dist
 from .budget import WARMUP_FRACTION, BudgetClock
 from .config import Config, sized_peak_lr, start_budget, validate_resolution
 from .data import BatchStream, ImageSet, choose_placement, default_flip, fingerprint, load_dataset
-from .device import PrecisionChoice, choose_precision, configure, pick_device, use_channels_last
+from .device import PrecisionChoice, choose_precision, configure, layout_reason, pick_device, use_channels_last
 from .errors import DiffuseError
 from .fsutil import LOCK_NAME, MARKER, RunLock, atomic_write, is_run_dir, mark_run_dir
 from .models import UNet, count_parameters
@@ -299,6 +299,7 @@ class Run:
     precision: PrecisionChoice
     amp: torch.dtype | None
     channels_last: bool
+    layout_reason: str              # why channels_last, where it depended on this CPU ('' elsewhere)
     split: BatchSplit
     main: bool
     data: ImageSet
@@ -360,7 +361,13 @@ def _choose_hardware(run: Run, cfg: Config, resume: bool) -> tuple[int, str | No
     run.precision = dist.agree_precision(precision, tc.precision)        # one precision on every rank
     tc.resolved_precision = run.precision.name
     run.amp = run.precision.dtype
-    run.channels_last = use_channels_last(tc.channels_last, device, run.amp)
+    if resume and tc.channels_last is None and tc.resolved_channels_last is not None and device.type == "cpu":
+        # as the precision: the layout changes the conv kernels and so the last bits of every step
+        run.channels_last, run.layout_reason = tc.resolved_channels_last, "layout as when the run started"
+    else:
+        run.channels_last = use_channels_last(tc.channels_last, device, run.amp)
+        run.layout_reason = layout_reason(tc.channels_last, device, run.amp)
+    tc.resolved_channels_last = run.channels_last
     run.split = batch_split(tc.batch_size, dist.world(), dist.rank(), tc.grad_accum)
     run.main = dist.is_main()
     return threads, busy
@@ -532,7 +539,8 @@ def _header(run: Run, threads: int, busy: str | None, placement_why: str, plan_n
         rep.line(f"plan: learning rate warms up to {tc.lr:g} over {WARMUP_FRACTION:.0%} of the budget, holds, then "
                  f"decays linearly to 0 over its last {tc.cooldown:.0%}, at batch {tc.batch_size}; power EMA of width "
                  f"{tc.ema_std:g} of the run (docs/budgets.md)", echo=False)
-    rep.line(f"precision {run.precision.name}: {run.precision.reason}; data on {run.placement}: {placement_why}")
+    layout = f"; {run.layout_reason}" if run.layout_reason else ""
+    rep.line(f"precision {run.precision.name}: {run.precision.reason}{layout}; data on {run.placement}: {placement_why}")
     rep.line(f"objective: {describe(cfg.diffusion)}", echo=False)
     if run.resumed:
         rep.line(f"resumed from step {st.step}")
