@@ -5,6 +5,8 @@
     python benchmarks/budget.py --data EMOJI_DIR --class-cond --budgets 15 --fid-n 500 --ref-n 2000 \
         --recipes budget,cut --out benchmarks/results/budget-emoji.json      # benchmarks/emoji_set.py builds it
     python benchmarks/budget.py --report-only --out benchmarks/results/budget-mnist.json
+    python benchmarks/budget.py --panels benchmarks/results/budget-mnist-intel.json \
+        benchmarks/results/budget-digits-intel.json --out benchmarks/results/budget-intel.png   # one figure
 
 Recipes (``--recipes``), each a fresh ``diffuse train`` per budget B:
   budget          ``--time-limit B`` alone: diffuse's budget plan (model sized for B on this machine,
@@ -64,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--work", default="runs/budget-bench")
     p.add_argument("--out", default="benchmarks/results/budget.json")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--panels", nargs="+", metavar="JSON", default=None,
+                   help="only plot: one panel per result file (a data set each), FID against minutes per "
+                        "recipe, into --out (a .png)")
     p.add_argument("--score-only", action="store_true", help="score the runs already in --work")
     p.add_argument("--peer-python", default=sys.executable,
                    help="python with diffusers for the diffusers recipe (default: this one)")
@@ -271,6 +276,48 @@ def report(result: dict, out: Path) -> None:
     save_log_log(fig, ax, out, f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})")
 
 
+RECIPE_LABELS = {"budget": "budget plan (--time-limit B)", "cut": "preset cut by time (before budgets)",
+                 "diffusers": "diffusers' recipe, same UNet", "budget-full-size": "budget plan at full size",
+                 "budget-preset": "budget schedules on the preset", "guess": "hand-picked small model"}
+
+
+def panels(results: list[dict], out: Path) -> list[dict[str, list[tuple[float, float]]]]:
+    """One figure, one panel per result (a data set): FID against the budget per recipe, log-log,
+    one colour per recipe across panels. Returns each panel's lines ({recipe: [(minutes, fid)]})."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), dpi=120, squeeze=False)
+    drawn = []
+    for ax, result in zip(axes[0], results):
+        drawn.append({})
+        for i, recipe in enumerate(RECIPES):
+            rows = sorted((r for r in result["rows"] if r["recipe"] == recipe and r.get("weights", "ema") == "ema"),
+                          key=lambda r: r["minutes"])
+            if rows:
+                drawn[-1][recipe] = [(r["minutes"], r["fid"]) for r in rows]
+                ax.plot(*zip(*drawn[-1][recipe]), marker="o", color=f"C{i}", label=RECIPE_LABELS.get(recipe, recipe))
+        ax.set_xlabel("training budget (minutes, wall-clock)")
+        ax.set_ylabel(f"FID (N = {result['fid_n']:,})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        minutes = sorted({r["minutes"] for r in result["rows"]})
+        ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "2345" else ""))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{Path(result['data']).name} ({result['cpu']})", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return drawn
+
+
 def save_log_log(fig, ax, out: Path, title: str, legend_size: float | None = None) -> None:
     """Log axes, grid, legend and a small title, then the plot as OUT.png (budget.py and distill.py)."""
     import matplotlib.pyplot as plt
@@ -288,6 +335,9 @@ def save_log_log(fig, ax, out: Path, title: str, legend_size: float | None = Non
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.panels:
+        panels([json.loads(Path(f).read_text()) for f in args.panels], out)
+        return 0
     result = json.loads(out.read_text()) if out.is_file() else {"rows": []}
     if not args.report_only:
         recipes = args.recipes.split(",")

@@ -717,6 +717,29 @@ def test_distill_docs_quote_the_n2000_rescoring_on_the_intel():
             f"(goal {g['2_nfe']['limit']:.1f}: {'met' if g['2_nfe']['met'] else 'not met'})") in flat
 
 
+def test_budget_panels_draw_each_data_sets_recipes_against_minutes(tmp_path):
+    """--panels: one panel per result file, each recipe's (minutes, FID) in budget order, the raw-weights
+    rows left out; a PNG is written."""
+    import budget as bench
+
+    def row(recipe, minutes, fid, weights="ema"):
+        return {"recipe": recipe, "minutes": minutes, "fid": fid, "weights": weights}
+    a = {"data": "mnist", "cpu": "cpu A", "fid_n": 2000,
+         "rows": [row("cut", 5.0, 30.0), row("budget", 5.0, 12.0), row("budget", 2.0, 40.0), row("budget", 2.0, 99.0, "model")]}
+    b = {"data": "/x/digits", "cpu": "cpu B", "fid_n": 2000, "rows": [row("diffusers", 2.0, 300.0)]}
+    out = tmp_path / "p.png"
+    assert bench.main(["--panels", *(str(_write(tmp_path / f"{k}.json", v)) for k, v in (("a", a), ("b", b))),
+                       "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.panels([a, b], out) == [{"budget": [(2.0, 40.0), (5.0, 12.0)], "cut": [(5.0, 30.0)]},
+                                         {"diffusers": [(2.0, 300.0)]}]
+
+
+def _write(path, value):
+    path.write_text(json.dumps(value))
+    return path
+
+
 def test_hardware_docs_quote_the_fp32_layout_measurements():
     data = json.loads((REPO / "benchmarks" / "results" / "layout-fp32-intel.json").read_text())
     doc = (REPO / "docs" / "hardware.md").read_text()
@@ -740,3 +763,28 @@ def test_hardware_docs_quote_the_fp32_layout_measurements():
     readme = " ".join((REPO / "README.md").read_text().split())
     assert "measured 1.26x faster on a small UNet's step (7.6 against 9.6 steps/s;" in readme
 
+
+def test_budget_docs_quote_the_three_recipes_on_the_intel():
+    """docs/budgets.md's table of the budget plan, the preset cut by time and diffusers' recipe on the
+    Intel Xeon is the two JSON files, row for row, and the README shows their plot."""
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    table = doc.split("<!-- recipes-intel:start -->")[1].split("<!-- recipes-intel:end -->")[0]
+    names = {"budget": "**budget plan**", "cut": "preset cut by time", "diffusers": "diffusers' recipe"}
+    order = {"budget": 0, "cut": 1, "diffusers": 2}
+    want = []
+    for name in ("mnist", "digits"):
+        data = json.loads((REPO / "benchmarks" / "results" / f"budget-{name}-intel.json").read_text())
+        assert data["cpu"].startswith("Intel(R) Xeon(R) Processor, family 6") and data["fid_n"] == 2000
+        rows = sorted(data["rows"], key=lambda r: (r["minutes"], order[r["recipe"]]))
+        assert {r["recipe"] for r in rows} == set(names)
+        for r in rows:
+            fid = f"**{r['fid']:.1f}**" if r["recipe"] == "budget" else f"{r['fid']:.1f}"
+            want.append(f"| {name} | {r['minutes']:g} min | {names[r['recipe']]} | {r['params_m']:.2f}M | {r['batch']} | "
+                        f"{r['steps']:,} | {r['images_seen']:,} | {fid} | {r['confident']:.3f} |")
+        for minutes in {r["minutes"] for r in rows}:          # the plan is the best of the three everywhere
+            cell = {r["recipe"]: r["fid"] for r in rows if r["minutes"] == minutes}
+            assert cell["budget"] == min(cell.values()), (name, minutes)
+    assert table.strip().splitlines()[2:] == want
+    readme = (REPO / "README.md").read_text()
+    assert "](benchmarks/results/budget-intel.png)" in readme
+    assert (REPO / "benchmarks" / "results" / "budget-intel.png").is_file()
