@@ -367,6 +367,8 @@ def _choose_hardware(run: Run, cfg: Config, resume: bool) -> tuple[int, str | No
     else:
         run.channels_last = use_channels_last(tc.channels_last, device, run.amp)
         run.layout_reason = layout_reason(tc.channels_last, device, run.amp)
+    # one layout on every rank, as one precision: each rank's probe runs on its own threads and load
+    run.channels_last, run.layout_reason = dist.from_rank0((run.channels_last, run.layout_reason))
     tc.resolved_channels_last = run.channels_last
     run.split = batch_split(tc.batch_size, dist.world(), dist.rank(), tc.grad_accum)
     run.main = dist.is_main()
