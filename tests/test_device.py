@@ -187,12 +187,13 @@ def test_fp32_layout_on_cpu_follows_the_probed_unet_step(cache, monkeypatch, nch
     cpu = torch.device("cpu")
     monkeypatch.setattr(D, "_time_ops", Timer({**SLOW_BF16, "unet_nchw": nchw, "unet_nhwc": nhwc}))
     assert D.use_channels_last(None, cpu, None) is expect            # 1.05x needed: 42 / 40 = 1.05
-    reason = D.layout_reason(None, cpu, None)
+    chosen, reason = D.choose_layout(None, cpu, None)
+    assert chosen is expect
     assert reason.startswith(f"layout {'channels_last' if expect else 'NCHW'}: a small UNet's fp32 step measured "
                              f"{nhwc / nchw:.2f}x") and "needs 1.05x" in reason
     # bf16 is channels_last whatever the UNet step says, a setting wins; neither gives a CPU reason
-    assert D.use_channels_last(None, cpu, torch.bfloat16) and D.layout_reason(None, cpu, torch.bfloat16) == ""
-    assert D.use_channels_last(not expect, cpu, None) is (not expect) and D.layout_reason(True, cpu, None) == ""
+    assert D.choose_layout(None, cpu, torch.bfloat16) == (True, "")
+    assert D.choose_layout(not expect, cpu, None) == (not expect, "")
 
 
 @pytest.mark.parametrize("capability, native, expect", [((7, 5), False, None), ((8, 0), True, torch.bfloat16),

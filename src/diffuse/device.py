@@ -385,25 +385,26 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return choose_precision(precision, device).dtype
 
 
-def use_channels_last(setting: bool | None, device: torch.device, amp: torch.dtype | None) -> bool:
-    """channels_last pays off for cuDNN and for oneDNN's bf16 kernels; for fp32 on a CPU it depends
-    on the CPU (docs/hardware.md), so the cached probe's small UNet step decides (NHWC_MIN_SPEEDUP)."""
+def choose_layout(setting: bool | None, device: torch.device, amp: torch.dtype | None) -> tuple[bool, str]:
+    """channels_last or not, and why where it depended on this CPU ('' for a flag, CUDA, bf16).
+    channels_last pays off for cuDNN and for oneDNN's bf16 kernels; for fp32 on a CPU it depends on
+    the CPU (docs/hardware.md), so the cached probe's small UNet step decides (NHWC_MIN_SPEEDUP).
+    One probe read gives both answers, so the reason always matches the choice."""
     if setting is not None:
-        return setting
+        return setting, ""
     if device.type == "cuda" or amp is not None:
-        return True
-    return device.type == "cpu" and probe_bf16().nhwc_speedup >= NHWC_MIN_SPEEDUP
-
-
-def layout_reason(setting: bool | None, device: torch.device, amp: torch.dtype | None) -> str:
-    """Why ``use_channels_last`` chose what it did, for the start line: '' where the rule does not
-    depend on this CPU (a flag, CUDA, bf16)."""
-    if setting is not None or device.type != "cpu" or amp is not None:
-        return ""
+        return True, ""
+    if device.type != "cpu":
+        return False, ""
     r = probe_bf16()
-    layout = "channels_last" if r.nhwc_speedup >= NHWC_MIN_SPEEDUP else "NCHW"
-    return (f"layout {layout}: a small UNet's fp32 step measured {r.nhwc_speedup:.2f}x in channels_last on this CPU "
-            f"(needs {NHWC_MIN_SPEEDUP:.2f}x)")
+    chosen = r.nhwc_speedup >= NHWC_MIN_SPEEDUP
+    return chosen, (f"layout {'channels_last' if chosen else 'NCHW'}: a small UNet's fp32 step measured "
+                    f"{r.nhwc_speedup:.2f}x in channels_last on this CPU (needs {NHWC_MIN_SPEEDUP:.2f}x)")
+
+
+def use_channels_last(setting: bool | None, device: torch.device, amp: torch.dtype | None) -> bool:
+    """choose_layout's choice alone."""
+    return choose_layout(setting, device, amp)[0]
 
 
 def info_lines(device: torch.device) -> list[str]:

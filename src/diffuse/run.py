@@ -29,7 +29,7 @@ from . import distributed as dist
 from .budget import WARMUP_FRACTION, BudgetClock
 from .config import Config, sized_peak_lr, start_budget, validate_resolution
 from .data import BatchStream, ImageSet, choose_placement, default_flip, fingerprint, load_dataset
-from .device import PrecisionChoice, choose_precision, configure, layout_reason, pick_device, use_channels_last
+from .device import PrecisionChoice, choose_layout, choose_precision, configure, pick_device
 from .errors import DiffuseError
 from .fsutil import LOCK_NAME, MARKER, RunLock, atomic_write, is_run_dir, mark_run_dir
 from .models import UNet, count_parameters
@@ -365,8 +365,7 @@ def _choose_hardware(run: Run, cfg: Config, resume: bool) -> tuple[int, str | No
         # as the precision: the layout changes the conv kernels and so the last bits of every step
         run.channels_last, run.layout_reason = tc.resolved_channels_last, "layout as when the run started"
     else:
-        run.channels_last = use_channels_last(tc.channels_last, device, run.amp)
-        run.layout_reason = layout_reason(tc.channels_last, device, run.amp)
+        run.channels_last, run.layout_reason = choose_layout(tc.channels_last, device, run.amp)
     # one layout on every rank, as one precision: each rank's probe runs on its own threads and load
     run.channels_last, run.layout_reason = dist.from_rank0((run.channels_last, run.layout_reason))
     tc.resolved_channels_last = run.channels_last
