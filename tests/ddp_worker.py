@@ -92,8 +92,10 @@ def train(dump: str, argv: list[str]) -> int:
         tensors.update({f"ema.{k}": v.contiguous() for k, v in made["ema"].state_dict().items()})
         rank = os.environ.get("RANK", "0")
         save_file(tensors, os.path.join(dump, f"rank{rank}.safetensors"))
+        conv = next(p for p in made["model"].parameters() if p.dim() == 4 and p.shape[1] > 1)
         with open(os.path.join(dump, f"rank{rank}.json"), "w") as f:
-            json.dump({"steps": len(drawn), "last_step": max(drawn, default=-1) + 1}, f)
+            json.dump({"steps": len(drawn), "last_step": max(drawn, default=-1) + 1,
+                       "channels_last": not conv.is_contiguous()}, f)
     return rc
 
 
@@ -127,10 +129,26 @@ def disagreeing_probes(argv: list[str]) -> int:
     return cli.main(argv)
 
 
+def disagreeing_layouts(dump: str, argv: list[str]) -> int:
+    """``train`` where the ranks' layout probes disagree: rank 1 measures channels_last faster,
+    rank 0 not."""
+    from diffuse import run as run_mod
+    rank, real = int(os.environ["RANK"]), run_mod.choose_layout
+
+    def probed(setting, dev, amp, probe=None):
+        if setting is not None:
+            return real(setting, dev, amp, probe)
+        return rank == 1, f"rank {rank}'s probe"
+    run_mod.choose_layout = probed
+    return train(dump, argv)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "train":
         sys.exit(train(sys.argv[2], sys.argv[3:]))
+    if mode == "layouts":
+        sys.exit(disagreeing_layouts(sys.argv[2], sys.argv[3:]))
     if mode == "probes":
         sys.exit(disagreeing_probes(sys.argv[2:]))
     sys.exit(stats(sys.argv[2], int(sys.argv[3]), sys.argv[4:]))

@@ -229,3 +229,17 @@ def test_info_cli_shows_choice_and_rates(cache, monkeypatch, capsys):
     assert main(["info", "--device", "cpu", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["precision"] == "fp32" and d["probe"]["conv_bf16"] == 60.0
+
+
+def test_info_measures_an_uncacheable_probe_once(cache, monkeypatch, capsys):
+    # On a busy machine nothing is cached, so each read measures again (seconds, and the two reads
+    # could disagree with each other); `diffuse info` reads it once for the precision and the layout.
+    from diffuse.cli import main
+    monkeypatch.setattr(D, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(D, "_busy", lambda *_: True)
+    for argv in (["info", "--device", "cpu"], ["info", "--device", "cpu", "--json"]):
+        timer = Timer(SLOW_BF16)
+        monkeypatch.setattr(D, "_time_ops", timer)
+        assert main(argv) == 0
+        capsys.readouterr()
+        assert timer.calls == 1 and not cache.exists()

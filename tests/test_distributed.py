@@ -174,6 +174,17 @@ def test_ranks_sample_in_one_precision_when_their_probes_disagree(runs):
     assert np.array_equal(got, bf16)
 
 
+def test_ranks_train_in_rank_0s_layout_when_their_probes_disagree(tmp_path):
+    """Rank 1's probe prefers channels_last, rank 0's NCHW: both train in rank 0's NCHW, and the
+    run records it. (The weights alone would not show a disagreement: DDP averages the gradients.)"""
+    flags = [a for a in FLAGS if a != "--no-channels-last"]
+    ok(torchrun(WORKER, "layouts", str(tmp_path), "train", "--out", str(tmp_path / "L"), "--steps", "1", *flags))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["channels_last"] for r in ranks] == [False, False]
+    assert json.loads((tmp_path / "L" / "config.json").read_text())["train"]["resolved_channels_last"] is False
+    assert "rank 0's probe" in (tmp_path / "L" / "train.log").read_text()
+
+
 def test_distributed_fid_statistics_equal_one_process(sharded):
     n = 7
     got = np.load(sharded / "s.npz")

@@ -385,18 +385,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return choose_precision(precision, device).dtype
 
 
-def choose_layout(setting: bool | None, device: torch.device, amp: torch.dtype | None) -> tuple[bool, str]:
+def choose_layout(setting: bool | None, device: torch.device, amp: torch.dtype | None,
+                  probe: ProbeResult | None = None) -> tuple[bool, str]:
     """channels_last or not, and why where it depended on this CPU ('' for a flag, CUDA, bf16).
     channels_last pays off for cuDNN and for oneDNN's bf16 kernels; for fp32 on a CPU it depends on
     the CPU (docs/hardware.md), so the cached probe's small UNet step decides (NHWC_MIN_SPEEDUP).
-    One probe read gives both answers, so the reason always matches the choice."""
+    One probe read gives both answers, so the reason always matches the choice; ``probe``, when the
+    caller has read it already, is used instead of a second read (which on a busy machine measures again)."""
     if setting is not None:
         return setting, ""
     if device.type == "cuda" or amp is not None:
         return True, ""
     if device.type != "cpu":
         return False, ""
-    r = probe_bf16()
+    r = probe if probe is not None else probe_bf16()
     chosen = r.nhwc_speedup >= NHWC_MIN_SPEEDUP
     return chosen, (f"layout {'channels_last' if chosen else 'NCHW'}: a small UNet's fp32 step measured "
                     f"{r.nhwc_speedup:.2f}x in channels_last on this CPU (needs {NHWC_MIN_SPEEDUP:.2f}x)")
@@ -416,11 +418,11 @@ def info_lines(device: torch.device) -> list[str]:
     lines.append(f"cpu          {cpu_model()} (AMX {'yes' if cpu_has_amx() else 'no'}, "
                  f"AVX512-BF16 {'yes' if cpu_has_avx512_bf16() else 'no'})")
     choice = choose_precision("auto", device)
-    cl = use_channels_last(None, device, choice.dtype)
-    lines.append(f"auto choice  {device.type} {choice.name}{' channels_last' if cl else ''}: {choice.reason}")
     r = choice.probe
     if r is None and device.type == "cpu":
         r = probe_bf16()
+    cl = choose_layout(None, device, choice.dtype, r)[0]
+    lines.append(f"auto choice  {device.type} {choice.name}{' channels_last' if cl else ''}: {choice.reason}")
     if r is not None:
         lines.append(f"cpu probe    matmul {MATMUL_N}^2: fp32 {r.matmul_fp32:.0f}, bf16 {r.matmul_bf16:.0f} GFLOP/s; "
                      f"conv3x3 fwd+bwd {'x'.join(map(str, CONV_SHAPE))} NHWC: fp32 {r.conv_fp32:.0f}, bf16 {r.conv_bf16:.0f} "

@@ -103,5 +103,5 @@ def machine_info(device) -> dict[str, Any]:
     probe = choice.probe or (dev.probe_bf16() if device.type == "cpu" else None)
     return {"device": str(device), "cpu": dev.cpu_model(), "amx": dev.cpu_has_amx(),
             "avx512_bf16": dev.cpu_has_avx512_bf16(), "precision": choice.name, "reason": choice.reason,
-            "channels_last": dev.use_channels_last(None, device, choice.dtype),
+            "channels_last": dev.choose_layout(None, device, choice.dtype, probe)[0],
             "probe": {**asdict(probe), "speedup": probe.speedup} if probe else None}
