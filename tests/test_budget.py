@@ -375,3 +375,44 @@ def test_a_sized_plan_sets_its_peak_rate_from_the_size_unless_lr_is_given():
     assert sized_peak_lr(2e-3, 1_190_000) == 2e-3                      # and the mnist plans their 2e-3
     assert _resolve({"time_limit": 5.0}).train.lr_from_size
     assert not _resolve({"time_limit": 5.0, "lr": 1e-4}).train.lr_from_size
+
+
+@pytest.mark.parametrize("rate, from_plan, batch", [(10.0, True, 8),        # 270 planned images: 16 steps
+                                                    (1000.0, True, 16),     # 27,000: 1,687 steps, enough
+                                                    (10.0, False, 16)])     # --batch-size given: kept
+def test_a_budget_that_buys_too_few_steps_halves_the_batch_again(tmp_path, fake_clock, monkeypatch, rate, from_plan,
+                                                                 batch):
+    from diffuse import data
+    from diffuse import run as run_mod
+    from diffuse import sizing
+    monkeypatch.setattr(run_mod, "MIN_BUDGET_BATCH", 8)          # the tiny config's batch 16 stands for 64
+    cfg = budget_config(tmp_path / "run", batch_size=16)
+    cfg.train.size_model, cfg.train.batch_from_plan = True, from_plan
+    measured_at = []
+
+    def fake_rate(fields, cfg_, *rest):
+        measured_at.append(cfg_.train.batch_size)
+        return rate
+    real = sizing.choose
+    monkeypatch.setattr(sizing, "choose", lambda *a, **k: real(*a, measure=fake_rate, **k))
+    drawn = []
+    real_batch = data.BatchStream.batch
+
+    def drawing(self, step):
+        x, y = real_batch(self, step)
+        drawn.append(x.shape[0])
+        return x, y
+    monkeypatch.setattr(data.BatchStream, "batch", drawing)
+    out = train(cfg, progress=False)
+    stored = json.loads((out / "config.json").read_text())["train"]
+    log = (out / "train.log").read_text()
+    assert stored["batch_size"] == batch and f"at batch {batch};" in log
+    assert measured_at[-1] == batch                               # the rung chosen at the batch it trains at
+    assert set(drawn) == {batch} and len(drawn) >= 30             # and what the loop trains on
+    halved = "batch 8: at batch 16 the budget buys 16 steps (< 1,500)"
+    assert (halved in log) == (batch == 8)
+
+
+def test_the_batch_is_the_plans_unless_given():
+    assert _resolve({"time_limit": 5.0}).train.batch_from_plan
+    assert not _resolve({"time_limit": 5.0, "batch_size": 64}).train.batch_from_plan

@@ -172,6 +172,9 @@ class TrainConfig:
                                        "--output-size is given)")
     lr_from_size: bool | None = opt(None, "a budget plan that sizes the model sets the peak learning rate from "
                                           "the size (sized_peak_lr); false when --lr is given", cli=False)
+    batch_from_plan: bool | None = opt(None, "a budget plan that sizes the model halves its batch again where the "
+                                             "budget buys too few steps (MIN_BUDGET_STEPS); false when --batch-size "
+                                             "is given", cli=False)
     log_every: int = opt(50, "steps between metric log lines")
     sample_every: int | None = opt(None, "steps between sample grids (default: about 10 per run, at least 100 steps apart)")
     sample_steps: int = opt(50, "DDIM steps for the grids written during training")
@@ -575,6 +578,8 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
     t.half_size = bool(t.size_model and not chose_size and t.half_size is not False)
     if t.lr_from_size is None:
         t.lr_from_size = "lr" not in given["train"]
+    if t.batch_from_plan is None:
+        t.batch_from_plan = "batch_size" not in given["train"]
     if t.plan == "budget" and t.size_model:
         budget_step_defaults(t, given["train"])
 
@@ -587,6 +592,13 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
 BUDGET_LR_FACTOR = 2.0
 BUDGET_BATCH_FACTOR = 0.5
 MIN_BUDGET_BATCH = 32
+# ...and where that batch would leave the sized plan fewer than MIN_BUDGET_STEPS optimizer steps, half
+# of it again (not below MIN_BUDGET_BATCH; run._plan_length, once the rate is measured). MNIST on a
+# 2-core Intel Xeon, channels_last (benchmarks/results/budget-seeds2-mnist-intel.json, ...-seeds8-...):
+# at 2 minutes batch 64 bought about 600 steps and batch 32 scored lower FID on each of three seeds;
+# at 8 minutes (about 2,300 steps at 64) the two tied. Per image the two batches ran at about the same
+# rate there, so a short budget trades nothing for the extra steps.
+MIN_BUDGET_STEPS = 1500
 # ...and once the model is sized, at least SIZED_LR for a model of up to SIZED_LR_PARAMS parameters,
 # falling as 1/sqrt(params) above (sized_peak_lr). Twice a preset's rate fits that preset's own
 # model: the mnist preset's 1e-3 doubled was measured best for the sized MNIST models, but the colour

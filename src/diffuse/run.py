@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .budget import WARMUP_FRACTION, BudgetClock
-from .config import Config, sized_peak_lr, start_budget, validate_resolution
+from .config import MIN_BUDGET_BATCH, MIN_BUDGET_STEPS, Config, sized_peak_lr, start_budget, validate_resolution
 from .data import BatchStream, ImageSet, choose_placement, default_flip, fingerprint, load_dataset
 from .device import PrecisionChoice, choose_layout, choose_precision, configure, pick_device
 from .errors import DiffuseError
@@ -450,6 +450,15 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
             notes.append(f"trains at {half} px and writes its images at the folder's {full} px (bicubic): at "
                          f"{full} px the budget affords {full_choice.params / 1e6:.2g}M params, "
                          f"{full_choice.params / full ** 2:.0f} per output pixel (< {MIN_PARAMS_PER_PIXEL})")
+        batch_note = None
+        if tc.batch_from_plan and tc.batch_size > MIN_BUDGET_BATCH and choice.images / tc.batch_size < MIN_BUDGET_STEPS:
+            fewer, old_batch = int(choice.images // tc.batch_size), tc.batch_size
+            tc.batch_size = max(MIN_BUDGET_BATCH, tc.batch_size // 2)
+            run.split = batch_split(tc.batch_size, dist.world(), dist.rank(), tc.grad_accum)
+            choice = dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
+                                            run.channels_last) if run.main else None)
+            batch_note = (f"batch {tc.batch_size}: at batch {old_batch} the budget buys {fewer:,} steps "
+                          f"(< {MIN_BUDGET_STEPS:,})")
         for name, value in choice.model.items():
             setattr(cfg.model, name, value)
         if tc.lr_from_size:
@@ -457,6 +466,8 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
         run.sized = choice
         run.steps_total = int(choice.images // tc.batch_size)
         notes.append(choice.reason)
+        if batch_note:
+            notes.append(batch_note)
     return "; ".join(notes) or None
 
 
