@@ -136,6 +136,42 @@ def test_budget_docs_quote_the_seed_and_batch_rows_on_the_intel():
     assert sum(fids) / 3 > 8.5
 
 
+def test_budget_docs_quote_three_seeds_and_the_batch_rule_they_support():
+    from diffuse.config import MIN_BUDGET_STEPS
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    table = doc.split("<!-- seeds-nhwc:start -->")[1].split("<!-- seeds-nhwc:end -->")[0]
+    res = REPO / "benchmarks" / "results"
+    eight = {r["name"]: r for r in json.loads((res / "budget-seeds8-mnist-intel.json").read_text())["rows"]}
+    two = {r["name"]: r for r in json.loads((res / "budget-seeds2-mnist-intel.json").read_text())["rows"]
+           if not r.get("disturbed")}
+    cols = [[eight[f"seed{i}"] for i in range(3)], [two[f"seed{i}"] for i in range(3)],
+            [two["b32-seed0"], two["b32-seed1-rerun"], two["b32-seed2"]]]
+    assert [r["batch"] for c in cols for r in c] == [64] * 6 + [32] * 3
+    assert all(r["params_m"] == 0.29 and r["n"] == 2000 for c in cols for r in c)
+    for i in range(3):
+        assert f"| {i} | " + " | ".join(f"{c[i]['fid']:.1f} ({c[i]['steps']:,})" for c in cols) + " |" in table
+    means = [sum(r["fid"] for r in c) / 3 for c in cols]
+    assert "| mean | " + " | ".join(f"{m:.1f}" for m in means) + " |" in table
+    assert means[0] > 8.5                                              # the 8-minute goal: not met
+    assert all(b["fid"] < a["fid"] for a, b in zip(cols[1], cols[2]))   # batch 32 lower on every seed
+    # the threshold lies between the plans where halving won and where it tied
+    assert max(r["steps"] for r in cols[1]) < MIN_BUDGET_STEPS < min(r["steps"] for r in cols[0])
+    # the same 8-minute weights at 40 calls: lower on every seed, still above the goal on average
+    forty = [json.loads(line) for line in (res / "budget-nfe40-mnist-intel.jsonl").read_text().splitlines()]
+    assert [r["sampler"] for r in forty] == ["dpmpp-2m-sde 40 NFE"] * 3
+    assert all(f["fid"] < r["fid"] for f, r in zip(forty, cols[0]))
+    mean40 = sum(r["fid"] for r in forty) / 3
+    assert mean40 > 8.5 and "score " + ", ".join(f"{r['fid']:.1f}" for r in forty[:2]) + \
+        f" and {forty[2]['fid']:.1f}, mean {mean40:.1f}, against {means[0]:.1f} at 20" in " ".join(doc.split())
+    # and the plan that follows the rule, run after the change
+    r = json.loads((res / "budget-rule2-mnist-intel.json").read_text())["rows"][0]
+    assert (r["flags"], r["batch"], r["params_m"]) == ("", 32, 0.29)
+    assert "batch 32: at batch 64 the budget buys 504 steps (< 1,500)" in " ".join(r["plan"])
+    flat = " ".join(doc.split())
+    assert (f"`batch 32: at batch 64 the budget buys 504 steps (< 1,500)`, trains {r['steps']:,} steps and scores "
+            f"{r['fid']:.1f}") in flat
+
+
 def test_budget_docs_quote_the_emoji_run_on_the_intel():
     from diffuse import sizing
     r = json.loads((REPO / "benchmarks" / "results" / "budget-emoji-intel.json").read_text())["rows"][0]
