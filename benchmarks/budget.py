@@ -266,14 +266,23 @@ def report(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for recipe in result["recipes"]:
+    recipe_lines(ax, result, result["recipes"], lambda recipe: {"label": recipe})
+    save_log_log(fig, ax, out, f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})")
+
+
+def recipe_lines(ax, result: dict, recipes, style) -> dict[str, list[tuple[float, float]]]:
+    """FID against the budget (minutes) of each recipe's EMA rows in ``result``, one line per recipe
+    on ``ax`` (``style(recipe)``: its plot keywords), and the axis labels; returns the lines drawn."""
+    drawn = {}
+    for recipe in recipes:
         rows = sorted((r for r in result["rows"] if r["recipe"] == recipe and r.get("weights", "ema") == "ema"),
                       key=lambda r: r["minutes"])
         if rows:
-            ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=recipe)
+            drawn[recipe] = [(r["minutes"], r["fid"]) for r in rows]
+            ax.plot(*zip(*drawn[recipe]), marker="o", **style(recipe))
     ax.set_xlabel("training budget (minutes, wall-clock)")
     ax.set_ylabel(f"FID (N = {result['fid_n']:,})")
-    save_log_log(fig, ax, out, f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})")
+    return drawn
 
 
 RECIPE_LABELS = {"budget": "budget plan (--time-limit B)", "cut": "preset cut by time (before budgets)",
@@ -292,25 +301,14 @@ def panels(results: list[dict], out: Path) -> list[dict[str, list[tuple[float, f
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), dpi=120, squeeze=False)
     drawn = []
     for ax, result in zip(axes[0], results):
-        drawn.append({})
-        for i, recipe in enumerate(RECIPES):
-            rows = sorted((r for r in result["rows"] if r["recipe"] == recipe and r.get("weights", "ema") == "ema"),
-                          key=lambda r: r["minutes"])
-            if rows:
-                drawn[-1][recipe] = [(r["minutes"], r["fid"]) for r in rows]
-                ax.plot(*zip(*drawn[-1][recipe]), marker="o", color=f"C{i}", label=RECIPE_LABELS.get(recipe, recipe))
-        ax.set_xlabel("training budget (minutes, wall-clock)")
-        ax.set_ylabel(f"FID (N = {result['fid_n']:,})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        drawn.append(recipe_lines(ax, result, RECIPES, lambda recipe: {
+            "color": f"C{RECIPES.index(recipe)}", "label": RECIPE_LABELS.get(recipe, recipe)}))
+        log_log_axes(ax, f"{Path(result['data']).name} ({result['cpu']})", 7)
         minutes = sorted({r["minutes"] for r in result["rows"]})
         ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "2345" else ""))
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-        ax.set_title(f"{Path(result['data']).name} ({result['cpu']})", fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -318,15 +316,20 @@ def panels(results: list[dict], out: Path) -> list[dict[str, list[tuple[float, f
     return drawn
 
 
-def save_log_log(fig, ax, out: Path, title: str, legend_size: float | None = None) -> None:
-    """Log axes, grid, legend and a small title, then the plot as OUT.png (budget.py and distill.py)."""
-    import matplotlib.pyplot as plt
-
+def log_log_axes(ax, title: str, legend_size: float | None = None) -> None:
+    """Log axes, grid, legend and a small title on one plot (save_log_log's, and each of panels')."""
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=legend_size)
     ax.set_title(title, fontsize=8)
+
+
+def save_log_log(fig, ax, out: Path, title: str, legend_size: float | None = None) -> None:
+    """Log axes, grid, legend and a small title, then the plot as OUT.png (budget.py and distill.py)."""
+    import matplotlib.pyplot as plt
+
+    log_log_axes(ax, title, legend_size)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"))
     plt.close(fig)

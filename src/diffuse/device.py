@@ -409,6 +409,17 @@ def use_channels_last(setting: bool | None, device: torch.device, amp: torch.dty
     return choose_layout(setting, device, amp)[0]
 
 
+def auto_choice(device: torch.device) -> tuple[PrecisionChoice, ProbeResult | None, bool]:
+    """What ``--precision auto`` and the default layout choose on ``device``, and the CPU probe they
+    read (read once: on a busy machine, where it is not cached, each read measures again); for
+    ``diffuse info``. On an AMX CPU the precision needs no probe; it is read anyway, to show."""
+    choice = choose_precision("auto", device)
+    r = choice.probe
+    if r is None and device.type == "cpu":
+        r = probe_bf16()
+    return choice, r, choose_layout(None, device, choice.dtype, r)[0]
+
+
 def info_lines(device: torch.device) -> list[str]:
     """What ``diffuse info`` prints about the machine: device, precision choice, measured rates."""
     lines = [f"torch        {torch.__version__}, {torch.get_num_threads()} threads"]
@@ -417,11 +428,7 @@ def info_lines(device: torch.device) -> list[str]:
                      f"(capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))})")
     lines.append(f"cpu          {cpu_model()} (AMX {'yes' if cpu_has_amx() else 'no'}, "
                  f"AVX512-BF16 {'yes' if cpu_has_avx512_bf16() else 'no'})")
-    choice = choose_precision("auto", device)
-    r = choice.probe
-    if r is None and device.type == "cpu":
-        r = probe_bf16()
-    cl = choose_layout(None, device, choice.dtype, r)[0]
+    choice, r, cl = auto_choice(device)
     lines.append(f"auto choice  {device.type} {choice.name}{' channels_last' if cl else ''}: {choice.reason}")
     if r is not None:
         lines.append(f"cpu probe    matmul {MATMUL_N}^2: fp32 {r.matmul_fp32:.0f}, bf16 {r.matmul_bf16:.0f} GFLOP/s; "

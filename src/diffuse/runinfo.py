@@ -99,9 +99,8 @@ def machine_info(device) -> dict[str, Any]:
     and the measured bf16/fp32 probe on the CPU."""
     from . import device as dev
 
-    choice = dev.choose_precision("auto", device)
-    probe = choice.probe or (dev.probe_bf16() if device.type == "cpu" else None)
+    choice, probe, channels_last = dev.auto_choice(device)
     return {"device": str(device), "cpu": dev.cpu_model(), "amx": dev.cpu_has_amx(),
             "avx512_bf16": dev.cpu_has_avx512_bf16(), "precision": choice.name, "reason": choice.reason,
-            "channels_last": dev.choose_layout(None, device, choice.dtype, probe)[0],
+            "channels_last": channels_last,
             "probe": {**asdict(probe), "speedup": probe.speedup} if probe else None}
