@@ -824,3 +824,57 @@ def test_budget_docs_quote_the_three_recipes_on_the_intel():
     readme = (REPO / "README.md").read_text()
     assert "](benchmarks/results/budget-intel.png)" in readme
     assert (REPO / "benchmarks" / "results" / "budget-intel.png").is_file()
+
+
+def test_distill_docs_sfd_table_is_the_probes_measurements():
+    """docs/distill.md's SFD table is benchmarks/distill_sfd_probe.py's report of its committed rows,
+    and its conclusion holds for each: the trajectory student scored over 30 FID above the consistency
+    student of the same teacher, clock and number of calls."""
+    import distill_sfd_probe as probe
+
+    rows = [json.loads(line) for line in
+            (REPO / "benchmarks" / "results" / "distill-sfd-probe-intel.jsonl").read_text().splitlines() if line.strip()]
+    ect = probe.ect_fid()
+    doc = (REPO / "docs" / "distill.md").read_text()
+    table = doc.split("<!-- sfd-intel:start -->\n")[1].split("\n<!-- sfd-intel:end -->")[0]
+    assert table == probe.report(rows, ect)
+    runs = {r["run"] for r in rows}
+    assert len(runs) >= 5 and {len(r["levels"]) for r in rows} == {2, 4}
+    for run in runs:
+        mine = [r for r in rows if r["run"] == run]
+        assert len(mine) == 2 and {r["seed"] for r in mine} == {0, 1}            # two seed sets each
+        assert sum(r["fid"] for r in mine) / 2 > ect[len(mine[0]["levels"])] + 30
+
+
+def test_budget_docs_quote_mnist_at_15_minutes_on_the_intel():
+    """The 15-minute sentences of docs/budgets.md and the README are the JSON's rows: the plan's
+    0.67M rung beat the preset cut by time, with the steps and images quoted."""
+    data = json.loads((REPO / "benchmarks" / "results" / "budget-mnist-intel.json").read_text())
+    cell = {r["recipe"]: r for r in data["rows"] if r["minutes"] == 15}
+    plan, cut = cell["budget"], cell["cut"]
+    assert plan["fid"] < cut["fid"] and plan["params_m"] == 0.67 and plan["batch"] == 64
+    doc = " ".join((REPO / "docs" / "budgets.md").read_text().split())
+    assert (f"{plan['steps']:,} steps of 64, and scores **{plan['fid']:.1f}** against {cut['fid']:.1f} for the preset "
+            f"cut by time ({cut['steps']:,} steps of 128; {round(100 * (1 - plan['fid'] / cut['fid']))}% lower)") in doc
+    assert f"; {round(plan['images_seen'] / 1000)}k here)" in doc
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (f"at 15 minutes the plan (0.67M, {plan['steps']:,} steps) **{plan['fid']:.1f}** against the preset's "
+            f"{cut['fid']:.1f}") in readme
+
+
+def test_budget_docs_quote_mnist_at_30_minutes_on_the_intel():
+    """The 30-minute sentence of docs/budgets.md and the README is the JSON's row, and the plan's FID
+    falls at every budget measured on that CPU, as the docs say."""
+    data = json.loads((REPO / "benchmarks" / "results" / "budget-mnist-intel.json").read_text())
+    plan = {r["minutes"]: r for r in data["rows"] if r["recipe"] == "budget"}
+    assert sorted(plan) == [2, 5, 15, 30]
+    fids = [plan[m]["fid"] for m in sorted(plan)]
+    assert fids == sorted(fids, reverse=True)
+    p30 = plan[30]
+    assert round(p30["images_seen"] / p30["train_seconds"]) == 180 and p30["params_m"] == 0.67
+    doc = " ".join((REPO / "docs" / "budgets.md").read_text().split())
+    assert f"{p30['steps']:,} steps of 64, **FID {p30['fid']:.1f}** ({p30['confident']:.3f} confidently legible)" in doc
+    assert "the plan's FID falls " + ", ".join(f"{f:.1f}" for f in fids) in doc
+    assert f"the run averaged 180 img/s ({p30['steps']:,} steps)" in doc
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"at 30 minutes **{p30['fid']:.1f}** ({p30['steps']:,} steps)" in readme
