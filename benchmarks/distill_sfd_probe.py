@@ -41,6 +41,11 @@ def ect_fid(path: Path = ECT_RESULTS) -> dict[int, float]:
     return {int(k): v for k, v in row["fid"].items()}
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The probe's JSONL rows (one per scored seed set)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def report(rows: list[dict], ect: dict[int, float]) -> str:
     """One table row per probe run (its seed sets averaged), in the order run, beside ``ect``'s FID
     at the same number of calls."""
@@ -76,7 +81,7 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="print --out's rows as docs/distill.md's table")
     a = p.parse_args()
     if a.report:
-        print(report([json.loads(line) for line in Path(a.out).read_text().splitlines() if line.strip()], ect_fid()))
+        print(report(read_rows(a.out), ect_fid()))
         return
 
     import torch
@@ -115,7 +120,7 @@ def main() -> None:
     start, steps, gen_seconds, losses = time.time(), 0, 0.0, []
     while time.time() - start < a.seconds:
         t = time.time()
-        pool = torch.cat([trajectories(min(512, a.pool)) for _ in range(max(1, a.pool // 512))])
+        pool = torch.cat([trajectories(min(512, a.pool - i)) for i in range(0, a.pool, 512)])   # 512 at a time
         gen_seconds += time.time() - t
         order = torch.cat([torch.randperm(len(pool)) for _ in range(a.epochs)])
         for b in range(0, len(order) - a.batch + 1, a.batch):

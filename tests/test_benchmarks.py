@@ -832,8 +832,7 @@ def test_distill_docs_sfd_table_is_the_probes_measurements():
     student of the same teacher, clock and number of calls."""
     import distill_sfd_probe as probe
 
-    rows = [json.loads(line) for line in
-            (REPO / "benchmarks" / "results" / "distill-sfd-probe-intel.jsonl").read_text().splitlines() if line.strip()]
+    rows = probe.read_rows(REPO / "benchmarks" / "results" / "distill-sfd-probe-intel.jsonl")
     ect = probe.ect_fid()
     doc = (REPO / "docs" / "distill.md").read_text()
     table = doc.split("<!-- sfd-intel:start -->\n")[1].split("\n<!-- sfd-intel:end -->")[0]

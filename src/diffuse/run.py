@@ -438,15 +438,19 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
         except ValueError as e:            # a size the ladder's UNets cannot halve: keep the preset's model
             notes.append(f"model: the preset's ({e})")
             return "; ".join(notes)
-        choice = dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
-                                        run.channels_last) if run.main else None)
+
+        def rank0_choice():
+            """Rank 0's ``choose`` for the data, image size and batch as they stand, sent to every rank."""
+            return dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
+                                          run.channels_last) if run.main else None)
+
+        choice = rank0_choice()
         half = half_size(cfg.model.image_size, choice.params) if tc.half_size else None
         if half is not None:
             full, full_choice = cfg.model.image_size, choice
             cfg.data.image_size, tc.output_size = half, full
             _load_data(run, cfg)
-            choice = dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
-                                            run.channels_last) if run.main else None)
+            choice = rank0_choice()
             notes.append(f"trains at {half} px and writes its images at the folder's {full} px (bicubic): at "
                          f"{full} px the budget affords {full_choice.params / 1e6:.2g}M params, "
                          f"{full_choice.params / full ** 2:.0f} per output pixel (< {MIN_PARAMS_PER_PIXEL})")
@@ -455,8 +459,7 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
             fewer, old_batch = int(choice.images // tc.batch_size), tc.batch_size
             tc.batch_size = max(MIN_BUDGET_BATCH, tc.batch_size // 2)
             run.split = batch_split(tc.batch_size, dist.world(), dist.rank(), tc.grad_accum)
-            choice = dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
-                                            run.channels_last) if run.main else None)
+            choice = rank0_choice()
             batch_note = (f"batch {tc.batch_size}: at batch {old_batch} the budget buys {fewer:,} steps "
                           f"(< {MIN_BUDGET_STEPS:,})")
         for name, value in choice.model.items():
