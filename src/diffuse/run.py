@@ -410,6 +410,13 @@ DAY_S = 24 * 3600.0
 DEFAULT_BUDGET_MIN = 60.0
 
 
+def _rank0_choice(run: Run, cfg: Config):
+    """Rank 0's ``sizing.choose`` for the budget, data, image size and batch as they stand, sent to every rank."""
+    from .sizing import choose
+    return dist.from_rank0(choose(cfg, len(run.data), cfg.train.time_limit * 60, run.device, run.amp,
+                                  run.channels_last) if run.main else None)
+
+
 def _plan_length(run: Run, cfg: Config) -> str | None:
     """A fresh run's length and model where the user left them to diffuse; returns the start
     line's note (or None). The measurements are rank 0's, sent to every rank.
@@ -432,25 +439,20 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
         run.steps_total = total_steps(cfg, len(run.data))
         _set_periods(run, cfg)
     if is_budget(cfg) and tc.size_model:
-        from .sizing import MIN_PARAMS_PER_PIXEL, choose, half_size, ladder
+        from .sizing import MIN_PARAMS_PER_PIXEL, half_size, ladder
         try:
             ladder(cfg.model.image_size)
         except ValueError as e:            # a size the ladder's UNets cannot halve: keep the preset's model
             notes.append(f"model: the preset's ({e})")
             return "; ".join(notes)
 
-        def rank0_choice():
-            """Rank 0's ``choose`` for the data, image size and batch as they stand, sent to every rank."""
-            return dist.from_rank0(choose(cfg, len(run.data), tc.time_limit * 60, run.device, run.amp,
-                                          run.channels_last) if run.main else None)
-
-        choice = rank0_choice()
+        choice = _rank0_choice(run, cfg)
         half = half_size(cfg.model.image_size, choice.params) if tc.half_size else None
         if half is not None:
             full, full_choice = cfg.model.image_size, choice
             cfg.data.image_size, tc.output_size = half, full
             _load_data(run, cfg)
-            choice = rank0_choice()
+            choice = _rank0_choice(run, cfg)
             notes.append(f"trains at {half} px and writes its images at the folder's {full} px (bicubic): at "
                          f"{full} px the budget affords {full_choice.params / 1e6:.2g}M params, "
                          f"{full_choice.params / full ** 2:.0f} per output pixel (< {MIN_PARAMS_PER_PIXEL})")
@@ -459,7 +461,7 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
             fewer, old_batch = int(choice.images // tc.batch_size), tc.batch_size
             tc.batch_size = max(MIN_BUDGET_BATCH, tc.batch_size // 2)
             run.split = batch_split(tc.batch_size, dist.world(), dist.rank(), tc.grad_accum)
-            choice = rank0_choice()
+            choice = _rank0_choice(run, cfg)
             batch_note = (f"batch {tc.batch_size}: at batch {old_batch} the budget buys {fewer:,} steps "
                           f"(< {MIN_BUDGET_STEPS:,})")
         for name, value in choice.model.items():
