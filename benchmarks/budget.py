@@ -13,6 +13,10 @@ Recipes (``--recipes``), each a fresh ``diffuse train`` per budget B:
                   learning rate and power EMA that end with B; docs/budgets.md)
   budget-full-size  the budget plan at the images' own size (``--no-half-size``): what training a
                   folder above 32 px at half its size changes
+  budget-patch    the budget plan at the images' own size seen as 2x2 patches (``--no-half-size
+                  --patch-size 2``; the UNet's levels run at half the size) on a schedule whose SNR is
+                  shifted by (32/size)^2 (``--snr-shift``): the other way to spend 32 px of compute on
+                  a folder above 32 px (Hoogeboom et al. 2023)
   budget-preset   the same schedules on the data's preset model (``--preset P --size-model`` off): what
                   the schedules give without the sizing
   cut             today's default before budgets, cut by time: the preset's model and step count with
@@ -49,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 
-RECIPES = ("budget", "budget-full-size", "budget-preset", "cut", "guess", "diffusers")
+RECIPES = ("budget", "budget-full-size", "budget-patch", "budget-preset", "cut", "guess", "diffusers")
 PEER_SAMPLE_STEPS = 20
 
 
@@ -108,6 +112,11 @@ def train_flags(args, recipe: str, minutes: float, out: Path) -> list[str]:
         return flags + ["--time-limit", f"{minutes:g}"]
     if recipe == "budget-full-size":
         return flags + ["--time-limit", f"{minutes:g}", "--no-half-size"]
+    if recipe == "budget-patch":
+        if size is None or size <= 32:
+            raise SystemExit("the budget-patch recipe is for a folder of images above 32 px")
+        return flags + ["--time-limit", f"{minutes:g}", "--no-half-size", "--patch-size", "2",
+                        "--snr-shift", f"{(32 / size) ** 2:g}"]
     if recipe == "budget-preset":
         return flags + ["--time-limit", f"{minutes:g}", "--preset", preset]
     if recipe == "cut":

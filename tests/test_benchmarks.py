@@ -229,7 +229,7 @@ def test_budget_benchmark_recipes_differ_only_in_the_plan():
     import budget as budget_bench
     args = budget_bench.parse_args(["--data", "mnist", "--data-root", "/d"])
     flags = {r: budget_bench.train_flags(args, r, 8.0, Path("/o")) for r in budget_bench.RECIPES
-             if r not in ("guess", "diffusers")}
+             if r not in ("guess", "budget-patch", "diffusers")}
     assert flags["budget"][-2:] == ["--time-limit", "8"] and "--steps" not in flags["budget"]
     assert flags["budget-preset"][-4:] == ["--time-limit", "8", "--preset", "mnist"]
     assert flags["cut"][-6:] == ["--preset", "mnist", "--steps", "4000", "--time-limit", "8"]
@@ -244,8 +244,9 @@ def test_budget_benchmark_recipes_differ_only_in_the_plan():
         plans[recipe] = (cfg.train.plan, cfg.train.size_model, cfg.train.steps)
     assert plans == {"budget": ("budget", True, None), "budget-full-size": ("budget", True, None),
                      "budget-preset": ("budget", False, None), "cut": ("steps", False, 4000)}
-    with pytest.raises(SystemExit, match="above 32 px"):
-        budget_bench.train_flags(args, "guess", 8.0, Path("/o"))
+    for recipe in ("guess", "budget-patch"):
+        with pytest.raises(SystemExit, match="above 32 px"):
+            budget_bench.train_flags(args, recipe, 8.0, Path("/o"))
 
 
 def test_budget_benchmark_diffusers_recipe_trains_the_budget_plans_widths(tmp_path):
@@ -293,13 +294,16 @@ def test_budget_benchmark_guess_is_the_mnist_unet_at_32_px_written_at_the_folder
     Image.new("RGBA", (64, 64), (200, 10, 10, 128)).save(tmp_path / "a" / "0.png")
     args = budget_bench.parse_args(["--data", str(tmp_path), "--class-cond"])
     cfgs = {r: _run_config(build_parser().parse_args(["train", *budget_bench.train_flags(args, r, 15.0, Path("/o"))]))
-            for r in ("guess", "budget", "budget-full-size")}
+            for r in ("guess", "budget", "budget-full-size", "budget-patch")}
     g = cfgs["guess"]
     assert (g.preset, g.data.image_size, g.train.output_size, g.train.plan, g.train.size_model, g.train.half_size) == \
         ("mnist", 32, 64, "budget", False, False)
     b = cfgs["budget"]
     assert (b.data.image_size, b.train.output_size, b.train.size_model, b.train.half_size) == (64, None, True, True)
     assert not cfgs["budget-full-size"].train.half_size and cfgs["budget-full-size"].train.size_model
+    p = cfgs["budget-patch"]            # sized by the plan around its patches, on the shifted schedule
+    assert (p.data.image_size, p.model.patch_size, p.diffusion.snr_shift, p.train.size_model, p.train.half_size) == \
+        (64, 2, 0.25, True, False)
 
 
 def test_distill_benchmark_summary_picks_the_teachers_best_and_judges_the_goals():
@@ -877,3 +881,22 @@ def test_budget_docs_quote_mnist_at_30_minutes_on_the_intel():
     assert f"the run averaged 180 img/s ({p30['steps']:,} steps)" in doc
     readme = " ".join((REPO / "README.md").read_text().split())
     assert f"at 30 minutes **{p30['fid']:.1f}** ({p30['steps']:,} steps)" in readme
+
+
+def test_budget_docs_patch_table_is_the_patch_runs_against_the_half_size_plan():
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    table = doc.split("<!-- emoji-patch:start -->")[1].split("<!-- emoji-patch:end -->")[0].strip().splitlines()[2:]
+    res = REPO / "benchmarks" / "results"
+    patch = json.loads((res / "budget-emoji-patch-intel.json").read_text())
+    half = json.loads((res / "budget-emoji-intel.json").read_text())["rows"][0]
+    assert patch["compare"]["fid"] == half["fid"] and "family 6" in patch["cpu"]
+    rows = [half] + patch["rows"]
+    assert len(table) == len(rows) == 3
+    for line, r in zip(table, rows):
+        fid = f"{r['fid']:.1f}"
+        assert line.endswith(f"| {r['steps']:,} | {r['images_seen']:,} | {fid if r is not half else f'**{fid}**'} |"), line
+        assert r["params_m"] == 0.29 and r["batch"] == 32 and r["minutes"] == 15.0
+    assert [r["snr_shift"] for r in patch["rows"]] == [1.0, 0.25]
+    assert [r["flags"].split("--patch-size ")[1][0] for r in patch["rows"]] == ["2", "2"]
+    assert all(r["image_size"] == 64 and not r["output_size"] for r in patch["rows"])
+    assert min(r["fid"] for r in patch["rows"]) - half["fid"] > 80       # "lost by 80-100 FID"

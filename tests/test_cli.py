@@ -83,6 +83,9 @@ def test_resume_extends_a_run(run, tmp_path):
     (["train", "--num-groups", "5"], "must divide"),
     (["train", "--config", "missing.json"], "config file not found"),
     (["train", "--resume", "missing-run"], "not a run directory"),
+    (["train", "--patch-size", "0"], "--patch-size must be between 1 and 8, got 0"),
+    (["train", "--patch-size", "3"], "image size 16 is not divisible by 12 (needed by 3 UNet levels and 3x3 patches)"),
+    (["train", "--snr-shift", "-1"], "--snr-shift must be positive, got -1"),
     (["sample", "missing-run"], "no such run or checkpoint"),
     (["info", "notes.txt"], "is not a checkpoint"),
     (["frobnicate"], "invalid choice"),
@@ -94,6 +97,19 @@ def test_bad_input_is_one_line(args, needle, tmp_path):
     err = p.stderr.strip()
     assert needle in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_a_patched_run_on_a_shifted_schedule_trains_samples_and_says_so(tmp_path):
+    """--patch-size and --snr-shift through the real CLI: stored in the run, used by sample, shown by info."""
+    out = tmp_path / "patched"
+    diffuse("train", "--steps", 2, "--batch-size", 8, "--sample-n", 4, "--sample-steps", 2, "--log-every", 1,
+            "--out", out, *TINY_FLAGS, "--patch-size", 2, "--snr-shift", 0.25)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model"]["patch_size"], cfg["diffusion"]["snr_shift"]) == (2, 0.25)
+    diffuse("sample", out, "--n", 3, "--steps", 2, "--out", tmp_path / "s.npz")
+    assert np.load(tmp_path / "s.npz")["images"].shape[:3] == (3, 16, 16)      # NHWC, the full size
+    info = diffuse("info", out).stdout
+    assert "2x2 patches" in info and "SNR x 0.25" in info
 
 
 def test_folder_without_images_and_wrong_model_checkpoint(run, tmp_path):

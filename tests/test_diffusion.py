@@ -104,3 +104,28 @@ def test_a_repeated_noise_level_never_reaches_a_sampler():
             sampler_sigmas(sampler, sched, 4, "trailing")
         assert "\n" not in str(e.value)
     assert sampler_sigmas("dpmpp-2m", sched, 2, "trailing").tolist() == [10.0, 1.0, 0.0]   # distinct: fine
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_snr_shift_multiplies_every_steps_snr_and_its_betas_rebuild_it(schedule):
+    """--snr-shift F: abar/(1 - abar) is F times the unshifted schedule's at every step (Hoogeboom et
+    al. 2023's shift, here checked as the closed form SNR' = F SNR), and the betas the samplers use
+    multiply back to the shifted abar."""
+    plain, shifted = Schedule(schedule, 1000), Schedule(schedule, 1000, snr_shift=0.25)
+    snr = lambda s: s.alphas_cumprod / (1 - s.alphas_cumprod)  # noqa: E731
+    torch.testing.assert_close(snr(shifted) / snr(plain), torch.full((1000,), 0.25, dtype=torch.float64),
+                               rtol=1e-9, atol=0)
+    torch.testing.assert_close(torch.cumprod(1 - shifted.betas, 0), shifted.alphas_cumprod, rtol=1e-12, atol=0)
+    torch.testing.assert_close(shifted.sigmas, 2 * plain.sigmas, rtol=1e-9, atol=0)   # sigma = SNR^-1/2
+
+
+def test_snr_shift_bad_values_are_one_line_errors():
+    from diffuse.config import Config, validate
+    from diffuse.errors import DiffuseError
+    c = Config()
+    c.diffusion.snr_shift = 0.0
+    with pytest.raises(DiffuseError, match="--snr-shift must be positive, got 0"):
+        validate(c)
+    c.diffusion.snr_shift, c.diffusion.formulation = 0.5, "edm"
+    with pytest.raises(DiffuseError, match="--snr-shift shifts a vp schedule"):
+        validate(c)

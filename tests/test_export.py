@@ -205,6 +205,17 @@ def test_what_unet2dmodel_cannot_express_is_refused_by_name():
         ex.unet_config(cfg)
 
 
+def test_patches_and_a_shifted_schedule_are_refused_by_name():
+    cfg = tiny_preset("digits")
+    cfg.model.patch_size = 2
+    with pytest.raises(DiffuseError, match=r"sees the image as 2x2 patches \(--patch-size\), which UNet2DModel"):
+        ex.unet_config(cfg)
+    cfg = tiny_preset("digits")
+    cfg.diffusion.snr_shift = 0.25
+    with pytest.raises(DiffuseError, match=r"SNR is shifted \(--snr-shift 0.25\)"):
+        ex.scheduler_config(cfg)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling through diffusers' own pipelines
 

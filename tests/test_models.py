@@ -168,3 +168,48 @@ def test_cpu_attention_matches_sdpa(heads, tokens, d):
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_patches_are_the_unshuffled_image_through_an_unpatched_unet():
+    """--patch-size P: the network is pixel_unshuffle -> a UNet on C*P*P channels at 1/P of the size ->
+    pixel_shuffle. Checked against that composition built by hand from an unpatched UNet carrying
+    the same weights, so a wrong patch order or a missing shuffle at either end fails."""
+    torch.manual_seed(0)
+    patched = UNet(cfg(in_channels=3, image_size=32, patch_size=2, class_cond=True, num_classes=4))
+    randomize_zero_init(patched)
+    inner = UNet(cfg(in_channels=12, image_size=16, class_cond=True, num_classes=4))
+    inner.load_state_dict(patched.state_dict())
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([10.0, 700.0]), torch.tensor([1, 4])
+    out = patched(x, t, y)
+    assert out.shape == x.shape
+    reference = torch.nn.functional.pixel_shuffle(inner(torch.nn.functional.pixel_unshuffle(x, 2), t, y), 2)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def test_a_patched_unet_costs_what_the_unpatched_one_costs_at_a_patch_of_the_size():
+    """The config help's claim: a 64 px image at the cost of 32 px (counted FLOPs of one forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(**kw) -> int:
+        net = UNet(cfg(base_channels=16, channel_mult=(1, 2, 2), attn_resolutions=(8,), in_channels=3, **kw))
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            net(torch.randn(1, 3, net.cfg.image_size, net.cfg.image_size), torch.tensor([3.0]))
+        return counter.get_total_flops()
+
+    full, patched, half = flops(image_size=64), flops(image_size=64, patch_size=2), flops(image_size=32)
+    assert patched / half == pytest.approx(1.0, abs=0.05)         # only conv_in/conv_out see 12 channels
+    assert full / patched > 3.5                                  # a quarter of the positions at every level
+
+
+def test_bad_patch_sizes_are_one_line_errors():
+    from diffuse.config import Config, validate, validate_resolution
+    from diffuse.errors import DiffuseError
+    c = Config()
+    c.model.patch_size = 0
+    with pytest.raises(DiffuseError, match="--patch-size must be between 1 and 8, got 0"):
+        validate(c)
+    with pytest.raises(DiffuseError, match=r"image size 36 is not divisible by 8 \(needed by 3 UNet levels and 2x2 patches\)"):
+        validate_resolution(cfg(channel_mult=(1, 2, 2), attn_resolutions=(), image_size=36, patch_size=2))
+    with pytest.raises(DiffuseError, match="--attn-resolutions 32 not among this UNet's feature sizes 16,8"):
+        validate_resolution(cfg(attn_resolutions=(32,), image_size=32, patch_size=2))

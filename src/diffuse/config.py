@@ -55,6 +55,8 @@ class ModelConfig:
     head_channels: int = opt(64, "channels per attention head")
     scale_shift: bool = opt(True, "time embedding as GroupNorm scale+shift (ADM); false = additive (DDPM)")
     class_cond: bool = opt(False, "condition on class labels (adds a null class for guidance)")
+    patch_size: int = opt(1, "the UNet sees the image as PxP patches stacked into channels (pixel unshuffle), "
+                             "at 1/P of its size: a 64 px image at the cost of 32 px (docs/budgets.md)")
     # Variants that only models imported from diffusers use (google/ddpm-cifar10-32: 1e-6, 1, sin
     # first, 0); a --config file can set them too. The defaults are what every diffuse preset trains.
     norm_eps: float = opt(1e-5, "GroupNorm epsilon", cli=False)
@@ -80,6 +82,8 @@ class DiffusionConfig:
     loss_weight: str = opt("uniform", "per-sample loss weight: uniform (plain MSE on the objective), min-snr "
                                       "or soft-min-snr (Hang et al. 2023)")
     min_snr_gamma: float = opt(5.0, "gamma of --loss-weight min-snr / soft-min-snr")
+    snr_shift: float = opt(1.0, "a vp schedule's signal-to-noise ratio times this at every step; (32/S)^2 moves a "
+                                "schedule made for 32 px to S px (Hoogeboom et al. 2023)")
     zero_terminal_snr: bool = opt(False, "rescale a vp schedule to SNR 0 at t = T-1 (Lin et al. 2023); needs "
                                          "--objective v or x0")
     sigma_data: float = opt(0.5, "edm: the data's standard deviation in the preconditioning")
@@ -422,11 +426,12 @@ def fit_to_size(cfg: Config, size: int) -> int:
     halve cleanly (28 stays 28 for mnist's 3 levels; 30 becomes 32: upsampling loses nothing), and the attention
     resolutions scaled from the preset's native size (mnist's 7 at 28 is 8 at 32). Returns the size."""
     m = cfg.model
-    factor = 2 ** (len(m.channel_mult) - 1)
+    factor = 2 ** (len(m.channel_mult) - 1) * m.patch_size
     fitted = -(-size // factor) * factor
-    native = PRESET_NATIVE_SIZE.get(cfg.preset, fitted)
-    feature_sizes = {fitted // 2 ** i for i in range(len(m.channel_mult))}
-    scaled = tuple(r * fitted // native for r in m.attn_resolutions if r * fitted % native == 0)
+    inner = fitted // m.patch_size                  # the size the UNet's first level sees
+    native = PRESET_NATIVE_SIZE.get(cfg.preset, inner)
+    feature_sizes = {inner // 2 ** i for i in range(len(m.channel_mult))}
+    scaled = tuple(r * inner // native for r in m.attn_resolutions if r * inner % native == 0)
     m.attn_resolutions = tuple(r for r in scaled if r in feature_sizes)
     return fitted
 
@@ -572,7 +577,7 @@ def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, prese
     if t.plan == "budget" and "sample_steps" not in given["train"]:
         t.sample_steps = BUDGET_GRID_STEPS          # the budget pays for its grids: 20 DDIM steps, not 50
     if t.size_model is None:
-        t.size_model = t.plan != "steps" and not preset_named and not (given["model"] - {"class_cond"})
+        t.size_model = t.plan != "steps" and not preset_named and not (given["model"] - {"class_cond", "patch_size"})
     chose_size = bool({"image_size"} & given["data"]) or "output_size" in given["train"]
     # the planner may change the size only where it chooses the model and the user chose no size
     t.half_size = bool(t.size_model and not chose_size and t.half_size is not False)
@@ -686,6 +691,7 @@ def _validate_model(m: ModelConfig) -> None:
     _need(m.base_channels > 0, f"--base-channels must be positive, got {m.base_channels}")
     _need(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult), "--channel-mult must be positive integers, e.g. 1,2,2")
     _need(m.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {m.num_res_blocks}")
+    _need(1 <= m.patch_size <= 8, f"--patch-size must be between 1 and 8, got {m.patch_size}")
     _need(0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}")
     _need(m.num_groups >= 1, f"--num-groups must be at least 1, got {m.num_groups}")
     _need(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
@@ -702,6 +708,9 @@ def _validate_model(m: ModelConfig) -> None:
 def _validate_diffusion(d: DiffusionConfig) -> None:
     _need(d.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {d.schedule!r}")
     _need(d.timesteps >= 2, f"--timesteps must be at least 2, got {d.timesteps}")
+    _need(d.snr_shift > 0, f"--snr-shift must be positive, got {d.snr_shift:g}")
+    _need(d.snr_shift == 1.0 or d.formulation == "vp", "--snr-shift shifts a vp schedule; edm draws its noise "
+          "levels from --p-mean and --p-std")
     reason = check_diffusion(d)
     _need(reason is None, reason or "")
     _need(0 < d.beta_start < d.beta_end < 1, f"need 0 < --beta-start < --beta-end < 1, got {d.beta_start}, {d.beta_end}"
@@ -824,21 +833,23 @@ def validate_model_config(m: ModelConfig, where: str) -> None:
 
 
 def validate_resolution(m: ModelConfig) -> None:
-    """Once image_size is known: every level must halve cleanly."""
+    """Once image_size is known: the patches must tile the image, and every level halve cleanly."""
     levels = len(m.channel_mult)
-    factor = 2 ** (levels - 1)
+    factor = 2 ** (levels - 1) * m.patch_size
     if m.image_size % factor != 0:
+        patches = f" and {m.patch_size}x{m.patch_size} patches" if m.patch_size > 1 else ""
         raise DiffuseError(
-            f"image size {m.image_size} is not divisible by {factor} (needed by {levels} UNet levels); "
+            f"image size {m.image_size} is not divisible by {factor} (needed by {levels} UNet levels{patches}); "
             f"use --image-size or a shorter --channel-mult")
-    sizes = {m.image_size // 2 ** i for i in range(levels)}
+    inner = m.image_size // m.patch_size
+    sizes = {inner // 2 ** i for i in range(levels)}
     bad = [r for r in m.attn_resolutions if r not in sizes]
     if bad:
         raise DiffuseError(f"--attn-resolutions {','.join(map(str, bad))} not among this UNet's feature sizes "
                            f"{','.join(map(str, sorted(sizes, reverse=True)))}")
     for i, mult in enumerate(m.channel_mult):
         c = m.base_channels * mult
-        if m.image_size // 2 ** i in m.attn_resolutions and c % _heads(c, m.head_channels):
+        if inner // 2 ** i in m.attn_resolutions and c % _heads(c, m.head_channels):
             raise DiffuseError(f"--head-channels {m.head_channels} splits the {c}-channel attention at "
-                               f"{m.image_size // 2 ** i}px into {_heads(c, m.head_channels)} heads, which do not "
+                               f"{inner // 2 ** i}px into {_heads(c, m.head_channels)} heads, which do not "
                                f"divide it; use a head width that divides {c}")

@@ -60,6 +60,14 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
     return root ** 2
 
 
+def shift_snr(alphas_cumprod: Tensor, factor: float) -> Tensor:
+    """Every step's signal-to-noise ratio abar/(1 - abar) times ``factor`` (Hoogeboom et al. 2023,
+    "simple diffusion", sec. 3.1: a schedule made for 32 px images shifted for d px by (32/d)^2, since
+    averaging the noise over a d/32-pixel square divides its variance by (d/32)^2, so the image's
+    coarse structure survives to higher noise levels at the larger size). float64 [T] in and out."""
+    return alphas_cumprod * factor / (1 - alphas_cumprod + alphas_cumprod * factor)
+
+
 def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
     """abar_t = prod_{s<=t} (1 - beta_s). float64 in, float64 out."""
     return torch.cumprod(1 - betas.double(), dim=0)
@@ -117,7 +125,7 @@ class Schedule:
     ZERO_SNR_ABAR_FLOOR = 2.0 ** -24
 
     def __init__(self, schedule: str = "linear", timesteps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 0.02, zero_terminal_snr: bool = False):
+                 beta_end: float = 0.02, zero_terminal_snr: bool = False, snr_shift: float = 1.0):
         if timesteps < 2:
             raise ValueError(f"timesteps must be at least 2, got {timesteps}")
         self.name = schedule
@@ -125,6 +133,9 @@ class Schedule:
         self.zero_terminal_snr = zero_terminal_snr
         self.betas = make_betas(schedule, timesteps, beta_start, beta_end)          # [T] float64
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)                 # [T] float64
+        if snr_shift != 1.0:
+            self.alphas_cumprod = shift_snr(self.alphas_cumprod, snr_shift)
+            self.betas = 1 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
         if zero_terminal_snr:
             self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
             self.betas = 1 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])

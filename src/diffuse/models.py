@@ -222,6 +222,9 @@ class UNet(nn.Module):
         super().__init__()
         if cfg.image_size <= 0 or cfg.in_channels <= 0:
             raise ValueError("ModelConfig.image_size and in_channels must be set from the data")
+        patch = cfg.patch_size
+        if patch < 1 or cfg.image_size % patch:
+            raise ValueError(f"patch size {patch} must be >= 1 and divide the image size {cfg.image_size}")
         self.cfg = cfg
         ch, groups = cfg.base_channels, cfg.num_groups
         emb_dim = 4 * ch
@@ -237,11 +240,14 @@ class UNet(nn.Module):
         def attn(c: int, res_: int) -> nn.Module:
             return AttnBlock(c, groups, cfg.head_channels, cfg.norm_eps) if res_ in cfg.attn_resolutions else nn.Identity()
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        # Patches stacked into channels (pixel unshuffle; Hoogeboom et al. 2023, "simple diffusion",
+        # sec. 3.1): every level then runs at 1/patch of the image's size, so the convolutions cost
+        # what they cost on an image patch times smaller, and the output is still at full resolution.
+        self.conv_in = nn.Conv2d(cfg.in_channels * patch ** 2, ch, 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         skip_channels = [ch]
-        c, resolution = ch, cfg.image_size
+        c, resolution = ch, cfg.image_size // patch
         for i, mult in enumerate(cfg.channel_mult):
             c_out = ch * mult
             blocks, attns = [], []
@@ -276,7 +282,7 @@ class UNet(nn.Module):
                 resolution *= 2
 
         self.norm_out = GroupNorm32(groups, c, eps=cfg.norm_eps)
-        self.conv_out = zero_init(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(c, cfg.in_channels * patch ** 2, 3, padding=1))
         # Gradient checkpointing (a run-time switch, not part of the weights): residual and
         # attention blocks keep only their inputs and recompute activations in the backward pass.
         self.grad_checkpointing = False
@@ -299,7 +305,8 @@ class UNet(nn.Module):
         elif y is not None:
             raise ValueError("this model is unconditional but class labels were given")
 
-        h = self.conv_in(x)
+        patch = self.cfg.patch_size
+        h = self.conv_in(F.pixel_unshuffle(x, patch) if patch > 1 else x)   # [B, C*P*P, H/P, W/P]
         skips = [h]
         for level, down in zip(self.down, self.downsample):
             for block, attn in zip(level.blocks, level.attns):
@@ -317,7 +324,8 @@ class UNet(nn.Module):
                 h = self._block(block, attn, torch.cat([h, skips.pop()], dim=1), emb)
             h = up(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, patch) if patch > 1 else out
 
 
 def count_parameters(model: nn.Module) -> int:

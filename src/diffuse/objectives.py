@@ -242,7 +242,8 @@ def formulation_for(d: DiffusionConfig) -> Formulation:
         raise ValueError(reason)
     if d.formulation == "edm":
         return EDM(d.timesteps, d.sigma_data, d.p_mean, d.p_std, d.loss_weight, d.min_snr_gamma)
-    schedule = Schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end, zero_terminal_snr=d.zero_terminal_snr)
+    schedule = Schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end, zero_terminal_snr=d.zero_terminal_snr,
+                        snr_shift=d.snr_shift)
     return VP(schedule, prediction_of(d), d.loss_weight, d.min_snr_gamma)
 
 
@@ -279,6 +280,8 @@ def describe(d: DiffusionConfig) -> str:
         text = f"EDM (sigma_data {d.sigma_data:g}, ln sigma ~ N({d.p_mean:g}, {d.p_std:g}^2)), T={d.timesteps} sampling grid"
     else:
         text = f"VP {d.schedule} schedule, T={d.timesteps}, predicts {prediction_of(d)}"
+        if d.snr_shift != 1.0:
+            text += f", SNR x {d.snr_shift:g}"
         if d.zero_terminal_snr:
             text += ", zero terminal SNR"
     if d.loss_weight != "uniform":

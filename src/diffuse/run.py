@@ -427,6 +427,7 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
     tc, notes = cfg.train, []
     if tc.plan == "preset":
         from .sizing import preset_rate
+        validate_resolution(cfg.model)          # the probe builds this model: a bad size is the user's, in one line
         rate = dist.from_rank0(preset_rate(cfg, run.device, run.amp, run.channels_last)
                                if run.main else None)
         need_s = run.steps_total * tc.batch_size / rate
@@ -441,7 +442,7 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
     if is_budget(cfg) and tc.size_model:
         from .sizing import MIN_PARAMS_PER_PIXEL, half_size, ladder
         try:
-            ladder(cfg.model.image_size)
+            ladder(cfg.model.image_size // cfg.model.patch_size)
         except ValueError as e:            # a size the ladder's UNets cannot halve: keep the preset's model
             notes.append(f"model: the preset's ({e})")
             return "; ".join(notes)

@@ -82,6 +82,10 @@ def _number(x: float) -> int | float:
 def unet_config(cfg: Config) -> dict[str, Any]:
     """UNet2DModel's config.json for our model config (without the ``_diffuse`` record)."""
     m = cfg.model
+    if m.patch_size != 1:
+        raise DiffuseError(f"cannot export: the model sees the image as {m.patch_size}x{m.patch_size} patches "
+                           "(--patch-size), which UNet2DModel has no layer for; share the run itself or the "
+                           "slim file (diffuse export RUN OUT.safetensors)")
     attn = _level_has_attention(m)
     n = len(m.channel_mult)
     return {
@@ -139,6 +143,9 @@ def _training_schedule(d: DiffusionConfig, schedule: str | None = None, start: f
 
 
 def _prediction_type(d: DiffusionConfig) -> str:
+    if d.snr_shift != 1.0:
+        raise DiffuseError(f"cannot export: the schedule's SNR is shifted (--snr-shift {d.snr_shift:g}), which "
+                           "diffusers' named beta schedules do not express; share the run itself or the slim file")
     if d.formulation != "vp":
         raise DiffuseError(f"cannot export: the {d.formulation} formulation (preconditioning of a continuous sigma) "
                            "has no DDPMScheduler equivalent; vp runs export")
