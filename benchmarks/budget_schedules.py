@@ -3,6 +3,8 @@
     python benchmarks/budget_schedules.py --data mnist --data-root ../shared/data --minutes 2 --fid-n 1000 \
         --variants "linear=--cooldown 1" "wsd=" "wsd-lr2=--lr 2e-3" "wsd-b64=--batch-size 64" \
         --out benchmarks/results/budget-schedules-mnist.json
+    python benchmarks/budget_schedules.py --data EMOJI_DIR --class-cond --ref-n 2000 --minutes 15 --fid-n 500 \
+        --variants "rung-0.67M=--base-channels 24 ..." --out benchmarks/results/budget-emoji-rungs-intel.json
 
 Each variant is ``NAME=FLAGS``: a fresh ``diffuse train --data D --time-limit B FLAGS`` (a budget plan:
 the model sized for B on this machine unless FLAGS name one), then FID of ``--fid-n`` EMA images
@@ -38,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--fid-n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/budget-schedules")
+    p.add_argument("--class-cond", action="store_true", help="train with --class-cond and score with the "
+                                                             "classes cycled (a folder of class folders)")
+    p.add_argument("--ref-n", type=int, default=None, help="a folder's FID reference: this many of its images")
     p.add_argument("--out", default="benchmarks/results/budget-schedules.json")
     return p.parse_args(argv)
 
@@ -55,7 +60,7 @@ def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    args.class_cond, args.ref_n, args.weights = False, None, "ema"
+    args.weights = "ema"
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {"data": args.data, "minutes": args.minutes,
                                                                 "fid_n": args.fid_n, "rows": []}
@@ -66,6 +71,8 @@ def main(argv=None) -> None:
                "--seed", str(args.seed), "--no-progress", "--time-limit", f"{args.minutes:g}", *flags]
         if args.data_root:
             cmd += ["--data-root", args.data_root]
+        if args.class_cond:
+            cmd += ["--class-cond"]
         t0 = time.perf_counter()
         # this checkout's diffuse, as budget.py runs it, whatever PYTHONPATH the caller has
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,

@@ -900,3 +900,63 @@ def test_budget_docs_patch_table_is_the_patch_runs_against_the_half_size_plan():
     assert [r["flags"].split("--patch-size ")[1][0] for r in patch["rows"]] == ["2", "2"]
     assert all(r["image_size"] == 64 and not r["output_size"] for r in patch["rows"])
     assert min(r["fid"] for r in patch["rows"]) - half["fid"] > 80       # "lost by 80-100 FID"
+
+
+def test_distill_docs_mcm_table_is_the_probes_measurements():
+    """docs/distill.md's two-segment table is benchmarks/distill_mcm_probe.py's report of its committed
+    rows, and the docs' conclusion holds: both two-segment students scored above the one-segment
+    student tuned on the same teacher for the same clock, on each seed set."""
+    import distill_mcm_probe as probe
+
+    rows = probe.read_rows(REPO / "benchmarks" / "results" / "distill-mcm-probe-intel.jsonl")
+    doc = (REPO / "docs" / "distill.md").read_text()
+    table = doc.split("<!-- mcm-intel:start -->\n")[1].split("\n<!-- mcm-intel:end -->")[0]
+    assert table == probe.report(rows)
+    assert {r["variant"] for r in rows} == set(probe.VARIANTS) and all(r["seconds"] == 75.0 for r in rows)
+    by = {(r["variant"], r["seed"]): r["fid"] for r in rows}
+    for seed in (0, 1):
+        assert by[("mcm", seed)] > by[("ect", seed)] and by[("mcm-x0", seed)] > by[("ect", seed)]
+
+
+def test_mcm_probe_patches_make_a_two_segment_consistency_function():
+    """The probe's patched f: above B it lands on the ODE at B by a DDIM jump (its output at B is x,
+    its boundary), below B it jumps to sigma_min, and its pairs stay inside their segment. Run in a
+    child process: the patches are process-wide."""
+    code = """
+import torch, sys
+sys.path.insert(0, 'benchmarks')
+import distill_mcm_probe as p
+p.patch_segments(x0_loss=False)
+from diffuse.denoiser import ConsistencyFunction
+from diffuse import distill as di
+D = lambda x, s: torch.zeros_like(x)                      # the data's mean, 0
+f = ConsistencyFunction(D, 0.002, 80.0)
+x = torch.ones(2, 1, 2, 2)
+B = p.BOUNDARY
+assert torch.equal(f(x, torch.tensor([B, B], dtype=torch.float64)), x)                   # boundary at B
+torch.testing.assert_close(f(x, torch.tensor([10.0, 10.0], dtype=torch.float64)), x * B / 10)  # DDIM 10 -> B
+torch.testing.assert_close(f(x, torch.tensor([2.0, 2.0], dtype=torch.float64)), x * 0.002 / 2)  # 2 -> sigma_min
+t = torch.tensor([3.0, 20.0, 1.0], dtype=torch.float64)
+r = di.ect_sigma_r(t, 0.0, 0.002)
+assert bool((r[:2] >= B).all()) and float(r[2]) < 1.0
+print('ok')
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert p.stdout.strip() == "ok", p.stderr
+
+
+def test_budget_docs_quote_the_emoji_rung_the_rule_turned_down():
+    from diffuse import sizing
+    r = json.loads((REPO / "benchmarks" / "results" / "budget-emoji-rungs-intel.json").read_text())["rows"][0]
+    plan = json.loads((REPO / "benchmarks" / "results" / "budget-emoji-intel.json").read_text())["rows"][0]
+    flat = " ".join((REPO / "docs" / "budgets.md").read_text().split())
+    quoted = flat.split("<!-- emoji-rung-intel -->")[1].split("<!-- /emoji-rung-intel -->")[0]
+    per_param = r["images_seen"] / r["params"]
+    assert quoted == (f"{r['steps']:,} steps, {r['images_seen']:,} images, {per_param:.3f} per parameter, "
+                      f"**FID {r['fid']:.1f}** against the 0.29M's {plan['fid']:.1f}")
+    assert r["params_m"] == 0.67 and r["image_size"] == 32 and r["output_size"] == 64 and r["batch"] == 32
+    assert "family 6" in r["cpu"] and r["fid"] < plan["fid"]
+    # it won below the rule's need, and "about 480 values" per parameter: 3,072 per image
+    assert per_param < sizing.min_images(r["params"]) / r["params"]
+    assert round(per_param * 3 * 32 * 32, -1) == 480
