@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -157,6 +158,20 @@ def test_a_near_miss_reads_as_a_miss():
     reason = S._reason(120.0, chosen, next_, 60_000, 64)
     assert reason.endswith("the next rung, 0.672M params, would see 0.17 images per parameter "
                            "(< the 0.171 a 0.672M model needs)")
+
+
+def test_a_miss_closer_than_three_figures_gets_more_figures():
+    # The digits 15-minute plan on the Intel Xeon read "would see 0.262 images per parameter (< the
+    # 0.262 a 1.19M model needs)": a miss by under 0.0005 per parameter. Figures are added until the
+    # two sides differ.
+    chosen = S._Rung({}, 643_000, 500.0, 400_000)
+    params = 1_191_233
+    need = S.min_images(params)
+    next_ = S._Rung({}, params, 200.0, int(need - 100))          # 0.00008 per parameter short
+    reason = S._reason(900.0, chosen, next_, 1_500, 32)
+    seen, needed = re.search(r"would see ([0-9.]+) images per parameter \(< the ([0-9.]+) a 1.19M", reason).groups()
+    assert seen != needed and float(seen) < float(needed)
+    assert len(seen.split(".")[1]) > 3 and float(needed) == pytest.approx(need / params, rel=1e-3)
 
 
 def test_the_largest_rung_when_every_rung_qualifies():

@@ -308,20 +308,27 @@ def _reason(budget_s: float, chosen: _Rung, next_: _Rung | None, n_images: int, 
     line = (f"model sized for {budget_s / 60:.3g} min on this machine: {_millions(chosen.params)} params, "
             f"{_figure(chosen.images / n_images)} epochs planned ({_figure(chosen.rate)} img/s measured)")
     if chosen.images < min_images(chosen.params):
-        return (f"{line}; the smallest rung, and it sees only {chosen.images / chosen.params:.3g} images "
-                f"per parameter (< {_need(chosen.params)})")
+        seen, need = _seen_and_need(chosen)
+        return f"{line}; the smallest rung, and it sees only {seen} images per parameter (< {need})"
     if next_ is None:
         return f"{line}; the largest rung of the ladder"
     if next_.rate is None:
         return f"{line}; the next rung, {_millions(next_.params)} params, does not fit in memory at batch {batch}"
-    return (f"{line}; the next rung, {_millions(next_.params)} params, would see "
-            f"{next_.images / next_.params:.3g} images per parameter (< {_need(next_.params)})")
+    seen, need = _seen_and_need(next_)
+    return (f"{line}; the next rung, {_millions(next_.params)} params, would see {seen} images per parameter "
+            f"(< {need})")
 
 
-def _need(params: int) -> str:
-    """'the 0.171 a 0.672M model needs': the threshold per parameter as the reason line says it, to
-    three figures so that a near miss does not read as equal."""
-    return f"the {min_images(params) / params:.3g} a {_millions(params)} model needs"
+def _seen_and_need(rung: _Rung) -> tuple[str, str]:
+    """('0.128', 'the 0.171 a 0.672M model needs'): the rung's planned images per parameter and the
+    rule's threshold as the reason line says them, to three figures, or as many more (up to six) as
+    it takes for a near miss not to read as equal."""
+    seen, need = rung.images / rung.params, min_images(rung.params) / rung.params
+    for digits in range(3, 7):
+        a, b = f"{seen:.{digits}g}", f"{need:.{digits}g}"
+        if a != b:
+            break
+    return a, f"the {b} a {_millions(rung.params)} model needs"
 
 
 def _millions(params: int) -> str:
