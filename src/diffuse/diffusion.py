@@ -68,6 +68,11 @@ def shift_snr(alphas_cumprod: Tensor, factor: float) -> Tensor:
     return alphas_cumprod * factor / (1 - alphas_cumprod + alphas_cumprod * factor)
 
 
+def betas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """beta_t = 1 - abar_t / abar_{t-1} (abar_{-1} = 1): the inverse of ``alphas_cumprod_from_betas``."""
+    return 1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+
+
 def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
     """abar_t = prod_{s<=t} (1 - beta_s). float64 in, float64 out."""
     return torch.cumprod(1 - betas.double(), dim=0)
@@ -135,10 +140,10 @@ class Schedule:
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)                 # [T] float64
         if snr_shift != 1.0:
             self.alphas_cumprod = shift_snr(self.alphas_cumprod, snr_shift)
-            self.betas = 1 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
         if zero_terminal_snr:
             self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
-            self.betas = 1 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        if snr_shift != 1.0 or zero_terminal_snr:
+            self.betas = betas_from_alphas_cumprod(self.alphas_cumprod)
         self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)              # [T] float64, increasing
         if zero_terminal_snr:                                                       # sigma_{T-1} = inf until here
             floor = sigmas_from_alphas_cumprod(torch.tensor(self.ZERO_SNR_ABAR_FLOOR, dtype=torch.float64))

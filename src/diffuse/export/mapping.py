@@ -143,9 +143,6 @@ def _training_schedule(d: DiffusionConfig, schedule: str | None = None, start: f
 
 
 def _prediction_type(d: DiffusionConfig) -> str:
-    if d.snr_shift != 1.0:
-        raise DiffuseError(f"cannot export: the schedule's SNR is shifted (--snr-shift {d.snr_shift:g}), which "
-                           "diffusers' named beta schedules do not express; share the run itself or the slim file")
     if d.formulation != "vp":
         raise DiffuseError(f"cannot export: the {d.formulation} formulation (preconditioning of a continuous sigma) "
                            "has no DDPMScheduler equivalent; vp runs export")
@@ -162,6 +159,9 @@ def scheduler_config(cfg: Config) -> dict[str, Any]:
     zero-terminal-SNR schedule is written rescaled, ending at beta = 1)."""
     d = cfg.diffusion
     prediction = _prediction_type(d)
+    if d.snr_shift != 1.0:
+        raise DiffuseError(f"cannot export: the schedule's SNR is shifted (--snr-shift {d.snr_shift:g}), which "
+                           "diffusers' named beta schedules do not express; share the run itself or the slim file")
     ours = _training_schedule(d).betas.float()
     name = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[d.schedule]
     exact = torch.equal(diffusers_betas(name, d.timesteps, d.beta_start, d.beta_end), ours)
