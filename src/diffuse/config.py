@@ -68,6 +68,11 @@ class ModelConfig:
     in_channels: int = opt(0, "set from the data", cli=False)
     num_classes: int = opt(0, "set from the data when class_cond", cli=False)
 
+    @property
+    def inner_size(self) -> int:
+        """The size the UNet's first level sees: the image's, over the patch size (pixel unshuffle)."""
+        return self.image_size // self.patch_size
+
 
 @dataclass
 class DiffusionConfig:
@@ -841,7 +846,7 @@ def validate_resolution(m: ModelConfig) -> None:
         raise DiffuseError(
             f"image size {m.image_size} is not divisible by {factor} (needed by {levels} UNet levels{patches}); "
             f"use --image-size or a shorter --channel-mult")
-    inner = m.image_size // m.patch_size
+    inner = m.inner_size
     sizes = {inner // 2 ** i for i in range(levels)}
     bad = [r for r in m.attn_resolutions if r not in sizes]
     if bad:

@@ -247,7 +247,7 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         skip_channels = [ch]
-        c, resolution = ch, cfg.image_size // patch
+        c, resolution = ch, cfg.inner_size
         for i, mult in enumerate(cfg.channel_mult):
             c_out = ch * mult
             blocks, attns = [], []

@@ -442,7 +442,7 @@ def _plan_length(run: Run, cfg: Config) -> str | None:
     if is_budget(cfg) and tc.size_model:
         from .sizing import MIN_PARAMS_PER_PIXEL, half_size, ladder
         try:
-            ladder(cfg.model.image_size // cfg.model.patch_size)
+            ladder(cfg.model.inner_size)
         except ValueError as e:            # a size the ladder's UNets cannot halve: keep the preset's model
             notes.append(f"model: the preset's ({e})")
             return "; ".join(notes)

@@ -66,7 +66,7 @@ def _lines(info: dict[str, Any], cfg: Config) -> list[str]:
         f"preset       {cfg.preset}",
         f"parameters   {info['params']:,}",
         f"unet         base {m.base_channels}, mult {','.join(map(str, m.channel_mult))}, "
-        f"{m.num_res_blocks} res blocks, {attention_where(m.attn_resolutions, m.image_size // m.patch_size)}, "
+        f"{m.num_res_blocks} res blocks, {attention_where(m.attn_resolutions, m.inner_size)}, "
         f"dropout {m.dropout}, groups {m.num_groups}"
         f"{f', sees {m.patch_size}x{m.patch_size} patches' if m.patch_size > 1 else ''}",
         f"diffusion    {describe(d)}",

@@ -268,7 +268,7 @@ def _probe(cfg: Config, budget_s: float, device: torch.device, amp: torch.dtype 
     """(the rungs that qualify, the first that does not or None), measured from small to large."""
     size, channels = cfg.model.image_size, cfg.model.in_channels
     passed: list[_Rung] = []
-    for fields in ladder(size // cfg.model.patch_size):
+    for fields in ladder(cfg.model.inner_size):
         params = count_params(model_config(fields, cfg, channels, size))
         try:
             rate = measure(fields, cfg, channels, size, cfg.train.batch_size, device, amp, channels_last)
