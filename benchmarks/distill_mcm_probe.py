@@ -31,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from distill_sfd_probe import read_rows  # noqa: E402  (the sibling probe's JSONL reader)
+
 VARIANTS = ("ect", "mcm", "mcm-x0")
 BOUNDARY = 10 / 3.7          # samplers.consistency_levels' second of 2 levels (CM_SIGMA_TOP / CM_LEVEL_RATIO)
 AT_LEAST = 1 - 1e-12         # a level this close to B counts as B (float rounding of 10 / 3.7)
@@ -108,10 +110,6 @@ def run_variant(a: argparse.Namespace) -> None:
         with open(a.out, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def means(rows: list[dict]) -> dict[str, tuple[float, int]]:

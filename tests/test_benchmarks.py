@@ -21,6 +21,15 @@ import sampler_quality  # noqa: E402
 import budget  # noqa: E402,F401  (benchmarks/budget.py)
 
 
+def squash(text: str) -> str:
+    """Text with every run of whitespace one space: docs wrap sentences anywhere."""
+    return " ".join(text.split())
+
+
+def squashed(path: Path) -> str:
+    return squash(path.read_text())
+
+
 def test_minutes_to_reach_interpolates_in_log_log():
     pts = [(2.0, 40.0), (4.0, 20.0), (8.0, 10.0)]
     assert quality_race.minutes_to_reach(pts, 20.0) == ("~", pytest.approx(4.0))
@@ -131,7 +140,7 @@ def test_budget_docs_quote_the_seed_and_batch_rows_on_the_intel():
                 f"{r['confident']:.3f} |") in table
     fids = [seed0["fid"], rows["rule-seed1"]["fid"], rows["rule-seed2"]["fid"]]
     assert round(max(fids) / min(fids) - 1, 2) == 0.25 and "a 25% spread" in doc
-    flat = " ".join(doc.split())
+    flat = squash(doc)
     assert f"Over the three seeds the plan scores {sum(fids) / 3:.1f} on this CPU, above the goal" in flat
     assert sum(fids) / 3 > 8.5
 
@@ -162,12 +171,12 @@ def test_budget_docs_quote_three_seeds_and_the_batch_rule_they_support():
     assert all(f["fid"] < r["fid"] for f, r in zip(forty, cols[0]))
     mean40 = sum(r["fid"] for r in forty) / 3
     assert mean40 > 8.5 and "score " + ", ".join(f"{r['fid']:.1f}" for r in forty[:2]) + \
-        f" and {forty[2]['fid']:.1f}, mean {mean40:.1f}, against {means[0]:.1f} at 20" in " ".join(doc.split())
+        f" and {forty[2]['fid']:.1f}, mean {mean40:.1f}, against {means[0]:.1f} at 20" in squash(doc)
     # and the plan that follows the rule, run after the change
     r = json.loads((res / "budget-rule2-mnist-intel.json").read_text())["rows"][0]
     assert (r["flags"], r["batch"], r["params_m"]) == ("", 32, 0.29)
     assert "batch 32: at batch 64 the budget buys 504 steps (< 1,500)" in " ".join(r["plan"])
-    flat = " ".join(doc.split())
+    flat = squash(doc)
     assert (f"`batch 32: at batch 64 the budget buys 504 steps (< 1,500)`, trains {r['steps']:,} steps and scores "
             f"{r['fid']:.1f}") in flat
 
@@ -175,7 +184,7 @@ def test_budget_docs_quote_three_seeds_and_the_batch_rule_they_support():
 def test_budget_docs_quote_the_emoji_run_on_the_intel():
     from diffuse import sizing
     r = json.loads((REPO / "benchmarks" / "results" / "budget-emoji-intel.json").read_text())["rows"][0]
-    flat = " ".join((REPO / "docs" / "budgets.md").read_text().split())
+    flat = squashed(REPO / "docs" / "budgets.md")
     assert (r["recipe"], r["minutes"], r["image_size"], r["output_size"], r["params_m"]) == ("budget", 15.0, 32, 64, 0.29)
     assert (f"{r['steps']:,} steps at batch {r['batch']}, {r['images_seen']:,} images, **FID {r['fid']:.1f}**"
             in flat)
@@ -447,7 +456,7 @@ def test_budget_docs_quote_the_diffusers_recipe():
         plan, peer = by[("budget", minutes)], by[("diffusers", minutes)]
         assert abs(peer["params_m"] / plan["params_m"] - 1) < 0.02
         assert 13 <= peer["fid"] / plan["fid"] < 14
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = squashed(REPO / "README.md")
     assert (f"{by[('budget', 2.0)]['fid']:.1f} against {by[('diffusers', 2.0)]['fid']:.1f} at 2 minutes, "
             f"{by[('budget', 8.0)]['fid']:.1f} against {by[('diffusers', 8.0)]['fid']:.1f} at 8 (13-14x lower") in readme
 
@@ -508,9 +517,9 @@ def test_budget_docs_quote_the_rung_measurements_and_what_they_say_of_the_rule()
     lo, hi = budget_bench.images_per_param_bounds(rows, sizing.SIZE_EXPONENT)
     assert lo < sizing.IMAGES_PER_PARAM_AT_1M <= hi
     assert chosen8["images_seen"] < sizing.min_images(chosen8["params"])
-    flat = " ".join(doc.split())
+    flat = squash(doc)
     assert "the winner saw 0.136 per parameter" in flat and "the 0.67M saw 0.144 and lost" in flat
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = squashed(REPO / "README.md")
     assert (f"at 8 minutes, the ladder's 0.29M rung scored {by[(8, 0.29)]['fid']:.1f} where the first rule's "
             f"0.67M choice scored {chosen8['fid']:.1f}") in readme
 
@@ -522,7 +531,7 @@ def test_the_size_rule_is_the_fit_the_docs_derive_from_mnist_digits_and_emoji():
     from diffuse import sizing
 
     doc = (REPO / "docs" / "budgets.md").read_text()
-    flat = " ".join(doc.split())
+    flat = squash(doc)
     results = REPO / "benchmarks" / "results"
     mnist = json.loads((results / "budget-size-mnist.json").read_text())["rows"]              # Zen 4
     intel = json.loads((results / "budget-rule-mnist-intel.json").read_text())["rows"]        # Intel Xeon
@@ -554,7 +563,7 @@ def test_the_size_rule_is_the_fit_the_docs_derive_from_mnist_digits_and_emoji():
     p29 = by[(2, 0.29)]["params"]
     assert 0.21 * (p29 / 1e6) ** 0.5 > 0.110 > sizing.min_images(p29) / p29
     assert f"against the {0.21 * (p29 / 1e6) ** 0.5:.3f} it then needed): FID 53.3 where the 0.29M scores 40.6" in flat
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = squashed(REPO / "README.md")
     assert (f"`--time-limit 8` trains that 0.29M rung, {by[(8, 0.29)]['steps']:,} steps at batch 64: FID "
             f"{by[(8, 0.29)]['fid']:.1f} (N = 2,000; the 0.67M rung {by[(8, 0.67)]['fid']:.1f}); at 2 minutes the "
             f"0.29M scores {by[(2, 0.29)]['fid']:.1f}, where a first square-root refit of the rule chose the 0.07M "
@@ -580,7 +589,7 @@ def test_budget_docs_quote_the_emoji_guidance_sweep():
     assert head == "| guidance w | " + " | ".join(f"{r['guidance']:g}" + (" (default)" if r["guidance"] == 1 else "")
                                                   for r in sweep["rows"]) + " |"
     assert fids == "| FID | " + " | ".join(f"{r['fid']:.1f}" for r in sweep["rows"]) + " |"
-    assert "139.8 at w = 3" in " ".join((REPO / "README.md").read_text().split())
+    assert "139.8 at w = 3" in squashed(REPO / "README.md")
     assert next(r for r in sweep["rows"] if r["guidance"] == 3)["fid"] == pytest.approx(139.8, abs=0.05)
     today = {r["recipe"]: r for r in json.loads((REPO / "benchmarks" / "results" / "budget-emoji.json")
                                                 .read_text())["rows"]}
@@ -700,7 +709,7 @@ def test_distill_docs_quote_the_target_comparison_on_the_intel():
         for n, fid in row["fid"].items():
             assert abs(sum(row["fid_per_seed"][n]) / 2 - fid) < 0.051
     assert lines[0].startswith("| **data** (default)") and TUNING_DEFAULTS["target"] == "data"
-    assert f"FID {data['teacher_20_nfe_fid']:.1f} at its 20 calls" in " ".join(doc.split())
+    assert f"FID {data['teacher_20_nfe_fid']:.1f} at its 20 calls" in squash(doc)
     best2 = min(data["rows"], key=lambda r: r["fid"]["2"])
     assert best2["variant"] == "ect-data"
     assert 1.2 * data["teacher_20_nfe_fid"] >= data["rows"][0]["fid"]["4"]       # "the 4-call goal ... met"
@@ -712,7 +721,7 @@ def test_distill_docs_quote_the_target_comparison_on_the_intel():
         assert cells[1:] == [f"{steps:,}", f"{fid['2']:.1f}", f"{fid['4']:.1f}"], line
     assert all(r["fid"]["2"] > base["fid"]["2"] and r["fid"]["4"] > base["fid"]["4"] for r in data["settings"]["rows"])
     gamma = {g: sum(r["fid"] for r in data["gamma_sampling"]["rows"] if r["gamma"] == g) / 2 for g in (0.0, 0.5, 1.0)}
-    flat = " ".join(doc.split())
+    flat = squash(doc)
     assert (f"scored {gamma[0.0]:.1f} at γ = 0 and {gamma[0.5]:.1f} at γ = 0.5 on the data-target student, against "
             f"{gamma[1.0]:.1f} for fresh noise") in flat and min(gamma, key=gamma.get) == 1.0
 
@@ -746,7 +755,7 @@ def test_distill_docs_quote_the_n2000_rescoring_on_the_intel():
     """docs/distill.md's N = 2,000 sentence is benchmarks/results/distill-digits-n2000-intel.json,
     two seed sets, the goals judged against the teacher's 20-call FID at the same N."""
     data = json.loads((REPO / "benchmarks" / "results" / "distill-digits-n2000-intel.json").read_text())
-    flat = " ".join((REPO / "docs" / "distill.md").read_text().split())
+    flat = squashed(REPO / "docs" / "distill.md")
     s = data["summary"]
     m, g = s["mean_fid"], s["goals"]
     assert data["fid_n"] == 2000 and data["seeds"] == [0, 1] and "family 6" in data["cpu"]
@@ -794,13 +803,13 @@ def test_hardware_docs_quote_the_fp32_layout_measurements():
                 cells.append(row["img_per_s"])
         assert f"| {label} | " + " | ".join(f"{c:.0f}" for c in cells) + " |" in table
         ratios[preset] = (cells[1] / cells[0], cells[3] / cells[2])
-    flat = " ".join(doc.split())
+    flat = squash(doc)
     (d1, d2), (m1, m2) = ratios["digits"], ratios["mnist"]
     assert f"(digits {d1:.2f}x and {d2:.2f}x; mnist {m1:.2f}x, then {m2:.2f}x in the noisiest round)" in flat
     assert sum(r > 1 for r in (d1, d2, m1, m2)) == 3 and "faster in three of the four pairs" in flat
     assert "fp32 UNet step (0.29M, batch 32): NCHW 7.6, NHWC 9.6 steps/s" in data["probe"]
-    assert "7.6 steps/s in NCHW and 9.6 in channels_last (1.26x)" in " ".join(doc.split())
-    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "7.6 steps/s in NCHW and 9.6 in channels_last (1.26x)" in squash(doc)
+    readme = squashed(REPO / "README.md")
     assert "measured 1.26x faster on a small UNet's step (7.6 against 9.6 steps/s;" in readme
 
 
@@ -856,11 +865,11 @@ def test_budget_docs_quote_mnist_at_15_minutes_on_the_intel():
     cell = {r["recipe"]: r for r in data["rows"] if r["minutes"] == 15}
     plan, cut = cell["budget"], cell["cut"]
     assert plan["fid"] < cut["fid"] and plan["params_m"] == 0.67 and plan["batch"] == 64
-    doc = " ".join((REPO / "docs" / "budgets.md").read_text().split())
+    doc = squashed(REPO / "docs" / "budgets.md")
     assert (f"{plan['steps']:,} steps of 64, and scores **{plan['fid']:.1f}** against {cut['fid']:.1f} for the preset "
             f"cut by time ({cut['steps']:,} steps of 128; {round(100 * (1 - plan['fid'] / cut['fid']))}% lower)") in doc
     assert f"; {round(plan['images_seen'] / 1000)}k here)" in doc
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = squashed(REPO / "README.md")
     assert (f"at 15 minutes the plan (0.67M, {plan['steps']:,} steps) **{plan['fid']:.1f}** against the preset's "
             f"{cut['fid']:.1f}") in readme
 
@@ -875,11 +884,11 @@ def test_budget_docs_quote_mnist_at_30_minutes_on_the_intel():
     assert fids == sorted(fids, reverse=True)
     p30 = plan[30]
     assert round(p30["images_seen"] / p30["train_seconds"]) == 180 and p30["params_m"] == 0.67
-    doc = " ".join((REPO / "docs" / "budgets.md").read_text().split())
+    doc = squashed(REPO / "docs" / "budgets.md")
     assert f"{p30['steps']:,} steps of 64, **FID {p30['fid']:.1f}** ({p30['confident']:.3f} confidently legible)" in doc
     assert "the plan's FID falls " + ", ".join(f"{f:.1f}" for f in fids) in doc
     assert f"the run averaged 180 img/s ({p30['steps']:,} steps)" in doc
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = squashed(REPO / "README.md")
     assert f"at 30 minutes **{p30['fid']:.1f}** ({p30['steps']:,} steps)" in readme
 
 
@@ -950,7 +959,7 @@ def test_budget_docs_quote_the_emoji_rung_the_rule_turned_down():
     from diffuse import sizing
     r = json.loads((REPO / "benchmarks" / "results" / "budget-emoji-rungs-intel.json").read_text())["rows"][0]
     plan = json.loads((REPO / "benchmarks" / "results" / "budget-emoji-intel.json").read_text())["rows"][0]
-    flat = " ".join((REPO / "docs" / "budgets.md").read_text().split())
+    flat = squashed(REPO / "docs" / "budgets.md")
     quoted = flat.split("<!-- emoji-rung-intel -->")[1].split("<!-- /emoji-rung-intel -->")[0]
     per_param = r["images_seen"] / r["params"]
     assert quoted == (f"{r['steps']:,} steps, {r['images_seen']:,} images, {per_param:.3f} per parameter, "
