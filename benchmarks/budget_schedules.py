@@ -77,11 +77,13 @@ def main(argv=None) -> None:
         # this checkout's diffuse, as budget.py runs it, whatever PYTHONPATH the caller has
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
-        row = {"name": name, "flags": " ".join(flags), "minutes": args.minutes, "cpu": cpu_description(),
+        row = {"name": name, "flags": " ".join(flags), "minutes": args.minutes, "seed": args.seed,
+               "cpu": cpu_description(),
                "call_seconds": round(time.perf_counter() - t0, 1), **run_facts(run), **scorer.score(run)}
         result["rows"].append(row)
         out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps({k: row[k] for k in ("name", "steps", "fid", "confident")}), flush=True)
+        # a folder has no judge, so no "confident"
+        print(json.dumps({k: row[k] for k in ("name", "steps", "fid", "confident") if k in row}), flush=True)
 
 
 if __name__ == "__main__":
