@@ -241,7 +241,7 @@ def test_budget_plan_sizes_the_model_with_the_rule(tmp_path, fake_clock, monkeyp
     fields = sizing.ladder(16)
     params = [sizing.count_params(sizing.model_config(f, cfg, 1, 16)) for f in fields]
     # a constant rate that affords the second rung and not the third: images = rate * 30 s * 0.9
-    rate = (sizing.min_images(params[1]) + sizing.min_images(params[2])) / 2 / (30 * sizing.PLANNED_SHARE)
+    rate = (sizing.min_images(params[1], 1) + sizing.min_images(params[2], 1)) / 2 / (30 * sizing.PLANNED_SHARE)
     real = sizing.choose
     monkeypatch.setattr(sizing, "choose", lambda *a, **k: real(*a, measure=lambda *_: rate, **k))
     out = train(cfg, progress=False)

@@ -11,7 +11,7 @@ throughput probe per rung, and the rule that picks the largest rung the budget c
   steps per rung (at least ``MIN_TIMED_STEPS``). Cached per machine and setting in
   ``cache_dir()/device/throughput-probe.json``, read and written with device.py's cache helpers.
 - ``choose``: measures the rungs from small to large and keeps the largest whose planned images
-  seen reach ``min_images(params)``; it stops at the first rung that falls short.
+  seen reach ``min_images(params, channels)``; it stops at the first rung that falls short.
 """
 
 from __future__ import annotations
@@ -34,25 +34,31 @@ from .models import UNet, count_parameters
 from .objectives import weighted_mse
 from .threads import cpu_mark
 
-# The rule: a rung of p parameters qualifies when the budget shows it at least min_images(p) training
-# images, IMAGES_PER_PARAM_AT_1M * (p / 1M) ** SIZE_EXPONENT per parameter: a larger model needs more
-# images per parameter before it beats the rung below. Fitted rung by rung (docs/budgets.md, "The rule
-# against the measurements"; one seed per cell, planned images): on a Zen 4 the 0.67M MNIST rung lost
-# at 8 minutes seeing 0.160 per parameter (so it must not qualify: t > 0.216); on an Intel Xeon the
-# 0.29M rung beat the 0.07M at 2 minutes seeing 0.110 (so it must: t <= 0.279); the emoji set's
-# 0.67M rung at 32 px (0.185, the best measured there) must too (t <= 0.249); on digits the 0.29M
-# rung was as good as or better than the 0.64M at 2.5, 5 and 10 minutes. No single threshold fits
-# the MNIST budgets, nor a square root (SIZE_EXPONENT 0.5 picked the 0.07M at 2 Intel minutes: FID
-# 53.3 against the 0.29M's 40.6). Above SIZE_MEASURED_UP_TO nothing was measured, so the need is
-# held there rather than extrapolated.
+# The rule: a rung of p parameters qualifies when the budget shows it at least min_images(p, C)
+# training images of C channels: IMAGES_PER_PARAM_AT_1M * (p / 1M) ** SIZE_EXPONENT per parameter,
+# divided by C (an RGB image counts as three grayscale ones): a larger model needs more images per
+# parameter before it beats the rung below. Fitted rung by rung (docs/budgets.md, "The rule against
+# the measurements"; one seed per cell, planned images): on a Zen 4 the 0.67M MNIST rung lost at 8
+# minutes seeing 0.160 per parameter (so it must not qualify: t > 0.216); on an Intel Xeon the 0.29M
+# rung beat the 0.07M at 2 minutes seeing 0.110 (so it must: t <= 0.279); on digits the 0.29M rung
+# was as good as or better than the 0.64M at 2.5, 5 and 10 minutes. No single threshold fits the
+# MNIST budgets, nor a square root (SIZE_EXPONENT 0.5 picked the 0.07M at 2 Intel minutes: FID 53.3
+# against the 0.29M's 40.6). Colour: on the emoji set at 32 px (Intel Xeon, 15 minutes) the 0.67M
+# rung beat the 0.29M planned at 0.128 per parameter, which a channel-blind rule turns down for any t
+# above 0.172 (and MNIST's runs need t > 0.193); counted per channel it plans 0.384. Counting pixels too
+# (C * H * W) would also fit these rows but would count a 64 px image as four 32 px ones and let the
+# 64 px ladder pick rungs that see a few epochs, which nothing measured supports. Above
+# SIZE_MEASURED_UP_TO nothing was measured, so the need is held there rather than extrapolated.
 IMAGES_PER_PARAM_AT_1M = 0.23
 SIZE_EXPONENT = 0.75
 SIZE_MEASURED_UP_TO = 1.2e6
 
 
-def min_images(params: int) -> float:
-    """Planned training images a rung of ``params`` parameters needs to qualify (the rule above)."""
-    return IMAGES_PER_PARAM_AT_1M * params * (min(params, SIZE_MEASURED_UP_TO) / 1e6) ** SIZE_EXPONENT
+def min_images(params: int, channels: int) -> float:
+    """Planned training images of ``channels`` channels that a rung of ``params`` parameters needs to
+    qualify (the rule above)."""
+    per_param = IMAGES_PER_PARAM_AT_1M * (min(params, SIZE_MEASURED_UP_TO) / 1e6) ** SIZE_EXPONENT
+    return per_param * params / channels
 
 
 # The share of the budget that trains; sample grids and checkpoints take the rest.
@@ -275,7 +281,7 @@ def _probe(cfg: Config, budget_s: float, device: torch.device, amp: torch.dtype 
         except torch.OutOfMemoryError:
             return passed, _Rung(fields, params, None, 0)
         rung = _Rung(fields, params, rate, int(rate * budget_s * PLANNED_SHARE))
-        if rung.images < min_images(params):
+        if rung.images < min_images(params, channels):
             return passed, rung     # larger rungs are slower and larger still: they fall short too
         passed.append(rung)
     return passed, None
@@ -299,36 +305,39 @@ def choose(cfg: Config, n_images: int, budget_s: float, device: torch.device, am
     measured = passed + ([failed] if failed is not None and failed.rate is not None else [])
     return SizeChoice(model=chosen.fields, params=chosen.params, img_per_s=chosen.rate, images=chosen.images,
                       epochs=chosen.images / n_images,
-                      reason=_reason(budget_s, chosen, failed if passed else None, n_images, cfg.train.batch_size),
+                      reason=_reason(budget_s, chosen, failed if passed else None, n_images, cfg.train.batch_size,
+                                     cfg.model.in_channels),
                       candidates=tuple((r.params, r.rate, r.images) for r in measured))
 
 
-def _reason(budget_s: float, chosen: _Rung, next_: _Rung | None, n_images: int, batch: int) -> str:
+def _reason(budget_s: float, chosen: _Rung, next_: _Rung | None, n_images: int, batch: int,
+            channels: int) -> str:
     """One line: the budget, the chosen size and its plan, and why not the next rung up."""
     line = (f"model sized for {budget_s / 60:.3g} min on this machine: {_millions(chosen.params)} params, "
             f"{_figure(chosen.images / n_images)} epochs planned ({_figure(chosen.rate)} img/s measured)")
-    if chosen.images < min_images(chosen.params):
-        seen, need = _seen_and_need(chosen)
+    if chosen.images < min_images(chosen.params, channels):
+        seen, need = _seen_and_need(chosen, channels)
         return f"{line}; the smallest rung, and it sees only {seen} images per parameter (< {need})"
     if next_ is None:
         return f"{line}; the largest rung of the ladder"
     if next_.rate is None:
         return f"{line}; the next rung, {_millions(next_.params)} params, does not fit in memory at batch {batch}"
-    seen, need = _seen_and_need(next_)
+    seen, need = _seen_and_need(next_, channels)
     return (f"{line}; the next rung, {_millions(next_.params)} params, would see {seen} images per parameter "
             f"(< {need})")
 
 
-def _seen_and_need(rung: _Rung) -> tuple[str, str]:
-    """('0.128', 'the 0.171 a 0.672M model needs'): the rung's planned images per parameter and the
-    rule's threshold as the reason line says them, to three figures, or as many more (up to six) as
-    it takes for a near miss not to read as equal."""
-    seen, need = rung.images / rung.params, min_images(rung.params) / rung.params
+def _seen_and_need(rung: _Rung, channels: int) -> tuple[str, str]:
+    """('0.128', 'the 0.171 a 0.672M model needs'; '... needs on 3-channel images' for colour): the
+    rung's planned images per parameter and the rule's threshold as the reason line says them, to three
+    figures, or as many more (up to six) as it takes for a near miss not to read as equal."""
+    seen, need = rung.images / rung.params, min_images(rung.params, channels) / rung.params
     for digits in range(3, 7):
         a, b = f"{seen:.{digits}g}", f"{need:.{digits}g}"
         if a != b:
             break
-    return a, f"the {b} a {_millions(rung.params)} model needs"
+    on = f" on {channels}-channel images" if channels > 1 else ""
+    return a, f"the {b} a {_millions(rung.params)} model needs{on}"
 
 
 def _millions(params: int) -> str:
