@@ -72,6 +72,28 @@ def test_fit_to_size_mnist(size, fitted, attn):
     assert fit_to_size(cfg, size) == fitted and cfg.model.attn_resolutions == attn
 
 
+def test_a_folder_is_fitted_with_the_patch_size_it_will_train_with(tmp_path):
+    """The folder's size is rounded up for the UNet's levels times the patch size, and the preset's
+    attention scaled to the size its levels see (the patched 64 px UNet's two lowest levels are 8 and
+    4, as the 64px preset's are 16 and 8); an --attn-resolutions on the command line still wins."""
+    from diffuse.errors import DiffuseError
+    gray = _folder(tmp_path / "g", 3, 20)
+    data = {"name": str(gray)}
+    cfg = resolve("mnist", str(gray), None, {"data": data})
+    assert (cfg.data.image_size, cfg.model.attn_resolutions) == (20, (5,))          # 3 levels: a multiple of 4
+    cfg = resolve("mnist", str(gray), None, {"data": data, "model": {"patch_size": 2}})
+    assert (cfg.data.image_size, cfg.model.patch_size, cfg.model.attn_resolutions) == (24, 2, (3,))    # levels 12, 6, 3
+    colour = _folder(tmp_path / "c", 2, 64, "RGB")
+    data = {"name": str(colour)}
+    assert resolve(None, str(colour), None, {"data": data}).model.attn_resolutions == (16, 8)
+    cfg = resolve(None, str(colour), None, {"data": data, "model": {"patch_size": 2}})
+    assert (cfg.data.image_size, cfg.model.attn_resolutions) == (64, (8, 4))
+    cfg = resolve(None, str(colour), {"model": {"patch_size": 2}}, {"data": data, "model": {"attn_resolutions": (16,)}})
+    assert (cfg.model.patch_size, cfg.model.attn_resolutions) == (2, (16,))
+    with pytest.raises(DiffuseError, match="--patch-size must be between 1 and 8, got 0"):
+        resolve(None, str(colour), None, {"data": data, "model": {"patch_size": 0}})
+
+
 def test_pace_estimate_skips_the_first_step_and_reports_once(monkeypatch):
     import torch
 

@@ -426,6 +426,9 @@ def default_preset_for(data_name: str, size: int | None = None, channels: int | 
     return "64px"
 
 
+MAX_PATCH_SIZE = 8
+
+
 def fit_to_size(cfg: Config, size: int) -> int:
     """Adapt a preset's UNet to a folder's image size: the size rounded up to what its levels
     halve cleanly (28 stays 28 for mnist's 3 levels; 30 becomes 32: upsampling loses nothing), and the attention
@@ -551,6 +554,7 @@ def resolve(preset: str | None, data_name: str | None, file_overrides: dict | No
     cfg = Config(preset=preset)
     apply_overrides(cfg, PRESETS[preset], source=f"preset {preset}")
     if folder_size is not None:
+        cfg.model.patch_size = _given_patch_size(preset, file_overrides, cli_overrides)
         cfg.data.image_size = fit_to_size(cfg, folder_size)
     if file_overrides:
         apply_overrides(cfg, file_overrides, source="--config")
@@ -560,6 +564,19 @@ def resolve(preset: str | None, data_name: str | None, file_overrides: dict | No
     choose_plan(cfg, file_overrides or {}, cli_overrides, preset_named=named_preset)
     validate(cfg)
     return cfg
+
+
+def _given_patch_size(preset: str, file_overrides: dict | None, cli_overrides: dict[str, Any]) -> int:
+    """The patch size the run will have (preset < config file < command line), for ``fit_to_size``,
+    which runs before the overrides so that theirs (an --attn-resolutions) win over its scaling: the
+    patches divide the size the UNet's levels see. 1 for a value ``validate`` will refuse."""
+    given = Config(preset=preset)
+    for overrides, source in ((PRESETS[preset], f"preset {preset}"), (file_overrides, "--config"),
+                              (cli_overrides, "command line")):
+        if overrides:
+            apply_overrides(given, overrides, source=source)
+    patch = given.model.patch_size
+    return patch if 1 <= patch <= MAX_PATCH_SIZE else 1
 
 
 def choose_plan(cfg: Config, file_overrides: dict, cli_overrides: dict, *, preset_named: bool) -> None:
@@ -696,7 +713,7 @@ def _validate_model(m: ModelConfig) -> None:
     _need(m.base_channels > 0, f"--base-channels must be positive, got {m.base_channels}")
     _need(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult), "--channel-mult must be positive integers, e.g. 1,2,2")
     _need(m.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {m.num_res_blocks}")
-    _need(1 <= m.patch_size <= 8, f"--patch-size must be between 1 and 8, got {m.patch_size}")
+    _need(1 <= m.patch_size <= MAX_PATCH_SIZE, f"--patch-size must be between 1 and {MAX_PATCH_SIZE}, got {m.patch_size}")
     _need(0 <= m.dropout < 1, f"--dropout must be in [0, 1), got {m.dropout}")
     _need(m.num_groups >= 1, f"--num-groups must be at least 1, got {m.num_groups}")
     _need(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
