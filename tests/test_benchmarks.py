@@ -1047,3 +1047,11 @@ def test_budget_docs_quote_the_emoji_rungs_that_made_colour_count_per_channel():
             f"same 15 minutes; so the rule now counts an RGB image as three grayscale ones, and the plan there takes "
             f"the 0.67M rung: FID {today['fid']:.1f}, and on a second seed the 0.67M scored {s67:.1f} against the "
             f"0.29M's {s29:.1f} and the 1.19M's {s119:.1f}") in squashed(REPO / "README.md")
+    # recipe (c), diffusers' train_unconditional on the plan's widths, the same session
+    peer = json.loads((REPO / "benchmarks" / "results" / "budget-emoji-channels-intel.json").read_text())["rows"][1]
+    assert (peer["recipe"], peer["params_m"], peer["batch"], peer["minutes"], peer["n"]) == ("diffusers", 0.672, 16, 15, 500)
+    quoted = flat.split("<!-- emoji-diffusers -->")[1].split("<!-- /emoji-diffusers -->")[0].strip()
+    assert quoted == (f"{peer['steps']:,} steps, {peer['images_seen']:,} images, **FID {peer['fid']:.1f}** against "
+                      f"the plan's {today['fid']:.1f}")
+    assert f"diffusers' recipe on the same UNet scored {peer['fid']:.1f} in the same minutes" in \
+        squashed(REPO / "README.md")
