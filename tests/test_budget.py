@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -416,3 +417,13 @@ def test_a_budget_that_buys_too_few_steps_halves_the_batch_again(tmp_path, fake_
 def test_the_batch_is_the_plans_unless_given():
     assert _resolve({"time_limit": 5.0}).train.batch_from_plan
     assert not _resolve({"time_limit": 5.0, "batch_size": 64}).train.batch_from_plan
+
+
+def test_budget_progress_lines_end_where_the_run_ends(tmp_path, fake_clock):
+    # the pace note measures real seconds, which on the fake clock's one second per step is far off;
+    # every later row re-estimates the end from the budget seconds the steps took, so each line's
+    # "step k/N" names the step the run ends at (30), not the pace note's guess
+    out = train(budget_config(tmp_path / "run"), progress=False)
+    lines = re.findall(r"^step (\d+)/(\d+) \|", (out / "train.log").read_text(), re.M)
+    assert [int(k) for k, _ in lines] == list(range(1, 31))
+    assert {int(n) for _, n in lines} == {30}

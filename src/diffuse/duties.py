@@ -279,6 +279,8 @@ class LogRow:
     def __init__(self, run: Run, window: LossWindow):
         self.run, self.window = run, window
         self.since, self.t_log = run.state.step, time.perf_counter()  # for img/s: the last row's step and clock
+        # a budget plan's (step, budget seconds used) where this process started: its pace's origin
+        self.origin = (run.state.step, run.clock.used_s) if run.clock is not None else None
 
     def due(self, step: int) -> bool:
         return _row_step(self.run, step)
@@ -303,6 +305,8 @@ class LogRow:
         for k in ("loss", "lr", "grad_norm", "img_per_sec"):
             if stats[k] is not None:
                 run.logs.tb.add_scalar(f"train/{k}", stats[k], st.step)
+        if run.clock is not None:
+            self._reestimate_end()
         if mean_loss is not None:
             left = (run.clock.budget_s - run.clock.used_s if run.clock is not None
                     else (run.steps_total - st.step) * elapsed / n)
@@ -310,6 +314,16 @@ class LogRow:
         if st.step % run.cfg.train.log_every == 0:        # a run's last row off the grid keeps the window open
             w.close_row()
         self.since, self.t_log = st.step, time.perf_counter()
+
+    def _reestimate_end(self) -> None:
+        """A budget plan's last step, from the pace of every step this process has run (budget
+        seconds, as the plan counts them), so "step k/N" keeps up when the machine speeds up or
+        slows down after the pace note; it only moves the bar's end, never the run's."""
+        run, step, used = self.run, self.run.state.step, self.run.clock.used_s
+        s0, u0 = self.origin
+        if step > s0 and used > u0:
+            run.steps_total = step + max(0, round((run.clock.budget_s - used) * (step - s0) / (used - u0)))
+            run.logs.rep.set_total(run.steps_total)
 
 
 class EpochEnd:
