@@ -70,6 +70,9 @@ def test_the_student_is_an_ordinary_run_that_records_its_teacher(student, teache
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert (student / "final.png").is_file() and (student / "checkpoints" / "step_0000003").is_dir()
     assert "distill: ect consistency tuning for 2 network calls" in (student / "train.log").read_text()
+    # the start line names the command that ran and whose network it tunes
+    head = (student / "train.log").read_text().splitlines()[0]
+    assert head.startswith("diffuse distill | ") and "| the teacher's model |" in head and "preset" not in head
     capsys.readouterr()
     assert cli.main(["info", str(student)]) == 0
     out = capsys.readouterr().out
