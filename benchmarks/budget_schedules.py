@@ -77,7 +77,9 @@ def main(argv=None) -> None:
         # this checkout's diffuse, as budget.py runs it, whatever PYTHONPATH the caller has
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
-        row = {"name": name, "flags": " ".join(flags), "minutes": args.minutes, "seed": args.seed,
+        # a variant's own --seed comes after the script's on the command line, so it is the run's
+        seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags[:-1] else args.seed
+        row = {"name": name, "flags": " ".join(flags), "minutes": args.minutes, "seed": seed,
                "cpu": cpu_description(),
                "call_seconds": round(time.perf_counter() - t0, 1), **run_facts(run), **scorer.score(run)}
         result["rows"].append(row)
