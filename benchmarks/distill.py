@@ -156,10 +156,13 @@ def main(argv=None) -> int:
     distil_s = None if args.score_only else distil(args, student, minutes)
     seeds = [int(x) for x in args.seeds.split(",")]
     student_cfg = json.loads((student / "config.json").read_text())
+    state = student / "checkpoints" / "last" / "state.json"          # where the tuning ended (none for gits)
+    tuned = json.loads(state.read_text()) if state.is_file() else {}
     result = {"teacher": str(teacher), "data": args.data, "fid_n": args.fid_n, "ref_n": args.ref_n, "seeds": seeds,
               "cpu": cpu_description(), "teacher_train_seconds": round(taught_s, 1),
               "distill_call_seconds": round(distil_s, 1) if distil_s else None,
               "distill_fraction_of_teacher": round(distil_s / taught_s, 3) if distil_s and taught_s else None,
+              "student_steps": tuned.get("step"), "student_images_seen": tuned.get("images_seen"),
               "student_config": student_cfg["train"], "student_distill": student_cfg["distill"], "rows": []}
     scorer = Scorer(args)
     for who, sampler, nfe, levels in cells(args):

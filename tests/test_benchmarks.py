@@ -1136,3 +1136,48 @@ def test_budget_docs_zen4_seed_table_is_the_json_and_min_snr_lost():
     a, b, c = (r["fid"] for r in sorted((r for r in rows if r["name"] == "plan"), key=lambda r: r["seed"]))
     assert (f"FID {a:.1f}, {b:.1f} and {c:.1f} over three seeds, mean {(a + b + c) / 3:.1f}, against the goal's 8.5 "
             f"(eps with min-SNR weights scored {minsnr['fid']:.1f} at seed 0)") in squashed(REPO / "README.md")
+
+
+def test_distill_docs_mnist_zen4_table_is_the_json():
+    """docs/distill.md's table for today's 8-minute MNIST teacher on the Zen 4 is
+    benchmarks/results/distill-mnist-zen4.json, the raised levels included."""
+    doc = (REPO / "docs" / "distill.md").read_text()
+    data = json.loads((REPO / "benchmarks" / "results" / "distill-mnist-zen4.json").read_text())
+    s, lv = data["summary"], data["summary"]["student_levels_fid"]
+    assert data["cpu"].startswith("AMD EPYC, family 25") and data["fid_n"] == 500 and data["seeds"] == [0]
+    m = s["mean_fid"]
+    t20, g2, g4 = s["teacher_default_20"], s["goals"]["2_nfe"], s["goals"]["4_nfe"]
+    want = [
+        "| NFE | 1 | 2 | 4 | 20 |", "|---|---|---|---|---|",
+        f"| teacher, dpmpp-2m-sde | | {m['teacher dpmpp-2m-sde 2']:.1f} | {m['teacher dpmpp-2m-sde 4']:.1f} | "
+        f"{t20:.1f} (default) |",
+        f"| **student** (consistency, geometric levels: 10, 2.70, 0.73, 0.20) | **{m['student consistency 1']:.1f}** | "
+        f"**{m['student consistency 2']:.1f}** | **{m['student consistency 4']:.1f}** | |",
+        f"| student on levels 1.75x higher (28 px against digits' 16): 17.5, 4.7, 1.3, 0.35 | | {lv['17.5,4.7']:.1f} | "
+        f"{lv['17.5,4.7,1.3,0.35']:.1f} | |",
+        f"| student on levels 2x higher: 20, 5.4, 1.5, 0.4 | | {lv['20,5.4']:.1f} | {lv['20,5.4,1.5,0.4']:.1f} | |",
+        f"| goal (x the teacher's 20-call {t20:.1f}) | (aim 2x: {2 * t20:.1f}) | 1.5x: {g2['limit']:.1f} | "
+        f"1.2x: {g4['limit']:.1f} | |"]
+    assert doc.split("<!-- mnist-zen4:start -->\n")[1].split("\n<!-- mnist-zen4:end -->")[0] == "\n".join(want)
+    assert not g2["met"] and not g4["met"]
+    flat = squash(doc)
+    assert (f"The student took {data['student_steps']:,} steps in its 240 s (the distillation call "
+            f"{data['distill_call_seconds']:.0f} s, {data['distill_fraction_of_teacher']:.2f} of the teacher's") in flat
+    assert (f"{m['student consistency 2'] / t20:.1f}x the teacher at 2 calls, "
+            f"{m['student consistency 4'] / t20:.1f}x at 4") in flat
+    assert (f"the same distillation scores {m['student consistency 4']:.1f} at 4 calls and "
+            f"{m['student consistency 2']:.1f} at 2 against its teacher's {t20:.1f}") in squashed(REPO / "README.md")
+
+
+def test_budget_docs_quote_the_zen4_two_minute_seeds():
+    rows = json.loads((REPO / "benchmarks" / "results" / "budget-seeds2-mnist-zen4.json").read_text())["rows"]
+    rows = sorted(rows, key=lambda r: r["seed"])
+    assert [r["seed"] for r in rows] == [0, 1, 2] and all(r["batch"] == 32 and r["minutes"] == 2.0 for r in rows)
+    assert all(r["params_m"] == 0.29 and r["n"] == 2000 and "family 25" in r["cpu"] for r in rows)
+    a, b, c = (f"{r['fid']:.1f}" for r in rows)
+    steps = ", ".join(f"{r['steps']:,}" for r in rows[:2]) + f" and {rows[2]['steps']:,}"
+    mean = sum(r["fid"] for r in rows) / 3
+    quoted = squashed(REPO / "docs" / "budgets.md").split("<!-- seeds2-zen4 -->")[1].split("<!-- /seeds2-zen4 -->")[0]
+    assert quoted == f"FID {a}, {b} and {c} ({steps} steps), mean {mean:.1f}" and mean > 15
+    assert f"at 2 minutes (batch 32) a mean of {mean:.1f} over three seeds against the goal's 15" in \
+        squashed(REPO / "README.md")
