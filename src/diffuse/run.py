@@ -544,7 +544,8 @@ def _header(run: Run, threads: int, busy: str | None, placement_why: str, plan_n
     model = ("model sized for the budget" if run.sized is not None else
              "the teacher's model" if cfg.distill.method else f"preset {cfg.preset}")
     written = f", written at {cfg.written_size} px" if cfg.written_size != data.image_size else ""
-    rep.line(f"diffuse {'distill' if cfg.distill.method else 'train'} | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x"
+    command = "distill" if cfg.distill.method else "train"
+    rep.line(f"diffuse {command} | {cfg.data.name} ({len(data)} images, {data.channels}x{data.image_size}x"
              f"{data.image_size}{written}"
              f"{f', {data.num_classes} classes' if cfg.model.class_cond else ''}) | {model} | "
              f"{run.n_params / 1e6:.2f}M params | {run.device.type}"
