@@ -58,6 +58,13 @@ def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def _seed_parser(default: int) -> argparse.ArgumentParser:
+    """Reads --seed out of a variant's flags the way diffuse train's own argparse does."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--seed", type=int, default=default)
+    return p
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.weights = "ema"
@@ -77,8 +84,8 @@ def main(argv=None) -> None:
         # this checkout's diffuse, as budget.py runs it, whatever PYTHONPATH the caller has
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
-        # a variant's own --seed comes after the script's on the command line, so it is the run's
-        seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags[:-1] else args.seed
+        # a variant's own --seed (either spelling) comes after the script's on the command line, so it is the run's
+        seed = _seed_parser(args.seed).parse_known_args(flags)[0].seed
         row = {"name": name, "flags": " ".join(flags), "minutes": args.minutes, "seed": seed,
                "cpu": cpu_description(),
                "call_seconds": round(time.perf_counter() - t0, 1), **run_facts(run), **scorer.score(run)}

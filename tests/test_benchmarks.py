@@ -635,13 +635,14 @@ def test_budget_schedules_runs_every_variant_on_a_folder_without_a_judge(tmp_pat
     monkeypatch.setattr(bench, "Scorer", Scorer)
     out = tmp_path / "rows.json"
     bench.main(["--data", str(tmp_path), "--class-cond", "--minutes", "1", "--seed", "1", "--work", str(tmp_path / "w"),
-                "--out", str(out), "--variants", "a=--lr 1e-3", "b=", "c=--seed 2"])
+                "--out", str(out), "--variants", "a=--lr 1e-3", "b=", "c=--seed 2", "d=--lr 1e-3 --seed=3"])
     rows = json.loads(out.read_text())["rows"]
     # a variant's own --seed follows the script's on the train command line, so it is the run's seed
     assert [(r["name"], r["fid"], r["flags"], r["seed"]) for r in rows] == [("a", 101.0, "--lr 1e-3", 1),
                                                                           ("b", 102.0, "", 1),
-                                                                          ("c", 103.0, "--seed 2", 2)]
-    assert trained == [str(tmp_path / "w" / n) for n in "abc"] and "confident" not in rows[0]
+                                                                          ("c", 103.0, "--seed 2", 2),
+                                                                          ("d", 104.0, "--lr 1e-3 --seed=3", 3)]
+    assert trained == [str(tmp_path / "w" / n) for n in "abcd"] and "confident" not in rows[0]
 
 
 def test_sampler_quality_cache_resumes_batches_into_the_images_of_one_call(tmp_path):
