@@ -1176,6 +1176,12 @@ def test_distill_docs_mnist_zen4_table_is_the_json():
             f"{data['distill_call_seconds']:.0f} s, {data['distill_fraction_of_teacher']:.2f} of the teacher's") in flat
     assert (f"{m['student consistency 2'] / t20:.1f}x the teacher at 2 calls, "
             f"{m['student consistency 4'] / t20:.1f}x at 4") in flat
+    # against the 0.67M teacher's student of distill-mnist.json
+    old = json.loads((REPO / "benchmarks" / "results" / "distill-mnist.json").read_text())["summary"]
+    om, o20 = old["mean_fid"], old["teacher_default_20"]
+    assert (f"(the 0.67M teacher's student: {om['student consistency 2'] / o20:.1f}x and "
+            f"{om['student consistency 4'] / o20:.1f}x)") in flat
+    assert "nearly twice the 597 of the 0.67M teacher's student" in flat and 1.8 < data["student_steps"] / 597 < 2
     assert (f"the same distillation scores {m['student consistency 4']:.1f} at 4 calls and "
             f"{m['student consistency 2']:.1f} at 2 against its teacher's {t20:.1f}") in squashed(REPO / "README.md")
 
