@@ -5,6 +5,8 @@
     python benchmarks/budget.py --data EMOJI_DIR --class-cond --budgets 15 --fid-n 500 --ref-n 2000 \
         --recipes budget,cut --out benchmarks/results/budget-emoji.json      # benchmarks/emoji_set.py builds it
     python benchmarks/budget.py --report-only --out benchmarks/results/budget-mnist.json
+    python benchmarks/budget.py --report-only --out benchmarks/results/budget-emoji-minutes-zen4.json \
+        --line "goal=40" --line "the set's own images=31.5"    # dashed lines, kept in the JSON
     python benchmarks/budget.py --panels benchmarks/results/budget-mnist-intel.json \
         benchmarks/results/budget-digits-intel.json --out benchmarks/results/budget-intel.png   # one figure
 
@@ -57,6 +59,18 @@ RECIPES = ("budget", "budget-full-size", "budget-patch", "budget-preset", "cut",
 PEER_SAMPLE_STEPS = 20
 
 
+def reference_line(text: str) -> tuple[str, float]:
+    """``LABEL=FID`` of --line, split at the last '=' (a label may contain one)."""
+    label, sep, value = text.rpartition("=")
+    try:
+        fid = float(value)
+    except ValueError:
+        fid = None
+    if not sep or not label.strip() or fid is None:
+        raise argparse.ArgumentTypeError(f"expected LABEL=FID, e.g. 'goal=40', got {text!r}")
+    return label.strip(), fid
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="mnist")
@@ -78,6 +92,9 @@ def parse_args(argv=None):
                    help="python with diffusers for the diffusers recipe (default: this one)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"),
                    help="score the run's EMA (default) or its raw weights (is the EMA helping?)")
+    p.add_argument("--line", action="append", type=reference_line, default=[], metavar="LABEL=FID",
+                   help="a dashed horizontal line on the plot (a goal, a floor such as the data's own FID), "
+                        "kept in the JSON so later reports draw it too; repeatable")
     return p.parse_args(argv)
 
 
@@ -269,14 +286,24 @@ def _params(header: str) -> float:
     return float(field.split("M")[0])
 
 
-def report(result: dict, out: Path) -> None:
+def report(result: dict, out: Path) -> list[tuple[str, list[float]]]:
+    """OUT.png: FID against minutes per recipe, and the JSON's ``lines`` (--line) dashed across it.
+    Returns each line on the plot as (legend label, its FID values), read back from the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    recipe_lines(ax, result, result["recipes"], lambda recipe: {"label": recipe})
-    save_log_log(fig, ax, out, f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})")
+    drawn = recipe_lines(ax, result, result["recipes"], lambda recipe: {"label": recipe})
+    for i, (label, fid) in enumerate(result.get("lines", {}).items()):
+        ax.axhline(fid, ls="--", lw=0.9, color=f"C{len(drawn) + i}", label=f"{label}: {fid:g}")
+    on_plot = [(line.get_label(), [float(y) for y in line.get_ydata()]) for line in ax.get_lines()]
+    log_log_axes(ax, f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})")
+    plain_ticks(ax, result)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"))
+    plt.close(fig)
+    return on_plot
 
 
 def recipe_lines(ax, result: dict, recipes, style) -> dict[str, list[tuple[float, float]]]:
@@ -299,13 +326,23 @@ RECIPE_LABELS = {"budget": "budget plan (--time-limit B)", "cut": "preset cut by
                  "budget-preset": "budget schedules on the preset", "guess": "hand-picked small model"}
 
 
+def plain_ticks(ax, result: dict) -> None:
+    """Log axes labelled in plain numbers: the budgets measured on x, 20, 30, 40, 50, 100, ... on y."""
+    import matplotlib.ticker
+
+    minutes = sorted({r["minutes"] for r in result["rows"]})
+    ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "2345" else ""))
+
+
 def panels(results: list[dict], out: Path) -> list[dict[str, list[tuple[float, float]]]]:
     """One figure, one panel per result (a data set): FID against the budget per recipe, log-log,
     one colour per recipe across panels. Returns each panel's lines ({recipe: [(minutes, fid)]})."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), dpi=120, squeeze=False)
     drawn = []
@@ -313,11 +350,7 @@ def panels(results: list[dict], out: Path) -> list[dict[str, list[tuple[float, f
         drawn.append(recipe_lines(ax, result, RECIPES, lambda recipe: {
             "color": f"C{RECIPES.index(recipe)}", "label": RECIPE_LABELS.get(recipe, recipe)}))
         log_log_axes(ax, f"{Path(result['data']).name} ({result['cpu']})", 7)
-        minutes = sorted({r["minutes"] for r in result["rows"]})
-        ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "2345" else ""))
+        plain_ticks(ax, result)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -351,6 +384,10 @@ def main(argv=None) -> int:
         panels([json.loads(Path(f).read_text()) for f in args.panels], out)
         return 0
     result = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    if args.line:
+        result["lines"] = {**result.get("lines", {}), **dict(args.line)}
+        if args.report_only:
+            out.write_text(json.dumps(result, indent=2) + "\n")
     if not args.report_only:
         recipes = args.recipes.split(",")
         result.update(data=args.data, fid_n=args.fid_n, ref_n=args.ref_n, seed=args.seed, cpu=cpu_description(),

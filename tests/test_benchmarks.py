@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -425,12 +426,16 @@ def test_budget_docs_quote_the_emoji_results():
 
     def cells(line):
         return [c.strip(" *") for c in line.strip("|").split("|")]
-    for start, r in (("budget plan today", today["budget"]), ("the same plan at 64 px", today["budget-full-size"]),
+    later = next(r for r in json.loads((res / "budget-emoji-minutes-zen4.json").read_text())["rows"]
+                 if r["minutes"] == 15.0)
+    for start, r in (("budget plan today", later), ("the budget plan under the channel-blind", today["budget"]),
+                     ("the same plan at 64 px", today["budget-full-size"]),
                      ("the first budget plan", first), ("a knowledgeable guess", today["guess"]),
                      ("`--image-size 32`", image32)):
         row = cells(next(v for k, v in lines.items() if k.startswith(start)))
         assert [row[2], row[3], row[5]] == [f"{r['params_m']:.2f}M", str(r["batch"]), f"{r['steps']:,}"], start
-        assert f"warms up to {row[4]} over" in " ".join(r["plan"]), start
+        rate = float(re.search(r"warms up to ([0-9.e-]+) over", " ".join(r["plan"])).group(1))
+        assert row[4] == f"{rate:.3g}", start
         assert row[6].startswith(f"{r['fid']:.1f}"), start
         assert row[1].startswith(f"{r['image_size']} px")
         assert (r.get("output_size") == 64) == ("written at 64" in row[1]), start
@@ -439,6 +444,33 @@ def test_budget_docs_quote_the_emoji_results():
         ", ".join(f"{v:.1f}" for v in floors["real500_vs_2000"])
     assert cells(lines["real images taken to 32 px and back"])[6] == \
         ", ".join(f"{v:.1f}" for v in floors["real500_via_32px_vs_2000"])
+
+
+def test_budget_docs_emoji_minutes_table_is_the_json_and_the_plot_has_the_goal_and_floors():
+    """docs/budgets.md's colour table at 2-30 minutes is budget-emoji-minutes-zen4.json row for row;
+    the figures the bullets quote are its cells; the plot's dashed lines are the goal and the floors
+    of budget-emoji-explore.json (means of their two subsets)."""
+    doc = (REPO / "docs" / "budgets.md").read_text()
+    flat = squash(doc)
+    table = doc.split("<!-- emoji-minutes:start -->")[1].split("<!-- emoji-minutes:end -->")[0].strip().splitlines()
+    res = REPO / "benchmarks" / "results"
+    data = json.loads((res / "budget-emoji-minutes-zen4.json").read_text())
+    rows = sorted(data["rows"], key=lambda r: r["minutes"])
+    assert [r["minutes"] for r in rows] == [2.0, 5.0, 15.0, 30.0] and data["cpu"].startswith("AMD EPYC, family 25")
+    assert table[2:] == [f"| {r['minutes']:g} min | {r['params_m']:.2f}M | {r['image_size']} px, written at "
+                         f"{r['output_size']} | {r['batch']} | {r['steps']:,} | {r['images_seen']:,} | {r['fid']:.1f} |"
+                         for r in rows]
+    fid = {r["minutes"]: r["fid"] for r in rows}
+    assert f"lowers FID by {round(100 * (1 - fid[30.0] / fid[15.0]))}% ({fid[15.0]:.1f} to {fid[30.0]:.1f})" in flat
+    assert all(fid[a] > fid[b] for a, b in ((2.0, 5.0), (5.0, 15.0), (15.0, 30.0)))
+    floors = json.loads((res / "budget-emoji-explore.json").read_text())["floors"]
+    own, via32 = (round(sum(v) / 2, 1) for v in (floors["real500_vs_2000"], floors["real500_via_32px_vs_2000"]))
+    assert data["lines"] == {"goal": 40.0, "the set's own images": own, "the set through 32 px and back": via32}
+    assert f"the 32 px route's own floor ({via32})" in flat and min(fid.values()) > via32 > 40.0
+    assert (res / "budget-emoji-minutes-zen4.png").is_file()
+    assert (f"at 2, 5, 15 and 30 minutes: FID {fid[2.0]:.1f}, {fid[5.0]:.1f}, {fid[15.0]:.1f} (the "
+            f"{rows[2]['params_m']:.2f}M rung) and {fid[30.0]:.1f}, {round(100 * (1 - fid[30.0] / fid[15.0]))}% lower "
+            f"for twice the 15 minutes and still above the 32 px route's floor of {via32}") in squashed(REPO / "README.md")
 
 
 def test_budget_docs_quote_the_diffusers_recipe():
@@ -822,6 +854,26 @@ def test_budget_panels_draw_each_data_sets_recipes_against_minutes(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bench.panels([a, b], out) == [{"budget": [(2.0, 40.0), (5.0, 12.0)], "cut": [(5.0, 30.0)]},
                                          {"diffusers": [(2.0, 300.0)]}]
+
+
+def test_budget_report_draws_reference_lines_given_once_and_kept(tmp_path, capsys):
+    """--line LABEL=FID: a dashed line at that FID on the file's plot, stored in the JSON so that a
+    later --report-only draws it again without the flag; a malformed value is a usage error."""
+    import budget as bench
+
+    result = {"data": "/x/emoji", "cpu": "cpu A", "fid_n": 500, "recipes": ["budget"],
+              "rows": [{"recipe": "budget", "minutes": m, "fid": f} for m, f in ((2.0, 209.0), (5.0, 180.0))]}
+    out = _write(tmp_path / "e.json", result)
+    assert bench.main(["--report-only", "--out", str(out), "--line", "goal=40",
+                       "--line", "real a=b images=31.5"]) == 0
+    assert json.loads(out.read_text())["lines"] == {"goal": 40.0, "real a=b images": 31.5}
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = bench.report(json.loads(out.read_text()), out)            # no flags now: the JSON keeps them
+    assert drawn == [("budget", [209.0, 180.0]), ("goal: 40", [40.0, 40.0]), ("real a=b images: 31.5", [31.5, 31.5])]
+    for bad in ("40", "goal=", "=40", "goal=forty"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--line", bad])
+        assert "expected LABEL=FID" in capsys.readouterr().err
 
 
 def _write(path, value):
