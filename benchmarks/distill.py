@@ -8,7 +8,8 @@
 1. The student: ``diffuse distill TEACHER --nfe 2`` for ``--fraction`` (default 0.5) of the teacher's
    recorded training time as a budget plan (``--time-limit``), or ``--steps N``; its wall-clock is
    measured around the call. One student serves every NFE (ECT's training does not depend on it).
-   ``--distill-args`` passes more flags to it (e.g. ``'--target teacher'``). An empty
+   ``--distill-args`` passes more flags to it (e.g. ``'--target teacher'``); ``--tuning 2,1.0`` tunes
+   with 2 stages and ln sigma_t ~ N(1.0, 2^2) instead of diffuse's defaults. An empty
    ``--teacher-nfe`` or ``--student-nfe`` scores no cells of that side.
 2. Scoring, the same for every cell: ``--fid-n`` images, image i from seed stream (seed, i), for
    each of ``--seeds``; FID against the data's test split (standard sets; a folder: ``--ref-n`` of
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,6 +44,18 @@ from budget import Scorer, cpu_description, save_log_log  # noqa: E402  (benchma
 GOALS = {2: 1.5, 4: 1.2}                 # student FID at this NFE <= factor x the teacher's 20-NFE default
 
 
+def tuning(text: str) -> tuple[int, float]:
+    """``STAGES,MEAN`` of --tuning: 1-16 stages, a finite mean (the bounds diffuse's config checks)."""
+    try:
+        stages, mean = text.split(",")
+        stages, mean = int(stages), float(mean)
+    except ValueError:
+        stages, mean = 0, float("nan")
+    if not (1 <= stages <= 16 and math.isfinite(mean)):
+        raise argparse.ArgumentTypeError(f"expected STAGES,MEAN (1-16 stages, a number), e.g. '2,1.0', got {text!r}")
+    return stages, mean
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("teacher", nargs="?")
@@ -52,6 +66,9 @@ def parse_args(argv=None):
                                                                   "teacher's training time (default 0.5)")
     p.add_argument("--steps", type=int, default=None, help="distil for N steps instead of a time budget")
     p.add_argument("--distill-args", default="", help="more flags for diffuse distill, e.g. '--target teacher'")
+    p.add_argument("--tuning", type=tuning, default=None, metavar="STAGES,MEAN",
+                   help="the consistency tuning's stages and mean of ln sigma_t instead of diffuse's defaults "
+                        "(distill.TUNING_DEFAULTS; no CLI flag sets them): to fit them to a data set")
     p.add_argument("--teacher-nfe", default="1,2,4,10,20")
     p.add_argument("--teacher-samplers", default="dpmpp-2m-sde,dpmpp-2m")
     p.add_argument("--student-nfe", default="1,2,4")
@@ -79,9 +96,17 @@ def teacher_seconds(run: Path) -> float:
 
 def distil(args, student: Path, minutes: float | None) -> float:
     length = ["--steps", str(args.steps)] if args.steps else ["--time-limit", f"{minutes:.3f}"]
-    cmd = [sys.executable, "-m", "diffuse", "distill", args.teacher, "--out", str(student), "--nfe", "2",
-           "--overwrite", "--no-progress", *length, *args.distill_args.split()]
-    print(" ".join(cmd[3:]), file=sys.stderr, flush=True)
+    flags = ["distill", args.teacher, "--out", str(student), "--nfe", "2", "--overwrite", "--no-progress", *length,
+             *args.distill_args.split()]
+    if args.tuning:           # no CLI flag: the defaults replaced in the student's process (its config records them)
+        stages, mean = args.tuning
+        program = ["-c", "import sys; from diffuse.threads import prefer_passive_wait; prefer_passive_wait(); "
+                         "import diffuse.distill as d; d.TUNING_DEFAULTS.update(stages=%d, p_mean=%r); "
+                         "from diffuse.cli import main; sys.exit(main(sys.argv[1:]))" % (stages, mean)]
+    else:
+        program = ["-m", "diffuse"]
+    cmd = [sys.executable, *program, *flags]
+    print(" ".join(flags), f"(tuning {args.tuning})" if args.tuning else "", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0

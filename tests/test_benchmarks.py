@@ -338,6 +338,15 @@ def test_distill_benchmark_summary_picks_the_teachers_best_and_judges_the_goals(
                                  ("student", "consistency", 3, (20.0, 1.5, 0.4))]
 
 
+@pytest.mark.parametrize("bad", ["2", "0,0.5", "17,0.5", "2,nan", "two,0.5", "2,0.5,1"])
+def test_distill_benchmark_refuses_tuning_settings_diffuse_would_refuse(bad, capsys):
+    import distill as bench
+    assert bench.tuning("16,-1.1") == (16, -1.1)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["T", "--tuning", bad])
+    assert "expected STAGES,MEAN" in capsys.readouterr().err
+
+
 def test_scorer_samples_a_cell_on_its_given_levels(monkeypatch):
     """budget.Scorer.score(..., levels=L) draws the images on the noise levels L then 0 (the
     distill benchmark's --student-levels cells); without levels, on the sampler's own spacing."""
@@ -366,6 +375,48 @@ def test_scorer_samples_a_cell_on_its_given_levels(monkeypatch):
     assert specs[-1].levels == (80.0, 0.8, 0.0) and specs[-1].sampler == "consistency"
     scorer.score(Path("run"), "dpmpp-2m", 4, 0)
     assert specs[-1].levels is None and specs[-1].spacing == "karras" and specs[-1].steps == 4
+
+
+def test_distill_benchmark_records_the_students_own_steps_end_to_end(tmp_path, monkeypatch):
+    """benchmarks/distill.py's main on a tiny teacher: it runs the real `diffuse distill --steps 3`
+    (with --tuning's settings),
+    and the JSON's student_steps / student_images_seen are where that student's tuning ended (its
+    checkpoint's state), one row per cell and seed (the scorer faked: no Inception here)."""
+    import distill as bench
+
+    from diffuse.train import train
+
+    from .conftest import tiny_config
+
+    teacher = Path(train(tiny_config(tmp_path / "teacher", steps=2), progress=False))
+    scored = []
+
+    class FakeScorer:
+        def __init__(self, args):
+            self.args = args
+
+        def score(self, run, sampler, nfe, seed, levels):
+            scored.append((Path(run).name, sampler, nfe, seed))
+            return {"fid": 100.0 / nfe + seed, "n": self.args.fid_n, "sampler": f"{sampler} {nfe} NFE"}
+
+    monkeypatch.setattr(bench, "Scorer", FakeScorer)
+    monkeypatch.setattr(bench, "report", lambda result, out: None)       # the plot is not the point here
+    out = tmp_path / "distill.json"
+    assert bench.main([str(teacher), "--data", "digits", "--steps", "3", "--tuning", "2,1.5", "--teacher-nfe", "20",
+                       "--teacher-samplers", "dpmpp-2m-sde", "--student-nfe", "1,2", "--seeds", "0,1",
+                       "--fid-n", "4", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    student = tmp_path / "work" / "student"
+    batch = json.loads((student / "config.json").read_text())["train"]["batch_size"]
+    assert data["student_steps"] == 3 and data["student_images_seen"] == 3 * batch
+    assert data["student_distill"]["nfe"] == 2 and data["distill_call_seconds"] > 0
+    # --tuning replaced diffuse's defaults (4 stages, mean 0.5) in the student's own process
+    assert (data["student_distill"]["ect_stages"], data["student_distill"]["ect_p_mean"]) == (2, 1.5)
+    assert scored == [("teacher", "dpmpp-2m-sde", 20, 0), ("teacher", "dpmpp-2m-sde", 20, 1),
+                      ("student", "consistency", 1, 0), ("student", "consistency", 1, 1),
+                      ("student", "consistency", 2, 0), ("student", "consistency", 2, 1)]
+    assert data["summary"]["mean_fid"]["student consistency 2"] == 50.5
+    assert data["summary"]["goals"]["2_nfe"] == {"student_fid": 50.5, "limit": 8.25, "met": False}
 
 
 def test_sampling_docs_quote_the_long_mnist_eta_results():
@@ -763,6 +814,57 @@ def test_distill_docs_quote_the_mnist_benchmark():
     assert f"| **student** (consistency, geometric levels) | {student} |" in doc
     assert f"1.5x: {s['goals']['2_nfe']['limit']:.1f} | 1.2x: {s['goals']['4_nfe']['limit']:.1f}" in doc
     assert data["data"] == "mnist" and f"took {data['distill_call_seconds']:.0f} s" in doc
+
+
+def test_distill_docs_mnist_tuning_table_is_the_json_and_its_claims_hold():
+    """docs/distill.md's MNIST tuning table is distill-mnist-tuning-zen4.json, run for run, each run
+    tuned with the settings its row names (the student's own config); the bullets' figures are its
+    cells: 2 stages beat the default at 4 calls by more than the default's run-to-run difference, and
+    no setting with 2 or 4 stages moves 2 calls."""
+    from diffuse.distill import TUNING_DEFAULTS
+    doc = (REPO / "docs" / "distill.md").read_text()
+    flat = squash(doc)
+    table = doc.split("<!-- mnist-tuning:start -->")[1].split("<!-- mnist-tuning:end -->")[0].strip().splitlines()[2:]
+    res = REPO / "benchmarks" / "results"
+    data = json.loads((res / "distill-mnist-tuning-zen4.json").read_text())
+    assert len(table) == len(data["runs"]) == 7 and data["cpu"].startswith("AMD EPYC, family 25")
+    fid = {}
+    for line, run in zip(table, data["runs"]):
+        d, m = run["student_distill"], run["summary"]["mean_fid"]
+        assert run["teacher"] == data["teacher"] and run["fid_n"] == 500 and run["seeds"] == [0]
+        key = (d["ect_stages"], d["ect_p_mean"])
+        fid[key] = [m[f"student consistency {n}"] for n in (1, 2, 4)]
+        default = key == (TUNING_DEFAULTS["stages"], TUNING_DEFAULTS["p_mean"])
+        best4 = fid[key][2] == min(r["summary"]["mean_fid"]["student consistency 4"] for r in data["runs"])
+        cells = [f"{d['ect_stages']}{' (default)' if default else ''}", f"{d['ect_p_mean']:.1f}{' (default)' if default else ''}",
+                 f"{run['student_steps']:,}", *(f"{v:.1f}" for v in fid[key][:2]),
+                 f"**{fid[key][2]:.1f}**" if best4 else f"{fid[key][2]:.1f}"]
+        assert line == "| " + " | ".join(cells) + " |", line
+        assert run["distill_fraction_of_teacher"] <= 0.52
+    base = fid[(4, 0.5)]
+    earlier = json.loads((res / "distill-mnist-zen4.json").read_text())["summary"]["mean_fid"]["student consistency 4"]
+    two = [v for (stages, _), v in fid.items() if stages == 2]
+    assert f"{min(f[2] for f in two):.1f}-{max(f[2] for f in two):.1f} at every mean tried, against {base[2]:.1f}" in flat
+    assert f"(and {earlier:.1f} for the default in the table above" in flat
+    gains = [1 - f[2] / base[2] for f in two]
+    assert f"a gain of {100 * min(gains):.0f}-{100 * max(gains):.0f}%" in flat
+    noise = abs(earlier - base[2])
+    assert f"(the two default runs differ by {noise:.1f})" in flat and min(base[2] - f[2] for f in two) > 5 * noise
+    twos_and_fours = [f[1] for (stages, _), f in fid.items() if stages in (2, 4)]
+    assert f"{min(twos_and_fours):.1f}-{max(twos_and_fours):.1f} for every setting with 2 or 4 stages" in flat
+    assert fid[(1, 0.5)][1] > max(twos_and_fours) and fid[(1, 0.5)][0] > max(f[0] for f in fid.values() if f != fid[(1, 0.5)])
+    fours = [fid[(4, m)][2] for m in (0.5, 1.0, 1.5)]
+    assert fours == sorted(fours) and f"({', '.join(f'{v:.1f}' for v in fours)} at 0.5, 1.0, 1.5)" in flat
+    ones4, ones2 = [fid[k][0] for k in fid if k[0] == 4], [f[0] for f in two]
+    assert max(ones4) < min(ones2)
+    assert f"({min(ones4):.0f}-{max(ones4):.0f} against {min(ones2):.0f}-{max(ones2):.0f})" in flat
+    readme = squashed(REPO / "README.md")
+    assert (f"(2 stages instead of 4) reach {min(f[2] for f in two):.1f} at 4 calls and leave 2 calls at "
+            f"{min(f[1] for f in two):.0f}-{max(f[1] for f in two):.0f}") in readme
+    teacher20 = json.loads((res / "distill-mnist-zen4.json").read_text())["summary"]["teacher_default_20"]
+    best = min(f[2] for f in two)
+    assert f"Even the best MNIST setting ({best:.1f}) is {best / teacher20:.1f}x its teacher's 20-call " \
+           f"{teacher20:.1f}, outside the goal's 1.2x ({1.2 * teacher20:.1f})" in flat
 
 
 def test_distill_docs_quote_the_target_comparison_on_the_intel():
