@@ -298,11 +298,8 @@ def report(result: dict, out: Path) -> list[tuple[str, list[float]]]:
     for i, (label, fid) in enumerate(result.get("lines", {}).items()):
         ax.axhline(fid, ls="--", lw=0.9, color=f"C{len(drawn) + i}", label=f"{label}: {fid:g}")
     on_plot = [(line.get_label(), [float(y) for y in line.get_ydata()]) for line in ax.get_lines()]
-    log_log_axes(ax, f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})")
-    plain_ticks(ax, result)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"))
-    plt.close(fig)
+    save_log_log(fig, ax, out, f"{Path(result['data']).name}: FID at a time budget ({result['cpu']})",
+                 ticks=lambda: plain_ticks(ax, result))
     return on_plot
 
 
@@ -367,11 +364,14 @@ def log_log_axes(ax, title: str, legend_size: float | None = None) -> None:
     ax.set_title(title, fontsize=8)
 
 
-def save_log_log(fig, ax, out: Path, title: str, legend_size: float | None = None) -> None:
-    """Log axes, grid, legend and a small title, then the plot as OUT.png (budget.py and distill.py)."""
+def save_log_log(fig, ax, out: Path, title: str, legend_size: float | None = None, ticks=None) -> None:
+    """Log axes, grid, legend and a small title, then the plot as OUT.png (budget.py and distill.py).
+    ``ticks()``, if given, labels the axes after the log scale is set (setting it resets them)."""
     import matplotlib.pyplot as plt
 
     log_log_axes(ax, title, legend_size)
+    if ticks is not None:
+        ticks()
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"))
     plt.close(fig)

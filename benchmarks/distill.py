@@ -45,14 +45,18 @@ GOALS = {2: 1.5, 4: 1.2}                 # student FID at this NFE <= factor x t
 
 
 def tuning(text: str) -> tuple[int, float]:
-    """``STAGES,MEAN`` of --tuning: 1-16 stages, a finite mean (the bounds diffuse's config checks)."""
+    """``STAGES,MEAN`` of --tuning: 1 to MAX_ECT_STAGES stages, a finite mean (the bounds diffuse's config
+    checks, here so that a bad value is a usage error before the student's process starts)."""
+    from diffuse.config import MAX_ECT_STAGES
+
     try:
         stages, mean = text.split(",")
         stages, mean = int(stages), float(mean)
     except ValueError:
         stages, mean = 0, float("nan")
-    if not (1 <= stages <= 16 and math.isfinite(mean)):
-        raise argparse.ArgumentTypeError(f"expected STAGES,MEAN (1-16 stages, a number), e.g. '2,1.0', got {text!r}")
+    if not (1 <= stages <= MAX_ECT_STAGES and math.isfinite(mean)):
+        raise argparse.ArgumentTypeError(f"expected STAGES,MEAN (1-{MAX_ECT_STAGES} stages, a number), e.g. '2,1.0', "
+                                         f"got {text!r}")
     return stages, mean
 
 

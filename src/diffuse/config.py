@@ -427,6 +427,7 @@ def default_preset_for(data_name: str, size: int | None = None, channels: int | 
 
 
 MAX_PATCH_SIZE = 8
+MAX_ECT_STAGES = 16                 # distill.ect_stages: the gap t - r halves at most this many times
 
 
 def fit_to_size(cfg: Config, size: int) -> int:
@@ -800,8 +801,8 @@ def _validate_distill(d: DistillConfig) -> None:
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in d.sigmas)
               and all(a > b for a, b in zip(d.sigmas, d.sigmas[1:])))
         _need(ok, f"distill.sigmas must be {d.nfe + 1} finite decreasing noise levels ending at 0, got {d.sigmas!r}")
-    _need(d.ect_stages is None or 1 <= d.ect_stages <= 16,
-          f"distill.ect_stages must be a whole number from 1 to 16, got {d.ect_stages!r}")
+    _need(d.ect_stages is None or 1 <= d.ect_stages <= MAX_ECT_STAGES,
+          f"distill.ect_stages must be a whole number from 1 to {MAX_ECT_STAGES}, got {d.ect_stages!r}")
     _need(d.ect_p_mean is None or math.isfinite(d.ect_p_mean),
           f"distill.ect_p_mean must be a finite number, got {d.ect_p_mean!r}")
     _need(d.guidance is None or (isinstance(d.guidance, (int, float)) and math.isfinite(d.guidance) and d.guidance >= 0),
